@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine with Python 3.11 and make:
+#   make serve   - install, create the CA on first start, run the server and its mail sink
+#   make test    - install (with the outside judges: pkilint, openssl, faketime, NSS tools), run every test
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+MAILKMS_DATA ?= ./mailkms-data
+export MAILKMS_DATA
+HOSTNAME ?= localhost
+PUBLIC_URL ?=
+PORT ?= 8443
+MAIL_SINK_PORT ?= 2525
+HTTP_PORT ?= 8080
+
+.PHONY: install system-deps serve test test-fast lint bench clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --all-extras --quiet
+	touch $@
+
+install: $(VENV)/.synced
+
+# Debian tools the tests use as outside judges (as root; CI runs as root).
+system-deps:
+	@bash scripts/system-deps.sh
+
+serve: install
+	@if [ ! -f "$(MAILKMS_DATA)/ca/root.crt.pem" ]; then \
+		$(BIN)/mailkms init --hostname "$(HOSTNAME)" $(if $(PUBLIC_URL),--public-url "$(PUBLIC_URL)"); fi
+	$(BIN)/mailkms serve --port $(PORT) --mail-sink-port $(MAIL_SINK_PORT) --http-port $(HTTP_PORT)
+
+test: install system-deps
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS)

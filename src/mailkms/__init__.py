@@ -1,0 +1,1 @@
+"""mailkms: a Key Management Server for S/MIME."""

@@ -1,0 +1,138 @@
+"""The HTTP API (HTTPS) and the plain-http publication app (CA certificates, later CRL/OCSP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+
+from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
+from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody
+from mailkms.errors import MailkmsError
+from mailkms.pki import fingerprint_sha256
+from mailkms.services import RenewalAccepted, Services
+
+PEM_CHAIN = "application/pem-certificate-chain"
+PKIX_CERT = "application/pkix-cert"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed"},
+    401: {"model": Problem, "description": "not authenticated"},
+    403: {"model": Problem, "description": "refused by policy"},
+    404: {"model": Problem, "description": "not found"},
+}
+
+
+def _install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(MailkmsError, mailkms_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+
+
+def publication_router(services: Services) -> APIRouter:
+    """Paths written into certificates (AIA caIssuers); served on http and https."""
+    router = APIRouter(tags=["publication"])
+    ca = services.ca
+
+    @router.get("/ca/root.crt", response_class=Response, summary="Root CA certificate (DER)")
+    def root_der() -> Response:
+        return Response(ca.root.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+
+    @router.get("/ca/issuing.crt", response_class=Response, summary="Issuing CA certificate (DER)")
+    def issuing_der() -> Response:
+        return Response(ca.issuing.certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+
+    @router.get("/healthz", summary="Liveness")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return router
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="mailkms",
+        version="1",
+        description="Key Management Server for S/MIME. Errors are RFC 9457 problem documents.",
+    )
+    _install_handlers(app)
+    app.include_router(publication_router(services))
+    api = APIRouter(prefix="/api/v1", responses=_ERRORS)
+    ca = services.ca
+    settings = services.settings
+
+    @api.get("/ca/chain", response_class=Response, tags=["ca"], summary="Issuing then root CA certificate, PEM")
+    def chain() -> Response:
+        body = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ca.chain)
+        return Response(body, media_type=PEM_CHAIN)
+
+    @api.get("/server", response_model=ServerInfo, tags=["ca"], summary="What a client needs to know")
+    def server_info() -> ServerInfo:
+        return ServerInfo(
+            hostname=settings.server.hostname,
+            public_url=settings.server.effective_public_url,
+            mail_from=settings.server.effective_mail_from,
+            root_fingerprint_sha256=fingerprint_sha256(ca.root),
+            lifetime_months=settings.policy.lifetime_months,
+            reminder_months=settings.policy.reminder_months,
+        )
+
+    @api.post("/enrolments", status_code=202, response_model=Accepted, tags=["enrolment"])
+    def enrol(body: EnrolmentRequest) -> Accepted:
+        """Enrol with a one-time token. The certificates and the encryption key arrive by e-mail."""
+        accepted = services.enrolment.enrol(body.mailbox, body.token, body.csr.encode(), body.transport_certificate)
+        return Accepted(
+            request_id=accepted.request_id,
+            mailbox=accepted.mailbox,
+            generation=accepted.generation,
+            mail_from=accepted.mail_from,
+            message="Your certificates are on their way by e-mail.",
+        )
+
+    @api.api_route("/nonce", methods=["GET", "HEAD"], status_code=204, tags=["renewal"], summary="A fresh nonce")
+    def nonce() -> Response:
+        """The nonce is in the Replay-Nonce header (RFC 8555 §7.2)."""
+        return Response(status_code=204, headers={"Replay-Nonce": services.nonces.new(), "Cache-Control": "no-store"})
+
+    def _accepted(result: RenewalAccepted, what: str) -> Accepted:
+        return Accepted(
+            request_id=result.request_id,
+            mailbox=result.mailbox,
+            generation=result.generation,
+            mail_from=settings.server.effective_mail_from,
+            message=what,
+            already_issued=result.already_issued,
+        )
+
+    @api.post("/renewals", status_code=202, response_model=Accepted, tags=["renewal"])
+    def renew(body: SignedRequestBody, request: Request) -> Accepted:
+        """Certificate update request: a JWS signed with the current signing key (x5c, nonce, url).
+
+        Refusals: bad-signature, unknown-issuer, not-current-certificate, not-owner, revoked,
+        reenrolment-required, not-due, bad-nonce, nonce-reused, nonce-stale, url-mismatch, bad-csr.
+        A repeat of an accepted request answers with the same request id and issues nothing.
+        """
+        result = services.renewal.renew(body.model_dump(), _url(request))
+        return _accepted(result, "The update request was accepted; the new certificates arrive by e-mail.")
+
+    @api.post("/resync", status_code=202, response_model=Accepted, tags=["renewal"])
+    def resync(body: SignedRequestBody, request: Request) -> Accepted:
+        """Send the latest reply again; never issues a new pair."""
+        result = services.renewal.resync(body.model_dump(), _url(request))
+        return _accepted(result, "The latest reply is sent again by e-mail.")
+
+    app.include_router(api)
+    return app
+
+
+def _url(request: Request) -> str:
+    return str(request.url.replace(query=""))
+
+
+def create_http_app(services: Services) -> FastAPI:
+    """Plain http: only what the S/MIME BR want over http (CA certificates, CRL, OCSP)."""
+    app = FastAPI(title="mailkms publication", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_handlers(app)
+    app.include_router(publication_router(services))
+    return app

@@ -1,0 +1,283 @@
+"""`mailkms`: the administrator's and the server's command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mailkms.cli._exit import exit_on_error
+from mailkms.clock import SystemClock
+from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
+from mailkms.errors import ConfigError
+from mailkms.pki import KeyType, fingerprint_sha256
+from mailkms.services import CAPaths, Services, UserState, init_ca, public_urls, tls_hostnames
+
+app = typer.Typer(
+    help="mailkms: Key Management Server for S/MIME.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+user_app = typer.Typer(help="Users: add, list, show, re-enrol.", no_args_is_help=True)
+ca_app = typer.Typer(help="The certificate authority.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit chain.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+app.add_typer(ca_app, name="ca")
+app.add_typer(audit_app, name="audit")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
+console = Console()
+
+
+def _settings(**overrides: object) -> Settings:
+    return load_settings(data_dir_from_env(), **overrides)
+
+
+def _services() -> Services:
+    return Services.build(_settings(), SystemClock())
+
+
+def _emit(data: object, as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+@app.command()
+def init(
+    hostname: Annotated[str, typer.Option(help="the name in the server's TLS certificate")] = "localhost",
+    public_url: Annotated[
+        str, typer.Option(help="http base of CRL/AIA links in certificates (default http://HOSTNAME/)")
+    ] = "",
+    key_type: Annotated[KeyType, typer.Option(help="CA key: rsa3072, rsa4096, p256, p384")] = KeyType.RSA3072,
+    organization: Annotated[str, typer.Option(help="O in the CA names")] = "mailkms",
+    country: Annotated[str | None, typer.Option(help="C in the CA names (two letters)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the CA (root and issuing), the server's TLS and mail-signing certificates, and the archive key."""
+    with exit_on_error(as_json):
+        data_dir = data_dir_from_env()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config_path = data_dir / CONFIG_FILE
+        if not config_path.exists():
+            config_path.write_text(CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url))
+        server = {"hostname": hostname, "public_url": public_url}
+        settings = load_settings(
+            data_dir, server=server, ca={"key_type": key_type, "organization": organization, "country": country}
+        )
+        if settings.ca.key_type != key_type:
+            raise ConfigError("ca.key_type differs between the option and the environment")
+        result = init_ca(
+            CAPaths(data_dir),
+            passphrase_env=settings.ca_passphrase,
+            key_type=settings.ca.key_type,
+            organization=settings.ca.organization,
+            country=settings.ca.country,
+            urls=public_urls(settings),
+            hostnames=tls_hostnames(settings.server.hostname, settings.server.extra_tls_names),
+            mail_from=settings.server.effective_mail_from,
+            clock=SystemClock(),
+            recovery_passphrase=os.environ.get("MAILKMS_RECOVERY_PASSPHRASE") or None,
+        )
+        data = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
+        text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
+        if result.recovery_passphrase:
+            data["recovery_passphrase"] = result.recovery_passphrase
+            text += (
+                f"\n\nArchive recovery passphrase (shown once, never stored; keep it offline):\n"
+                f"  {result.recovery_passphrase}"
+            )
+        _emit(data, as_json, text)
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="HTTPS port of the API")] = None,
+    mail_sink_port: Annotated[int | None, typer.Option(help="port of the local SMTP sink")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="plain-http port for CA certificates, CRL, OCSP (0 = off)")
+    ] = None,
+    bind: Annotated[str | None, typer.Option(help="address to listen on")] = None,
+) -> None:
+    """Run the server: HTTPS API, plain-http publication, mail sink and outbox."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    with exit_on_error():
+        server: dict[str, object] = {}
+        if port is not None:
+            server["https_port"] = port
+        if http_port is not None:
+            server["http_port"] = http_port
+        if bind is not None:
+            server["bind"] = bind
+        smtp = {"sink_port": mail_sink_port} if mail_sink_port is not None else {}
+        overrides: dict[str, object] = {}
+        if server:
+            overrides["server"] = server
+        if smtp:
+            overrides["smtp"] = smtp
+        settings = _settings(**overrides)
+        services = Services.build(settings, SystemClock())
+        from mailkms.cli._serve import serve as run_server
+
+        asyncio.run(
+            run_server(
+                services,
+                bind=settings.server.bind,
+                https_port=settings.server.https_port,
+                http_port=settings.server.http_port,
+            )
+        )
+
+
+# --- users -----------------------------------------------------------------------------------
+@user_app.command("add")
+def user_add(
+    email: str,
+    name: Annotated[str, typer.Option("--name", help="display name")] = "",
+    group: Annotated[str | None, typer.Option(help="policy group (see [policy.groups])")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a user; prints their one-time enrolment token, once."""
+    with exit_on_error(as_json):
+        services = _services()
+        token = services.users.add(email, name, group, ADMIN)
+        ttl = services.settings.policy.token_ttl_days
+        _emit(
+            {"email": email.strip().lower(), "token": token, "expires_in_days": ttl},
+            as_json,
+            f"one-time enrolment token for {email} (valid {ttl} days, shown once):\n{token}",
+        )
+
+
+@user_app.command("reenroll")
+def user_reenroll(email: str, as_json: JsonOpt = False) -> None:
+    """A new one-time token for a user whose certificates expired, were revoked or were lost."""
+    with exit_on_error(as_json):
+        services = _services()
+        token = services.users.reenroll(email, ADMIN)
+        ttl = services.settings.policy.token_ttl_days
+        _emit(
+            {"email": email.strip().lower(), "token": token, "expires_in_days": ttl},
+            as_json,
+            f"one-time re-enrolment token for {email} (valid {ttl} days, shown once):\n{token}",
+        )
+
+
+@user_app.command("list")
+def user_list(
+    due: Annotated[bool, typer.Option("--due", help="only users past the reminder point")] = False,
+    expired: Annotated[bool, typer.Option("--expired", help="only users whose certificates expired")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Users with their state and dates."""
+    with exit_on_error(as_json):
+        states: set[UserState] | None = None
+        if due or expired:
+            states = set()
+            if due:
+                states.add(UserState.DUE)
+            if expired:
+                states.add(UserState.EXPIRED)
+        views = _services().users.list(states)
+        if as_json:
+            print(json.dumps([v.to_dict() for v in views], indent=2))
+            return
+        table = Table("email", "name", "state", "gen", "reminder", "expires")
+        for v in views:
+            table.add_row(
+                v.email,
+                v.display_name,
+                v.state.value,
+                str(v.generation),
+                f"{v.reminder_at:%Y-%m-%d}" if v.reminder_at else "-",
+                f"{v.expires_at:%Y-%m-%d %H:%M:%S}" if v.expires_at else "-",
+            )
+        console.print(table)
+
+
+@user_app.command("show")
+def user_show(email: str, as_json: JsonOpt = False) -> None:
+    """One user: state, certificates, dates."""
+    with exit_on_error(as_json):
+        view = _services().users.show(email)
+        if as_json:
+            print(json.dumps(view.to_dict(), indent=2))
+            return
+        console.print(
+            f"[bold]{view.email}[/bold] {view.display_name}  state: {view.state.value}  generation: {view.generation}"
+        )
+        if view.reminder_at:
+            console.print(
+                f"reminder from {view.reminder_at:%Y-%m-%d %H:%M:%S} UTC, expires {view.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        table = Table("serial", "kind", "gen", "not before", "not after", "revoked")
+        for c in view.certificates:
+            table.add_row(
+                c.serial,
+                c.kind,
+                str(c.generation),
+                f"{c.not_before:%Y-%m-%d %H:%M:%S}",
+                f"{c.not_after:%Y-%m-%d %H:%M:%S}",
+                f"{c.revoked_at:%Y-%m-%d} {c.revocation_reason}" if c.revoked_at else "",
+            )
+        console.print(table)
+
+
+# --- CA ----------------------------------------------------------------------------------------
+def _ca_paths() -> CAPaths:
+    paths = CAPaths(data_dir_from_env())
+    if not paths.exists():
+        raise ConfigError(f"no CA in {paths.ca_dir}: run `mailkms init`")
+    return paths
+
+
+@ca_app.command("fingerprint")
+def ca_fingerprint(as_json: JsonOpt = False) -> None:
+    """SHA-256 fingerprint of the root certificate, to give to users."""
+    from cryptography import x509
+
+    with exit_on_error(as_json):
+        root = x509.load_pem_x509_certificate(_ca_paths().root_cert.read_bytes())
+        fp = fingerprint_sha256(root)
+        _emit({"sha256": fp}, as_json, fp)
+
+
+@ca_app.command("chain")
+def ca_chain() -> None:
+    """The issuing then the root CA certificate, PEM."""
+    with exit_on_error():
+        paths = _ca_paths()
+        print((paths.issuing_cert.read_text() + paths.root_cert.read_text()).strip())
+
+
+# --- audit ---------------------------------------------------------------------------------------
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Check the hash chain: reports every edited, removed or reordered record."""
+    with exit_on_error(as_json):
+        report = _services().verify_audit()
+        _emit(
+            {"ok": report.ok, "records": report.records, "problems": list(report.problems)},
+            as_json,
+            f"audit chain OK: {report.records} records"
+            if report.ok
+            else "audit chain BROKEN:\n" + "\n".join(report.problems),
+        )
+        if not report.ok:
+            raise typer.Exit(9)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["main"]

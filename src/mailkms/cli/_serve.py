@@ -1,0 +1,125 @@
+"""`mailkms serve`: HTTPS API, plain-http publication, mail sink and background work in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from mailkms.api import create_app, create_http_app
+from mailkms.mail import MailSink, OutboxWorker, sender_for
+from mailkms.services import Services
+
+log = logging.getLogger("mailkms.serve")
+
+IDENTITY_CHECK_EVERY = dt.timedelta(days=1)
+
+
+class _Server(uvicorn.Server):
+    """Several servers share one loop; signals are handled once, by `serve` below."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: float) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(worker.run_once)
+        except Exception:
+            log.exception("outbox round failed; retrying")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def _daily_loop(services: Services, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=IDENTITY_CHECK_EVERY.total_seconds())
+        if stop.is_set():
+            return
+        try:
+            renewed = await asyncio.to_thread(services.ensure_server_identities)
+            if renewed:
+                log.warning("renewed server identities %s; restart to load a new TLS certificate", renewed)
+            await asyncio.to_thread(services.nonces.purge)
+        except Exception:
+            log.exception("daily maintenance failed")
+
+
+async def serve(
+    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float = 0.5
+) -> None:
+    settings = services.settings
+    renewed = services.ensure_server_identities()
+    if renewed:
+        log.info("renewed server identities at start: %s", ", ".join(renewed))
+    stop = asyncio.Event()
+    sink: MailSink | None = None
+    if settings.smtp.mode == "sink":
+        sink = MailSink(settings.data_dir / "mailboxes", "127.0.0.1", settings.smtp.sink_port)
+        sink.start()
+        log.info("mail sink on 127.0.0.1:%d filing into %s", settings.smtp.sink_port, settings.data_dir / "mailboxes")
+    worker = OutboxWorker(
+        services.db,
+        sender_for(settings.smtp),
+        services.clock,
+        services.audit,
+        retry_base=settings.smtp.retry_base_seconds,
+        retry_max=settings.smtp.retry_max_seconds,
+    )
+    paths = services.ca.paths
+    https = _Server(
+        uvicorn.Config(
+            create_app(services),
+            host=bind,
+            port=https_port,
+            ssl_certfile=str(paths.tls_cert),
+            ssl_keyfile=str(paths.tls_key),
+            ssl_keyfile_password=services.ca.tls_key_password,
+            log_level="info",
+            access_log=True,
+            timeout_keep_alive=5,
+        )
+    )
+    servers = [https]
+    if http_port:
+        servers.append(
+            _Server(
+                uvicorn.Config(
+                    create_http_app(services), host=bind, port=http_port, log_level="warning", timeout_keep_alive=5
+                )
+            )
+        )
+    loop = asyncio.get_running_loop()
+
+    def _stop() -> None:
+        stop.set()
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop)
+    tasks = [
+        asyncio.create_task(_outbox_loop(worker, stop, outbox_interval)),
+        asyncio.create_task(_daily_loop(services, stop)),
+    ]
+    log.info(
+        "mailkms serving https://%s:%d%s", bind, https_port, f" and http://{bind}:{http_port}" if http_port else ""
+    )
+    try:
+        await asyncio.gather(*(s.serve() for s in servers))
+    finally:
+        _stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if sink is not None:
+            sink.stop()
+        services.db.dispose()

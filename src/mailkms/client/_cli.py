@@ -1,0 +1,254 @@
+"""`mailkms-client`: the user's side. Messages here are the user's text for every refusal."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mailkms.client._core import PROMPT, Client, LogonState, logon_state
+from mailkms.client._http import ServerRefused
+from mailkms.client._store import cert_from_pem
+from mailkms.clock import SystemClock
+from mailkms.errors import MailkmsError
+from mailkms.pki import KeyType
+
+app = typer.Typer(
+    help="mailkms-client: your S/MIME keys and certificates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+cert_app = typer.Typer(help="Print your current certificates.", no_args_is_help=True)
+app.add_typer(cert_app, name="cert")
+
+_home: dict[str, Path] = {}
+
+# What the user reads when the server refuses, by problem type.
+USER_TEXT = {
+    "reenrolment-required": "Your security certificates have expired and cannot be renewed.\n"
+    "Ask your administrator to enrol you again.",
+    "revoked": "Your security certificates have been revoked.\nAsk your administrator to enrol you again.",
+    "token-used": "This enrolment token has already been used. Ask your administrator for a new one.",
+    "token-expired": "This enrolment token has expired. Ask your administrator for a new one.",
+    "token-wrong-mailbox": "This enrolment token was made for another e-mail address.",
+    "token-invalid": "This enrolment token is not valid. Check it, or ask your administrator for a new one.",
+    "not-due": "Your certificates are not yet due for renewal.",
+}
+
+
+@app.callback()
+def _main(
+    home: Annotated[
+        Path | None, typer.Option("--home", envvar="MAILKMS_CLIENT_HOME", help="key store folder (default ~/.mailkms)")
+    ] = None,
+) -> None:
+    _home["path"] = home or Path.home() / ".mailkms"
+
+
+def _passphrase_source(confirm: bool = False) -> bytes:
+    value = os.environ.get("MAILKMS_CLIENT_PASSPHRASE")
+    if value:
+        return value.encode()
+    if not sys.stdin.isatty():
+        raise MailkmsError("no passphrase: set MAILKMS_CLIENT_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("Key store passphrase: ")
+    if confirm and getpass.getpass("Repeat the passphrase: ") != first:
+        raise MailkmsError("the passphrases differ")
+    if len(first) < 8:
+        raise MailkmsError("the passphrase must have at least 8 characters")
+    return first.encode()
+
+
+def _client(confirm: bool = False) -> Client:
+    return Client(_home["path"], SystemClock(), lambda: _passphrase_source(confirm))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except ServerRefused as exc:
+        text = USER_TEXT.get(exc.problem_code, exc.detail)
+        typer.echo(f"{text}\n(server: {exc.problem_code or exc.status})", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except MailkmsError as exc:
+        typer.echo(f"mailkms-client: {exc.detail}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option(help="https URL of the Key Management Server")],
+    fingerprint: Annotated[str, typer.Option(help="SHA-256 fingerprint of the root CA, from your administrator")],
+    email: Annotated[str, typer.Option(help="your e-mail address")],
+    token: Annotated[str, typer.Option(help="the one-time enrolment token")],
+    maildir: Annotated[Path, typer.Option(help="your mailbox (Maildir) where the certificates arrive")],
+    key_type: Annotated[KeyType, typer.Option(help="signing key: rsa2048 (default) or p256")] = KeyType.RSA2048,
+) -> None:
+    """Enrol: make your signing key, send the request; the certificates arrive by e-mail."""
+    with _user_errors():
+        result = _client(confirm=True).enroll(server, fingerprint, email, token, maildir.resolve(), key_type)
+        typer.echo(f"Enrolment request {result['request_id']} accepted for {result['mailbox']}.")
+        typer.echo("Your certificates will arrive by e-mail; run `mailkms-client sync` to install them.")
+
+
+@app.command()
+def sync() -> None:
+    """Read the mailbox, check the server's replies and install them."""
+    with _user_errors():
+        _sync(_client())
+
+
+def _sync(client: Client) -> None:
+    report = client.sync()
+    for line in report.installed:
+        typer.echo(f"Installed: {line}")
+    for line in report.refused:
+        typer.echo(f"Refused and left in the mailbox: {line}", err=True)
+    if not report.installed and not report.refused:
+        typer.echo("No new certificates in the mailbox.")
+    if report.refused and not report.installed:
+        raise typer.Exit(7)
+
+
+class Answer(StrEnum):
+    yes = "yes"
+    no = "no"
+
+
+@app.command()
+def logon(
+    answer: Annotated[Answer | None, typer.Option(help="answer the update question without asking (scripts)")] = None,
+) -> None:
+    """Log on to advanced security: unlock the keys, install new mail, ask when renewal is due."""
+    with _user_errors():
+        client = _client()
+        client.unlock()
+        _sync(client)
+        state = client.state()
+        status = logon_state(state.current, SystemClock().now())
+        if status is LogonState.NOT_ENROLLED:
+            typer.echo("You are not enrolled yet: your certificates have not arrived.")
+            raise typer.Exit(8)
+        if status is LogonState.EXPIRED:
+            assert state.current is not None
+            typer.echo(
+                f"Your security certificates expired on {state.current.not_after[:19].replace('T', ' ')} UTC.\n"
+                "Expired certificates cannot be renewed: ask your administrator to enrol you again.",
+                err=True,
+            )
+            raise typer.Exit(6)
+        if status is LogonState.ACTIVE:
+            typer.echo("You are logged on to advanced security.")
+            return
+        typer.echo(PROMPT)
+        if answer is None:
+            yes = typer.confirm("", default=True, prompt_suffix="[Y/n] ")
+        else:
+            yes = answer is Answer.yes
+        if not yes:
+            typer.echo("No update request was sent. You will be asked again at your next log-on.")
+            return
+        result = client.send_update_request()
+        typer.echo(f"The certificate update request was sent (request {result['request_id']}).")
+        typer.echo("Your new certificates will arrive by e-mail and are installed at your next log-on or sync.")
+
+
+@app.command()
+def resync() -> None:
+    """Ask the server to send its latest reply again (lost mail). Nothing new is issued."""
+    with _user_errors():
+        result = _client().resync()
+        typer.echo(f"The server sends request {result['request_id']} again; run `mailkms-client sync` when it arrives.")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Your certificates, keys and dates."""
+    with _user_errors():
+        state = _client().state()
+        current = state.current
+        now = SystemClock().now()
+        data = {
+            "mailbox": state.mailbox,
+            "server": state.server,
+            "root_fingerprint": state.root_fingerprint,
+            "state": logon_state(current, now).value,
+            "generation": current.generation if current else 0,
+            "signing": {
+                "serial": current.signing_serial,
+                "not_before": current.not_before,
+                "not_after": current.not_after,
+            }
+            if current
+            else None,
+            "encryption": {"serial": current.encryption_serial} if current else None,
+            "reminder_at": current.reminder_at if current else None,
+            "encryption_key_history": sorted(state.encryption_history),
+            "pending": state.pending.__dict__ if state.pending else None,
+        }
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        typer.echo(f"{state.mailbox} at {state.server}: {data['state']}")
+        if current:
+            typer.echo(f"  generation {current.generation}, installed {current.installed_at[:19]}")
+            typer.echo(
+                f"  signing    {current.signing_serial}  valid {current.not_before[:19]} .. {current.not_after[:19]}"
+            )
+            typer.echo(f"  encryption {current.encryption_serial}")
+            typer.echo(f"  update reminder from {current.reminder_at[:19]}")
+        typer.echo(f"  encryption keys held: {len(state.encryption_history)} (old mail stays readable)")
+        if state.pending:
+            typer.echo(f"  waiting for the {state.pending.kind} reply to request {state.pending.request_id}")
+
+
+def _print_cert(kind: str) -> None:
+    with _user_errors():
+        current = _client().state().current
+        if current is None:
+            typer.echo("no certificates installed yet", err=True)
+            raise typer.Exit(8)
+        pem = current.signing_pem if kind == "signing" else current.encryption_pem
+        cert_from_pem(pem)
+        typer.echo(pem.strip())
+
+
+@cert_app.command("signing")
+def cert_signing() -> None:
+    """The current signing certificate, PEM."""
+    _print_cert("signing")
+
+
+@cert_app.command("encryption")
+def cert_encryption() -> None:
+    """The current encryption certificate, PEM."""
+    _print_cert("encryption")
+
+
+@app.command()
+def decrypt(
+    message: Annotated[Path | None, typer.Argument(help="RFC 5322 message (default: stdin)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write here (default: stdout)")] = None,
+) -> None:
+    """Decrypt an S/MIME message with any of your encryption keys, old ones included."""
+    with _user_errors():
+        raw = message.read_bytes() if message else sys.stdin.buffer.read()
+        plain = _client().decrypt_message(raw)
+        if out:
+            out.write_bytes(plain)
+        else:
+            sys.stdout.buffer.write(plain)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,362 @@
+"""The user's advanced security: enrolment, installing deliveries, the log-on check, renewal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import mailbox as mbox
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from mailkms.client._http import Api, fetch_pinned_root
+from mailkms.client._store import (
+    ClientState,
+    Generation,
+    KeyStore,
+    Pending,
+    cert_from_pem,
+    cert_to_pem,
+    encryption_key_name,
+    signing_key_name,
+)
+from mailkms.clock import Clock
+from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError
+from mailkms.pki import (
+    DELIVERY_HEADER,
+    KeyType,
+    PrivateKey,
+    decrypt,
+    fingerprint_sha256,
+    generate_key,
+    load_private_key_der,
+    mailboxes_of,
+    open_delivery,
+    parse_message,
+    same_public_key,
+    sign_request,
+    signature_hash_for,
+    verify_email_chain,
+)
+
+PROMPT = (
+    "Your security certificates are approaching expiration.\n"
+    "Do you want to send a certificate update request to the\n"
+    "Key Management Server?"
+)
+
+
+class LogonState(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    DUE = "DUE"
+    EXPIRED = "EXPIRED"
+    NOT_ENROLLED = "NOT_ENROLLED"
+
+
+def logon_state(current: Generation | None, now: dt.datetime) -> LogonState:
+    """The client's own view, from the installed certificates and the reminder point the server set."""
+    if current is None:
+        return LogonState.NOT_ENROLLED
+    if now > dt.datetime.fromisoformat(current.not_after):
+        return LogonState.EXPIRED
+    if now >= dt.datetime.fromisoformat(current.reminder_at):
+        return LogonState.DUE
+    return LogonState.ACTIVE
+
+
+def _csr(key: PrivateKey, mailbox: str) -> bytes:
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)]))
+        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False)
+    )
+    return builder.sign(key, signature_hash_for(key)).public_bytes(serialization.Encoding.PEM)
+
+
+def _transport_certificate(key: PrivateKey, mailbox: str, now: dt.datetime) -> x509.Certificate:
+    """Self-signed: it only carries the transport public key to the server."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mailkms transport key for {mailbox}")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    installed: list[str]
+    refused: list[str]
+    already: int
+
+
+class Client:
+    def __init__(self, home: Path, clock: Clock, passphrase: Callable[[], bytes]) -> None:
+        self.store = KeyStore(home)
+        self._clock = clock
+        self._passphrase_source = passphrase
+        self._passphrase: bytes | None = None
+
+    def passphrase(self) -> bytes:
+        if self._passphrase is None:
+            self._passphrase = self._passphrase_source()
+        return self._passphrase
+
+    def state(self) -> ClientState:
+        return self.store.load()
+
+    def api(self, state: ClientState) -> Api:
+        return Api(state.server, cert_from_pem(state.root_pem))
+
+    # --- unlocking ---------------------------------------------------------------------------
+    def unlock(self) -> ClientState:
+        """Open the key store with the passphrase (log-on to advanced security)."""
+        state = self.store.load()
+        current = state.current
+        name = (
+            signing_key_name(current.signing_serial)
+            if current
+            else (state.pending.signing_key_file if state.pending else state.transport_key_file)
+        )
+        if name:
+            self.store.read_key(name, self.passphrase())
+        return state
+
+    # --- enrolment ---------------------------------------------------------------------------------
+    def enroll(
+        self, server: str, fingerprint: str, mailbox: str, token: str, maildir: Path, key_type: KeyType
+    ) -> dict[str, object]:
+        with self.store.locked():
+            previous = self.store.load() if self.store.exists() else None
+            if previous is not None and previous.mailbox != mailbox.strip().lower():
+                raise ClientStateError(f"this key store belongs to {previous.mailbox}; use another --home")
+            root, _chain = fetch_pinned_root(server, fingerprint)
+            api = Api(server, root)
+            info = api.server_info()
+            now = self._clock.now()
+            passphrase = self.passphrase()
+            signing_key = generate_key(key_type)
+            transport_key = generate_key(KeyType.RSA2048)
+            transport_cert = _transport_certificate(transport_key, mailbox, now)
+            accepted = api.enrol(
+                {
+                    "mailbox": mailbox,
+                    "token": token,
+                    "csr": _csr(signing_key, mailbox).decode(),
+                    "transport_certificate": cert_to_pem(transport_cert),
+                }
+            )
+            request_id = str(accepted["request_id"])
+            pending_name = self.store.write_key(f"signing-pending-{request_id}.pem", signing_key, passphrase)
+            transport_name = self.store.write_key(f"transport-{request_id}.pem", transport_key, passphrase)
+            state = previous or ClientState(
+                server=server.rstrip("/"),
+                mailbox=str(accepted["mailbox"]),
+                root_fingerprint=fingerprint_sha256(root),
+                root_pem=cert_to_pem(root),
+                mail_from=str(info["mail_from"]),
+                maildir=str(maildir),
+            )
+            state.server = server.rstrip("/")
+            state.maildir = str(maildir)
+            state.mail_from = str(info["mail_from"])
+            state.root_pem = cert_to_pem(root)
+            state.root_fingerprint = fingerprint_sha256(root)
+            state.pending = Pending("enrolment", request_id, pending_name, now.isoformat())
+            state.transport_key_file = transport_name
+            state.transport_cert_pem = cert_to_pem(transport_cert)
+            self.store.save(state)
+            return accepted
+
+    # --- installing deliveries -------------------------------------------------------------------
+    def sync(self) -> SyncReport:
+        with self.store.locked():
+            state = self.store.load()
+            installed: list[str] = []
+            refused: list[str] = []
+            already = 0
+            box = mbox.Maildir(state.maildir, factory=None, create=False)
+            for key in sorted(box.keys()):
+                if key in state.processed:
+                    already += 1
+                    continue
+                raw = box.get_bytes(key)
+                headers = parse_message(raw)
+                if DELIVERY_HEADER not in headers:
+                    continue  # ordinary mail is none of our business
+                try:
+                    outcome = self._install(state, raw)
+                except MailkmsError as exc:
+                    reason = f"refused: {exc.detail}"
+                    state.processed[key] = reason
+                    refused.append(f"{_describe(headers)}: {exc.detail}")
+                    self.store.save(state)
+                    continue
+                state.processed[key] = outcome
+                if outcome.startswith("installed"):
+                    installed.append(outcome)
+                else:
+                    already += 1
+                self.store.save(state)
+            return SyncReport(installed, refused, already)
+
+    def _install(self, state: ClientState, raw: bytes) -> str:
+        now = self._clock.now()
+        root = cert_from_pem(state.root_pem)
+        content = open_delivery(raw)  # the CMS signature itself
+        signer_issuer = verify_email_chain(content.signer, content.signed_certificates, root, now)
+        del signer_issuer
+        if state.mail_from.lower() not in mailboxes_of(content.signer):
+            raise DeliveryRefused(f"the mail was not signed by the server's mail identity {state.mail_from}")
+        manifest = content.manifest
+        if manifest.mailbox.lower() != state.mailbox:
+            raise DeliveryRefused(f"the delivery is for {manifest.mailbox}, not for {state.mailbox}")
+        current = state.current
+        if current is not None and manifest.generation <= current.generation:
+            return f"already installed (generation {manifest.generation})"
+        by_serial = {format(c.serial_number, "x"): c for c in content.certificates}
+        signing = by_serial.get(manifest.signing_serial)
+        encryption = by_serial.get(manifest.encryption_serial)
+        if signing is None or encryption is None:
+            raise DeliveryRefused("the delivery lacks its certificates")
+        for cert in (signing, encryption):
+            verify_email_chain(cert, content.certificates, root, now)
+            if state.mailbox not in mailboxes_of(cert):
+                raise DeliveryRefused("a delivered certificate is for another mailbox")
+        passphrase = self.passphrase()
+        pending = state.pending
+        if pending is None or pending.request_id != manifest.request_id:
+            raise DeliveryRefused("this delivery answers no request made from this key store")
+        signing_key = self.store.read_key(pending.signing_key_file, passphrase)
+        if not same_public_key(signing_key.public_key(), signing.public_key()):  # type: ignore[arg-type]
+            raise DeliveryRefused("the signing certificate does not match the key this client made")
+        # keys the envelopes may be addressed to: the transport key, then every encryption key held
+        candidates: list[tuple[x509.Certificate, PrivateKey]] = []
+        if state.transport_key_file and state.transport_cert_pem:
+            transport = self.store.read_key(state.transport_key_file, passphrase)
+            candidates.append((cert_from_pem(state.transport_cert_pem), transport))
+        for serial, pem in state.encryption_history.items():
+            candidates.append((cert_from_pem(pem), self.store.read_key(encryption_key_name(serial), passphrase)))
+        recovered: dict[str, PrivateKey] = {}
+        for enveloped in content.keys:
+            der = _open_envelope(enveloped.der, candidates)
+            recovered[enveloped.serial] = load_private_key_der(der)
+        enc_key = recovered.get(manifest.encryption_serial)
+        if enc_key is None or not same_public_key(enc_key.public_key(), encryption.public_key()):  # type: ignore[arg-type]
+            raise DeliveryRefused("the delivered encryption key does not match the encryption certificate")
+        # Everything checked: now write. Keys first, state last (atomic), so nothing is half-installed.
+        sig_serial = manifest.signing_serial
+        self.store.write_key(signing_key_name(sig_serial), signing_key, passphrase)
+        for serial, key in recovered.items():
+            self.store.write_key(encryption_key_name(serial), key, passphrase)
+            if serial == manifest.encryption_serial:
+                state.encryption_history[serial] = cert_to_pem(encryption)
+            elif serial not in state.encryption_history:
+                match = by_serial.get(serial)
+                if match is not None:
+                    state.encryption_history[serial] = cert_to_pem(match)
+        state.generations.append(
+            Generation(
+                generation=manifest.generation,
+                signing_serial=sig_serial,
+                encryption_serial=manifest.encryption_serial,
+                signing_pem=cert_to_pem(signing),
+                encryption_pem=cert_to_pem(encryption),
+                reminder_at=manifest.reminder_at,
+                not_before=signing.not_valid_before_utc.isoformat(),
+                not_after=signing.not_valid_after_utc.isoformat(),
+                installed_at=now.isoformat(),
+                request_id=manifest.request_id,
+            )
+        )
+        state.pending = None
+        return f"installed generation {manifest.generation} ({manifest.kind}), valid until {signing.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+
+    # --- renewal -----------------------------------------------------------------------------------
+    def _signed_post(self, state: ClientState, path: str, payload: dict[str, object]) -> dict[str, object]:
+        current = state.current
+        if current is None:
+            raise ClientStateError("no certificates installed yet")
+        api = self.api(state)
+        key = self.store.read_key(signing_key_name(current.signing_serial), self.passphrase())
+        cert = cert_from_pem(current.signing_pem)
+        chain = [cert]
+        nonce = api.nonce()
+        jws = sign_request(key, chain, nonce, api.url(path), {"mailbox": state.mailbox, **payload})
+        return api.post_signed(path, jws)
+
+    def send_update_request(self) -> dict[str, object]:
+        with self.store.locked():
+            state = self.store.load()
+            passphrase = self.passphrase()
+            pending = state.pending if state.pending and state.pending.kind == "renewal" else None
+            if pending is not None:
+                key = self.store.read_key(pending.signing_key_file, passphrase)
+            else:
+                current = state.current
+                assert current is not None
+                key = generate_key(KeyType.P256 if _is_ec(current.signing_pem) else KeyType.RSA2048)
+            result = self._signed_post(state, "/api/v1/renewals", {"csr": _csr(key, state.mailbox).decode()})
+            if pending is None:
+                name = self.store.write_key(f"signing-pending-{result['request_id']}.pem", key, passphrase)
+                state.pending = Pending("renewal", str(result["request_id"]), name, self._clock.now().isoformat())
+                self.store.save(state)
+            return result
+
+    def resync(self) -> dict[str, object]:
+        with self.store.locked():
+            state = self.store.load()
+            return self._signed_post(state, "/api/v1/resync", {"action": "resync"})
+
+    # --- reading mail ----------------------------------------------------------------------------
+    def decrypt_message(self, raw: bytes) -> bytes:
+        """Open an S/MIME enveloped message with any key in the history (old mail stays readable)."""
+        state = self.store.load()
+        message = parse_message(raw)
+        der = None
+        for part in message.walk():
+            if part.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+                payload = part.get_payload(decode=True)
+                if isinstance(payload, bytes):
+                    der = payload
+                    break
+        if der is None:
+            raise BadMessage("the message is not S/MIME encrypted (no application/pkcs7-mime part)")
+        passphrase = self.passphrase()
+        for serial, pem in reversed(list(state.encryption_history.items())):
+            key = self.store.read_key(encryption_key_name(serial), passphrase)
+            try:
+                return decrypt(der, cert_from_pem(pem), key)
+            except BadMessage:
+                continue
+        raise BadMessage("none of your encryption keys opens this message (not addressed to you, or damaged)")
+
+
+def _is_ec(pem: str) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return isinstance(cert_from_pem(pem).public_key(), ec.EllipticCurvePublicKey)
+
+
+def _open_envelope(der: bytes, candidates: list[tuple[x509.Certificate, PrivateKey]]) -> bytes:
+    for cert, key in candidates:
+        try:
+            return decrypt(der, cert, key)
+        except BadMessage:
+            continue
+    raise DeliveryRefused("no key of this client opens the delivered key (it was addressed to someone else)")
+
+
+def _describe(headers: Message) -> str:
+    return f"mail {headers.get('Message-ID', '?')} from {headers.get('From', '?')}"

@@ -1,0 +1,115 @@
+"""Talking to the server over HTTPS, trusting only the pinned root."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailkms.errors import MailkmsError, Malformed
+from mailkms.pki import fingerprint_sha256, normalise_fingerprint
+
+
+class ServerRefused(MailkmsError):
+    """The server answered with a problem document."""
+
+    code = "server-refused"
+    title = "The server refused the request"
+    exit_code = 6
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem_type_uri = str(problem.get("type", ""))
+        self.problem_code = self.problem_type_uri.rsplit(":", 1)[-1]
+        super().__init__(str(problem.get("detail") or problem.get("title") or f"HTTP {status}"))
+
+
+class ServerUnreachable(MailkmsError):
+    code = "server-unreachable"
+    title = "The server cannot be reached"
+    exit_code = 10
+
+
+def _client(server: str, verify: ssl.SSLContext | bool) -> httpx.Client:
+    return httpx.Client(base_url=server.rstrip("/"), verify=verify, timeout=30.0)
+
+
+def fetch_pinned_root(server: str, fingerprint: str) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """First contact: TLS is not yet trusted, so the root is accepted only if its SHA-256 matches."""
+    want = normalise_fingerprint(fingerprint)
+    try:
+        with _client(server, verify=False) as http:
+            resp = http.get("/api/v1/ca/chain")
+    except httpx.HTTPError as exc:
+        raise ServerUnreachable(f"cannot reach {server}: {exc}") from None
+    if resp.status_code != 200:
+        raise ServerUnreachable(f"{server} did not give its CA chain (HTTP {resp.status_code})")
+    try:
+        chain = x509.load_pem_x509_certificates(resp.content)
+    except ValueError:
+        raise Malformed("the server's CA chain is not PEM") from None
+    for cert in chain:
+        if fingerprint_sha256(cert) == want:
+            return cert, chain
+    raise MalformedFingerprint(
+        "the server's root CA does not match the fingerprint you were given: do not trust this server"
+    )
+
+
+class MalformedFingerprint(MailkmsError):
+    code = "fingerprint-mismatch"
+    title = "The CA fingerprint does not match"
+    exit_code = 11
+
+
+def pinned_context(root: x509.Certificate) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=root.public_bytes(serialization.Encoding.PEM).decode())
+    return ctx
+
+
+class Api:
+    def __init__(self, server: str, root: x509.Certificate) -> None:
+        self.server = server.rstrip("/")
+        self._ctx = pinned_context(root)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            with _client(self.server, self._ctx) as http:
+                resp = http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                problem = resp.json()
+            except ValueError:
+                problem = {"detail": resp.text[:200]}
+            raise ServerRefused(resp.status_code, problem if isinstance(problem, dict) else {})
+        return resp
+
+    def url(self, path: str) -> str:
+        return self.server + path
+
+    def server_info(self) -> dict[str, Any]:
+        data = self._call("GET", "/api/v1/server").json()
+        assert isinstance(data, dict)
+        return data
+
+    def enrol(self, body: dict[str, str]) -> dict[str, Any]:
+        data = self._call("POST", "/api/v1/enrolments", json=body).json()
+        assert isinstance(data, dict)
+        return data
+
+    def nonce(self) -> str:
+        resp = self._call("HEAD", "/api/v1/nonce")
+        value = resp.headers.get("Replay-Nonce")
+        if not value:
+            raise Malformed("the server gave no Replay-Nonce")
+        return value
+
+    def post_signed(self, path: str, jws: dict[str, str]) -> dict[str, Any]:
+        data = self._call("POST", path, json=jws, headers={"Content-Type": "application/jose+json"}).json()
+        assert isinstance(data, dict)
+        return data

@@ -1,0 +1,154 @@
+"""The client's key store: a folder holding state.json and PKCS#8 keys encrypted with the
+user's passphrase (openssl reads them: `openssl pkey -in key.pem -passin env:VAR`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailkms.errors import ClientStateError, WrongPassphrase
+from mailkms.pki import PrivateKey, encrypt_private_key, load_private_key
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Generation:
+    generation: int
+    signing_serial: str
+    encryption_serial: str
+    signing_pem: str
+    encryption_pem: str
+    reminder_at: str
+    not_before: str
+    not_after: str
+    installed_at: str
+    request_id: str
+
+
+@dataclass
+class Pending:
+    kind: str  # enrolment | renewal
+    request_id: str
+    signing_key_file: str
+    sent_at: str
+
+
+@dataclass
+class ClientState:
+    server: str
+    mailbox: str
+    root_fingerprint: str
+    root_pem: str
+    mail_from: str
+    maildir: str
+    generations: list[Generation] = field(default_factory=list)
+    # every encryption certificate ever installed, serial -> PEM; the keys stay in keys/
+    encryption_history: dict[str, str] = field(default_factory=dict)
+    pending: Pending | None = None
+    transport_key_file: str = ""
+    transport_cert_pem: str = ""
+    processed: dict[str, str] = field(default_factory=dict)  # message file key -> outcome
+
+    @property
+    def current(self) -> Generation | None:
+        return max(self.generations, key=lambda g: g.generation) if self.generations else None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientState:
+        data: dict[str, Any] = json.loads(text)
+        data["generations"] = [Generation(**g) for g in data.get("generations", [])]
+        pending = data.get("pending")
+        data["pending"] = Pending(**pending) if pending else None
+        return cls(**data)
+
+
+class KeyStore:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.keys_dir = home / "keys"
+
+    @property
+    def state_path(self) -> Path:
+        return self.home / STATE_FILE
+
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One command at a time changes the store (two log-ons at once, a sync beside a log-on)."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.home / ".lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def load(self) -> ClientState:
+        if not self.exists():
+            raise ClientStateError(f"no key store in {self.home}: run `mailkms-client enroll` first")
+        try:
+            return ClientState.from_json(self.state_path.read_text())
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ClientStateError(f"{self.state_path} is damaged ({exc.__class__.__name__})") from None
+
+    def save(self, state: ClientState) -> None:
+        _atomic_write(self.state_path, state.to_json().encode(), 0o600)
+
+    def write_key(self, name: str, key: PrivateKey, passphrase: bytes) -> str:
+        self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _atomic_write(self.keys_dir / name, encrypt_private_key(key, passphrase), 0o600)
+        return name
+
+    def read_key(self, name: str, passphrase: bytes) -> PrivateKey:
+        path = self.keys_dir / name
+        if not path.exists():
+            raise ClientStateError(f"the key file {path} is missing")
+        try:
+            return load_private_key(path.read_bytes(), passphrase)
+        except (ValueError, TypeError):
+            raise WrongPassphrase("the passphrase does not unlock the key store") from None
+
+    def key_path(self, name: str) -> Path:
+        return self.keys_dir / name
+
+
+def signing_key_name(serial: str) -> str:
+    return f"signing-{serial}.pem"
+
+
+def encryption_key_name(serial: str) -> str:
+    return f"encryption-{serial}.pem"
+
+
+def cert_from_pem(pem: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def cert_to_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,217 @@
+"""One root for every refusal mailkms makes.
+
+Each class has a stable `code` (the tail of the problem type URI), a user-safe
+`detail`, and an HTTP status. Surfaces map them in one place each:
+`api/_problems.py` (RFC 9457), `cli/_exit.py` (exit codes), `client` (user text).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+PROBLEM_BASE = "urn:mailkms:problem:"
+
+
+class MailkmsError(Exception):
+    code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, detail: str | None = None, **extra: object) -> None:
+        self.detail = detail or self.title
+        self.extra = extra
+        super().__init__(self.detail)
+
+    @classmethod
+    def problem_type(cls) -> str:
+        return PROBLEM_BASE + cls.code
+
+
+# --- families -----------------------------------------------------------------
+class Malformed(MailkmsError):
+    code = "malformed"
+    title = "The request is malformed"
+    http_status = 400
+    exit_code = 2
+
+
+class Unauthorized(MailkmsError):
+    code = "unauthorized"
+    title = "Not authorised"
+    http_status = 401
+    exit_code = 3
+
+
+class NotFound(MailkmsError):
+    code = "not-found"
+    title = "Not found"
+    http_status = 404
+    exit_code = 4
+
+
+class Conflict(MailkmsError):
+    code = "conflict"
+    title = "Conflict with the current state"
+    http_status = 409
+    exit_code = 5
+
+
+class PolicyRefused(MailkmsError):
+    code = "policy-refused"
+    title = "Refused by policy"
+    http_status = 403
+    exit_code = 6
+
+
+class Internal(MailkmsError):
+    code = "internal"
+    title = "Internal error"
+    http_status = 500
+    exit_code = 1
+
+
+class ConfigError(MailkmsError):
+    code = "bad-configuration"
+    title = "The configuration is not valid"
+    http_status = 500
+    exit_code = 78
+
+
+# --- malformed input ------------------------------------------------------------
+class BadCSR(Malformed):
+    code = "bad-csr"
+    title = "The certificate request is not valid"
+
+
+class BadCSRSignature(BadCSR):
+    code = "bad-csr-signature"
+    title = "The certificate request's signature does not verify"
+
+
+class BadKey(Malformed):
+    code = "bad-key"
+    title = "The key type or size is not allowed"
+
+
+class BadMessage(Malformed):
+    code = "bad-message"
+    title = "The message is not a valid mailkms message"
+
+
+class BadJWS(Malformed):
+    code = "bad-jws"
+    title = "The signed request is malformed"
+
+
+class URLMismatch(Unauthorized):
+    code = "url-mismatch"
+    title = "The signed request was made for another URL"
+
+
+# --- tokens ---------------------------------------------------------------------
+class TokenInvalid(Unauthorized):
+    code = "token-invalid"
+    title = "The enrolment token is not valid"
+
+
+class TokenUsed(Unauthorized):
+    code = "token-used"
+    title = "The enrolment token has already been used"
+
+
+class TokenExpired(Unauthorized):
+    code = "token-expired"
+    title = "The enrolment token has expired"
+
+
+class TokenWrongMailbox(Unauthorized):
+    code = "token-wrong-mailbox"
+    title = "The enrolment token was issued for another mailbox"
+
+
+# --- signed requests --------------------------------------------------------------
+class BadSignature(Unauthorized):
+    code = "bad-signature"
+    title = "The request's signature does not verify"
+
+
+class UnknownIssuer(Unauthorized):
+    code = "unknown-issuer"
+    title = "The certificate was not issued by this CA"
+
+
+class NotCurrentCertificate(Unauthorized):
+    code = "not-current-certificate"
+    title = "The certificate is not the user's current signing certificate"
+
+
+class NotOwner(Unauthorized):
+    code = "not-owner"
+    title = "The certificate belongs to another mailbox"
+
+
+class BadNonce(Unauthorized):
+    code = "bad-nonce"
+    title = "The nonce is unknown to this server"
+
+
+class ReplayedNonce(BadNonce):
+    code = "nonce-reused"
+    title = "The nonce has already been used (replayed request)"
+
+
+class StaleNonce(BadNonce):
+    code = "nonce-stale"
+    title = "The nonce has expired; fetch a fresh one"
+
+
+# --- lifecycle ---------------------------------------------------------------------
+class ReenrolmentRequired(PolicyRefused):
+    code = "reenrolment-required"
+    title = "The certificates have expired; enrolment by an administrator is required"
+
+
+class Revoked(PolicyRefused):
+    code = "revoked"
+    title = "The certificates have been revoked; enrolment by an administrator is required"
+
+
+class NotDue(PolicyRefused):
+    code = "not-due"
+    title = "The certificates are not yet due for renewal"
+
+
+class UserNotFound(NotFound):
+    code = "user-not-found"
+    title = "No such user"
+
+
+class UserExists(Conflict):
+    code = "user-exists"
+    title = "The user already exists"
+
+
+class NothingToResend(NotFound):
+    code = "nothing-to-resend"
+    title = "There is no reply to send again"
+
+
+# --- client side ---------------------------------------------------------------------
+class DeliveryRefused(MailkmsError):
+    """A delivery mail the client will not install."""
+
+    code = "delivery-refused"
+    title = "The delivery mail was refused"
+    exit_code = 7
+
+
+class ClientStateError(MailkmsError):
+    code = "client-state"
+    title = "The client's key store is not in a usable state"
+    exit_code = 8
+
+
+class WrongPassphrase(ClientStateError):
+    code = "wrong-passphrase"
+    title = "The passphrase does not unlock the key store"

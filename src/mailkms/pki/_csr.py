@@ -1,0 +1,89 @@
+"""Certificate requests, parsed leniently.
+
+Only the public key and the proof of possession are taken from a CSR: subject and SAN are
+always built from the enrolled mailbox. asn1crypto parses (it accepts, for example,
+certmonger's PrintableString CN holding '@', which `cryptography` refuses); `cryptography`
+checks the signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asn1crypto import csr as asn1_csr
+from asn1crypto import pem as asn1_pem
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from mailkms.errors import BadCSR, BadCSRSignature
+from mailkms.pki._keys import PublicKey, key_type_of
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+@dataclass(frozen=True)
+class CheckedCSR:
+    public_key: PublicKey
+    der: bytes
+    claimed_emails: tuple[str, ...]  # what the requester wrote; informative only
+
+
+def _to_der(data: bytes) -> bytes:
+    stripped = data.strip()
+    if asn1_pem.detect(stripped):
+        try:
+            _, _, der = asn1_pem.unarmor(stripped)
+        except ValueError as exc:
+            raise BadCSR(f"the PEM armour is broken: {exc}") from None
+        return bytes(der)
+    return bytes(data)
+
+
+def check_csr(data: bytes) -> CheckedCSR:
+    """Parse a PEM or DER PKCS#10 request and verify its self-signature."""
+    der = _to_der(data)
+    try:
+        request = asn1_csr.CertificationRequest.load(der, strict=True)
+        info = request["certification_request_info"]
+        spki_der = info["subject_pk_info"].dump()
+        algo = request["signature_algorithm"]
+        signature_algo = algo.signature_algo
+        hash_name = algo.hash_algo
+        signature = request["signature"].native
+        tbs = info.dump()
+        claimed = (
+            tuple(str(v) for k, v in info["subject"].native.items() if k == "email_address")
+            if isinstance(info["subject"].native, dict)
+            else ()
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadCSR(f"not a PKCS#10 certificate request ({exc.__class__.__name__})") from None
+    try:
+        loaded = serialization.load_der_public_key(spki_der)
+    except (ValueError, TypeError):
+        raise BadCSR("the request's public key cannot be read") from None
+    if not isinstance(loaded, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise BadCSR("only RSA and ECDSA keys are accepted")
+    key_type_of(loaded)  # refuses sizes and curves we do not issue for
+    if hash_name not in _HASHES:
+        raise BadCSR(f"signature hash {hash_name} is not accepted (SHA-256/384/512)")
+    digest = _HASHES[hash_name]()
+    try:
+        if isinstance(loaded, rsa.RSAPublicKey):
+            if signature_algo == "rsassa_pss":
+                raise BadCSR("RSASSA-PSS request signatures are not supported")
+            if signature_algo != "rsassa_pkcs1v15":
+                raise BadCSR("the request's signature algorithm does not match its RSA key")
+            loaded.verify(signature, tbs, padding.PKCS1v15(), digest)
+        else:
+            if signature_algo != "ecdsa":
+                raise BadCSR("the request's signature algorithm does not match its EC key")
+            loaded.verify(signature, tbs, ec.ECDSA(digest))
+    except InvalidSignature:
+        raise BadCSRSignature() from None
+    return CheckedCSR(public_key=loaded, der=der, claimed_emails=claimed)

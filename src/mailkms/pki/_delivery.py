@@ -1,0 +1,213 @@
+"""The delivery mail: what the server sends a user after enrolment, renewal or recovery.
+
+An RFC 5322 message whose body is opaque-signed S/MIME (application/pkcs7-mime;
+smime-type=signed-data) by the server's mail-signing key. Opaque signing keeps the signed
+bytes inside the CMS structure, so no MIME canonicalisation can break the signature in
+transit. Inside: a readable note, a JSON manifest, the certificates (certs-only, RFC 8551)
+and each private key enveloped (CMS EnvelopedData, AES-256-CBC) to a key the client holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.policy
+import email.utils
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.parser import BytesParser
+
+from cryptography import x509
+
+from mailkms.errors import BadMessage
+from mailkms.pki._cms import certs_only, envelope, load_certs_only, sign_opaque, verify_signed_data
+from mailkms.pki._keys import PrivateKey
+
+DELIVERY_HEADER = "X-Mailkms-Delivery"
+MANIFEST_NAME = "mailkms-delivery.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str  # "enrolment", "renewal", "recovery"
+    mailbox: str
+    request_id: str
+    generation: int
+    signing_serial: str
+    encryption_serial: str
+    key_serials: tuple[str, ...]  # the certificate serial each enveloped key belongs to
+    issued_at: str
+    reminder_at: str  # when the client starts asking, by the policy of the user's group
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "kind": self.kind,
+            "mailbox": self.mailbox,
+            "request_id": self.request_id,
+            "generation": self.generation,
+            "signing_serial": self.signing_serial,
+            "encryption_serial": self.encryption_serial,
+            "key_serials": list(self.key_serials),
+            "issued_at": self.issued_at,
+            "reminder_at": self.reminder_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Manifest:
+        try:
+            if data["version"] != FORMAT_VERSION:
+                raise BadMessage(f"unknown delivery format version {data['version']}")
+            serials = data["key_serials"]
+            if not isinstance(serials, list):
+                raise BadMessage("key_serials must be a list")
+            return cls(
+                kind=str(data["kind"]),
+                mailbox=str(data["mailbox"]),
+                request_id=str(data["request_id"]),
+                generation=int(str(data["generation"])),
+                signing_serial=str(data["signing_serial"]),
+                encryption_serial=str(data["encryption_serial"]),
+                key_serials=tuple(str(s) for s in serials),
+                issued_at=str(data["issued_at"]),
+                reminder_at=str(data["reminder_at"]),
+            )
+        except KeyError as exc:
+            raise BadMessage(f"the delivery manifest lacks {exc}") from None
+
+
+@dataclass(frozen=True)
+class EnvelopedKey:
+    serial: str
+    der: bytes  # EnvelopedData holding the PKCS#8 private key
+
+
+@dataclass(frozen=True)
+class DeliveryContent:
+    manifest: Manifest
+    certificates: tuple[x509.Certificate, ...]
+    keys: tuple[EnvelopedKey, ...]
+    signer: x509.Certificate
+    signed_certificates: tuple[x509.Certificate, ...] = field(default=())
+
+
+_NOTE = {
+    "enrolment": "Your S/MIME certificates for {mailbox} are attached.",
+    "renewal": "Your renewed S/MIME certificates for {mailbox} are attached.",
+    "recovery": "Your S/MIME certificates and recovered encryption keys for {mailbox} are attached.",
+}
+
+
+def build_delivery(
+    manifest: Manifest,
+    certificates: Sequence[x509.Certificate],
+    keys: Sequence[tuple[str, bytes, x509.Certificate]],
+    *,
+    sender: str,
+    signer_cert: x509.Certificate,
+    signer_key: PrivateKey,
+    signer_chain: Sequence[x509.Certificate],
+    message_id: str,
+    date: dt.datetime,
+) -> bytes:
+    """keys: (certificate serial, PKCS#8 DER, recipient certificate to envelope it to)."""
+    inner = MIMEMultipart("mixed")
+    note = _NOTE.get(manifest.kind, _NOTE["enrolment"]).format(mailbox=manifest.mailbox)
+    note += (
+        "\n\nmailkms-client installs them for you: run `mailkms-client sync` or log on"
+        " with `mailkms-client logon`. Nothing else needs to be done.\n"
+    )
+    inner.attach(MIMEText(note, "plain", "utf-8"))
+    inner.attach(
+        _attachment(
+            json.dumps(manifest.to_dict(), sort_keys=True).encode(),
+            "application",
+            "json",
+            MANIFEST_NAME,
+        )
+    )
+    certs_part = _attachment(certs_only(certificates), "application", "pkcs7-mime", "certs.p7c")
+    certs_part.set_param("smime-type", "certs-only")
+    inner.attach(certs_part)
+    for serial, key_der, recipient in keys:
+        part = _attachment(envelope(key_der, [recipient]), "application", "pkcs7-mime", f"key-{serial}.p7m")
+        part.set_param("smime-type", "enveloped-data")
+        inner.attach(part)
+    content = inner.as_bytes(policy=email.policy.SMTP)
+    signed = sign_opaque(content, signer_cert, signer_key, signer_chain)
+
+    outer = MIMEApplication(signed, "pkcs7-mime", name="smime.p7m")
+    outer.set_param("smime-type", "signed-data")
+    outer.add_header("Content-Disposition", "attachment", filename="smime.p7m")
+    outer["From"] = sender
+    outer["To"] = manifest.mailbox
+    outer["Subject"] = {
+        "enrolment": "Your S/MIME certificates",
+        "renewal": "Your renewed S/MIME certificates",
+        "recovery": "Your recovered S/MIME keys",
+    }.get(manifest.kind, "Your S/MIME certificates")
+    outer["Date"] = email.utils.format_datetime(date)
+    outer["Message-ID"] = message_id
+    outer[DELIVERY_HEADER] = f"{manifest.kind}; request={manifest.request_id}"
+    return outer.as_bytes(policy=email.policy.SMTP)
+
+
+def _attachment(data: bytes, maintype: str, subtype: str, filename: str) -> MIMEApplication:
+    part = MIMEApplication(data, subtype, name=filename)
+    if maintype != "application":
+        raise ValueError("attachments are application/*")
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
+
+
+def is_delivery(message: Message) -> bool:
+    return DELIVERY_HEADER in message
+
+
+def parse_message(raw: bytes) -> EmailMessage:
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def open_delivery(raw: bytes) -> DeliveryContent:
+    """Verify the CMS signature (not yet the chain) and take the delivery apart."""
+    outer = parse_message(raw)
+    signed_der = None
+    for part in outer.walk():
+        if part.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+            if part.get_param("smime-type") in ("signed-data", None):
+                payload = part.get_payload(decode=True)
+                if isinstance(payload, bytes):
+                    signed_der = payload
+                    break
+    if signed_der is None:
+        raise BadMessage("the mail is not S/MIME signed (no application/pkcs7-mime signed-data part)")
+    verified = verify_signed_data(signed_der)
+    inner = parse_message(verified.content)
+    manifest: Manifest | None = None
+    certificates: list[x509.Certificate] = []
+    keys: list[EnvelopedKey] = []
+    for part in inner.walk():
+        filename = part.get_filename() or ""
+        data = part.get_payload(decode=True)
+        if not isinstance(data, bytes):
+            continue
+        if filename == MANIFEST_NAME:
+            try:
+                manifest = Manifest.from_dict(json.loads(data))
+            except (ValueError, TypeError) as exc:
+                raise BadMessage(f"the delivery manifest is not valid JSON ({exc})") from None
+        elif part.get_param("smime-type") == "certs-only":
+            certificates.extend(load_certs_only(data))
+        elif part.get_param("smime-type") == "enveloped-data" and filename.startswith("key-"):
+            keys.append(EnvelopedKey(filename.removeprefix("key-").removesuffix(".p7m"), data))
+    if manifest is None:
+        raise BadMessage("the signed mail holds no mailkms delivery manifest")
+    return DeliveryContent(manifest, tuple(certificates), tuple(keys), verified.signer, verified.certificates)

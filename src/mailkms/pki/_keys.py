@@ -1,0 +1,139 @@
+"""Key types, generation and encrypted-at-rest serialisation."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from mailkms.errors import BadKey, Malformed
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+class KeyType(enum.StrEnum):
+    RSA2048 = "rsa2048"
+    RSA3072 = "rsa3072"
+    RSA4096 = "rsa4096"
+    P256 = "p256"
+    P384 = "p384"
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("rsa")
+
+
+_CURVES: dict[KeyType, ec.EllipticCurve] = {
+    KeyType.P256: ec.SECP256R1(),
+    KeyType.P384: ec.SECP384R1(),
+}
+_RSA_BITS = {KeyType.RSA2048: 2048, KeyType.RSA3072: 3072, KeyType.RSA4096: 4096}
+
+
+def generate_key(kind: KeyType) -> PrivateKey:
+    if kind.is_rsa:
+        return rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS[kind])
+    return ec.generate_private_key(_CURVES[kind])
+
+
+def key_type_of(key: PublicKey | PrivateKey) -> KeyType:
+    """The KeyType of a key, or BadKey if mailkms does not accept it."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        for kind, bits in _RSA_BITS.items():
+            if key.key_size == bits:
+                return kind
+        raise BadKey(f"RSA keys must be 2048, 3072 or 4096 bits, not {key.key_size}")
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        for kind, curve in _CURVES.items():
+            if key.curve.name == curve.name:
+                return kind
+        raise BadKey(f"elliptic curve {key.curve.name} is not allowed (P-256 or P-384)")
+    raise BadKey("only RSA and ECDSA (P-256, P-384) keys are accepted")
+
+
+def signature_hash_for(key: PublicKey | PrivateKey) -> hashes.HashAlgorithm:
+    """S/MIME BR 7.1.3.2: P-384 signs with SHA-384, everything else SHA-256."""
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def encrypt_private_key(key: PrivateKey, passphrase: bytes) -> bytes:
+    """PKCS#8 PEM encrypted with PBES2 (AES-256-CBC), as `openssl pkey -passin` reads it."""
+    algorithm = serialization.BestAvailableEncryption(passphrase)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, algorithm)
+
+
+def load_private_key(pem: bytes, passphrase: bytes | None) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, passphrase)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise BadKey("unsupported private key type")
+    return key
+
+
+def private_key_der(key: PrivateKey) -> bytes:
+    """Unencrypted PKCS#8 DER: only ever passed straight into an envelope."""
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_private_key_der(der: bytes) -> PrivateKey:
+    key = serialization.load_der_private_key(der, None)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise BadKey("unsupported private key type")
+    return key
+
+
+def public_key_of(cert: x509.Certificate) -> PublicKey:
+    key = cert.public_key()
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise BadKey("unsupported public key type")
+    return key
+
+
+def same_public_key(a: PublicKey, b: PublicKey) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(serialization.Encoding.DER, fmt)
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """Colon-separated upper-case hex, as `openssl x509 -fingerprint -sha256` prints it."""
+    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Accepts `AB:CD..`, `abcd..`, `SHA256:AB..` and openssl's `sha256 Fingerprint=AB..`."""
+    value = text.strip().upper().rsplit("=", 1)[-1].removeprefix("SHA256:").removeprefix("SHA-256:")
+    hexchars = "".join(value.replace(":", "").split())
+    if len(hexchars) != 64 or any(c not in "0123456789ABCDEF" for c in hexchars):
+        raise Malformed("a SHA-256 fingerprint has 64 hexadecimal digits (as `mailkms ca fingerprint` prints it)")
+    return ":".join(hexchars[i : i + 2] for i in range(0, 64, 2))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CASigner(Protocol):
+    """Who signs: a certificate and a key that stays behind this interface (file now, HSM later)."""
+
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+    @property
+    def private_key(self) -> PrivateKey: ...
+
+
+@dataclass(frozen=True)
+class SoftSigner:
+    """A CA key held in memory, loaded once per process from an encrypted PKCS#8 file."""
+
+    certificate: x509.Certificate
+    private_key: PrivateKey

@@ -1,0 +1,219 @@
+"""Certificate profiles: what goes into each kind of certificate mailkms makes.
+
+Subscriber profiles follow the CA/B Forum S/MIME Baseline Requirements, mailbox-validated
+strict (2.23.140.1.5.1.3); the exact extension sets are the ones recorded as pkilint-clean
+in shared/PKILINT-PROFILES.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+
+from mailkms.pki._keys import PublicKey, key_type_of
+
+SMIME_MAILBOX_STRICT = x509.ObjectIdentifier("2.23.140.1.5.1.3")
+
+
+class CertKind(enum.StrEnum):
+    SIGNING = "signing"
+    ENCRYPTION = "encryption"
+    MAIL_SIGNER = "mail-signer"  # the server's own signing identity for its replies
+    TLS_SERVER = "tls-server"
+    OCSP_RESPONDER = "ocsp-responder"
+    ISSUING_CA = "issuing-ca"
+    ROOT_CA = "root-ca"
+    ARCHIVE = "archive"
+
+
+@dataclass(frozen=True)
+class PublicURLs:
+    """The http links written into certificates; the server answers on exactly these paths."""
+
+    base: str  # e.g. "http://kms.example.org/"
+
+    def _join(self, path: str) -> str:
+        return self.base.rstrip("/") + "/" + path
+
+    @property
+    def issuing_crl(self) -> str:
+        return self._join("crl/issuing.crl")
+
+    @property
+    def root_crl(self) -> str:
+        return self._join("crl/root.crl")
+
+    @property
+    def issuing_cert(self) -> str:
+        return self._join("ca/issuing.crt")
+
+    @property
+    def root_cert(self) -> str:
+        return self._join("ca/root.crt")
+
+    @property
+    def ocsp(self) -> str:
+        return self._join("ocsp")
+
+
+def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(public_key)
+
+
+def _aki_from(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _policies() -> x509.CertificatePolicies:
+    return x509.CertificatePolicies([x509.PolicyInformation(SMIME_MAILBOX_STRICT, None)])
+
+
+def _cdp(url: str) -> x509.CRLDistributionPoints:
+    return x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)])
+
+
+def ca_name(common_name: str, organization: str, country: str | None) -> x509.Name:
+    attrs = []
+    if country:
+        attrs.append(x509.NameAttribute(NameOID.COUNTRY_NAME, country))
+    attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def mailbox_name(mailbox: str) -> x509.Name:
+    """Strict MV subject: CN and emailAddress, each byte-identical to the SAN."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, mailbox),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox),
+        ]
+    )
+
+
+def _ku(**bits: bool) -> x509.KeyUsage:
+    names = (
+        "digital_signature content_commitment key_encipherment data_encipherment "
+        "key_agreement key_cert_sign crl_sign encipher_only decipher_only"
+    ).split()
+    values = {n: bits.get(n, False) for n in names}
+    return x509.KeyUsage(**values)
+
+
+Extension = tuple[x509.ExtensionType, bool]
+
+
+def subscriber_extensions(
+    kind: CertKind, mailbox: str, public_key: PublicKey, issuer: x509.Certificate, urls: PublicURLs
+) -> list[Extension]:
+    """Signing, encryption and the server's mail signer: S/MIME BR strict, mailbox-validated."""
+    key_type = key_type_of(public_key)
+    if kind in (CertKind.SIGNING, CertKind.MAIL_SIGNER):
+        key_usage = _ku(digital_signature=True)
+    elif kind is CertKind.ENCRYPTION:
+        key_usage = _ku(key_encipherment=True) if key_type.is_rsa else _ku(key_agreement=True)
+    else:
+        raise ValueError(f"{kind} is not a subscriber profile")
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (key_usage, True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False),
+        (x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), False),
+        (_policies(), False),
+        (_cdp(urls.issuing_crl), False),
+        (
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier(urls.issuing_cert),
+                    ),
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(urls.ocsp),
+                    ),
+                ]
+            ),
+            False,
+        ),
+        (_ski(public_key), False),
+        (_aki_from(issuer), False),
+    ]
+
+
+def root_extensions(public_key: PublicKey) -> list[Extension]:
+    ski = _ski(public_key)
+    return [
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+        (_ku(key_cert_sign=True, crl_sign=True, digital_signature=True), True),
+        (ski, False),
+        (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False),
+    ]
+
+
+def issuing_ca_extensions(public_key: PublicKey, root: x509.Certificate, urls: PublicURLs) -> list[Extension]:
+    return [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (_ku(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False),
+        (_policies(), False),
+        (_cdp(urls.root_crl), False),
+        (
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier(urls.root_cert),
+                    )
+                ]
+            ),
+            False,
+        ),
+        (_ski(public_key), False),
+        (_aki_from(root), False),
+    ]
+
+
+def tls_server_extensions(hostnames: Sequence[str], public_key: PublicKey, issuer: x509.Certificate) -> list[Extension]:
+    """Issued from the root: an emailProtection-only issuing CA makes OpenSSL refuse TLS."""
+    names: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    usage = _ku(digital_signature=True, key_encipherment=key_type_of(public_key).is_rsa)
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (usage, True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.SubjectAlternativeName(names), False),
+        (_ski(public_key), False),
+        (_aki_from(issuer), False),
+    ]
+
+
+def ocsp_responder_extensions(public_key: PublicKey, issuer: x509.Certificate) -> list[Extension]:
+    return [
+        (_ku(digital_signature=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False),
+        (x509.OCSPNoCheck(), False),
+        (_ski(public_key), False),
+        (_aki_from(issuer), False),
+    ]
+
+
+def archive_extensions(public_key: PublicKey) -> list[Extension]:
+    """The archive (recovery) certificate only names a key to envelope to."""
+    ski = _ski(public_key)
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (_ku(key_encipherment=True), True),
+        (ski, False),
+    ]

@@ -1,0 +1,41 @@
+"""Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
+
+from mailkms.services._audit import AuditLog, AuditReport, verify_chain
+from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
+from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
+from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
+from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
+from mailkms.services._tokens import new_token, token_hash
+from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
+
+__all__ = [
+    "AuditLog",
+    "AuditReport",
+    "CAContext",
+    "CAPaths",
+    "CertDates",
+    "Enrolment",
+    "EnrolmentAccepted",
+    "InitResult",
+    "Nonces",
+    "PairIssuer",
+    "Renewal",
+    "RenewalAccepted",
+    "Services",
+    "UserAdmin",
+    "UserState",
+    "UserView",
+    "init_ca",
+    "new_token",
+    "normalise_mailbox",
+    "open_database",
+    "public_urls",
+    "queue_message",
+    "renewal_state",
+    "serial_hex",
+    "tls_hostnames",
+    "token_hash",
+    "verify_chain",
+]

@@ -1,0 +1,269 @@
+"""The CA's files: made once by `mailkms init`, loaded once per process, never per request."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailkms.clock import Clock
+from mailkms.errors import ConfigError, Conflict, Internal
+from mailkms.pki import (
+    CertKind,
+    Issuer,
+    KeyType,
+    PrivateKey,
+    PublicURLs,
+    SoftSigner,
+    encrypt_private_key,
+    fingerprint_sha256,
+    generate_key,
+    load_private_key,
+    make_archive_certificate,
+    make_issuing_ca,
+    make_root,
+    make_tls_server,
+    subscriber_validity,
+)
+
+TLS_RENEW_BEFORE = dt.timedelta(days=30)
+MAIL_SIGNER_RENEW_BEFORE = dt.timedelta(days=90)
+MAIL_SIGNER_MONTHS = 12
+
+
+@dataclass(frozen=True)
+class CAPaths:
+    data_dir: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+    root_cert = property(lambda self: self.ca_dir / "root.crt.pem")
+    root_key = property(lambda self: self.ca_dir / "root.key.pem")
+    issuing_cert = property(lambda self: self.ca_dir / "issuing.crt.pem")
+    issuing_key = property(lambda self: self.ca_dir / "issuing.key.pem")
+    passphrase_file = property(lambda self: self.ca_dir / "passphrase")
+    tls_cert = property(lambda self: self.data_dir / "tls" / "server.crt.pem")
+    tls_key = property(lambda self: self.data_dir / "tls" / "server.key.pem")
+    mail_cert = property(lambda self: self.data_dir / "mail" / "signer.crt.pem")
+    mail_key = property(lambda self: self.data_dir / "mail" / "signer.key.pem")
+    archive_cert = property(lambda self: self.data_dir / "archive" / "archive.crt.pem")
+    archive_key = property(lambda self: self.data_dir / "archive" / "archive.key.pem")
+
+    def exists(self) -> bool:
+        return self.root_cert.exists() and self.issuing_cert.exists()
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def ca_passphrase(paths: CAPaths, from_env: str, create: bool) -> bytes:
+    """MAILKMS_CA_PASSPHRASE, else the 0600 passphrase file (created at init)."""
+    if from_env:
+        return from_env.encode()
+    if paths.passphrase_file.exists():
+        mode = paths.passphrase_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(f"{paths.passphrase_file} must not be readable by others (chmod 600)")
+        return paths.passphrase_file.read_bytes().strip()
+    if not create:
+        raise ConfigError("no CA passphrase: set MAILKMS_CA_PASSPHRASE or keep DATA/ca/passphrase")
+    value = secrets.token_urlsafe(32).encode()
+    _write(paths.passphrase_file, value + b"\n", 0o600)
+    return value
+
+
+@dataclass(frozen=True)
+class InitResult:
+    root_fingerprint: str
+    recovery_passphrase: str | None  # shown once when generated
+
+
+def init_ca(
+    paths: CAPaths,
+    *,
+    passphrase_env: str,
+    key_type: KeyType,
+    organization: str,
+    country: str | None,
+    urls: PublicURLs,
+    hostnames: list[str],
+    mail_from: str,
+    clock: Clock,
+    recovery_passphrase: str | None = None,
+) -> InitResult:
+    if paths.exists():
+        raise Conflict(f"a CA already exists in {paths.ca_dir}")
+    now = clock.now()
+    passphrase = ca_passphrase(paths, passphrase_env, create=True)
+    root_key = generate_key(key_type)
+    root = make_root(root_key, organization, country, now)
+    issuing_key = generate_key(key_type)
+    root_signer = SoftSigner(root, root_key)
+    issuing = make_issuing_ca(root_signer, issuing_key, organization, country, urls, now)
+    _write(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
+    _write(paths.issuing_key, encrypt_private_key(issuing_key, passphrase), 0o600)
+    _write(paths.root_cert, _pem(root))
+    _write(paths.issuing_cert, _pem(issuing))
+
+    # The archive key: its private half never sits in the clear; routine work only needs the public half.
+    archive_key = generate_key(KeyType.RSA3072)
+    shown = None
+    if not recovery_passphrase:
+        recovery_passphrase = shown = secrets.token_urlsafe(24)
+    _write(paths.archive_key, encrypt_private_key(archive_key, recovery_passphrase.encode()), 0o600)
+    _write(paths.archive_cert, _pem(make_archive_certificate(archive_key, now)))
+
+    ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls)
+    ctx.ensure_server_identities(hostnames, mail_from, clock)
+    return InitResult(fingerprint_sha256(root), shown)
+
+
+class CAContext:
+    """Everything the server signs with, loaded once per process."""
+
+    def __init__(
+        self,
+        paths: CAPaths,
+        passphrase: bytes,
+        root: x509.Certificate,
+        issuing: SoftSigner,
+        archive: x509.Certificate,
+        urls: PublicURLs,
+    ) -> None:
+        self.paths = paths
+        self._passphrase = passphrase
+        self.root = root
+        self.issuing = issuing
+        self.archive = archive
+        self.urls = urls
+        self.issuer = Issuer(issuing, urls)
+        self.mail_signer: SoftSigner | None = None
+        self.tls_cert: x509.Certificate | None = None
+
+    @classmethod
+    def load(cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs) -> CAContext:
+        if not paths.exists():
+            raise ConfigError(f"no CA in {paths.ca_dir}: run `mailkms init` first")
+        passphrase = ca_passphrase(paths, passphrase_env, create=False)
+        try:
+            issuing_key = load_private_key(paths.issuing_key.read_bytes(), passphrase)
+        except ValueError:
+            raise ConfigError("the CA passphrase does not open the issuing CA key") from None
+        ctx = cls(
+            paths,
+            passphrase,
+            _load_cert(paths.root_cert),
+            SoftSigner(_load_cert(paths.issuing_cert), issuing_key),
+            _load_cert(paths.archive_cert),
+            urls,
+        )
+        if paths.mail_cert.exists() and paths.mail_key.exists():
+            ctx.mail_signer = SoftSigner(
+                _load_cert(paths.mail_cert), load_private_key(paths.mail_key.read_bytes(), passphrase)
+            )
+        if paths.tls_cert.exists():
+            ctx.tls_cert = _load_cert(paths.tls_cert)
+        return ctx
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
+        """Issuing then root."""
+        return (self.issuing.certificate, self.root)
+
+    @property
+    def tls_key_password(self) -> str:
+        return self._passphrase.decode()
+
+    def _root_signer(self) -> SoftSigner:
+        # The root key is opened only to renew the server's TLS certificate, never per request.
+        key = load_private_key(self.paths.root_key.read_bytes(), self._passphrase)
+        return SoftSigner(self.root, key)
+
+    def ensure_server_identities(self, hostnames: list[str], mail_from: str, clock: Clock) -> list[str]:
+        """Renew the TLS and mail-signing certificates when close to expiry (at start and daily)."""
+        now = clock.now()
+        renewed: list[str] = []
+        tls = self.tls_cert
+        if tls is None or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE or _tls_names(tls) != set(hostnames):
+            key = generate_key(KeyType.P256)
+            cert = make_tls_server(self._root_signer(), key.public_key(), hostnames, now)
+            _write(self.paths.tls_key, encrypt_private_key(key, self._passphrase), 0o600)
+            _write(self.paths.tls_cert, _pem(cert))
+            self.tls_cert = cert
+            renewed.append("tls")
+        signer = self.mail_signer
+        if (
+            signer is None
+            or signer.certificate.not_valid_after_utc - now < MAIL_SIGNER_RENEW_BEFORE
+            or mail_from.lower() not in [m.lower() for m in _mailboxes(signer.certificate)]
+        ):
+            key = generate_key(KeyType.RSA2048)  # RSA: every mail program verifies it
+            validity = subscriber_validity(now, MAIL_SIGNER_MONTHS)
+            if validity.not_after > self.issuing.certificate.not_valid_after_utc:
+                raise Internal("the issuing CA expires within a year; renew the CA")
+            prepared = self.issuer.prepare_subscriber(
+                CertKind.MAIL_SIGNER, mail_from.lower(), key.public_key(), validity, list(KeyType)
+            )
+            cert = self.issuer.issue(prepared)
+            _write(self.paths.mail_key, encrypt_private_key(key, self._passphrase), 0o600)
+            _write(self.paths.mail_cert, _pem(cert))
+            self.mail_signer = SoftSigner(cert, key)
+            renewed.append("mail-signer")
+        return renewed
+
+    def require_mail_signer(self) -> SoftSigner:
+        if self.mail_signer is None:
+            raise Internal("the server has no mail-signing certificate")
+        return self.mail_signer
+
+
+def _tls_names(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def _mailboxes(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.RFC822Name))
+
+
+def tls_hostnames(hostname: str, extra: tuple[str, ...] = ()) -> list[str]:
+    names = [hostname, *extra]
+    if hostname == "localhost":
+        names += ["127.0.0.1", "::1"]
+    return list(dict.fromkeys(names))
+
+
+def load_private_key_file(path: Path, passphrase: bytes) -> PrivateKey:
+    return load_private_key(path.read_bytes(), passphrase)

@@ -1,0 +1,251 @@
+"""Issuing a user's pair: signing certificate from the client's key, encryption key made here,
+archived, both certificates and the key delivered by e-mail. One transaction, one outbox row."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailkms.clock import Clock
+from mailkms.config import Settings
+from mailkms.pki import (
+    CertKind,
+    Manifest,
+    PublicKey,
+    build_delivery,
+    envelope,
+    generate_key,
+    private_key_der,
+    reminder_point,
+    subscriber_validity,
+)
+from mailkms.services._audit import AuditLog
+from mailkms.services._ca import CAContext
+from mailkms.store import ArchivedKey, Certificate, IssuanceRequest, OutboxMessage, User
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+@dataclass(frozen=True)
+class IssuedPair:
+    request_id: str
+    generation: int
+    signing: x509.Certificate
+    encryption: x509.Certificate
+
+
+class PairIssuer:
+    def __init__(self, ca: CAContext, settings: Settings, clock: Clock, audit: AuditLog) -> None:
+        self._ca = ca
+        self._settings = settings
+        self._clock = clock
+        self._audit = audit
+
+    def issue_pair(
+        self,
+        session: Session,
+        user: User,
+        kind: str,
+        signing_key: PublicKey,
+        key_recipient: x509.Certificate,
+        actor: str,
+        extra_keys: Sequence[tuple[str, bytes]] = (),
+    ) -> IssuedPair:
+        """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add."""
+        now = self._clock.now()
+        policy = self._settings.policy
+        lifetime, _ = policy.for_group(user.group)
+        generation = user.generation + 1
+        request = IssuanceRequest(
+            id=str(uuid.uuid4()), user_id=user.id, kind=kind, generation=generation, created_at=now
+        )
+        session.add(request)
+        session.flush()  # the (user, generation) unique constraint stops a second pair here
+
+        validity = subscriber_validity(now, lifetime)
+        issuer = self._ca.issuer
+        signing = issuer.issue(
+            issuer.prepare_subscriber(CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types)
+        )
+        enc_key = generate_key(policy.encryption_key_type)
+        encryption = issuer.issue(
+            issuer.prepare_subscriber(
+                CertKind.ENCRYPTION, user.email, enc_key.public_key(), validity, (policy.encryption_key_type,)
+            )
+        )
+        enc_der = private_key_der(enc_key)
+        for cert, cert_kind in ((signing, "signing"), (encryption, "encryption")):
+            session.add(
+                Certificate(
+                    serial=serial_hex(cert.serial_number),
+                    user_id=user.id,
+                    kind=cert_kind,
+                    generation=generation,
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                    der=cert.public_bytes(serialization.Encoding.DER),
+                )
+            )
+            self._audit.append(
+                session,
+                actor,
+                "certificate.issued",
+                user.email,
+                serial=serial_hex(cert.serial_number),
+                kind=cert_kind,
+                generation=generation,
+                not_after=cert.not_valid_after_utc.isoformat(),
+                request_id=request.id,
+            )
+        archive_fp = self._ca.archive.fingerprint(hashes.SHA256()).hex()
+        session.add(
+            ArchivedKey(
+                user_id=user.id,
+                certificate_serial=serial_hex(encryption.serial_number),
+                envelope=envelope(enc_der, [self._ca.archive]),
+                archive_key_id=archive_fp,
+                created_at=now,
+            )
+        )
+        self._audit.append(
+            session,
+            "system",
+            "key.archived",
+            user.email,
+            serial=serial_hex(encryption.serial_number),
+            archive=archive_fp,
+        )
+        keys = [(serial_hex(encryption.serial_number), enc_der, key_recipient)]
+        keys += [(serial, der, key_recipient) for serial, der in extra_keys]
+        _, reminder_months = policy.for_group(user.group)
+        outbox = self._queue_delivery(
+            session, user, kind, request.id, generation, signing, encryption, keys, reminder_months
+        )
+        request.outbox_id = outbox.id
+        user.generation = generation
+        user.status = "enrolled"
+        user.revoked_at = None
+        return IssuedPair(request.id, generation, signing, encryption)
+
+    def _queue_delivery(
+        self,
+        session: Session,
+        user: User,
+        kind: str,
+        request_id: str,
+        generation: int,
+        signing: x509.Certificate,
+        encryption: x509.Certificate,
+        keys: list[tuple[str, bytes, x509.Certificate]],
+        reminder_months: int,
+    ) -> OutboxMessage:
+        now = self._clock.now()
+        manifest = Manifest(
+            kind=kind,
+            mailbox=user.email,
+            request_id=request_id,
+            generation=generation,
+            signing_serial=serial_hex(signing.serial_number),
+            encryption_serial=serial_hex(encryption.serial_number),
+            key_serials=tuple(k[0] for k in keys),
+            issued_at=now.isoformat(),
+            reminder_at=reminder_point(signing.not_valid_before_utc, reminder_months).isoformat(),
+        )
+        message_id = f"<{request_id}@{self._mail_domain}>"
+        return queue_message(
+            session,
+            self._audit,
+            now,
+            message_id=message_id,
+            sender=self._settings.server.effective_mail_from,
+            recipient=user.email,
+            body=self.delivery_bytes(manifest, [signing, encryption], keys, message_id),
+            purpose=f"delivery:{kind}",
+        )
+
+    @property
+    def _mail_domain(self) -> str:
+        return self._settings.server.effective_mail_from.rsplit("@", 1)[-1]
+
+    def delivery_bytes(
+        self,
+        manifest: Manifest,
+        certs: list[x509.Certificate],
+        keys: list[tuple[str, bytes, x509.Certificate]],
+        message_id: str,
+    ) -> bytes:
+        signer = self._ca.require_mail_signer()
+        return build_delivery(
+            manifest,
+            [*certs, *self._ca.chain],
+            keys,
+            sender=self._settings.server.effective_mail_from,
+            signer_cert=signer.certificate,
+            signer_key=signer.private_key,
+            signer_chain=list(self._ca.chain),
+            message_id=message_id,
+            date=self._clock.now(),
+        )
+
+    def requeue(self, session: Session, request: IssuanceRequest, user: User, actor: str) -> OutboxMessage:
+        """Resync: send the stored reply of `request` again under a new Message-ID. Issues nothing."""
+        original = session.get(OutboxMessage, request.outbox_id) if request.outbox_id else None
+        if original is None:
+            raise LookupError("no stored reply")
+        now = self._clock.now()
+        message_id = f"<resync-{secrets.token_hex(8)}.{request.id}@{self._mail_domain}>"
+        body = original.body.replace(
+            f"Message-ID: {original.message_id}".encode(), f"Message-ID: {message_id}".encode(), 1
+        )
+        msg = queue_message(
+            session,
+            self._audit,
+            now,
+            message_id=message_id,
+            sender=original.sender,
+            recipient=user.email,
+            body=body,
+            purpose="delivery:resync",
+        )
+        self._audit.append(session, actor, "delivery.resent", user.email, request_id=request.id)
+        return msg
+
+
+def queue_message(
+    session: Session,
+    audit: AuditLog,
+    now: dt.datetime,
+    *,
+    message_id: str,
+    sender: str,
+    recipient: str,
+    body: bytes,
+    purpose: str,
+) -> OutboxMessage:
+    existing = session.execute(select(OutboxMessage).where(OutboxMessage.message_id == message_id)).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    row = OutboxMessage(
+        message_id=message_id,
+        sender=sender,
+        recipient=recipient,
+        body=body,
+        purpose=purpose,
+        created_at=now,
+        next_attempt_at=now,
+        attempts=0,
+    )
+    session.add(row)
+    session.flush()
+    audit.append(session, "system", "mail.queued", recipient, message_id=message_id, purpose=purpose)
+    return row

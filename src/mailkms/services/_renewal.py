@@ -1,0 +1,209 @@
+"""Renewal on the user's word: a JWS signed by the current signing key, no administrator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mailkms.clock import Clock
+from mailkms.config import Settings
+from mailkms.errors import (
+    BadCSR,
+    BadJWS,
+    BadNonce,
+    MailkmsError,
+    NotCurrentCertificate,
+    NotDue,
+    NothingToResend,
+    NotOwner,
+    ReenrolmentRequired,
+    ReplayedNonce,
+    Revoked,
+    StaleNonce,
+    UnknownIssuer,
+    URLMismatch,
+)
+from mailkms.pki import SignedRequest, check_csr, issued_by, verify_request
+from mailkms.services._audit import AuditLog
+from mailkms.services._ca import CAContext
+from mailkms.services._issuance import PairIssuer, serial_hex
+from mailkms.services._lifecycle import UserState
+from mailkms.services._users import current_encryption, normalise_mailbox, state_of
+from mailkms.store import Certificate, Database, IssuanceRequest, Nonce, User
+
+
+@dataclass(frozen=True)
+class RenewalAccepted:
+    request_id: str
+    generation: int
+    already_issued: bool  # a repeat of a request that was already served
+    mailbox: str
+
+
+class Nonces:
+    """Server nonces: one use each, short-lived (RFC 8555 §6.5)."""
+
+    def __init__(self, db: Database, clock: Clock, ttl: dt.timedelta) -> None:
+        self._db = db
+        self._clock = clock
+        self._ttl = ttl
+
+    def new(self) -> str:
+        value = secrets.token_urlsafe(24)
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            session.add(Nonce(value=value, created_at=now, expires_at=now + self._ttl))
+        return value
+
+    def consume(self, value: str) -> None:
+        """Spend a nonce in its own committed transaction, so a later refusal cannot un-spend it."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            row = session.execute(select(Nonce).where(Nonce.value == value).with_for_update()).scalar_one_or_none()
+            if row is None:
+                raise BadNonce("the nonce is unknown to this server; fetch a fresh one")
+            if row.used_at is not None:
+                raise ReplayedNonce("the nonce has already been used: the request was replayed")
+            row.used_at = now
+            if now > row.expires_at:
+                raise StaleNonce("the nonce has expired; fetch a fresh one")
+
+    def purge(self) -> int:
+        """Drop nonces well past expiry (kept a while so replays are told apart from unknowns)."""
+        cutoff = self._clock.now() - 10 * self._ttl
+        with self._db.transaction() as session:
+            return int(session.execute(delete(Nonce).where(Nonce.expires_at < cutoff)).rowcount or 0)  # type: ignore[attr-defined]
+
+
+class Renewal:
+    def __init__(
+        self,
+        db: Database,
+        ca: CAContext,
+        issuer: PairIssuer,
+        nonces: Nonces,
+        settings: Settings,
+        clock: Clock,
+        audit: AuditLog,
+    ) -> None:
+        self._db = db
+        self._ca = ca
+        self._issuer = issuer
+        self._nonces = nonces
+        self._settings = settings
+        self._clock = clock
+        self._audit = audit
+
+    # -- shared authentication ---------------------------------------------------------------
+    def _authenticate(self, body: object, url: str) -> SignedRequest:
+        request = verify_request(body)  # BadJWS / BadSignature
+        if request.url != url:
+            raise URLMismatch(f"the request was signed for {request.url!r}, not {url!r}")
+        self._nonces.consume(request.nonce)
+        if not issued_by(request.certificate, self._ca.issuing.certificate):
+            raise UnknownIssuer("the signing certificate was not issued by this CA")
+        return request
+
+    def _certificate_owner(self, session: Session, request: SignedRequest) -> tuple[Certificate, User]:
+        row = session.execute(
+            select(Certificate).where(Certificate.serial == serial_hex(request.certificate.serial_number))
+        ).scalar_one_or_none()
+        if row is None or row.kind != "signing" or row.user_id is None:
+            raise NotCurrentCertificate("the certificate is not a signing certificate this server knows")
+        user = session.get(User, row.user_id)
+        assert user is not None
+        claimed = request.payload.get("mailbox")
+        if not isinstance(claimed, str) or normalise_mailbox(claimed) != user.email:
+            raise NotOwner(f"this certificate belongs to {user.email}, not to the mailbox in the request")
+        return row, user
+
+    # -- renewal ----------------------------------------------------------------------------------
+    def renew(self, body: object, url: str) -> RenewalAccepted:
+        subject = "unknown"
+        try:
+            request = self._authenticate(body, url)
+            csr_text = request.payload.get("csr")
+            if not isinstance(csr_text, str):
+                raise BadJWS("the payload has no csr")
+            with self._db.transaction() as session:
+                cert, user = self._certificate_owner(session, request)
+                subject = user.email
+                if user.status == "revoked" or cert.revoked_at is not None:
+                    raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
+                if cert.generation == user.generation - 1:
+                    served = self._request_for(session, user, user.generation)
+                    if served is not None and served.kind == "renewal":
+                        self._audit.append(session, user.email, "renewal.repeated", user.email, request_id=served.id)
+                        return RenewalAccepted(served.id, served.generation, True, user.email)
+                if cert.generation != user.generation:
+                    raise NotCurrentCertificate("this is not your current signing certificate")
+                state, _ = state_of(session, user, self._settings, self._clock.now())
+                if state is UserState.EXPIRED:
+                    raise ReenrolmentRequired(
+                        "your certificates have expired and cannot be renewed; ask an administrator to enrol you again"
+                    )
+                if state is not UserState.DUE:
+                    raise NotDue("your certificates are not yet due for renewal")
+                checked = check_csr(csr_text.encode())
+                if any(normalise_mailbox(e) != user.email for e in checked.claimed_emails):
+                    raise BadCSR("the certificate request names another mailbox")
+                enc = current_encryption(session, user)
+                assert enc is not None
+                recipient = x509.load_der_x509_certificate(enc.der)
+                self._audit.append(session, user.email, "renewal.received", user.email, serial=cert.serial)
+                pair = self._issuer.issue_pair(
+                    session, user, "renewal", checked.public_key, recipient, actor=user.email
+                )
+            return RenewalAccepted(pair.request_id, pair.generation, False, subject)
+        except IntegrityError:
+            # Another request for the same generation won the race: answer with its result.
+            return self._after_race(subject)
+        except MailkmsError as exc:
+            self._refused(subject, "renewal.refused", exc)
+            raise
+
+    def _after_race(self, mailbox: str) -> RenewalAccepted:
+        with self._db.transaction() as session:
+            user = session.execute(select(User).where(User.email == mailbox)).scalar_one()
+            served = self._request_for(session, user, user.generation)
+            assert served is not None
+            self._audit.append(session, mailbox, "renewal.repeated", mailbox, request_id=served.id)
+            return RenewalAccepted(served.id, served.generation, True, mailbox)
+
+    # -- resync -------------------------------------------------------------------------------------
+    def resync(self, body: object, url: str) -> RenewalAccepted:
+        """Send the latest reply again (lost mail, or client and server out of step). Issues nothing."""
+        subject = "unknown"
+        try:
+            request = self._authenticate(body, url)
+            with self._db.transaction() as session:
+                cert, user = self._certificate_owner(session, request)
+                subject = user.email
+                if user.status == "revoked" or cert.revoked_at is not None:
+                    raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
+                if cert.generation not in (user.generation, user.generation - 1):
+                    raise NotCurrentCertificate("this certificate is older than the previous generation")
+                latest = self._request_for(session, user, user.generation)
+                if latest is None:
+                    raise NothingToResend()
+                self._issuer.requeue(session, latest, user, actor=user.email)
+                return RenewalAccepted(latest.id, latest.generation, True, user.email)
+        except MailkmsError as exc:
+            self._refused(subject, "resync.refused", exc)
+            raise
+
+    @staticmethod
+    def _request_for(session: Session, user: User, generation: int) -> IssuanceRequest | None:
+        return session.execute(
+            select(IssuanceRequest).where(IssuanceRequest.user_id == user.id, IssuanceRequest.generation == generation)
+        ).scalar_one_or_none()
+
+    def _refused(self, mailbox: str, action: str, exc: MailkmsError) -> None:
+        with self._db.transaction() as session:
+            self._audit.append(session, mailbox, action, mailbox, reason=exc.code)

@@ -1,0 +1,58 @@
+"""One-time enrolment tokens: 160 random bits, shown once, stored as a hash, one use, expire."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailkms.errors import TokenExpired, TokenInvalid, TokenUsed, TokenWrongMailbox
+from mailkms.store import Token, User
+
+TOKEN_BYTES = 20  # 160 bits
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_hash(token: str) -> str:
+    # The token has 160 random bits, so a plain SHA-256 cannot be brute-forced.
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def issue_token(session: Session, user: User, purpose: str, now: dt.datetime, ttl: dt.timedelta) -> str:
+    """Make a token for `user`; earlier unused tokens of the user stop working."""
+    for old in session.execute(
+        select(Token).where(Token.user_id == user.id, Token.used_at.is_(None), Token.revoked_at.is_(None))
+    ).scalars():
+        old.revoked_at = now
+    token = new_token()
+    session.add(
+        Token(user_id=user.id, token_hash=token_hash(token), purpose=purpose, created_at=now, expires_at=now + ttl)
+    )
+    session.flush()
+    return token
+
+
+def redeem_token(session: Session, user: User | None, token: str, now: dt.datetime) -> Token:
+    """Check and spend a token for `user`; each refusal has its own error."""
+    row = session.execute(
+        select(Token).where(Token.token_hash == token_hash(token)).with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        raise TokenInvalid("the enrolment token is not valid; ask your administrator for a new one")
+    if user is None or not hmac.compare_digest(str(row.user_id), str(user.id)):
+        raise TokenWrongMailbox("this enrolment token was issued for another mailbox")
+    if row.used_at is not None:
+        raise TokenUsed("this enrolment token has already been used; ask your administrator for a new one")
+    if row.revoked_at is not None:
+        raise TokenInvalid("this enrolment token was replaced by a newer one")
+    if now > row.expires_at:
+        raise TokenExpired(f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; ask for a new one")
+    row.used_at = now
+    return row

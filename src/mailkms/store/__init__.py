@@ -1,0 +1,31 @@
+"""Storage: SQLAlchemy models, the database and its migrations."""
+
+from mailkms.store._db import Database, make_engine, migrate
+from mailkms.store._models import (
+    ArchivedKey,
+    AuditHead,
+    AuditRecord,
+    Base,
+    Certificate,
+    IssuanceRequest,
+    Nonce,
+    OutboxMessage,
+    Token,
+    User,
+)
+
+__all__ = [
+    "ArchivedKey",
+    "AuditHead",
+    "AuditRecord",
+    "Base",
+    "Certificate",
+    "Database",
+    "IssuanceRequest",
+    "Nonce",
+    "OutboxMessage",
+    "Token",
+    "User",
+    "make_engine",
+    "migrate",
+]
