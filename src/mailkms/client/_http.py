@@ -107,7 +107,7 @@ class Api:
         value = resp.headers.get("Replay-Nonce")
         if not value:
             raise Malformed("the server gave no Replay-Nonce")
-        return value
+        return str(value)
 
     def post_signed(self, path: str, jws: dict[str, str]) -> dict[str, Any]:
         data = self._call("POST", path, json=jws, headers={"Content-Type": "application/jose+json"}).json()

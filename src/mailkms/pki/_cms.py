@@ -17,7 +17,11 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from mailkms.errors import BadMessage, BadSignature
 from mailkms.pki._keys import PrivateKey, signature_hash_for
 
-_DIGESTS = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_DIGESTS: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 
 
 def sign_opaque(content: bytes, signer: x509.Certificate, key: PrivateKey, chain: Sequence[x509.Certificate]) -> bytes:

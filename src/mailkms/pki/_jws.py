@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
+from joserfc.jws import FlattenedJSONSerialization
 from joserfc.registry import HeaderParameter
 
 from mailkms.errors import BadJWS, BadSignature
@@ -98,8 +99,13 @@ def verify_request(body: object) -> SignedRequest:
     if header["alg"] != _alg_for(public):
         raise BadJWS(f"algorithm {header['alg']} does not fit the certificate's key")
     try:
+        flattened: FlattenedJSONSerialization = {
+            "protected": str(body["protected"]),
+            "payload": str(body["payload"]),
+            "signature": str(body["signature"]),
+        }
         verified = jws.deserialize_json(
-            {k: str(body[k]) for k in ("protected", "payload", "signature")},  # type: ignore[arg-type]
+            flattened,
             _jwk(public),
             registry=_REGISTRY,
         )

@@ -57,7 +57,10 @@ def key_type_of(key: PublicKey | PrivateKey) -> KeyType:
     raise BadKey("only RSA and ECDSA (P-256, P-384) keys are accepted")
 
 
-def signature_hash_for(key: PublicKey | PrivateKey) -> hashes.HashAlgorithm:
+SignatureHash = hashes.SHA256 | hashes.SHA384
+
+
+def signature_hash_for(key: PublicKey | PrivateKey) -> SignatureHash:
     """S/MIME BR 7.1.3.2: P-384 signs with SHA-384, everything else SHA-256."""
     if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
         return hashes.SHA384()

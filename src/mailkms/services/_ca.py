@@ -44,17 +44,49 @@ class CAPaths:
     def ca_dir(self) -> Path:
         return self.data_dir / "ca"
 
-    root_cert = property(lambda self: self.ca_dir / "root.crt.pem")
-    root_key = property(lambda self: self.ca_dir / "root.key.pem")
-    issuing_cert = property(lambda self: self.ca_dir / "issuing.crt.pem")
-    issuing_key = property(lambda self: self.ca_dir / "issuing.key.pem")
-    passphrase_file = property(lambda self: self.ca_dir / "passphrase")
-    tls_cert = property(lambda self: self.data_dir / "tls" / "server.crt.pem")
-    tls_key = property(lambda self: self.data_dir / "tls" / "server.key.pem")
-    mail_cert = property(lambda self: self.data_dir / "mail" / "signer.crt.pem")
-    mail_key = property(lambda self: self.data_dir / "mail" / "signer.key.pem")
-    archive_cert = property(lambda self: self.data_dir / "archive" / "archive.crt.pem")
-    archive_key = property(lambda self: self.data_dir / "archive" / "archive.key.pem")
+    @property
+    def root_cert(self) -> Path:
+        return self.ca_dir / "root.crt.pem"
+
+    @property
+    def root_key(self) -> Path:
+        return self.ca_dir / "root.key.pem"
+
+    @property
+    def issuing_cert(self) -> Path:
+        return self.ca_dir / "issuing.crt.pem"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.ca_dir / "issuing.key.pem"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.ca_dir / "passphrase"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.data_dir / "tls" / "server.crt.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.data_dir / "tls" / "server.key.pem"
+
+    @property
+    def mail_cert(self) -> Path:
+        return self.data_dir / "mail" / "signer.crt.pem"
+
+    @property
+    def mail_key(self) -> Path:
+        return self.data_dir / "mail" / "signer.key.pem"
+
+    @property
+    def archive_cert(self) -> Path:
+        return self.data_dir / "archive" / "archive.crt.pem"
+
+    @property
+    def archive_key(self) -> Path:
+        return self.data_dir / "archive" / "archive.key.pem"
 
     def exists(self) -> bool:
         return self.root_cert.exists() and self.issuing_cert.exists()
@@ -87,7 +119,7 @@ def ca_passphrase(paths: CAPaths, from_env: str, create: bool) -> bytes:
         mode = paths.passphrase_file.stat().st_mode & 0o777
         if mode & 0o077:
             raise ConfigError(f"{paths.passphrase_file} must not be readable by others (chmod 600)")
-        return paths.passphrase_file.read_bytes().strip()
+        return bytes(paths.passphrase_file.read_bytes().strip())
     if not create:
         raise ConfigError("no CA passphrase: set MAILKMS_CA_PASSPHRASE or keep DATA/ca/passphrase")
     value = secrets.token_urlsafe(32).encode()
