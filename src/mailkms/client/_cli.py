@@ -164,6 +164,15 @@ def logon(
 
 
 @app.command()
+def renew() -> None:
+    """Send a certificate update request now, without the log-on question (scripts)."""
+    with _user_errors():
+        result = _client().send_update_request()
+        typer.echo(f"The certificate update request was sent (request {result['request_id']}).")
+        typer.echo("Your new certificates will arrive by e-mail.")
+
+
+@app.command()
 def resync() -> None:
     """Ask the server to send its latest reply again (lost mail). Nothing new is issued."""
     with _user_errors():

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
-from joserfc.errors import JoseError
+from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import FlattenedJSONSerialization
 from joserfc.registry import HeaderParameter
@@ -30,6 +30,7 @@ _REGISTRY = jws.JWSRegistry(
     },
     algorithms=["RS256", "ES256", "ES384"],
 )
+_REGISTRY.max_header_length = 16_384  # the x5c chain lives in the protected header (512 bytes by default)
 
 
 def _alg_for(key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
@@ -109,8 +110,10 @@ def verify_request(body: object) -> SignedRequest:
             _jwk(public),
             registry=_REGISTRY,
         )
-    except JoseError:
+    except BadSignatureError:
         raise BadSignature("the request's signature does not verify") from None
+    except JoseError as exc:
+        raise BadJWS(f"the signed request is not acceptable ({exc.error})") from None
     except (ValueError, TypeError) as exc:
         raise BadJWS(f"the signed request cannot be read ({exc.__class__.__name__})") from None
     try:
