@@ -147,6 +147,12 @@ def logon(
                 err=True,
             )
             raise typer.Exit(6)
+        server_state = client.server_state()
+        if server_state == "REVOKED":
+            typer.echo(USER_TEXT["revoked"], err=True)
+            raise typer.Exit(6)
+        if server_state is None:
+            typer.echo("(The Key Management Server cannot be reached; working offline.)")
         if status is LogonState.ACTIVE:
             typer.echo("You are logged on to advanced security.")
             return

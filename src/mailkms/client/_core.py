@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from mailkms.client._http import Api, fetch_pinned_root
+from mailkms.client._http import Api, ServerUnreachable, fetch_pinned_root
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -313,6 +313,17 @@ class Client:
                 state.pending = Pending("renewal", str(result["request_id"]), name, self._clock.now().isoformat())
                 self.store.save(state)
             return result
+
+    def server_state(self) -> str | None:
+        """What the server says of this user (REVOKED, EXPIRED, DUE, ACTIVE); None when offline."""
+        state = self.store.load()
+        if state.current is None:
+            return None
+        try:
+            answer = self._signed_post(state, "/api/v1/status", {"action": "status"})
+        except ServerUnreachable:
+            return None
+        return str(answer.get("state"))
 
     def resync(self) -> dict[str, object]:
         with self.store.locked():

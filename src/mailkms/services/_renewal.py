@@ -198,6 +198,15 @@ class Renewal:
             self._refused(subject, "resync.refused", exc)
             raise
 
+    # -- status ----------------------------------------------------------------------------------------
+    def status(self, body: object, url: str) -> tuple[str, UserState]:
+        """The user's state as the server sees it (the client's log-on asks, to learn of revocation)."""
+        request = self._authenticate(body, url)
+        with self._db.transaction() as session:
+            _, user = self._certificate_owner(session, request)
+            state, _ = state_of(session, user, self._settings, self._clock.now())
+            return user.email, state
+
     @staticmethod
     def _request_for(session: Session, user: User, generation: int) -> IssuanceRequest | None:
         return session.execute(
