@@ -16,11 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mailkms.clock import UTC, FakeClock  # noqa: E402
-from mailkms.config import load_settings  # noqa: E402
-from mailkms.pki import KeyType, PublicURLs, generate_key, sign_request  # noqa: E402
-from mailkms.services import CAPaths, Services, init_ca, tls_hostnames  # noqa: E402
-from tests.conftest import make_csr, transport_pem  # noqa: E402
+from tests.conftest import make_csr, transport_pem
+
+from mailkms.clock import UTC, FakeClock
+from mailkms.config import load_settings
+from mailkms.pki import KeyType, PublicURLs, generate_key, sign_request
+from mailkms.services import CAPaths, Services, init_ca, tls_hostnames
 
 URL = "https://localhost:8443/api/v1/renewals"
 
@@ -46,7 +47,9 @@ def main() -> None:
             recovery_passphrase="bench-recovery",
         )
         url = "" if args.db == "sqlite" else "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        settings = load_settings(tmp, ca_passphrase="bench", database_url=url, server={"public_url": "http://kms.example.org/"})
+        settings = load_settings(
+            tmp, ca_passphrase="bench", database_url=url, server={"public_url": "http://kms.example.org/"}
+        )
         clock = FakeClock(start)
         services = Services.build(settings, clock)
         users = []
@@ -84,9 +87,13 @@ def main() -> None:
         keygen_rate = args.users / keygen
         print(f"| figure ({args.db}, {args.users} users, one core) | value |")
         print("|---|---|")
-        print(f"| full renewal (JWS check, nonce, CSR, RSA-2048 keygen, 2 certs, archive, signed mail, outbox, audit) | {rate:.1f}/s |")
+        print(
+            f"| full renewal (JWS check, nonce, CSR, RSA-2048 keygen, 2 certs, archive, signed mail, outbox, audit) | {rate:.1f}/s |"
+        )
         print(f"| RSA-2048 key generation alone | {keygen_rate:.1f}/s |")
-        print(f"| share of renewal time spent generating the key | {100 * (keygen / args.users) / (elapsed / args.users):.0f}% |")
+        print(
+            f"| share of renewal time spent generating the key | {100 * (keygen / args.users) / (elapsed / args.users):.0f}% |"
+        )
         services.db.dispose()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

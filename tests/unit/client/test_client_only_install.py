@@ -35,6 +35,8 @@ def test_client_imports_no_server_library() -> None:
 
 def test_blocker_really_blocks() -> None:
     """The check above can fail: importing a server module under the blocker is refused."""
-    program = PROGRAM.replace("from mailkms.client import main", "import mailkms.store\nfrom mailkms.client import main")
+    program = PROGRAM.replace(
+        "from mailkms.client import main", "import mailkms.store\nfrom mailkms.client import main"
+    )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "server-only package" in result.stderr
