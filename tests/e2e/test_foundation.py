@@ -233,3 +233,22 @@ def test_edited_audit_row_is_detected(deployment: Deployment, tmp_path: Path) ->
     res = deployment.admin("audit", "verify", check=False)
     assert res.code != 0
     assert "seq 3" in res.out and "edited" in res.out
+
+
+def test_server_restarted_two_years_later_renews_its_own_identities(deployment: Deployment, tmp_path: Path) -> None:
+    deployment.start()
+    enrolled(deployment, tmp_path, MAILBOX)
+    tls_before = (deployment.data / "tls" / "server.crt.pem").read_bytes()
+    signer_before = (deployment.data / "mail" / "signer.crt.pem").read_bytes()
+    deployment.stop()
+    two_years = 730
+    deployment.start(offset_days=two_years)
+    assert (deployment.data / "tls" / "server.crt.pem").read_bytes() != tls_before
+    assert (deployment.data / "mail" / "signer.crt.pem").read_bytes() != signer_before
+    # a new user enrols over TLS and installs a reply signed by the renewed mail identity
+    token = deployment.add_user("dave@example.org", offset_days=two_years)
+    dave = ClientHome(tmp_path / "dave", "dave@example.org")
+    assert dave.enroll(deployment, token, offset_days=two_years).code == 0
+    deployment.wait_for_mails("dave@example.org", 1)
+    res = dave.run("sync", offset_days=two_years)
+    assert res.code == 0 and "Installed" in res.out, res.out + res.err
