@@ -216,6 +216,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 def enrolled(dep: Deployment, tmp_path: Path, mailbox: str) -> ClientHome:
     """A user enrolled end to end: token, enrol over HTTPS, mail in the Maildir, installed."""
     token = dep.add_user(mailbox)
+    (tmp_path / "token.txt").write_text(token)  # kept so tests can look for it in logs
     client = ClientHome(tmp_path / f"client-{mailbox}", mailbox)
     before = len(dep.mails(mailbox))
     res = client.enroll(dep, token)
