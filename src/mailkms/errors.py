@@ -130,6 +130,11 @@ class TokenWrongMailbox(Unauthorized):
     title = "The enrolment token was issued for another mailbox"
 
 
+class TokenReplaced(TokenInvalid):
+    code = "token-replaced"
+    title = "The enrolment token was replaced by a newer one"
+
+
 # --- signed requests --------------------------------------------------------------
 class BadSignature(Unauthorized):
     code = "bad-signature"

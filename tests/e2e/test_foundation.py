@@ -83,7 +83,9 @@ def test_enrol_sync_judged_by_pkilint_and_openssl(deployment: Deployment, tmp_pa
     secrets_made = [CLIENT_PASSPHRASE, (deployment.data / "ca" / "passphrase").read_text().strip()]
     if token_file.exists():
         secrets_made.append(token_file.read_text().strip())
-    audit_rows = "\n".join(str(r) for r in sqlite3.connect(deployment.data / "mailkms.db").execute("select * from audit_log"))
+    audit_rows = "\n".join(
+        str(r) for r in sqlite3.connect(deployment.data / "mailkms.db").execute("select * from audit_log")
+    )
     for secret in secrets_made:
         assert secret not in deployment.log() and secret not in audit_rows
     assert "PRIVATE KEY" not in deployment.log() and "PRIVATE KEY" not in audit_rows

@@ -41,6 +41,7 @@ USER_TEXT = {
     "token-expired": "This enrolment token has expired. Ask your administrator for a new one.",
     "token-wrong-mailbox": "This enrolment token was made for another e-mail address.",
     "token-invalid": "This enrolment token is not valid. Check it, or ask your administrator for a new one.",
+    "token-replaced": "This enrolment token was replaced by a newer one. Use the newest token you were given.",
     "not-due": "Your certificates are not yet due for renewal.",
 }
 

@@ -10,7 +10,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailkms.errors import TokenExpired, TokenInvalid, TokenUsed, TokenWrongMailbox
+from mailkms.errors import TokenExpired, TokenInvalid, TokenReplaced, TokenUsed, TokenWrongMailbox
 from mailkms.store import Token, User
 
 TOKEN_BYTES = 20  # 160 bits
@@ -51,7 +51,7 @@ def redeem_token(session: Session, user: User | None, token: str, now: dt.dateti
     if row.used_at is not None:
         raise TokenUsed("this enrolment token has already been used; ask your administrator for a new one")
     if row.revoked_at is not None:
-        raise TokenInvalid("this enrolment token was replaced by a newer one")
+        raise TokenReplaced("this enrolment token was replaced by a newer one; use the newest token you were given")
     if now > row.expires_at:
         raise TokenExpired(f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; ask for a new one")
     row.used_at = now
