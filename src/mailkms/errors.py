@@ -220,3 +220,29 @@ class ClientStateError(MailkmsError):
 class WrongPassphrase(ClientStateError):
     code = "wrong-passphrase"
     title = "The passphrase does not unlock the key store"
+
+
+class ServerRefused(MailkmsError):
+    """The server answered the client with a problem document."""
+
+    code = "server-refused"
+    title = "The server refused the request"
+    exit_code = 6
+
+    def __init__(self, status: int, problem: dict[str, object]) -> None:
+        self.status = status
+        self.problem_type_uri = str(problem.get("type", ""))
+        self.problem_code = self.problem_type_uri.rsplit(":", 1)[-1]
+        super().__init__(str(problem.get("detail") or problem.get("title") or f"HTTP {status}"))
+
+
+class ServerUnreachable(MailkmsError):
+    code = "server-unreachable"
+    title = "The server cannot be reached"
+    exit_code = 10
+
+
+class FingerprintMismatch(MailkmsError):
+    code = "fingerprint-mismatch"
+    title = "The CA fingerprint does not match"
+    exit_code = 11

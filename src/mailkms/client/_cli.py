@@ -15,10 +15,9 @@ from typing import Annotated
 import typer
 
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
-from mailkms.client._http import ServerRefused
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailkmsError
+from mailkms.errors import MailkmsError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from mailkms.client._http import Api, ServerUnreachable, fetch_pinned_root
+from mailkms.client._http import Api, fetch_pinned_root
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -26,7 +26,7 @@ from mailkms.client._store import (
     signing_key_name,
 )
 from mailkms.clock import Clock
-from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError
+from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError, ServerUnreachable
 from mailkms.pki import (
     DELIVERY_HEADER,
     KeyType,
