@@ -147,19 +147,9 @@ x509_extensions = {ext}
 [ any_name ]
 commonName = optional
 emailAddress = optional
-[ signing ]
+[ {ext} ]
 basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = emailProtection
-subjectAltName = email:copy
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-certificatePolicies = 2.23.140.1.5.1.3
-crlDistributionPoints = URI:http://kms.example.org/crl/issuing.crl
-authorityInfoAccess = caIssuers;URI:http://kms.example.org/ca/issuing.crt,OCSP;URI:http://kms.example.org/ocsp
-[ encryption ]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,keyEncipherment
+keyUsage = critical,{key_usage}
 extendedKeyUsage = emailProtection
 subjectAltName = email:copy
 subjectKeyIdentifier = hash
@@ -174,8 +164,8 @@ def openssl_peer(data: Path, work: list[tuple[str, str, bytes]], pair: bool) -> 
     peer = data.parent / ("peer-pair" if pair else "peer-sign")
     (peer / "certs").mkdir(parents=True)
     (peer / "index.txt").write_text("")
-    for ext in ("signing", "encryption"):
-        (peer / f"{ext}.cnf").write_text(CA_CONFIG.format(dir=peer, ext=ext))
+    for ext, key_usage in (("signing", "digitalSignature"), ("encryption", "keyEncipherment")):
+        (peer / f"{ext}.cnf").write_text(CA_CONFIG.format(dir=peer, ext=ext, key_usage=key_usage))
     ca = data / "ca"
     common = ["-batch", "-notext", "-cert", str(ca / "issuing.crt.pem"), "-keyfile", str(ca / "issuing.key.pem")]
     common += ["-passin", f"file:{ca / 'passphrase'}"]

@@ -103,15 +103,19 @@ def _request_doc(*media: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {m: {"schema": schema} for m in media}}}
 
 
-def _response_doc(media: str, what: str) -> dict[int | str, dict[str, Any]]:
+def _response_doc(media: str, what: str, basic: bool = True) -> dict[int | str, dict[str, Any]]:
     text = {"text/plain": {"schema": {"type": "string"}}}
-    return {
+    doc: dict[int | str, dict[str, Any]] = {
         200: {"description": what, "content": {media: {"schema": {"type": "string", "format": "base64"}}}},
         400: {"description": "malformed base64, DER or request", "content": text},
-        401: {"description": "bad, used or expired token (WWW-Authenticate: Basic)", "content": text},
-        403: {"description": "refused by policy", "content": text},
+        403: {"description": "refused by policy" + ("" if basic else ", or no proof of a current certificate")},
+        413: {"description": f"body over {MAX_BODY} bytes", "content": text},
         415: {"description": "wrong content type", "content": text},
     }
+    doc[403]["content"] = text
+    if basic:
+        doc[401] = {"description": "missing, bad, used or expired token (WWW-Authenticate: Basic)", "content": text}
+    return doc
 
 
 def est_router(services: Services) -> APIRouter:
@@ -127,6 +131,11 @@ def est_router(services: Services) -> APIRouter:
     )
     def cacerts() -> Response:
         return _base64_response(cacerts_der, CERTS_ONLY)
+
+    @router.get("/csrattrs", status_code=204, response_class=Response, summary="CSR attributes (RFC 7030 §4.5)")
+    def csrattrs() -> Response:
+        """None are required: subject and SAN are built from the mailbox whatever the request says."""
+        return Response(status_code=204)
 
     def _enrol(credentials: Credentials | None, der: bytes, media: str) -> Response:
         assert credentials is not None
@@ -155,7 +164,7 @@ def est_router(services: Services) -> APIRouter:
         response_class=Response,
         summary="Renew (RFC 7030 §4.2.2): proof of the current signing key, no TLS client certificate",
         openapi_extra=_request_doc(PKCS10, PKCS7),
-        responses=_response_doc(CERTS_ONLY, "the new signing certificate"),
+        responses=_response_doc(CERTS_ONLY, "the new signing certificate", basic=False),
     )
     async def simplereenroll(request: Request) -> Response:
         """application/pkcs10: a request for the key of the current signing certificate (renew);

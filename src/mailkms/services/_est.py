@@ -194,6 +194,7 @@ class EST:
     def simplereenroll(self, csr: bytes) -> x509.Certificate:
         """Renew with the current key: a PKCS#10 for the key of the current signing certificate,
         whose own signature proves possession of that key (RFC 7030 §4.2.2 "renew")."""
+        mailbox = "unknown"
         try:
             checked = check_csr(csr)
             mailboxes = {m.lower() for m in inspect_csr(csr).mailboxes}
@@ -205,7 +206,7 @@ class EST:
             with self._db.transaction() as session:
                 proof = self._certificate_for_key(session, mailbox, checked.public_key)
         except MailkmsError as exc:
-            self._refused("unknown", "renewal.refused", exc)
+            self._refused(mailbox, "renewal.refused", exc)
             raise
         return self._renewed(proof, csr)
 
