@@ -76,7 +76,7 @@ class World:
             command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # on failure the fixture's finally stops the server
             if self.server.poll() is not None:
                 pytest.fail(f"mailkms serve exited: {(self.tmp / f'serve-{self.port}.log').read_text()}")
             try:
@@ -200,8 +200,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for name in ("alice", "bob", "carol", "dave", "erin"):
         w.tokens[name] = services.users.add(f"{name}@example.org", name.title(), None, "admin:e2e")
     services.db.dispose()
-    w.start()
     try:
+        w.start()
         yield w
     finally:
         w.stop()
