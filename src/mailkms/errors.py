@@ -246,3 +246,41 @@ class FingerprintMismatch(MailkmsError):
     code = "fingerprint-mismatch"
     title = "The CA fingerprint does not match"
     exit_code = 11
+
+
+# --- EST (RFC 7030) ---------------------------------------------------------------------
+class UnsupportedMediaType(Malformed):
+    code = "unsupported-media-type"
+    title = "The request's content type is not the one this operation takes"
+    http_status = 415
+
+
+class BadBase64(Malformed):
+    code = "bad-base64"
+    title = "The body is not base64 (RFC 7030 §4, RFC 8951)"
+
+
+class BodyTooLarge(Malformed):
+    code = "body-too-large"
+    title = "The request body is too large"
+    http_status = 413
+
+
+class EncryptedKeyUnsupported(Malformed):
+    code = "encrypted-key-unsupported"
+    title = "Server-generated keys are returned over TLS only (no DecryptKeyIdentifier attributes)"
+
+
+class CredentialsRequired(Unauthorized):
+    code = "credentials-required"
+    title = "HTTP Basic credentials are required: the mailbox and its one-time enrolment token"
+
+
+class StaleRequest(Unauthorized):
+    code = "stale-request"
+    title = "The signed request is too old or from the future (signingTime); sign it again"
+
+
+class NoKeyToCollect(PolicyRefused):
+    code = "no-key-to-collect"
+    title = "No server-generated key is waiting for these credentials"

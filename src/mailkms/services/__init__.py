@@ -4,6 +4,7 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
+from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
@@ -11,6 +12,8 @@ from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
 __all__ = [
+    "EST",
+    "HANDOVER_WINDOW",
     "AuditLog",
     "AuditReport",
     "CAContext",
@@ -23,6 +26,7 @@ __all__ = [
     "PairIssuer",
     "Renewal",
     "RenewalAccepted",
+    "ServerKey",
     "Services",
     "UserAdmin",
     "UserState",

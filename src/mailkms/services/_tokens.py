@@ -39,8 +39,8 @@ def issue_token(session: Session, user: User, purpose: str, now: dt.datetime, tt
     return token
 
 
-def redeem_token(session: Session, user: User | None, token: str, now: dt.datetime) -> Token:
-    """Check and spend a token for `user`; each refusal has its own error."""
+def find_token(session: Session, user: User | None, token: str) -> Token:
+    """The token row of `user` for this secret, locked, spent or not (TokenInvalid / TokenWrongMailbox)."""
     row = session.execute(
         select(Token).where(Token.token_hash == token_hash(token)).with_for_update()
     ).scalar_one_or_none()
@@ -48,6 +48,12 @@ def redeem_token(session: Session, user: User | None, token: str, now: dt.dateti
         raise TokenInvalid("the enrolment token is not valid; ask your administrator for a new one")
     if user is None or not hmac.compare_digest(str(row.user_id), str(user.id)):
         raise TokenWrongMailbox("this enrolment token was issued for another mailbox")
+    return row
+
+
+def redeem_token(session: Session, user: User | None, token: str, now: dt.datetime) -> Token:
+    """Check and spend a token for `user`; each refusal has its own error."""
+    row = find_token(session, user, token)
     if row.used_at is not None:
         raise TokenUsed("this enrolment token has already been used; ask your administrator for a new one")
     if row.revoked_at is not None:
