@@ -28,11 +28,7 @@ def make_csr(mailbox: str, key: PrivateKey | None = None, *, cn: str | None = No
     name = [x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)]
     if cn:
         name.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(name))
-        .sign(key, signature_hash_for(key))
-    )
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(name)).sign(key, signature_hash_for(key))
     return csr.public_bytes(serialization.Encoding.PEM), key
 
 

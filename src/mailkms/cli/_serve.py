@@ -49,6 +49,7 @@ async def _daily_loop(services: Services, stop: asyncio.Event) -> None:
             if renewed:
                 log.warning("renewed server identities %s; restart to load a new TLS certificate", renewed)
             await asyncio.to_thread(services.nonces.purge)
+            await asyncio.to_thread(services.recovery.purge)  # held recoveries whose token died
         except Exception:
             log.exception("daily maintenance failed")
 

@@ -12,6 +12,7 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._issuance import PairIssuer
+from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
 from mailkms.store import Database
@@ -40,6 +41,7 @@ class Services:
     nonces: Nonces
     renewal: Renewal
     issuer: PairIssuer
+    recovery: Recovery
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -61,6 +63,7 @@ class Services:
             nonces=nonces,
             renewal=Renewal(db, ca, issuer, nonces, settings, clock, audit),
             issuer=issuer,
+            recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
         )
 
     def ensure_server_identities(self) -> list[str]:

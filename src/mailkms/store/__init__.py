@@ -13,6 +13,7 @@ from mailkms.store._models import (
     Token,
     User,
 )
+from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
 
 __all__ = [
     "ArchivedKey",
@@ -24,6 +25,9 @@ __all__ = [
     "IssuanceRequest",
     "Nonce",
     "OutboxMessage",
+    "RecoveryCeremony",
+    "RecoveryHead",
+    "RecoveryHold",
     "Token",
     "User",
     "make_engine",
