@@ -202,6 +202,54 @@ class NothingToResend(NotFound):
     title = "There is no reply to send again"
 
 
+# --- archive recovery (M-of-N quorum) ----------------------------------------------------
+class RecoveryRefused(Unauthorized):
+    """The recovery officers' shares did not unlock the recovery key. Nothing was revealed."""
+
+    code = "recovery-refused"
+    title = "The recovery quorum was refused"
+
+
+class QuorumNotMet(RecoveryRefused):
+    code = "quorum-not-met"
+    title = "Fewer shares than the recovery threshold were given"
+
+
+class ShareFromEarlierCeremony(RecoveryRefused):
+    code = "share-from-earlier-ceremony"
+    title = "A share belongs to a recovery ceremony that has been replaced"
+
+
+class ShareDuplicate(RecoveryRefused):
+    code = "share-duplicate"
+    title = "The same share was given twice"
+
+
+class ShareWrongPassphrase(RecoveryRefused):
+    code = "share-wrong-passphrase"
+    title = "The passphrase does not open the share"
+
+
+class ShareTampered(RecoveryRefused):
+    code = "share-tampered"
+    title = "A share file was altered after it was written"
+
+
+class ShareUnreadable(RecoveryRefused):
+    code = "share-unreadable"
+    title = "The file is not a mailkms recovery share"
+
+
+class NoRecoveryCeremony(ConfigError):
+    code = "no-recovery-ceremony"
+    title = "There is no recovery key"
+
+
+class NothingArchived(NotFound):
+    code = "nothing-archived"
+    title = "No archived encryption keys"
+
+
 # --- client side ---------------------------------------------------------------------
 class DeliveryRefused(MailkmsError):
     """A delivery mail the client will not install."""

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mailkms.cli._exit import exit_on_error
+from mailkms.cli._recovery import register as _register_recovery
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError
@@ -90,10 +91,16 @@ def init(
         )
         data = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
+        if result.recovery_share:
+            data["recovery_share"] = result.recovery_share
+            text += (
+                f"\n\nArchive recovery: a 1-of-1 bootstrap ceremony; its share file is {result.recovery_share}"
+                "\nMove it off this machine and appoint officers: mailkms recovery init --officers N --threshold M"
+            )
         if result.recovery_passphrase:
             data["recovery_passphrase"] = result.recovery_passphrase
             text += (
-                f"\n\nArchive recovery passphrase (shown once, never stored; keep it offline):\n"
+                f"\nPassphrase of that share (shown once, never stored; keep it offline):\n"
                 f"  {result.recovery_passphrase}"
             )
         _emit(data, as_json, text)
@@ -274,6 +281,9 @@ def audit_verify(as_json: JsonOpt = False) -> None:
         )
         if not report.ok:
             raise typer.Exit(9)
+
+
+_register_recovery(app)
 
 
 def main() -> None:

@@ -7,6 +7,14 @@ from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._recovery import (
+    CeremonyResult,
+    CeremonyView,
+    NewOfficer,
+    Recovery,
+    RecoveryResult,
+    ShareInput,
+)
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
@@ -18,16 +26,22 @@ __all__ = [
     "AuditReport",
     "CAContext",
     "CAPaths",
+    "CeremonyResult",
+    "CeremonyView",
     "CertDates",
     "Enrolment",
     "EnrolmentAccepted",
     "InitResult",
+    "NewOfficer",
     "Nonces",
     "PairIssuer",
+    "Recovery",
+    "RecoveryResult",
     "Renewal",
     "RenewalAccepted",
     "ServerKey",
     "Services",
+    "ShareInput",
     "UserAdmin",
     "UserState",
     "UserView",

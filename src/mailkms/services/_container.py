@@ -13,6 +13,7 @@ from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer
+from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
 from mailkms.store import Database
@@ -42,6 +43,7 @@ class Services:
     renewal: Renewal
     issuer: PairIssuer
     est: EST
+    recovery: Recovery
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -65,6 +67,7 @@ class Services:
             renewal=renewal,
             issuer=issuer,
             est=EST(db, ca, issuer, renewal, settings, clock, audit),
+            recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
         )
 
     def ensure_server_identities(self) -> list[str]:

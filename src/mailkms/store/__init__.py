@@ -14,6 +14,7 @@ from mailkms.store._models import (
     Token,
     User,
 )
+from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
 
 __all__ = [
     "ArchivedKey",
@@ -26,6 +27,9 @@ __all__ = [
     "KeyHandover",
     "Nonce",
     "OutboxMessage",
+    "RecoveryCeremony",
+    "RecoveryHead",
+    "RecoveryHold",
     "Token",
     "User",
     "make_engine",
