@@ -38,9 +38,6 @@ _REGISTRY = _Registry(
     },
     algorithms=["RS256", "ES256", "ES384"],
 )
-# joserfc >= 1.x caps the protected header at 512 bytes; ours carries the x5c chain (a certificate
-# is 1-2 KB). 16 KiB still bounds what an unauthenticated request can make us parse.
-_REGISTRY.max_header_length = 16384
 
 
 def _alg_for(key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
