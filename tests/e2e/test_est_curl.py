@@ -20,14 +20,22 @@ import pytest
 from mailkms.clock import SystemClock
 from mailkms.config import load_settings
 from mailkms.services import Services
+from tests.e2e.conftest import faketime_env
 
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 EST = "/.well-known/est"
 PKCS10 = "application/pkcs10"
-YEAR_LATER = ["faketime", "-f", "+395d"]  # past the 12-month reminder point, before expiry
-EXPIRED = ["faketime", "-f", "+600d"]  # past the 18-month notAfter
+
+
+def _faked(days: int) -> list[str]:
+    """`env` execs in place (no wrapper process left behind), preloading Debian's libfaketime."""
+    return ["env", *(f"{k}={v}" for k, v in faketime_env(days).items())]
+
+
+YEAR_LATER = _faked(395)  # past the 12-month reminder point, before expiry
+EXPIRED = _faked(600)  # past the 18-month notAfter
 
 
 def free_port() -> int:
