@@ -215,3 +215,24 @@ class ClientStateError(MailkmsError):
 class WrongPassphrase(ClientStateError):
     code = "wrong-passphrase"
     title = "The passphrase does not unlock the key store"
+
+
+# --- secure e-mail (S/MIME) -------------------------------------------------------------------
+class NotSigned(BadMessage):
+    code = "not-signed"
+    title = "The message is not signed"
+
+
+class NotARecipient(BadMessage):
+    code = "not-a-recipient"
+    title = "The message is not encrypted to any of your keys"
+
+
+class NotInDirectory(NotFound):
+    code = "not-in-directory"
+    title = "No current encryption certificate is published for this address"
+
+
+class UntrustedCertificate(Unauthorized):
+    code = "untrusted-certificate"
+    title = "The certificate is not trusted for this use"

@@ -3,6 +3,7 @@
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
@@ -16,6 +17,8 @@ __all__ = [
     "CAContext",
     "CAPaths",
     "CertDates",
+    "Directory",
+    "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
     "InitResult",

@@ -10,6 +10,7 @@ from mailkms.config import Settings
 from mailkms.pki import PublicURLs
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._issuance import PairIssuer
 from mailkms.services._renewal import Nonces, Renewal
@@ -40,6 +41,7 @@ class Services:
     nonces: Nonces
     renewal: Renewal
     issuer: PairIssuer
+    directory: Directory
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -61,6 +63,7 @@ class Services:
             nonces=nonces,
             renewal=Renewal(db, ca, issuer, nonces, settings, clock, audit),
             issuer=issuer,
+            directory=Directory(db, ca, settings, clock),
         )
 
     def ensure_server_identities(self) -> list[str]:
