@@ -32,6 +32,8 @@ class Kms:
     env: dict[str, str]
     process: subprocess.Popen[bytes]
     homes: dict[str, Path] = field(default_factory=dict)
+    smtp_port: int = 0
+    prefix: tuple[str, ...] = ()  # e.g. ("faketime", "-f", "+400d"): the server and clients live then
 
     @property
     def url(self) -> str:
@@ -46,14 +48,16 @@ class Kms:
         return self.data / "ca" / "issuing.crt.pem"
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([str(BIN / "mailkms"), *args], env=self.env, capture_output=True, timeout=120)
+        return subprocess.run(
+            [*self.prefix, str(BIN / "mailkms"), *args], env=self.env, capture_output=True, timeout=120
+        )
 
     def client(
         self, home: Path, *args: str, data: bytes | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         full_env = {**self.env, "MAILKMS_CLIENT_PASSPHRASE": PASSPHRASE, **(env or {})}
         return subprocess.run(
-            [str(BIN / "mailkms-client"), "--home", str(home), *args],
+            [*self.prefix, str(BIN / "mailkms-client"), "--home", str(home), *args],
             input=data,
             env=full_env,
             capture_output=True,
@@ -80,15 +84,19 @@ class Kms:
             str(maildir),
         )
         assert done.returncode == 0, done.stderr
+        self.wait_installed(home, maildir)
+        self.homes[mailbox] = home
+        return home
+
+    def wait_installed(self, home: Path, maildir: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if maildir.exists():
                 synced = self.client(home, "sync")
                 if b"Installed" in synced.stdout:
-                    self.homes[mailbox] = home
-                    return home
+                    return
             time.sleep(0.3)
-        raise AssertionError(f"the certificates for {mailbox} never arrived")
+        raise AssertionError(f"the certificates for {home} never arrived")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -115,32 +123,40 @@ def start_kms(folder: Path) -> Kms:
     assert init.returncode == 0, init.stderr
     fp = subprocess.run([str(BIN / "mailkms"), "ca", "fingerprint", "--json"], env=env, capture_output=True, timeout=60)
     fingerprint = json.loads(fp.stdout)["sha256"]
-    log = open(folder / "serve.log", "wb")
-    process = subprocess.Popen(
-        [
-            str(BIN / "mailkms"),
-            "serve",
-            "--port",
-            str(https_port),
-            "--http-port",
-            str(http_port),
-            "--mail-sink-port",
-            str(smtp_port),
-            "--bind",
-            "127.0.0.1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    kms = Kms(data, https_port, http_port, fingerprint, env, process)
+    kms = Kms(data, https_port, http_port, fingerprint, env, None, smtp_port=smtp_port)  # type: ignore[arg-type]
+    launch(kms, folder)
+    return kms
+
+
+def launch(kms: Kms, folder: Path, prefix: tuple[str, ...] = ()) -> None:
+    """Start (or start again, e.g. under faketime) `mailkms serve` on the kms's ports."""
+    kms.prefix = prefix
+    with open(folder / "serve.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        kms.process = subprocess.Popen(
+            [
+                *prefix,
+                str(BIN / "mailkms"),
+                "serve",
+                "--port",
+                str(kms.https_port),
+                "--http-port",
+                str(kms.http_port),
+                "--mail-sink-port",
+                str(kms.smtp_port),
+                "--bind",
+                "127.0.0.1",
+            ],
+            env=kms.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if kms.process.poll() is not None:
             raise AssertionError((folder / "serve.log").read_text())
         try:
             if httpx.get(f"{kms.url}/healthz", verify=False, timeout=2).status_code == 200:
-                return kms
+                return
         except httpx.HTTPError:
             time.sleep(0.2)
     kms.stop()
