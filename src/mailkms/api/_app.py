@@ -9,8 +9,9 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from mailkms.api._directory import directory_router
+from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
-from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody
+from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
 from mailkms.pki import fingerprint_sha256
 from mailkms.services import RenewalAccepted, Services
@@ -59,6 +60,7 @@ def create_app(services: Services) -> FastAPI:
     )
     _install_handlers(app)
     app.include_router(publication_router(services))
+    app.include_router(est_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
     settings = services.settings
@@ -122,6 +124,12 @@ def create_app(services: Services) -> FastAPI:
         """Send the latest reply again; never issues a new pair."""
         result = services.renewal.resync(body.model_dump(), _url(request))
         return _accepted(result, "The latest reply is sent again by e-mail.")
+
+    @api.post("/status", response_model=StatusAnswer, tags=["renewal"])
+    def status(body: SignedRequestBody, request: Request) -> StatusAnswer:
+        """The signer's state as the server sees it (revoked, expired, due), signed like a renewal."""
+        mailbox, state = services.renewal.status(body.model_dump(), _url(request))
+        return StatusAnswer(mailbox=mailbox, state=state.value)
 
     app.include_router(api)
     app.include_router(directory_router(services))

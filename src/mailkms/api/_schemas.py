@@ -46,3 +46,8 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
+
+
+class StatusAnswer(BaseModel):
+    mailbox: str
+    state: str = Field(description="ACTIVE, DUE, EXPIRED, REVOKED")

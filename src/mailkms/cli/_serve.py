@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -38,7 +38,7 @@ async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: floa
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-async def _daily_loop(services: Services, stop: asyncio.Event) -> None:
+async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Callable[[], None]) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=IDENTITY_CHECK_EVERY.total_seconds())
@@ -46,8 +46,10 @@ async def _daily_loop(services: Services, stop: asyncio.Event) -> None:
             return
         try:
             renewed = await asyncio.to_thread(services.ensure_server_identities)
+            if "tls" in renewed:
+                reload_tls()
             if renewed:
-                log.warning("renewed server identities %s; restart to load a new TLS certificate", renewed)
+                log.info("renewed server identities: %s", ", ".join(renewed))
             await asyncio.to_thread(services.nonces.purge)
         except Exception:
             log.exception("daily maintenance failed")
@@ -106,9 +108,16 @@ async def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop)
+
+    def reload_tls() -> None:
+        # A running server takes the renewed certificate for new handshakes: same SSLContext, new chain.
+        context = https.config.ssl
+        if context is not None:
+            context.load_cert_chain(str(paths.tls_cert), str(paths.tls_key), services.ca.tls_key_password)
+
     tasks = [
         asyncio.create_task(_outbox_loop(worker, stop, outbox_interval)),
-        asyncio.create_task(_daily_loop(services, stop)),
+        asyncio.create_task(_daily_loop(services, stop, reload_tls)),
     ]
     log.info(
         "mailkms serving https://%s:%d%s", bind, https_port, f" and http://{bind}:{http_port}" if http_port else ""

@@ -15,11 +15,10 @@ from typing import Annotated
 import typer
 
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
-from mailkms.client._http import ServerRefused
 from mailkms.client._mail_cli import register as register_mail
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailkmsError
+from mailkms.errors import MailkmsError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(
@@ -42,6 +41,7 @@ USER_TEXT = {
     "token-expired": "This enrolment token has expired. Ask your administrator for a new one.",
     "token-wrong-mailbox": "This enrolment token was made for another e-mail address.",
     "token-invalid": "This enrolment token is not valid. Check it, or ask your administrator for a new one.",
+    "token-replaced": "This enrolment token was replaced by a newer one. Use the newest token you were given.",
     "not-due": "Your certificates are not yet due for renewal.",
 }
 
@@ -148,6 +148,12 @@ def logon(
                 err=True,
             )
             raise typer.Exit(6)
+        server_state = client.server_state()
+        if server_state == "REVOKED":
+            typer.echo(USER_TEXT["revoked"], err=True)
+            raise typer.Exit(6)
+        if server_state is None:
+            typer.echo("(The Key Management Server cannot be reached; working offline.)")
         if status is LogonState.ACTIVE:
             typer.echo("You are logged on to advanced security.")
             return
@@ -162,6 +168,15 @@ def logon(
         result = client.send_update_request()
         typer.echo(f"The certificate update request was sent (request {result['request_id']}).")
         typer.echo("Your new certificates will arrive by e-mail and are installed at your next log-on or sync.")
+
+
+@app.command()
+def renew() -> None:
+    """Send a certificate update request now, without the log-on question (scripts)."""
+    with _user_errors():
+        result = _client().send_update_request()
+        typer.echo(f"The certificate update request was sent (request {result['request_id']}).")
+        typer.echo("Your new certificates will arrive by e-mail.")
 
 
 @app.command()

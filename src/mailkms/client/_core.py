@@ -26,7 +26,7 @@ from mailkms.client._store import (
     signing_key_name,
 )
 from mailkms.clock import Clock
-from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError
+from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError, ServerUnreachable
 from mailkms.pki import (
     DELIVERY_HEADER,
     KeyType,
@@ -320,6 +320,17 @@ class Client:
                 state.pending = Pending("renewal", str(result["request_id"]), name, self._clock.now().isoformat())
                 self.store.save(state)
             return result
+
+    def server_state(self) -> str | None:
+        """What the server says of this user (REVOKED, EXPIRED, DUE, ACTIVE); None when offline."""
+        state = self.store.load()
+        if state.current is None:
+            return None
+        try:
+            answer = self._signed_post(state, "/api/v1/status", {"action": "status"})
+        except ServerUnreachable:
+            return None
+        return str(answer.get("state"))
 
     def resync(self) -> dict[str, object]:
         with self.store.locked():

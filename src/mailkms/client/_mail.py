@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailkms.client._core import Client
-from mailkms.client._http import Api, ServerRefused, ServerUnreachable
+from mailkms.client._http import Api
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -30,6 +30,8 @@ from mailkms.errors import (
     ClientStateError,
     MailkmsError,
     NotInDirectory,
+    ServerRefused,
+    ServerUnreachable,
     UnknownIssuer,
     UntrustedCertificate,
 )

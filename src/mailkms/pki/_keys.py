@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from asn1crypto import algos as asn1_algos
+from asn1crypto import keys as asn1_keys
+from asn1crypto import pem as asn1_pem
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from mailkms.errors import BadKey, Malformed
 
@@ -67,10 +74,43 @@ def signature_hash_for(key: PublicKey | PrivateKey) -> SignatureHash:
     return hashes.SHA256()
 
 
-def encrypt_private_key(key: PrivateKey, passphrase: bytes) -> bytes:
-    """PKCS#8 PEM encrypted with PBES2 (AES-256-CBC), as `openssl pkey -passin` reads it."""
-    algorithm = serialization.BestAvailableEncryption(passphrase)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, algorithm)
+PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256; cryptography's default PKCS#8 uses 2,048
+
+
+def encrypt_private_key(key: PrivateKey, passphrase: bytes, iterations: int = PBKDF2_ITERATIONS) -> bytes:
+    """PKCS#8 EncryptedPrivateKeyInfo, PBES2: PBKDF2-HMAC-SHA256 + AES-256-CBC, PEM.
+
+    Assembled with asn1crypto's structures and cryptography's primitives because cryptography
+    offers no iteration count for PKCS#8; `openssl pkey -passin` and cryptography read it.
+    """
+    salt = os.urandom(16)
+    iv = os.urandom(16)
+    kek = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations).derive(passphrase)
+    padder = sym_padding.PKCS7(128).padder()
+    plain = padder.update(private_key_der(key)) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    encrypted = encryptor.update(plain) + encryptor.finalize()
+    info = asn1_keys.EncryptedPrivateKeyInfo(
+        {
+            "encryption_algorithm": {
+                "algorithm": "pbes2",
+                "parameters": {
+                    "key_derivation_func": {
+                        "algorithm": "pbkdf2",
+                        "parameters": {
+                            "salt": asn1_algos.Pbkdf2Salt(name="specified", value=salt),
+                            "iteration_count": iterations,
+                            "key_length": 32,
+                            "prf": {"algorithm": "sha256", "parameters": None},
+                        },
+                    },
+                    "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
+                },
+            },
+            "encrypted_data": encrypted,
+        }
+    )
+    return bytes(asn1_pem.armor("ENCRYPTED PRIVATE KEY", info.dump()))
 
 
 def load_private_key(pem: bytes, passphrase: bytes | None) -> PrivateKey:

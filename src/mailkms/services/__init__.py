@@ -5,6 +5,7 @@ from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_ho
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
+from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
@@ -12,6 +13,8 @@ from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
 __all__ = [
+    "EST",
+    "HANDOVER_WINDOW",
     "AuditLog",
     "AuditReport",
     "CAContext",
@@ -26,6 +29,7 @@ __all__ = [
     "PairIssuer",
     "Renewal",
     "RenewalAccepted",
+    "ServerKey",
     "Services",
     "UserAdmin",
     "UserState",

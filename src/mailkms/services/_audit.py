@@ -87,6 +87,8 @@ def verify_chain(session: Session) -> AuditReport:
         prev = record.hash
         expected_seq = record.seq + 1
     head = session.get(AuditHead, 1)
+    if head is None and count:
+        problems.append(f"the chain head is missing (records after seq {expected_seq - 1} may have been removed)")
     if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
         problems.append(
             f"the chain ends at seq {expected_seq - 1} but the head says {head.seq} (records removed at the end)"

@@ -12,6 +12,7 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
+from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
@@ -42,6 +43,7 @@ class Services:
     renewal: Renewal
     issuer: PairIssuer
     directory: Directory
+    est: EST
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -52,6 +54,7 @@ class Services:
         audit = AuditLog(clock)
         issuer = PairIssuer(ca, settings, clock, audit)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
+        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
         return cls(
             settings=settings,
             clock=clock,
@@ -61,9 +64,10 @@ class Services:
             users=UserAdmin(db, settings, clock, audit),
             enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from),
             nonces=nonces,
-            renewal=Renewal(db, ca, issuer, nonces, settings, clock, audit),
+            renewal=renewal,
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
+            est=EST(db, ca, issuer, renewal, settings, clock, audit),
         )
 
     def ensure_server_identities(self) -> list[str]:

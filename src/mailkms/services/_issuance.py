@@ -62,6 +62,27 @@ class PairIssuer:
         extra_keys: Sequence[tuple[str, bytes]] = (),
     ) -> IssuedPair:
         """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add."""
+        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor)
+        keys = [(serial_hex(pair.encryption.serial_number), enc_der, key_recipient)]
+        keys += [(serial, der, key_recipient) for serial, der in extra_keys]
+        _, reminder_months = self._settings.policy.for_group(user.group)
+        outbox = self._queue_delivery(
+            session, user, kind, request.id, pair.generation, pair.signing, pair.encryption, keys, reminder_months
+        )
+        request.outbox_id = outbox.id
+        return pair
+
+    def issue_pair_undelivered(
+        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+    ) -> tuple[IssuedPair, bytes]:
+        """The same pair, archived the same way, but no delivery mail: the caller hands the
+        encryption key (returned as PKCS#8 DER) over itself (EST serverkeygen)."""
+        pair, _, enc_der = self._issue(session, user, kind, signing_key, actor)
+        return pair, enc_der
+
+    def _issue(
+        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+    ) -> tuple[IssuedPair, IssuanceRequest, bytes]:
         now = self._clock.now()
         policy = self._settings.policy
         lifetime, _ = policy.for_group(user.group)
@@ -125,17 +146,10 @@ class PairIssuer:
             serial=serial_hex(encryption.serial_number),
             archive=archive_fp,
         )
-        keys = [(serial_hex(encryption.serial_number), enc_der, key_recipient)]
-        keys += [(serial, der, key_recipient) for serial, der in extra_keys]
-        _, reminder_months = policy.for_group(user.group)
-        outbox = self._queue_delivery(
-            session, user, kind, request.id, generation, signing, encryption, keys, reminder_months
-        )
-        request.outbox_id = outbox.id
         user.generation = generation
         user.status = "enrolled"
         user.revoked_at = None
-        return IssuedPair(request.id, generation, signing, encryption)
+        return IssuedPair(request.id, generation, signing, encryption), request, enc_der
 
     def _queue_delivery(
         self,

@@ -1,6 +1,7 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
 from mailkms.store._db import Database, make_engine, migrate
+from mailkms.store._est import KeyHandover
 from mailkms.store._models import (
     ArchivedKey,
     AuditHead,
@@ -22,6 +23,7 @@ __all__ = [
     "Certificate",
     "Database",
     "IssuanceRequest",
+    "KeyHandover",
     "Nonce",
     "OutboxMessage",
     "Token",

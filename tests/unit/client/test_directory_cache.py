@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailkms.client._http import ServerRefused, ServerUnreachable
 from mailkms.client._mail import DirectoryClient
 from mailkms.clock import FakeClock
-from mailkms.errors import NotInDirectory, UntrustedCertificate
+from mailkms.errors import NotInDirectory, ServerRefused, ServerUnreachable, UntrustedCertificate
 from mailkms.pki import certs_only
 from tests.smime_support import NOW, Identity, SmimePKI, make_pki
 

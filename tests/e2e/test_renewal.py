@@ -1,0 +1,214 @@
+"""Issue 4 end to end: the log-on question, renewal with no administrator, expiry, under faketime.
+
+Server and client run as real processes with their clocks moved by faketime:
++11 months (no question), +12.5 months (the question; No, then Yes), +19 months (expired).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+from cryptography import x509
+from dateutil.relativedelta import relativedelta
+
+from tests.e2e.conftest import Deployment, enrolled, openssl, pkilint_smime
+
+PROMPT = (
+    "Your security certificates are approaching expiration.\n"
+    "Do you want to send a certificate update request to the\n"
+    "Key Management Server?\n"
+)
+ELEVEN_MONTHS = 335  # days; the reminder point is 12 calendar months (365 days) after issue
+TWELVE_AND_A_HALF = 380
+NINETEEN_MONTHS = 580  # 18 calendar months is at most 549 days
+
+
+def _cert(text: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(text.encode())
+
+
+def _restart(dep: Deployment, offset_days: float) -> None:
+    dep.stop()
+    dep.start(offset_days=offset_days)
+
+
+def test_logon_reminder_renewal_and_expiry(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    dep.start()
+    alice = enrolled(dep, tmp_path, "alice@example.org")
+    bob = enrolled(dep, tmp_path, "bob@example.org")
+    old_signing = _cert(alice.run("cert", "signing").out)
+    old_encryption_pem = tmp_path / "old-enc.pem"
+    old_encryption_pem.write_text(alice.run("cert", "encryption").out)
+
+    # 1. +11 months: no question.
+    _restart(dep, ELEVEN_MONTHS)
+    res = alice.run("logon", offset_days=ELEVEN_MONTHS)
+    assert res.code == 0, res.err
+    assert "approaching expiration" not in res.out
+    assert "logged on" in res.out
+
+    # 2. +12.5 months: exactly the three lines; No sends nothing and the next log-on asks again.
+    _restart(dep, TWELVE_AND_A_HALF)
+    mails_before = len(dep.mails("alice@example.org"))
+    res = alice.run("logon", "--answer", "no", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0, res.err
+    assert PROMPT in res.out
+    assert "No update request was sent" in res.out
+    time.sleep(1.5)
+    assert len(dep.mails("alice@example.org")) == mails_before
+    res = alice.run("logon", "--answer", "no", offset_days=TWELVE_AND_A_HALF)
+    assert PROMPT in res.out
+    # interactive: the question is asked on the terminal and answered "n"
+    res = alice.run("logon", offset_days=TWELVE_AND_A_HALF, input_text="n\n")
+    assert PROMPT in res.out and "No update request was sent" in res.out
+
+    # 3. Yes: one mail; installed; notAfter = renewal time + 18 months - 1 s; old mail still opens.
+    asked_at = dt.datetime.now(dt.UTC) + dt.timedelta(days=TWELVE_AND_A_HALF)
+    res = alice.run("logon", "--answer", "yes", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0, res.err
+    assert "update request was sent" in res.out and "arrive by e-mail" in res.out
+    dep.wait_for_mails("alice@example.org", mails_before + 1)
+    time.sleep(1)
+    assert len(dep.mails("alice@example.org")) == mails_before + 1
+    res = alice.run("logon", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0, res.err
+    assert "Installed" in res.out
+    assert "approaching expiration" not in res.out, "after renewal the next log-on asks nothing"
+
+    new_signing = _cert(alice.run("cert", "signing").out)
+    new_encryption = _cert(alice.run("cert", "encryption").out)
+    assert new_signing.serial_number != old_signing.serial_number
+    for cert in (new_signing, new_encryption):
+        start = cert.not_valid_before_utc
+        assert abs((start - asked_at).total_seconds()) < 120, "valid from the renewal, not from the old certificate"
+        assert cert.not_valid_after_utc == start + relativedelta(months=18) - dt.timedelta(seconds=1)
+        path = tmp_path / f"new-{cert.serial_number}.pem"
+        path.write_text(
+            cert.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.PEM).decode()
+        )
+        lint = pkilint_smime(path)
+        assert lint.returncode == 0, lint.stdout
+
+    plain = b"Content-Type: text/plain\r\n\r\nsent to the old key\r\n"
+    enc = openssl("cms", "-encrypt", "-aes256", "-recip", str(old_encryption_pem), input_bytes=plain)
+    assert enc.returncode == 0
+    msg = tmp_path / "old.eml"
+    msg.write_bytes(b"From: carol@example.org\r\nTo: alice@example.org\r\nSubject: old\r\n" + enc.stdout)
+    out = alice.run("decrypt", str(msg), offset_days=TWELVE_AND_A_HALF)
+    assert out.code == 0, out.err
+    assert "sent to the old key" in out.out
+    # No administrator acted: the audit chain holds no admin action after the two enrolments.
+    db = sqlite3.connect(dep.data / "mailkms.db")
+    actors = [row[0] for row in db.execute("select actor from audit_log where action = 'certificate.issued'")]
+    assert actors.count("alice@example.org") == 4 and all(not a.startswith("admin") for a in actors)
+
+    # 4. bob never renewed: +19 months, expired; the client sends nothing; a forced request is refused.
+    _restart(dep, NINETEEN_MONTHS)
+    bob_mails = len(dep.mails("bob@example.org"))
+    res = bob.run("logon", offset_days=NINETEEN_MONTHS)
+    assert res.code != 0
+    assert "expired" in res.err and "administrator" in res.err
+    assert "approaching expiration" not in res.out
+    received = db.execute(
+        "select count(*) from audit_log where action = 'renewal.received' and subject = 'bob@example.org'"
+    )
+    assert received.fetchone()[0] == 0
+    forced = bob.run("renew", offset_days=NINETEEN_MONTHS)
+    assert forced.code != 0
+    assert "reenrolment-required" in forced.err
+    assert len(dep.mails("bob@example.org")) == bob_mails
+
+    token = dep.admin("user", "reenroll", "bob@example.org", "--json", offset_days=NINETEEN_MONTHS).json()
+    assert isinstance(token, dict)
+    res = bob.enroll(dep, str(token["token"]), offset_days=NINETEEN_MONTHS)
+    assert res.code == 0, res.err
+    dep.wait_for_mails("bob@example.org", bob_mails + 1)
+    res = bob.run("logon", offset_days=NINETEEN_MONTHS)
+    assert res.code == 0 and "Installed" in res.out, res.out + res.err
+    due = dep.admin("user", "list", "--expired", "--json", offset_days=NINETEEN_MONTHS).json()
+    assert due == [], "bob is active again"
+
+
+def test_two_logons_at_once_and_a_retry_issue_one_pair(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    dep.start()
+    alice = enrolled(dep, tmp_path, "alice@example.org")
+    _restart(dep, TWELVE_AND_A_HALF)
+    before = len(dep.mails("alice@example.org"))
+    cmd = alice.home
+    procs = [
+        subprocess.Popen(
+            [
+                "faketime",
+                "-f",
+                f"+{TWELVE_AND_A_HALF}d",
+                str(Path(__import__("sys").executable).parent / "mailkms-client"),
+                "--home",
+                str(cmd),
+                "logon",
+                "--answer",
+                "yes",
+            ],
+            env={
+                **__import__("os").environ,
+                "MAILKMS_CLIENT_PASSPHRASE": "client-passphrase-made-for-this-run",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    # a retry, as after a dropped connection: the server answers with the same request
+    retry = alice.run("renew", offset_days=TWELVE_AND_A_HALF)
+    assert retry.code == 0, retry.err
+    dep.wait_for_mails("alice@example.org", before + 1)
+    time.sleep(2)
+    assert len(dep.mails("alice@example.org")) == before + 1
+    db = sqlite3.connect(dep.data / "mailkms.db")
+    (pairs,) = db.execute("select count(*) from issuance_requests where kind = 'renewal'").fetchone()
+    assert pairs == 1
+    (repeats,) = db.execute("select count(*) from audit_log where action = 'renewal.repeated'").fetchone()
+    assert repeats >= 1
+
+
+def test_server_killed_between_accepting_and_mailing_sends_once(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    dep.start()
+    alice = enrolled(dep, tmp_path, "alice@example.org")
+    dep.stop()
+    # SMTP unreachable: the request is accepted and the reply waits in the outbox.
+    dead = {
+        "MAILKMS_SMTP__MODE": "relay",
+        "MAILKMS_SMTP__RELAY_HOST": "127.0.0.1",
+        "MAILKMS_SMTP__RELAY_PORT": "9",
+        "MAILKMS_SMTP__STARTTLS": "false",
+    }
+    dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=dead)
+    before = len(dep.mails("alice@example.org"))
+    res = alice.run("logon", "--answer", "yes", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0, res.err
+    dep.stop(signal.SIGKILL)
+    assert len(dep.mails("alice@example.org")) == before
+    dep.start(offset_days=TWELVE_AND_A_HALF)
+    dep.wait_for_mails("alice@example.org", before + 1)
+    time.sleep(2)
+    dep.stop()
+    dep.start(offset_days=TWELVE_AND_A_HALF)
+    time.sleep(2)
+    assert len(dep.mails("alice@example.org")) == before + 1
+    db = sqlite3.connect(dep.data / "mailkms.db")
+    (sent,) = db.execute(
+        "select count(*) from outbox where purpose = 'delivery:renewal' and sent_at is not null"
+    ).fetchone()
+    assert sent == 1
+    res = alice.run("sync", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0 and "Installed" in res.out
