@@ -7,12 +7,14 @@ import base64
 import json
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.kms_server import PASSPHRASE, Kms, start_kms
+from tests.e2e.conftest import CLIENT_PASSPHRASE, ClientHome, Deployment
+from tests.e2e.kms_server import smime_client, smime_deployment
 from tests.smime_support import MESSAGE, nss_tools, run
 
 pytestmark = pytest.mark.e2e
@@ -22,20 +24,30 @@ EXPORT_PW = "export-password-made-at-run-time"
 needs_nss = pytest.mark.skipif(not nss_tools(), reason="NSS tools (libnss3-tools) missing: run scripts/system-deps.sh")
 
 
+class Kms:
+    """The deployment and its enrolled users, with byte-exact client runs."""
+
+    def __init__(self, dep: Deployment, homes: dict[str, ClientHome]) -> None:
+        self.dep = dep
+        self.homes = homes
+        self.url = dep.url
+        self.fingerprint = dep.fingerprint()
+        self.root_pem = dep.data / "ca" / "root.crt.pem"
+        self.issuing_pem = dep.data / "ca" / "issuing.crt.pem"
+
+    def client(self, home: Path, *args: str, data: bytes | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        return smime_client(home, *args, data=data, env=env)
+
+
 @pytest.fixture(scope="module")
 def kms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kms]:
     folder = tmp_path_factory.mktemp("smime-e2e")
-    server = start_kms(folder)
-    try:
-        for mailbox in (ALICE, BOB, CAROL):
-            server.enrol(mailbox, folder / mailbox.split("@")[0])
-        yield server
-    finally:
-        server.stop()
+    with smime_deployment(folder, (ALICE, BOB, CAROL)) as (dep, homes):
+        yield Kms(dep, homes)
 
 
 def home(kms: Kms, mailbox: str) -> Path:
-    return kms.homes[mailbox]
+    return kms.homes[mailbox].home
 
 
 def ok(proc) -> bytes:  # type: ignore[no-untyped-def]
@@ -58,14 +70,9 @@ def cert_file(kms: Kms, mailbox: str, kind: str, folder: Path) -> Path:
     return path
 
 
-def openssl_env(kms: Kms) -> dict[str, str]:
-    return {**kms.env, "P": PASSPHRASE}
-
-
 def openssl(kms: Kms, *args: str, data: bytes | None = None) -> bytes:
-    import subprocess
-
-    proc = subprocess.run(["openssl", *args], input=data, capture_output=True, env=openssl_env(kms), timeout=60)
+    env = {"PATH": "/usr/bin:/bin", "P": CLIENT_PASSPHRASE}
+    proc = subprocess.run(["openssl", *args], input=data, capture_output=True, env=env, timeout=60)
     assert proc.returncode == 0, f"openssl {' '.join(args)}: {proc.stderr.decode(errors='replace')}"
     return proc.stdout
 

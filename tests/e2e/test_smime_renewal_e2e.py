@@ -1,65 +1,60 @@
-"""After a real renewal (the whole system run 400 days ahead under faketime): old mail still opens,
+"""After a real renewal (server and client run 400 days ahead under faketime): old mail still opens,
 the export holds the old encryption key beside the new one, and the directory serves the new one."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.kms_server import Kms, launch, start_kms
+from tests.e2e.conftest import ClientHome, Deployment
+from tests.e2e.kms_server import smime_client, smime_deployment
 from tests.smime_support import MESSAGE, nss_tools, run
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not shutil.which("faketime"), reason="faketime missing: run scripts/system-deps.sh"),
-]
+pytestmark = pytest.mark.e2e
 ALICE, BOB = "alice@example.org", "bob@example.org"
-LATER = ("faketime", "-f", "+400d")  # past the 12-month reminder, before the 18-month expiry
+LATER = 400  # days: past the 12-month reminder, before the 18-month expiry
 EXPORT_PW = "export-password-made-at-run-time"
 
 
 @pytest.fixture(scope="module")
-def renewed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kms, bytes, Path]]:
+def renewed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, dict[str, ClientHome], bytes]]:
     folder = tmp_path_factory.mktemp("smime-renewal")
-    kms = start_kms(folder)
-    try:
-        for mailbox in (ALICE, BOB):
-            kms.enrol(mailbox, folder / mailbox.split("@")[0])
-        old_mail = kms.client(kms.homes[BOB], "encrypt", "--to", ALICE, data=MESSAGE)
+    with smime_deployment(folder, (ALICE, BOB)) as (dep, homes):
+        old_mail = smime_client(homes[BOB].home, "encrypt", "--to", ALICE, data=MESSAGE)
         assert old_mail.returncode == 0, old_mail.stderr
-        kms.stop()
-        launch(kms, folder, LATER)
-        asked = kms.client(kms.homes[ALICE], "logon", "--answer", "yes")
-        assert asked.returncode == 0 and b"update request was sent" in asked.stdout, asked.stderr
-        kms.wait_installed(kms.homes[ALICE], kms.data / "mailboxes" / ALICE)
-        yield kms, old_mail.stdout, folder
-    finally:
-        kms.stop()
+        dep.stop()
+        dep.start(offset_days=LATER)
+        asked = homes[ALICE].run("logon", "--answer", "yes", offset_days=LATER)
+        assert asked.code == 0 and "update request was sent" in asked.out, asked.err
+        dep.wait_for_mails(ALICE, 2)
+        synced = homes[ALICE].run("sync", offset_days=LATER)
+        assert "Installed" in synced.out, synced.out + synced.err
+        yield dep, homes, old_mail.stdout
 
 
-def test_old_mail_opens_after_renewal_and_new_mail_uses_the_new_key(renewed: tuple[Kms, bytes, Path]) -> None:
-    kms, old_mail, _ = renewed
-    status = kms.client(kms.homes[ALICE], "status", "--json")
-    data = json.loads(status.stdout)
+def test_old_mail_opens_after_renewal_and_new_mail_uses_the_new_key(renewed) -> None:  # type: ignore[no-untyped-def]
+    _, homes, old_mail = renewed
+    alice, bob = homes[ALICE].home, homes[BOB].home
+    data = json.loads(smime_client(alice, "status", "--json", offset_days=LATER).stdout)
     assert data["generation"] == 2 and len(data["encryption_key_history"]) == 2
-    opened = kms.client(kms.homes[ALICE], "decrypt", data=old_mail)
+    opened = smime_client(alice, "decrypt", data=old_mail, offset_days=LATER)
     assert opened.returncode == 0 and b"attached in spirit" in opened.stdout
-    old_serial = opened.stderr.split(b"key ")[1].split(b".")[0].decode()
-    assert old_serial != data["encryption"]["serial"]  # the old key opened the old mail
-    new_mail = kms.client(kms.homes[BOB], "encrypt", "--to", ALICE, "--refresh", data=MESSAGE)
+    assert data["encryption"]["serial"].encode() not in opened.stderr  # an earlier key opened it
+    new_mail = smime_client(bob, "encrypt", "--to", ALICE, "--refresh", data=MESSAGE, offset_days=LATER)
     assert new_mail.returncode == 0, new_mail.stderr
-    again = kms.client(kms.homes[ALICE], "decrypt", data=new_mail.stdout)
+    again = smime_client(alice, "decrypt", data=new_mail.stdout, offset_days=LATER)
     assert again.returncode == 0 and f"key {data['encryption']['serial']}".encode() in again.stderr
 
 
-def test_export_after_renewal_holds_every_encryption_key(renewed: tuple[Kms, bytes, Path], tmp_path: Path) -> None:
-    kms, _, _ = renewed
+def test_export_after_renewal_holds_every_encryption_key(renewed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, homes, _ = renewed
     p12 = tmp_path / "alice.p12"
-    done = kms.client(kms.homes[ALICE], "export", "--out", str(p12), env={"MAILKMS_EXPORT_PASSWORD": EXPORT_PW})
+    done = smime_client(
+        homes[ALICE].home, "export", "--out", str(p12), env={"MAILKMS_EXPORT_PASSWORD": EXPORT_PW}, offset_days=LATER
+    )
     assert done.returncode == 0, done.stderr
     names = [line.strip() for line in done.stdout.decode().splitlines()[1:]]
     assert len(names) == 3 and names[0].startswith(f"{ALICE} signing ")
