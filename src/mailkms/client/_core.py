@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import mailbox as mbox
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,11 +339,12 @@ class Client:
             return self._signed_post(state, "/api/v1/resync", {"action": "resync"})
 
     # --- reading mail ----------------------------------------------------------------------------
-    def encryption_keys(self, state: ClientState) -> list[tuple[x509.Certificate, PrivateKey]]:
-        """Every encryption key ever installed, newest first, with its certificate."""
+    def encryption_keys(self, state: ClientState) -> list[tuple[x509.Certificate, Callable[[], PrivateKey]]]:
+        """Every encryption key ever installed, newest first, with its certificate; each key is
+        unlocked only when asked for (unlocking costs a slow key derivation)."""
         passphrase = self.passphrase()
-        keys = [
-            (cert_from_pem(pem), self.store.read_key(encryption_key_name(serial), passphrase))
+        keys: list[tuple[x509.Certificate, Callable[[], PrivateKey]]] = [
+            (cert_from_pem(pem), functools.partial(self.store.read_key, encryption_key_name(serial), passphrase))
             for serial, pem in reversed(list(state.encryption_history.items()))
         ]
         if not keys:

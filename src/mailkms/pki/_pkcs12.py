@@ -22,13 +22,12 @@ from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
 from asn1crypto import pkcs12 as asn1_pkcs12
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, padding, serialization
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.serialization import pkcs12 as crypto_pkcs12
 
 from mailkms.errors import BadMessage, WrongPassphrase
-from mailkms.pki._keys import PrivateKey, load_private_key_der, private_key_der
+from mailkms.pki._keys import PrivateKey, load_private_key_der, pbes2_encrypt, private_key_der
 from mailkms.pki._smime import aes_cbc_decrypt
 
 PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256
@@ -97,28 +96,8 @@ def _mac(data: bytes, password: str, salt: bytes, iterations: int, hash_name: st
 
 # --- PBES2 --------------------------------------------------------------------------------------
 def _pbes2_encrypt(data: bytes, password: str, iterations: int) -> tuple[asn1_algos.EncryptionAlgorithm, bytes]:
-    salt, iv = os.urandom(_SALT_BYTES), os.urandom(16)
-    key = PBKDF2HMAC(hashes.SHA256(), 32, salt, iterations).derive(password.encode())
-    padder = padding.PKCS7(128).padder()
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-    ciphertext = encryptor.update(padder.update(data) + padder.finalize()) + encryptor.finalize()
-    algorithm = asn1_algos.EncryptionAlgorithm(
-        {
-            "algorithm": "pbes2",
-            "parameters": {
-                "key_derivation_func": {
-                    "algorithm": "pbkdf2",
-                    "parameters": {
-                        "salt": asn1_algos.Pbkdf2Salt(name="specified", value=salt),
-                        "iteration_count": iterations,
-                        "prf": {"algorithm": "sha256"},
-                    },
-                },
-                "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
-            },
-        }
-    )
-    return algorithm, ciphertext
+    algorithm, encrypted = pbes2_encrypt(data, password.encode(), iterations)
+    return algorithm, encrypted
 
 
 def _pbes2_decrypt(algorithm: asn1_algos.EncryptionAlgorithm, data: bytes, password: str) -> bytes:

@@ -24,7 +24,7 @@ import enum
 import quopri
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
@@ -473,10 +473,14 @@ def _decrypt_gcm(auth: asn1_cms.AuthEnvelopedData, cek: bytes) -> bytes:
         raise BadMessage("the encrypted content fails its integrity check: the message was altered") from None
 
 
-def decrypt_cms(der: bytes, keys: Sequence[tuple[x509.Certificate, PrivateKey]]) -> tuple[bytes, x509.Certificate]:
+KeySource = PrivateKey | Callable[[], PrivateKey]
+
+
+def decrypt_cms(der: bytes, keys: Sequence[tuple[x509.Certificate, KeySource]]) -> tuple[bytes, x509.Certificate]:
     """Open EnvelopedData or AuthEnvelopedData with whichever of `keys` it is addressed to.
 
-    Returns the content and the certificate of the key that opened it.
+    A key may be given as a callable: it is loaded only when the message is addressed to its
+    certificate (a key store's keys are slow to unlock). Returns the content and the certificate.
     """
     try:
         info = asn1_cms.ContentInfo.load(der, strict=False)
@@ -489,7 +493,7 @@ def decrypt_cms(der: bytes, keys: Sequence[tuple[x509.Certificate, PrivateKey]])
             for ktri in recipients:
                 if not _matches(ktri["rid"], cert):
                     continue
-                cek = _unwrap_key(ktri, key)
+                cek = _unwrap_key(ktri, key() if callable(key) else key)
                 if content_type == "enveloped_data":
                     return _decrypt_cbc(content["encrypted_content_info"], cek), cert
                 return _decrypt_gcm(content, cek), cert
@@ -509,7 +513,7 @@ class DecryptedMessage:
     recipient: x509.Certificate
 
 
-def decrypt_message(raw: bytes, keys: Sequence[tuple[x509.Certificate, PrivateKey]]) -> DecryptedMessage:
+def decrypt_message(raw: bytes, keys: Sequence[tuple[x509.Certificate, KeySource]]) -> DecryptedMessage:
     parts = read_smime(raw)
     if parts.kind not in (SMimeKind.ENVELOPED, SMimeKind.AUTH_ENVELOPED):
         raise BadMessage("the message is not S/MIME encrypted (no application/pkcs7-mime enveloped-data)")
