@@ -140,3 +140,11 @@ def services(settings, clock):  # type: ignore[no-untyped-def]
     svc = Services.build(settings, clock)
     yield svc
     svc.db.dispose()
+
+
+@pytest.fixture(scope="session")
+def smime_pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A small real PKI (root, issuing CA, identities on demand) for the S/MIME tests."""
+    from tests.smime_support import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("smime-pki"))

@@ -332,3 +332,24 @@ class StaleRequest(Unauthorized):
 class NoKeyToCollect(PolicyRefused):
     code = "no-key-to-collect"
     title = "No server-generated key is waiting for these credentials"
+
+
+# --- secure e-mail (S/MIME) -------------------------------------------------------------------
+class NotSigned(BadMessage):
+    code = "not-signed"
+    title = "The message is not signed"
+
+
+class NotARecipient(BadMessage):
+    code = "not-a-recipient"
+    title = "The message is not encrypted to any of your keys"
+
+
+class NotInDirectory(NotFound):
+    code = "not-in-directory"
+    title = "No current encryption certificate is published for this address"
+
+
+class UntrustedCertificate(Unauthorized):
+    code = "untrusted-certificate"
+    title = "The certificate is not trusted for this use"

@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
@@ -131,6 +132,7 @@ def create_app(services: Services) -> FastAPI:
         return StatusAnswer(mailbox=mailbox, state=state.value)
 
     app.include_router(api)
+    app.include_router(directory_router(services))
     return app
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
+from mailkms.client._mail_cli import register as register_mail
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
 from mailkms.errors import MailkmsError, ServerRefused
@@ -250,19 +251,7 @@ def cert_encryption() -> None:
     _print_cert("encryption")
 
 
-@app.command()
-def decrypt(
-    message: Annotated[Path | None, typer.Argument(help="RFC 5322 message (default: stdin)")] = None,
-    out: Annotated[Path | None, typer.Option(help="write here (default: stdout)")] = None,
-) -> None:
-    """Decrypt an S/MIME message with any of your encryption keys, old ones included."""
-    with _user_errors():
-        raw = message.read_bytes() if message else sys.stdin.buffer.read()
-        plain = _client().decrypt_message(raw)
-        if out:
-            out.write_bytes(plain)
-        else:
-            sys.stdout.buffer.write(plain)
+register_mail(app, _client, _user_errors)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import mailbox as mbox
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from mailkms.pki import (
     sign_request,
     signature_hash_for,
     verify_email_chain,
+)
+from mailkms.pki import (
+    decrypt_message as decrypt_smime,
 )
 
 PROMPT = (
@@ -230,8 +234,11 @@ class Client:
         encryption = by_serial.get(manifest.encryption_serial)
         if signing is None or encryption is None:
             raise DeliveryRefused("the delivery lacks its certificates")
+        chain: list[x509.Certificate] = []
         for cert in (signing, encryption):
-            verify_email_chain(cert, content.certificates, root, now)
+            issuing = verify_email_chain(cert, content.certificates, root, now)
+            if issuing not in chain:
+                chain.append(issuing)
             if state.mailbox not in mailboxes_of(cert):
                 raise DeliveryRefused("a delivered certificate is for another mailbox")
         passphrase = self.passphrase()
@@ -281,6 +288,7 @@ class Client:
                 request_id=manifest.request_id,
             )
         )
+        state.ca_chain_pem = [*(cert_to_pem(c) for c in chain), state.root_pem]
         state.pending = None
         return f"installed generation {manifest.generation} ({manifest.kind}), valid until {signing.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
 
@@ -332,27 +340,22 @@ class Client:
             return self._signed_post(state, "/api/v1/resync", {"action": "resync"})
 
     # --- reading mail ----------------------------------------------------------------------------
-    def decrypt_message(self, raw: bytes) -> bytes:
-        """Open an S/MIME enveloped message with any key in the history (old mail stays readable)."""
-        state = self.store.load()
-        message = parse_message(raw)
-        der = None
-        for part in message.walk():
-            if part.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
-                payload = part.get_payload(decode=True)
-                if isinstance(payload, bytes):
-                    der = payload
-                    break
-        if der is None:
-            raise BadMessage("the message is not S/MIME encrypted (no application/pkcs7-mime part)")
+    def encryption_keys(self, state: ClientState) -> list[tuple[x509.Certificate, Callable[[], PrivateKey]]]:
+        """Every encryption key ever installed, newest first, with its certificate; each key is
+        unlocked only when asked for (unlocking costs a slow key derivation)."""
         passphrase = self.passphrase()
-        for serial, pem in reversed(list(state.encryption_history.items())):
-            key = self.store.read_key(encryption_key_name(serial), passphrase)
-            try:
-                return decrypt(der, cert_from_pem(pem), key)
-            except BadMessage:
-                continue
-        raise BadMessage("none of your encryption keys opens this message (not addressed to you, or damaged)")
+        keys: list[tuple[x509.Certificate, Callable[[], PrivateKey]]] = [
+            (cert_from_pem(pem), functools.partial(self.store.read_key, encryption_key_name(serial), passphrase))
+            for serial, pem in reversed(list(state.encryption_history.items()))
+        ]
+        if not keys:
+            raise ClientStateError("no encryption keys installed yet")
+        return keys
+
+    def decrypt_message(self, raw: bytes) -> bytes:
+        """Open an S/MIME encrypted message (EnvelopedData or AuthEnvelopedData, RSA PKCS#1 v1.5 or
+        OAEP) with whichever key of the history it is addressed to (old mail stays readable)."""
+        return decrypt_smime(raw, self.encryption_keys(self.store.load())).message
 
 
 def _is_ec(pem: str) -> bool:

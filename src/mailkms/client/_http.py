@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from cryptography import x509
@@ -87,3 +88,14 @@ class Api:
         data = self._call("POST", path, json=jws, headers={"Content-Type": "application/jose+json"}).json()
         assert isinstance(data, dict)
         return data
+
+    def ca_chain(self) -> bytes:
+        """Issuing then root CA certificate, PEM."""
+        return self._call("GET", "/api/v1/ca/chain").content
+
+    def directory(self, address: str) -> bytes:
+        """A colleague's current encryption certificate (and its issuer), certs-only PKCS#7 DER."""
+        resp = self._call(
+            "GET", f"/api/v1/directory/{quote(address, safe='@')}", headers={"Accept": "application/pkcs7-mime"}
+        )
+        return resp.content

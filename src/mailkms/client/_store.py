@@ -58,6 +58,7 @@ class ClientState:
     transport_key_file: str = ""
     transport_cert_pem: str = ""
     processed: dict[str, str] = field(default_factory=dict)  # message file key -> outcome
+    ca_chain_pem: list[str] = field(default_factory=list)  # issuing CA(s) then root, kept at install
 
     @property
     def current(self) -> Generation | None:

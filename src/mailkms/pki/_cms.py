@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asn1crypto import cms as asn1_cms
+from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,8 +106,11 @@ def verify_signed_data(der: bytes, detached_content: bytes | None = None) -> Ver
         digest = _DIGESTS[digest_name]()
         signed_attrs = signer_info["signed_attrs"]
         signing_time = None
-        if signed_attrs.native is not None and len(signed_attrs):
-            attrs = {a["type"].native: a["values"][0] for a in signed_attrs}
+        if not isinstance(signed_attrs, asn1_core.Void) and len(signed_attrs):
+            # only the attributes checked here are parsed: others (e.g. Microsoft's encryption key
+            # preference that NSS adds) need not be understood to verify the signature
+            attrs = {a["type"].native: a for a in signed_attrs}
+            attrs = {k: attrs[k]["values"][0] for k in ("message_digest", "content_type", "signing_time") if k in attrs}
             wanted = hashlib.new(digest_name, content).digest()
             if "message_digest" not in attrs or attrs["message_digest"].native != wanted:
                 raise BadSignature("the message was changed after it was signed (digest mismatch)")
@@ -120,7 +124,7 @@ def verify_signed_data(der: bytes, detached_content: bytes | None = None) -> Ver
         signature = signer_info["signature"].native
         algo = signer_info["signature_algorithm"].signature_algo
     except (ValueError, TypeError, KeyError, IndexError) as exc:
-        raise BadMessage(f"the CMS structure cannot be read ({exc.__class__.__name__})") from None
+        raise BadMessage(f"the CMS structure cannot be read ({exc.__class__.__name__})") from exc
     public = signer.public_key()
     try:
         if isinstance(public, rsa.RSAPublicKey):

@@ -6,7 +6,7 @@ import enum
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from asn1crypto import algos as asn1_algos
 from asn1crypto import keys as asn1_keys
@@ -77,39 +77,44 @@ def signature_hash_for(key: PublicKey | PrivateKey) -> SignatureHash:
 PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256; cryptography's default PKCS#8 uses 2,048
 
 
+def pbes2_encrypt(data: bytes, passphrase: bytes, iterations: int = PBKDF2_ITERATIONS) -> tuple[Any, bytes]:
+    """PBES2 (RFC 8018): PBKDF2-HMAC-SHA256 + AES-256-CBC. Returns the asn1crypto
+    EncryptionAlgorithm and the ciphertext (for PKCS#8 here and PKCS#12 bags)."""
+    salt = os.urandom(16)
+    iv = os.urandom(16)
+    kek = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations).derive(passphrase)
+    padder = sym_padding.PKCS7(128).padder()
+    plain = padder.update(data) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    encrypted = encryptor.update(plain) + encryptor.finalize()
+    algorithm = asn1_algos.EncryptionAlgorithm(
+        {
+            "algorithm": "pbes2",
+            "parameters": {
+                "key_derivation_func": {
+                    "algorithm": "pbkdf2",
+                    "parameters": {
+                        "salt": asn1_algos.Pbkdf2Salt(name="specified", value=salt),
+                        "iteration_count": iterations,
+                        "key_length": 32,
+                        "prf": {"algorithm": "sha256", "parameters": None},
+                    },
+                },
+                "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
+            },
+        }
+    )
+    return algorithm, encrypted
+
+
 def encrypt_private_key(key: PrivateKey, passphrase: bytes, iterations: int = PBKDF2_ITERATIONS) -> bytes:
     """PKCS#8 EncryptedPrivateKeyInfo, PBES2: PBKDF2-HMAC-SHA256 + AES-256-CBC, PEM.
 
     Assembled with asn1crypto's structures and cryptography's primitives because cryptography
     offers no iteration count for PKCS#8; `openssl pkey -passin` and cryptography read it.
     """
-    salt = os.urandom(16)
-    iv = os.urandom(16)
-    kek = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations).derive(passphrase)
-    padder = sym_padding.PKCS7(128).padder()
-    plain = padder.update(private_key_der(key)) + padder.finalize()
-    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
-    encrypted = encryptor.update(plain) + encryptor.finalize()
-    info = asn1_keys.EncryptedPrivateKeyInfo(
-        {
-            "encryption_algorithm": {
-                "algorithm": "pbes2",
-                "parameters": {
-                    "key_derivation_func": {
-                        "algorithm": "pbkdf2",
-                        "parameters": {
-                            "salt": asn1_algos.Pbkdf2Salt(name="specified", value=salt),
-                            "iteration_count": iterations,
-                            "key_length": 32,
-                            "prf": {"algorithm": "sha256", "parameters": None},
-                        },
-                    },
-                    "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
-                },
-            },
-            "encrypted_data": encrypted,
-        }
-    )
+    algorithm, encrypted = pbes2_encrypt(private_key_der(key), passphrase, iterations)
+    info = asn1_keys.EncryptedPrivateKeyInfo({"encryption_algorithm": algorithm, "encrypted_data": encrypted})
     return bytes(asn1_pem.armor("ENCRYPTED PRIVATE KEY", info.dump()))
 
 

@@ -3,6 +3,7 @@
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
@@ -29,6 +30,8 @@ __all__ = [
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
+    "Directory",
+    "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
     "InitResult",

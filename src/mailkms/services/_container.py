@@ -10,6 +10,7 @@ from mailkms.config import Settings
 from mailkms.pki import PublicURLs
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer
@@ -42,6 +43,7 @@ class Services:
     nonces: Nonces
     renewal: Renewal
     issuer: PairIssuer
+    directory: Directory
     est: EST
     recovery: Recovery
 
@@ -66,6 +68,7 @@ class Services:
             nonces=nonces,
             renewal=renewal,
             issuer=issuer,
+            directory=Directory(db, ca, settings, clock),
             est=EST(db, ca, issuer, renewal, settings, clock, audit),
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
         )
