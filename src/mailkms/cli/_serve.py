@@ -28,10 +28,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: float) -> None:
+async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: float, batch: int = 50) -> None:
     while not stop.is_set():
         try:
-            await asyncio.to_thread(worker.run_once)
+            await asyncio.to_thread(worker.run_once, batch)
         except Exception:
             log.exception("outbox round failed; retrying")
         with contextlib.suppress(TimeoutError):
@@ -56,7 +56,7 @@ async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Calla
 
 
 async def serve(
-    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float = 0.5
+    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float | None = None
 ) -> None:
     settings = services.settings
     renewed = services.ensure_server_identities()
@@ -75,6 +75,7 @@ async def serve(
         services.audit,
         retry_base=settings.smtp.retry_base_seconds,
         retry_max=settings.smtp.retry_max_seconds,
+        lease=dt.timedelta(seconds=settings.outbox.lease_seconds),
     )
     paths = services.ca.paths
     https = _Server(
@@ -116,7 +117,9 @@ async def serve(
             context.load_cert_chain(str(paths.tls_cert), str(paths.tls_key), services.ca.tls_key_password)
 
     tasks = [
-        asyncio.create_task(_outbox_loop(worker, stop, outbox_interval)),
+        asyncio.create_task(
+            _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
+        ),
         asyncio.create_task(_daily_loop(services, stop, reload_tls)),
     ]
     log.info(

@@ -13,6 +13,7 @@ from mailkms.store._models import (
     Token,
     User,
 )
+from mailkms.store._models_scale import JobClaim, PooledKey, Reminder
 
 __all__ = [
     "ArchivedKey",
@@ -22,8 +23,11 @@ __all__ = [
     "Certificate",
     "Database",
     "IssuanceRequest",
+    "JobClaim",
     "Nonce",
     "OutboxMessage",
+    "PooledKey",
+    "Reminder",
     "Token",
     "User",
     "make_engine",
