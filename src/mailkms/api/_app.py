@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from mailkms.api import _observability
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
@@ -129,6 +130,7 @@ def create_app(services: Services) -> FastAPI:
         return StatusAnswer(mailbox=mailbox, state=state.value)
 
     app.include_router(api)
+    _observability.install(app, services)
     return app
 
 
@@ -141,4 +143,5 @@ def create_http_app(services: Services) -> FastAPI:
     app = FastAPI(title="mailkms publication", docs_url=None, redoc_url=None, openapi_url=None)
     _install_handlers(app)
     app.include_router(publication_router(services))
+    _observability.install(app, services, http=True)
     return app

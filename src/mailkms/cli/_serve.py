@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from mailkms.api import create_app, create_http_app
+from mailkms.cli import _background
 from mailkms.mail import MailSink, OutboxWorker, sender_for
 from mailkms.services import Services
 
@@ -87,6 +88,7 @@ async def serve(
             ssl_keyfile=str(paths.tls_key),
             ssl_keyfile_password=services.ca.tls_key_password,
             log_level="info",
+            log_config=None,
             access_log=True,
             timeout_keep_alive=5,
         )
@@ -96,7 +98,12 @@ async def serve(
         servers.append(
             _Server(
                 uvicorn.Config(
-                    create_http_app(services), host=bind, port=http_port, log_level="warning", timeout_keep_alive=5
+                    create_http_app(services),
+                    host=bind,
+                    port=http_port,
+                    log_level="warning",
+                    log_config=None,
+                    timeout_keep_alive=5,
                 )
             )
         )
@@ -121,6 +128,7 @@ async def serve(
             _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
         ),
         asyncio.create_task(_daily_loop(services, stop, reload_tls)),
+        *_background.start(services, stop),
     ]
     log.info(
         "mailkms serving https://%s:%d%s", bind, https_port, f" and http://{bind}:{http_port}" if http_port else ""

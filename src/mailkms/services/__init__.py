@@ -4,8 +4,10 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
-from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
+from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
+from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
@@ -16,17 +18,23 @@ __all__ = [
     "CAContext",
     "CAPaths",
     "CertDates",
+    "Composer",
     "Enrolment",
     "EnrolmentAccepted",
     "InitResult",
+    "KeyPool",
+    "KeySource",
     "Nonces",
     "PairIssuer",
+    "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
     "Services",
+    "SweepReport",
     "UserAdmin",
     "UserState",
     "UserView",
+    "generate_ders",
     "init_ca",
     "new_token",
     "normalise_mailbox",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import PublicURLs
@@ -12,6 +13,7 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._issuance import PairIssuer
+from mailkms.services._keypool import KeyPool
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
 from mailkms.store import Database
@@ -40,6 +42,7 @@ class Services:
     nonces: Nonces
     renewal: Renewal
     issuer: PairIssuer
+    key_pool: KeyPool | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -47,8 +50,12 @@ class Services:
         ca = CAContext.load(
             CAPaths(settings.data_dir), passphrase_env=settings.ca_passphrase, urls=public_urls(settings)
         )
-        audit = AuditLog(clock)
-        issuer = PairIssuer(ca, settings, clock, audit)
+        audit = AuditLog(clock, observers=[metrics.observe_audit])
+        pool = None
+        if settings.pool.size > 0:
+            wrapping = ca.derive_key("key pool")
+            pool = KeyPool(db, wrapping, clock, settings.policy.encryption_key_type, settings.pool.size)
+        issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         return cls(
             settings=settings,
@@ -61,6 +68,7 @@ class Services:
             nonces=nonces,
             renewal=Renewal(db, ca, issuer, nonces, settings, clock, audit),
             issuer=issuer,
+            key_pool=pool,
         )
 
     def ensure_server_identities(self) -> list[str]:
