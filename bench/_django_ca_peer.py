@@ -1,8 +1,9 @@
 """django-ca's Python API as a peer: run ONLY inside the separate bench venv that has django-ca.
 
-usage: python _django_ca_peer.py WORKDIR KEYTYPE(rsa3072|p256) CSR_DIR N
-Prints one JSON line: {"version": ..., "rate": certs/s, "n": N}. A CA is made (not timed), then
-`Certificate.objects.create_cert` is timed over the N CSRs (SQLite, as in django-ca's quick start).
+usage: python _django_ca_peer.py WORKDIR CA_KEY.pem CA_CERT.pem CSR_DIR N
+Prints one JSON line: {"version": ..., "rate": certs/s, "n": N}. mailkms's issuing CA (same key,
+same certificate) is imported with `manage.py import_ca` (not timed; django-ca itself only makes
+power-of-two RSA keys), then `Certificate.objects.create_cert` is timed over the N CSRs (SQLite).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-work, key_type, csr_dir, n = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+work, ca_key, ca_cert = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+csr_dir, n = Path(sys.argv[4]), int(sys.argv[5])
 work.mkdir(parents=True, exist_ok=True)
 (work / "bench_urls.py").write_text(
     'from django.urls import include, path\nurlpatterns = [path("django_ca/", include("django_ca.urls"))]\n'
@@ -50,29 +52,20 @@ from django_ca.key_backends import key_backends  # noqa: E402
 from django_ca.models import Certificate, CertificateAuthority  # noqa: E402
 
 call_command("migrate", verbosity=0)
+call_command("import_ca", "bench", ca_key, ca_cert, verbosity=0)
+ca = CertificateAuthority.objects.get(name="bench")
 backend = key_backends["default"]
-kt, size, curve = ("RSA", 3072, None) if key_type == "rsa3072" else ("EC", None, "secp256r1")
-try:
-    options = backend.get_create_private_key_options(kt, size, curve, {"password": None, "path": Path("ca")})
-except KeyError:
-    prefix = backend.options_prefix
-    options = backend.get_create_private_key_options(
-        kt, size, curve, {f"{prefix}password": None, f"{prefix}path": Path("ca")}
-    )
-not_after = datetime.now(UTC) + timedelta(days=3650)
-ca = CertificateAuthority.objects.init(
-    name="bench",
-    key_backend=backend,
-    key_backend_options=options,
-    subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")]),
-    not_after=not_after,
-    key_type=kt,
-)
 use = backend.get_use_private_key_options(ca, {})
 csrs = [x509.load_pem_x509_csr(p.read_bytes()) for p in sorted(csr_dir.glob("*.csr"))[:n]]
-subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+
+
+def subject_of(csr: x509.CertificateSigningRequest) -> x509.Name:
+    mailbox = str(csr.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)[0].value)
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, mailbox), *csr.subject])
+
+
 start = time.perf_counter()
 for csr in csrs:
-    Certificate.objects.create_cert(ca, use, csr, subject=csr.subject, not_after=timedelta(days=500))
+    Certificate.objects.create_cert(ca, use, csr, subject=subject_of(csr), not_after=timedelta(days=500))
 elapsed = time.perf_counter() - start
 print(json.dumps({"version": django_ca.__version__, "rate": len(csrs) / elapsed, "n": len(csrs)}))

@@ -340,7 +340,7 @@ def openssl_ca(data: Path, work: Path, csrs: list[Path], per_call: int) -> tuple
     return single, infiles
 
 
-def django_ca_peer(key_type: str, csr_dir: Path, n: int, skip: bool) -> tuple[float | None, str]:
+def django_ca_peer(data: Path, csr_dir: Path, n: int, skip: bool) -> tuple[float | None, str]:
     """django-ca's Python API in a venv of its own (bench/.venv-django-ca), never in mailkms's."""
     if skip:
         return None, "skipped (--skip-django-ca)"
@@ -364,9 +364,24 @@ def django_ca_peer(key_type: str, csr_dir: Path, n: int, skip: bool) -> tuple[fl
             shutil.rmtree(DJANGO_VENV, ignore_errors=True)
             return None, f"django-ca did not install into a bench venv ({exc.__class__.__name__})"
     work = Path(tempfile.mkdtemp(prefix="djca-"))
+    key = load_private_key((data / "ca" / "issuing.key.pem").read_bytes(), PASS.encode())
+    key_path = work / "ca-key.pem"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(key_path, 0o600)
+    cert_path = data / "ca" / "issuing.crt.pem"
     try:
         done = subprocess.run(
-            [str(python), str(ROOT / "bench" / "_django_ca_peer.py"), str(work), key_type, str(csr_dir), str(n)],
+            [
+                str(python),
+                str(ROOT / "bench" / "_django_ca_peer.py"),
+                str(work / "dj"),
+                str(key_path),
+                str(cert_path),
+                str(csr_dir),
+                str(n),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -410,7 +425,7 @@ def bench_issuance(tmp: Path, quick: bool, skip_django: bool) -> None:
                     schema.drop()
         single, infiles = openssl_ca(data, tmp / f"openssl-{key_type}", csr_paths, per_call)
         dj_n = 10 if quick else (30 if key_type is KeyType.RSA3072 else 200)
-        dj_rate, dj_note = django_ca_peer(key_type.value, tmp / "csrs", dj_n, skip_django)
+        dj_rate, dj_note = django_ca_peer(data, tmp / "csrs", dj_n, skip_django)
         peer = f"openssl ca: {fmt(single)} one call per CSR, {fmt(infiles)} with -infiles ({n} CSRs)"
         peer += f"; django-ca: {fmt(dj_rate)} ({dj_note})" if dj_rate else f"; django-ca: {dj_note}"
         for store, value in figures.items():
