@@ -41,6 +41,16 @@ def _client(home: Path, env: dict[str, str], *args: str) -> subprocess.Completed
     )
 
 
+def _metrics(data: Path, server: str) -> str:
+    done = subprocess.run(
+        ["curl", "-sS", "--cacert", str(data / "ca" / "root.crt.pem"), f"{server}/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done.stdout
+
+
 def test_full_run_logs_are_structured_and_hold_no_secret(tmp_path: Path) -> None:
     data = tmp_path / "data"
     ca_passphrase = "ca-" + uuid.uuid4().hex
@@ -85,6 +95,7 @@ def test_full_run_logs_are_structured_and_hold_no_secret(tmp_path: Path) -> None
                 str(maildir),
             ),
         ]
+        wait_for(lambda: "mailkms_keypool_size 3.0" in _metrics(data, server), 120, "the key pool to fill")
         done = _client(home, cenv, *steps[0])
         assert done.returncode == 0, done.stderr
         outputs += [done.stdout, done.stderr]
@@ -97,14 +108,12 @@ def test_full_run_logs_are_structured_and_hold_no_secret(tmp_path: Path) -> None
         again = _client(tmp_path / "client2", cenv, *steps[0])
         assert again.returncode != 0
         outputs += [again.stdout, again.stderr]
-        metrics = subprocess.run(
-            ["curl", "-sS", "--cacert", str(data / "ca" / "root.crt.pem"), f"{server}/metrics"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert 'mailkms_certificates_issued_total{kind="signing"} 1.0' in metrics.stdout
-        assert 'mailkms_refusals_total{action="enrolment",reason="token-used"} 1.0' in metrics.stdout
+        metrics = _metrics(data, server)
+        assert 'mailkms_certificates_issued_total{kind="signing"} 1.0' in metrics
+        assert 'mailkms_refusals_total{action="enrolment",reason="token-used"} 1.0' in metrics
+        # The encryption key came from the pool that the server's background worker filled.
+        assert "mailkms_keypool_taken_total 1.0" in metrics
+        assert "mailkms_keypool_fallback_total 0.0" in metrics
         verify = run_mailkms(["audit", "verify"], env)
         assert verify.returncode == 0
         outputs += [verify.stdout, verify.stderr]
