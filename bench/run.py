@@ -65,7 +65,7 @@ from mailkms.services import (  # noqa: E402
 from mailkms.store import Certificate, Database, User  # noqa: E402
 
 PG_URL = os.environ.get("MAILKMS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PASS = "bench-passphrase-" + uuid.uuid4().hex
+PASS = os.environ.setdefault("MAILKMS_BENCH_PASS", "bench-passphrase-" + uuid.uuid4().hex)  # inherited by workers
 OTHER_SCRIPTS = ("crl_ocsp.py", "smime.py", "est.py")
 DJANGO_VENV = ROOT / "bench" / ".venv-django-ca"
 
@@ -447,9 +447,96 @@ def _pool_keys(n: int) -> list[bytes]:
         return [d for part in ex.map(generate_ders, [KeyType.RSA2048] * 2, halves) for d in part]
 
 
-def bench_renewal(tmp: Path, quick: bool) -> None:
+RENEW_URL = "https://localhost:8443/api/v1/renewals"
+UserForRenewal = tuple[str, bytes, bytes, bytes]  # mailbox, signing key PEM, signing cert DER, new CSR PEM
+
+
+def _csr_for(mailbox: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _enrol_for_renewal(services: Services, prefix: str, count: int, now: dt.datetime) -> list[UserForRenewal]:
+    """Enrol `count` users (keys from the pool, not timed); each with a fresh CSR ready for renewal."""
     from mailkms.client._core import _transport_certificate
 
+    transport = _transport_certificate(generate_key(KeyType.RSA2048), "t@example.org", now)
+    transport_pem = transport.public_bytes(serialization.Encoding.PEM).decode()
+    users = []
+    for i in range(count):
+        mailbox = f"{prefix}{i}@example.org"
+        key, csr = _csr_for(mailbox)
+        token = services.users.add(mailbox, "", None, "bench")
+        services.enrolment.enrol(mailbox, token, csr, transport_pem)
+        with services.db.transaction() as session:
+            der = session.execute(
+                select(Certificate.der)
+                .join(User, User.id == Certificate.user_id)
+                .where(User.email == mailbox, Certificate.kind == "signing")
+            ).scalar_one()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        users.append((mailbox, key_pem, der, _csr_for(mailbox)[1]))
+    return users
+
+
+def _renew(services: Services, users: list[UserForRenewal]) -> None:
+    for mailbox, key_pem, der, csr in users:
+        key = serialization.load_pem_private_key(key_pem, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        nonce = services.nonces.new()
+        jws = sign_request(
+            key, [x509.load_der_x509_certificate(der)], nonce, RENEW_URL, {"mailbox": mailbox, "csr": csr.decode()}
+        )
+        services.renewal.renew(jws, RENEW_URL)
+
+
+def _renew_worker(data: str, url: str, when: str, users: list[UserForRenewal], go: float) -> tuple[float, float]:
+    """One server process's share of renewals (no pool), started at wall time `go`; returns (start, end)."""
+    services = Services.build(
+        settings_for(Path(data), url, pool={"size": 0}), FakeClock(dt.datetime.fromisoformat(when))
+    )
+    while time.time() < go:
+        time.sleep(0.01)
+    start = time.time()
+    _renew(services, users)
+    end = time.time()
+    services.db.dispose()
+    return start, end
+
+
+def _renewal_two_processes(data: Path, clock: FakeClock, n: int) -> float | None:
+    """Renewal without the pool by two processes on one PostgreSQL: the 2-core sustained figure."""
+    if not pg_available():
+        return None
+    schema = PGSchema()
+    try:
+        settings = settings_for(data, schema.url, pool={"size": 0})
+        services = Services.build(settings, FakeClock(clock.now() - dt.timedelta(days=366)))
+        pool = KeyPool(services.db, services.ca.derive_key("key pool"), services.clock, KeyType.RSA2048, size=2 * n)
+        pool.store(_pool_keys(2 * n))
+        services.issuer.keys = pool
+        users = _enrol_for_renewal(services, "pg", 2 * n, services.clock.now())
+        services.db.dispose()
+        go = time.time() + 8
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [
+                ex.submit(_renew_worker, str(data), schema.url, clock.now().isoformat(), users[i::2], go)
+                for i in range(2)
+            ]
+            spans = [f.result() for f in futures]
+        return rate(len(users), max(e for _, e in spans) - min(s for s, _ in spans))
+    finally:
+        schema.drop()
+
+
+def bench_renewal(tmp: Path, quick: bool) -> None:
     n = 6 if quick else 60
     data = make_ca(tmp / "ca-renewal", KeyType.RSA3072)
     now = dt.datetime.now(dt.UTC)
@@ -460,44 +547,13 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
     say(f"renewal: generating {3 * n} pool keys for setup (2 processes, not timed)")
     pool.store(_pool_keys(3 * n))
     services.issuer.keys = pool
-    transport_key = generate_key(KeyType.RSA2048)
-    transport = _transport_certificate(transport_key, "t@example.org", now).public_bytes(serialization.Encoding.PEM)
-    users = []
     say(f"renewal: enrolling {2 * n} users (setup, not timed)")
-    for i in range(2 * n):
-        mailbox = f"renew{i}@example.org"
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)]))
-            .sign(key, hashes.SHA256())
-        )
-        token = services.users.add(mailbox, "", None, "bench")
-        services.enrolment.enrol(mailbox, token, csr.public_bytes(serialization.Encoding.PEM), transport.decode())
-        with services.db.transaction() as session:
-            der = session.execute(
-                select(Certificate.der)
-                .join(User, User.id == Certificate.user_id)
-                .where(User.email == mailbox, Certificate.kind == "signing")
-            ).scalar_one()
-        new_key = ec.generate_private_key(ec.SECP256R1())
-        new_csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)]))
-            .sign(new_key, hashes.SHA256())
-        )
-        users.append(
-            (mailbox, key, x509.load_der_x509_certificate(der), new_csr.public_bytes(serialization.Encoding.PEM))
-        )
+    users = _enrol_for_renewal(services, "renew", 2 * n, now)
     clock.advance(dt.timedelta(days=366))  # everyone past the reminder point
-    url = "https://localhost:8443/api/v1/renewals"
 
-    def renew_all(batch: list[tuple[str, ec.EllipticCurvePrivateKey, x509.Certificate, bytes]]) -> float:
+    def renew_all(batch: list[UserForRenewal]) -> float:
         start = time.perf_counter()
-        for mailbox, key, cert, csr in batch:
-            nonce = services.nonces.new()
-            jws = sign_request(key, [cert], nonce, url, {"mailbox": mailbox, "csr": csr.decode()})
-            services.renewal.renew(jws, url)
+        _renew(services, batch)
         return rate(len(batch), time.perf_counter() - start)
 
     say("renewal without the pool")
@@ -507,15 +563,19 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
     services.issuer.keys = pool
     assert pool.size() >= n
     with_pool = renew_all(users[n:])
+    services.db.dispose()
+    say("renewal without the pool, two processes on PostgreSQL")
+    two = _renewal_two_processes(data, clock, n // 2 if not quick else 3)
     say("RSA-2048 key generation alone")
     keys = 10 if quick else 40
     start = time.perf_counter()
     generate_ders(KeyType.RSA2048, keys)
     keygen = rate(keys, time.perf_counter() - start)
-    start = time.perf_counter()
-    _pool_keys(keys * 2)
-    keygen2 = rate(keys * 2, time.perf_counter() - start)
-    services.db.dispose()
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+        list(ex.map(generate_ders, [KeyType.RSA2048] * 2, [1, 1]))  # start the workers first (not timed)
+        start = time.perf_counter()
+        list(ex.map(generate_ders, [KeyType.RSA2048] * 2, [keys, keys]))
+        keygen2 = rate(keys * 2, time.perf_counter() - start)
     peer = f"RSA-2048 key generation alone: {fmt(keygen)} on one core, {fmt(keygen2)} on 2 processes"
     ROWS.append(
         Row(
@@ -528,6 +588,15 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
     )
     ROWS.append(
         Row(
+            "full renewal, no pool, two server processes on one PostgreSQL (2 cores)",
+            fmt(two) if two else "not run (PostgreSQL not reachable)",
+            peer,
+            "≥ 40/s sustained on 2 cores",
+            met(bool(two and two >= 40)),
+        )
+    )
+    ROWS.append(
+        Row(
             "full renewal, keys from the pool (burst), one process, SQLite",
             fmt(with_pool),
             peer,
@@ -536,8 +605,9 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
         )
     )
     NOTES.append(
-        f"Renewal runs in one process here: without the pool it is bound by RSA-2048 generation on one core "
-        f"(2 cores ≈ {fmt(2 * without)} if two server processes share the load). {n} renewals per mode."
+        f"Renewal: {n} renewals per single-process mode, {2 * (n // 2)} in the two-process run (time from the first "
+        "start to the last end, setup and process start not timed). Without the pool a renewal waits for one "
+        "RSA-2048 key; with it, for two signatures, two envelopes, the signed delivery mail and the store."
     )
 
 
