@@ -292,50 +292,19 @@ def openssl_ca(data: Path, work: Path, csrs: list[Path], per_call: int) -> tuple
         return cnf
 
     env = {**os.environ, "BENCH_PASS": PASS}
+
+    def openssl_ca_run(cnf: Path, *args: str) -> None:
+        base = ["openssl", "ca", "-batch", "-config", str(cnf), "-passin", "env:BENCH_PASS", "-notext"]
+        subprocess.run([*base, *args], env=env, check=True, capture_output=True)
+
     cnf = fresh("single")
     start = time.perf_counter()
     for csr in csrs[:per_call]:
-        subprocess.run(
-            [
-                "openssl",
-                "ca",
-                "-batch",
-                "-config",
-                str(cnf),
-                "-passin",
-                "env:BENCH_PASS",
-                "-notext",
-                "-in",
-                str(csr),
-                "-out",
-                str(csr.with_suffix(".pem")),
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        openssl_ca_run(cnf, "-in", str(csr), "-out", str(csr.with_suffix(".pem")))
     single = rate(per_call, time.perf_counter() - start)
     cnf = fresh("infiles")
     start = time.perf_counter()
-    subprocess.run(
-        [
-            "openssl",
-            "ca",
-            "-batch",
-            "-config",
-            str(cnf),
-            "-passin",
-            "env:BENCH_PASS",
-            "-notext",
-            "-out",
-            str(work / "all.pem"),
-            "-infiles",
-            *map(str, csrs),
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    openssl_ca_run(cnf, "-out", str(work / "all.pem"), "-infiles", *map(str, csrs))
     infiles = rate(len(csrs), time.perf_counter() - start)
     return single, infiles
 

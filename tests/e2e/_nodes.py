@@ -16,18 +16,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from aiosmtpd.controller import Controller
 
 from mailkms.mail import file_into_maildir
-from tests.conftest import PG_URL, _pg_available
 
 BIN = Path(sys.executable).parent
 
@@ -36,25 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL schema of this test's own, dropped afterwards."""
-    if not _pg_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
-        pytest.skip("PostgreSQL not reachable")
-    import psycopg
-
-    schema = f"mkn_{uuid.uuid4().hex[:10]}"
-    raw = PG_URL.replace("+psycopg", "")
-    with psycopg.connect(raw, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(raw, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def run_mailkms(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -13,10 +13,10 @@ from sqlalchemy import func, select
 from mailkms.clock import SystemClock
 from mailkms.services import AuditLog, queue_message
 from mailkms.store import Database, OutboxMessage
-from tests.e2e._nodes import RecordingSink, make_data_dir, pg_url, run_mailkms, start_node, wait_for
+from tests.e2e._nodes import RecordingSink, make_data_dir, run_mailkms, start_node, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
-__all__ = ["pg_url"]
+# The store fixture on PostgreSQL only: a migrated, emptied schema of the session.
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)]
 
 
 def _queue(url: str, count: int, tag: str) -> set[str]:
@@ -88,16 +88,16 @@ def _audit_ok(env: dict[str, str]) -> dict[str, object]:
     return report
 
 
-def test_500_mails_exactly_once_between_two_nodes(tmp_path: Path, pg_url: str) -> None:
+def test_500_mails_exactly_once_between_two_nodes(tmp_path: Path, db_url: str) -> None:
     with RecordingSink(tmp_path / "maildirs", delay=0.002) as sink:
-        env = _env(tmp_path, pg_url, sink)
+        env = _env(tmp_path, db_url, sink)
         nodes = [
             start_node(env, tmp_path / f"node{i}.log", OUTBOX__BATCH_SIZE="20", OUTBOX__POLL_SECONDS="0.2")
             for i in range(2)
         ]
         try:
-            expected = _queue(pg_url, 500, "burst")
-            wait_for(lambda: _unsent(pg_url) == 0, 180, "all 500 mails sent")
+            expected = _queue(db_url, 500, "burst")
+            wait_for(lambda: _unsent(db_url) == 0, 180, "all 500 mails sent")
         finally:
             for node in nodes:
                 node.stop()
@@ -108,7 +108,7 @@ def test_500_mails_exactly_once_between_two_nodes(tmp_path: Path, pg_url: str) -
         assert sink.count == 500
         # In the Maildirs: 500 files; in the store: every row marked sent once.
         assert len(sink.maildir_files()) == 500
-        rows = _rows(pg_url)
+        rows = _rows(db_url)
         assert len(rows) == 500 and all(r.sent_at is not None and r.attempts == 1 for r in rows)
         # Both nodes did part of the work.
         senders = {r.claimed_by.split(":")[1] for r in rows if r.claimed_by}
@@ -117,17 +117,17 @@ def test_500_mails_exactly_once_between_two_nodes(tmp_path: Path, pg_url: str) -
         assert report["ok"] is True and int(str(report["records"])) >= 1000  # queued + sent, two writers
 
 
-def test_node_killed_mid_batch_the_other_finishes(tmp_path: Path, pg_url: str) -> None:
+def test_node_killed_mid_batch_the_other_finishes(tmp_path: Path, db_url: str) -> None:
     with RecordingSink(tmp_path / "maildirs", delay=0.02) as sink:
-        env = _env(tmp_path, pg_url, sink)
+        env = _env(tmp_path, db_url, sink)
         lease = {"OUTBOX__LEASE_SECONDS": "3", "OUTBOX__BATCH_SIZE": "40", "OUTBOX__POLL_SECONDS": "0.2"}
         victim = start_node(env, tmp_path / "victim.log", **lease)
-        expected = _queue(pg_url, 300, "kill")
+        expected = _queue(db_url, 300, "kill")
         survivor = None
         try:
             # Let the victim work alone until it is in the middle of a batch, then kill it without warning.
             def victim_mid_batch() -> bool:
-                mine = [r for r in _rows(pg_url) if r.claimed_by and r.claimed_by.split(":")[1] == str(victim.pid)]
+                mine = [r for r in _rows(db_url) if r.claimed_by and r.claimed_by.split(":")[1] == str(victim.pid)]
                 return any(r.sent_at for r in mine) and any(r.sent_at is None and r.claimed_until for r in mine)
 
             wait_for(victim_mid_batch, 60, "the victim node to be mid-batch", every=0.05)
@@ -135,17 +135,17 @@ def test_node_killed_mid_batch_the_other_finishes(tmp_path: Path, pg_url: str) -
             victim.proc.wait(10)
             stranded = {
                 r.message_id
-                for r in _rows(pg_url)
+                for r in _rows(db_url)
                 if r.sent_at is None and r.claimed_by and r.claimed_by.split(":")[1] == str(victim.pid)
             }
             assert stranded, "the victim held no claimed rows when it was killed"
             survivor = start_node(env, tmp_path / "survivor.log", **lease)
-            wait_for(lambda: _unsent(pg_url) == 0, 180, "the survivor to finish")
+            wait_for(lambda: _unsent(db_url) == 0, 180, "the survivor to finish")
         finally:
             victim.stop()
             if survivor is not None:
                 survivor.stop()
-        rows = {r.message_id: r for r in _rows(pg_url)}
+        rows = {r.message_id: r for r in _rows(db_url)}
         assert all(r.sent_at is not None for r in rows.values())
         # The rows the dead node had claimed were taken over once its lease ran out.
         assert all(rows[m].claimed_by.split(":")[1] == str(survivor.pid) for m in stranded)
