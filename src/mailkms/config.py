@@ -218,9 +218,11 @@ def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     path = data_dir / CONFIG_FILE
     if path.exists():
         try:
-            tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale says
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
     token = _toml_path.set(path if path.exists() else None)
     try:
         return Settings(data_dir=data_dir, **overrides)

@@ -130,6 +130,11 @@ class TokenWrongMailbox(Unauthorized):
     title = "The enrolment token was issued for another mailbox"
 
 
+class TokenReplaced(TokenInvalid):
+    code = "token-replaced"
+    title = "The enrolment token was replaced by a newer one"
+
+
 # --- signed requests --------------------------------------------------------------
 class BadSignature(Unauthorized):
     code = "bad-signature"
@@ -197,6 +202,54 @@ class NothingToResend(NotFound):
     title = "There is no reply to send again"
 
 
+# --- archive recovery (M-of-N quorum) ----------------------------------------------------
+class RecoveryRefused(Unauthorized):
+    """The recovery officers' shares did not unlock the recovery key. Nothing was revealed."""
+
+    code = "recovery-refused"
+    title = "The recovery quorum was refused"
+
+
+class QuorumNotMet(RecoveryRefused):
+    code = "quorum-not-met"
+    title = "Fewer shares than the recovery threshold were given"
+
+
+class ShareFromEarlierCeremony(RecoveryRefused):
+    code = "share-from-earlier-ceremony"
+    title = "A share belongs to a recovery ceremony that has been replaced"
+
+
+class ShareDuplicate(RecoveryRefused):
+    code = "share-duplicate"
+    title = "The same share was given twice"
+
+
+class ShareWrongPassphrase(RecoveryRefused):
+    code = "share-wrong-passphrase"
+    title = "The passphrase does not open the share"
+
+
+class ShareTampered(RecoveryRefused):
+    code = "share-tampered"
+    title = "A share file was altered after it was written"
+
+
+class ShareUnreadable(RecoveryRefused):
+    code = "share-unreadable"
+    title = "The file is not a mailkms recovery share"
+
+
+class NoRecoveryCeremony(ConfigError):
+    code = "no-recovery-ceremony"
+    title = "There is no recovery key"
+
+
+class NothingArchived(NotFound):
+    code = "nothing-archived"
+    title = "No archived encryption keys"
+
+
 # --- client side ---------------------------------------------------------------------
 class DeliveryRefused(MailkmsError):
     """A delivery mail the client will not install."""
@@ -215,3 +268,67 @@ class ClientStateError(MailkmsError):
 class WrongPassphrase(ClientStateError):
     code = "wrong-passphrase"
     title = "The passphrase does not unlock the key store"
+
+
+class ServerRefused(MailkmsError):
+    """The server answered the client with a problem document."""
+
+    code = "server-refused"
+    title = "The server refused the request"
+    exit_code = 6
+
+    def __init__(self, status: int, problem: dict[str, object]) -> None:
+        self.status = status
+        self.problem_type_uri = str(problem.get("type", ""))
+        self.problem_code = self.problem_type_uri.rsplit(":", 1)[-1]
+        super().__init__(str(problem.get("detail") or problem.get("title") or f"HTTP {status}"))
+
+
+class ServerUnreachable(MailkmsError):
+    code = "server-unreachable"
+    title = "The server cannot be reached"
+    exit_code = 10
+
+
+class FingerprintMismatch(MailkmsError):
+    code = "fingerprint-mismatch"
+    title = "The CA fingerprint does not match"
+    exit_code = 11
+
+
+# --- EST (RFC 7030) ---------------------------------------------------------------------
+class UnsupportedMediaType(Malformed):
+    code = "unsupported-media-type"
+    title = "The request's content type is not the one this operation takes"
+    http_status = 415
+
+
+class BadBase64(Malformed):
+    code = "bad-base64"
+    title = "The body is not base64 (RFC 7030 §4, RFC 8951)"
+
+
+class BodyTooLarge(Malformed):
+    code = "body-too-large"
+    title = "The request body is too large"
+    http_status = 413
+
+
+class EncryptedKeyUnsupported(Malformed):
+    code = "encrypted-key-unsupported"
+    title = "Server-generated keys are returned over TLS only (no DecryptKeyIdentifier attributes)"
+
+
+class CredentialsRequired(Unauthorized):
+    code = "credentials-required"
+    title = "HTTP Basic credentials are required: the mailbox and its one-time enrolment token"
+
+
+class StaleRequest(Unauthorized):
+    code = "stale-request"
+    title = "The signed request is too old or from the future (signingTime); sign it again"
+
+
+class NoKeyToCollect(PolicyRefused):
+    code = "no-key-to-collect"
+    title = "No server-generated key is waiting for these credentials"

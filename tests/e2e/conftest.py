@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,20 +32,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def faketime_prefix(offset_days: float | None) -> list[str]:
+def libfaketime() -> str:
+    """libfaketime from Debian's faketime package, preloaded directly: the `faketime` wrapper
+    keeps a named semaphore per pid that a SIGKILLed run leaves behind (sem_open: File exists)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("libfaketime is not installed (scripts/system-deps.sh installs the faketime package)")
+    return found[0]
+
+
+def faketime_env(offset_days: float | None) -> dict[str, str]:
     if not offset_days:
-        return []
-    if shutil.which("faketime") is None:
-        pytest.fail("faketime is not installed (scripts/system-deps.sh installs it)")
-    return ["faketime", "-f", f"+{offset_days}d"]
+        return {}
+    return {
+        "LD_PRELOAD": libfaketime(),
+        "FAKETIME": f"+{offset_days}d",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
 
 
 def _env(extra: dict[str, str] | None, offset_days: float | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKMS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKMS_") and not k.startswith("FAKETIME")}
+    env.pop("LD_PRELOAD", None)
     env["PYTHONUNBUFFERED"] = "1"
-    if offset_days:
-        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-        env["FAKETIME_NO_CACHE"] = "1"
+    env.update(faketime_env(offset_days))
     env.update(extra or {})
     return env
 
@@ -81,7 +92,7 @@ class Deployment:
         return {"MAILKMS_DATA": str(self.data), **self.server_env}
 
     def admin(self, *args: str, offset_days: float | None = None, check: bool = True) -> Result:
-        cmd = [*faketime_prefix(offset_days), str(BIN / "mailkms"), *args]
+        cmd = [str(BIN / "mailkms"), *args]
         proc = subprocess.run(cmd, env=_env(self.env, offset_days), capture_output=True, text=True, timeout=120)
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
@@ -93,7 +104,6 @@ class Deployment:
         self.log_path = self.data / f"server-{time.monotonic_ns()}.log"
         log = open(self.log_path, "wb")
         cmd = [
-            *faketime_prefix(offset_days),
             str(BIN / "mailkms"),
             "serve",
             "--port",
@@ -181,7 +191,7 @@ class ClientHome:
     mailbox: str
 
     def run(self, *args: str, offset_days: float | None = None, input_text: str | None = None) -> Result:
-        cmd = [*faketime_prefix(offset_days), str(BIN / "mailkms-client"), "--home", str(self.home), *args]
+        cmd = [str(BIN / "mailkms-client"), "--home", str(self.home), *args]
         env = _env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}, offset_days)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, input=input_text)
         return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -219,6 +229,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 def enrolled(dep: Deployment, tmp_path: Path, mailbox: str) -> ClientHome:
     """A user enrolled end to end: token, enrol over HTTPS, mail in the Maildir, installed."""
     token = dep.add_user(mailbox)
+    (tmp_path / "token.txt").write_text(token)  # kept so tests can look for it in logs
     client = ClientHome(tmp_path / f"client-{mailbox}", mailbox)
     before = len(dep.mails(mailbox))
     res = client.enroll(dep, token)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.e2e.conftest import (
+    CLIENT_PASSPHRASE,
     ClientHome,
     Deployment,
     enrolled,
@@ -76,6 +77,18 @@ def test_enrol_sync_judged_by_pkilint_and_openssl(deployment: Deployment, tmp_pa
     )
     assert verify.returncode == 0, verify.stderr
     assert b"Verification successful" in verify.stderr
+
+    # No secret in any log line or audit record: the token, the passphrases, the private keys.
+    token_file = tmp_path / "token.txt"
+    secrets_made = [CLIENT_PASSPHRASE, (deployment.data / "ca" / "passphrase").read_text().strip()]
+    if token_file.exists():
+        secrets_made.append(token_file.read_text().strip())
+    audit_rows = "\n".join(
+        str(r) for r in sqlite3.connect(deployment.data / "mailkms.db").execute("select * from audit_log")
+    )
+    for secret in secrets_made:
+        assert secret not in deployment.log() and secret not in audit_rows
+    assert "PRIVATE KEY" not in deployment.log() and "PRIVATE KEY" not in audit_rows
 
     # admin views
     shown = deployment.admin("user", "show", MAILBOX, "--json").json()

@@ -7,16 +7,18 @@ Server and client run as real processes with their clocks moved by faketime:
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from cryptography import x509
 from dateutil.relativedelta import relativedelta
 
-from tests.e2e.conftest import Deployment, enrolled, openssl, pkilint_smime
+from tests.e2e.conftest import CLIENT_PASSPHRASE, Deployment, enrolled, faketime_env, openssl, pkilint_smime
 
 PROMPT = (
     "Your security certificates are approaching expiration.\n"
@@ -141,30 +143,10 @@ def test_two_logons_at_once_and_a_retry_issue_one_pair(deployment: Deployment, t
     alice = enrolled(dep, tmp_path, "alice@example.org")
     _restart(dep, TWELVE_AND_A_HALF)
     before = len(dep.mails("alice@example.org"))
-    cmd = alice.home
-    procs = [
-        subprocess.Popen(
-            [
-                "faketime",
-                "-f",
-                f"+{TWELVE_AND_A_HALF}d",
-                str(Path(__import__("sys").executable).parent / "mailkms-client"),
-                "--home",
-                str(cmd),
-                "logon",
-                "--answer",
-                "yes",
-            ],
-            env={
-                **__import__("os").environ,
-                "MAILKMS_CLIENT_PASSPHRASE": "client-passphrase-made-for-this-run",
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
+    env = {**os.environ, **faketime_env(TWELVE_AND_A_HALF), "MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}
+    client_bin = str(Path(sys.executable).parent / "mailkms-client")
+    logon = [client_bin, "--home", str(alice.home), "logon", "--answer", "yes"]
+    procs = [subprocess.Popen(logon, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     # a retry, as after a dropped connection: the server answers with the same request

@@ -9,6 +9,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from mailkms.api import _observability
+from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
@@ -59,6 +60,7 @@ def create_app(services: Services) -> FastAPI:
     )
     _install_handlers(app)
     app.include_router(publication_router(services))
+    app.include_router(est_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
     settings = services.settings

@@ -14,6 +14,7 @@ from rich.table import Table
 from mailkms import logs
 from mailkms.cli import _scale
 from mailkms.cli._exit import exit_on_error
+from mailkms.cli._recovery import register as _register_recovery
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError
@@ -91,10 +92,16 @@ def init(
         )
         data = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
+        if result.recovery_share:
+            data["recovery_share"] = result.recovery_share
+            text += (
+                f"\n\nArchive recovery: a 1-of-1 bootstrap ceremony; its share file is {result.recovery_share}"
+                "\nMove it off this machine and appoint officers: mailkms recovery init --officers N --threshold M"
+            )
         if result.recovery_passphrase:
             data["recovery_passphrase"] = result.recovery_passphrase
             text += (
-                f"\n\nArchive recovery passphrase (shown once, never stored; keep it offline):\n"
+                f"\nPassphrase of that share (shown once, never stored; keep it offline):\n"
                 f"  {result.recovery_passphrase}"
             )
         _emit(data, as_json, text)
@@ -284,6 +291,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
 
 
 _scale.register(app)
+_register_recovery(app)
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Calla
             if renewed:
                 log.info("renewed server identities: %s", ", ".join(renewed))
             await asyncio.to_thread(services.nonces.purge)
+            await asyncio.to_thread(services.recovery.purge)  # held recoveries whose token died
         except Exception:
             log.exception("daily maintenance failed")
 

@@ -15,10 +15,9 @@ from typing import Annotated
 import typer
 
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
-from mailkms.client._http import ServerRefused
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailkmsError
+from mailkms.errors import MailkmsError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(
@@ -41,6 +40,7 @@ USER_TEXT = {
     "token-expired": "This enrolment token has expired. Ask your administrator for a new one.",
     "token-wrong-mailbox": "This enrolment token was made for another e-mail address.",
     "token-invalid": "This enrolment token is not valid. Check it, or ask your administrator for a new one.",
+    "token-replaced": "This enrolment token was replaced by a newer one. Use the newest token you were given.",
     "not-due": "Your certificates are not yet due for renewal.",
 }
 

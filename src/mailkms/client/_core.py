@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from mailkms.client._http import Api, ServerUnreachable, fetch_pinned_root
+from mailkms.client._http import Api, fetch_pinned_root
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -26,7 +26,7 @@ from mailkms.client._store import (
     signing_key_name,
 )
 from mailkms.clock import Clock
-from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError
+from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError, ServerUnreachable
 from mailkms.pki import (
     DELIVERY_HEADER,
     KeyType,
@@ -255,6 +255,7 @@ class Client:
         enc_key = recovered.get(manifest.encryption_serial)
         if enc_key is None or not same_public_key(enc_key.public_key(), encryption.public_key()):  # type: ignore[arg-type]
             raise DeliveryRefused("the delivered encryption key does not match the encryption certificate")
+        _check_history(recovered, by_serial, manifest.encryption_serial, state.mailbox)
         # Everything checked: now write. Keys first, state last (atomic), so nothing is half-installed.
         sig_serial = manifest.signing_serial
         self.store.write_key(signing_key_name(sig_serial), signing_key, passphrase)
@@ -367,6 +368,24 @@ def _open_envelope(der: bytes, candidates: list[tuple[x509.Certificate, PrivateK
         except BadMessage:
             continue
     raise DeliveryRefused("no key of this client opens the delivered key (it was addressed to someone else)")
+
+
+def _check_history(
+    recovered: dict[str, PrivateKey], by_serial: dict[str, x509.Certificate], current: str, mailbox: str
+) -> None:
+    """Earlier keys (a recovery delivery): each needs its own certificate in the certs-only part, for
+    this mailbox, holding that key's public half. The signed delivery vouches for them; they may be
+    expired or revoked by now, which is why their dates are not checked (old mail still opens)."""
+    for serial, key in recovered.items():
+        if serial == current:
+            continue
+        cert = by_serial.get(serial)
+        if cert is None:
+            raise DeliveryRefused(f"the delivery lacks the certificate of the earlier key {serial}")
+        if mailbox not in mailboxes_of(cert):
+            raise DeliveryRefused(f"the certificate of the earlier key {serial} is for another mailbox")
+        if not same_public_key(key.public_key(), cert.public_key()):  # type: ignore[arg-type]
+            raise DeliveryRefused(f"the earlier key {serial} does not match its certificate")
 
 
 def _describe(headers: Message) -> str:

@@ -9,28 +9,8 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailkms.errors import MailkmsError, Malformed
+from mailkms.errors import FingerprintMismatch, Malformed, ServerRefused, ServerUnreachable
 from mailkms.pki import fingerprint_sha256, normalise_fingerprint
-
-
-class ServerRefused(MailkmsError):
-    """The server answered with a problem document."""
-
-    code = "server-refused"
-    title = "The server refused the request"
-    exit_code = 6
-
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
-        self.status = status
-        self.problem_type_uri = str(problem.get("type", ""))
-        self.problem_code = self.problem_type_uri.rsplit(":", 1)[-1]
-        super().__init__(str(problem.get("detail") or problem.get("title") or f"HTTP {status}"))
-
-
-class ServerUnreachable(MailkmsError):
-    code = "server-unreachable"
-    title = "The server cannot be reached"
-    exit_code = 10
 
 
 def _client(server: str, verify: ssl.SSLContext | bool) -> httpx.Client:
@@ -54,15 +34,9 @@ def fetch_pinned_root(server: str, fingerprint: str) -> tuple[x509.Certificate, 
     for cert in chain:
         if fingerprint_sha256(cert) == want:
             return cert, chain
-    raise MalformedFingerprint(
+    raise FingerprintMismatch(
         "the server's root CA does not match the fingerprint you were given: do not trust this server"
     )
-
-
-class MalformedFingerprint(MailkmsError):
-    code = "fingerprint-mismatch"
-    title = "The CA fingerprint does not match"
-    exit_code = 11
 
 
 def pinned_context(root: x509.Certificate) -> ssl.SSLContext:

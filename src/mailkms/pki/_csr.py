@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from asn1crypto import csr as asn1_csr
 from asn1crypto import pem as asn1_pem
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -53,7 +53,7 @@ def check_csr(data: bytes) -> CheckedCSR:
         spki_der = info["subject_pk_info"].dump()
         algo = request["signature_algorithm"]
         signature_algo = algo.signature_algo
-        hash_name = algo.hash_algo
+        hash_name = None if signature_algo == "rsassa_pss" else algo.hash_algo
         signature = request["signature"].native
         tbs = info.dump()
         claimed = (
@@ -65,18 +65,18 @@ def check_csr(data: bytes) -> CheckedCSR:
         raise BadCSR(f"not a PKCS#10 certificate request ({exc.__class__.__name__})") from None
     try:
         loaded = serialization.load_der_public_key(spki_der)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise BadCSR("the request's public key cannot be read") from None
     if not isinstance(loaded, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise BadCSR("only RSA and ECDSA keys are accepted")
     key_type_of(loaded)  # refuses sizes and curves we do not issue for
+    if signature_algo == "rsassa_pss":  # before the hash: PSS names its hash in parameters (SHA-1 by default)
+        raise BadCSR("RSASSA-PSS request signatures are not supported; sign with PKCS#1 v1.5 or ECDSA")
     if hash_name not in _HASHES:
         raise BadCSR(f"signature hash {hash_name} is not accepted (SHA-256/384/512)")
     digest = _HASHES[hash_name]()
     try:
         if isinstance(loaded, rsa.RSAPublicKey):
-            if signature_algo == "rsassa_pss":
-                raise BadCSR("RSASSA-PSS request signatures are not supported")
             if signature_algo != "rsassa_pkcs1v15":
                 raise BadCSR("the request's signature algorithm does not match its RSA key")
             loaded.verify(signature, tbs, padding.PKCS1v15(), digest)

@@ -96,7 +96,7 @@ class Issuer:
     def prepare_ocsp_responder(self, public_key: PublicKey, now: dt.datetime) -> PreparedCertificate:
         validity = fixed_validity(now - dt.timedelta(minutes=5), OCSP_RESPONDER_LIFETIME)
         serial = random_serial()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailkms OCSP responder")])
+        name = _delegate_name(self._signer.certificate.subject, "mailkms OCSP responder")
         ext = ocsp_responder_extensions(public_key, self._signer.certificate)
         builder = _builder(name, self._signer.certificate.subject, public_key, serial, validity, ext)
         return PreparedCertificate(CertKind.OCSP_RESPONDER, builder, serial, validity)
@@ -107,6 +107,13 @@ class Issuer:
         prepared._used = True
         key = self._signer.private_key
         return prepared.builder.sign(key, signature_hash_for(key))
+
+
+def _delegate_name(ca_subject: x509.Name, common_name: str) -> x509.Name:
+    """The CA's own C and O with a CN of its own: a CA-operated delegate is named like a CA
+    (TLS BR 7.1.2.10.2, which pkilint applies with `-t OCSP-RESPONDER`)."""
+    kept = [a for a in ca_subject if a.oid in (NameOID.COUNTRY_NAME, NameOID.ORGANIZATION_NAME)]
+    return x509.Name([*kept, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _builder(

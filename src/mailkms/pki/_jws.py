@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
-from joserfc.errors import BadSignatureError, JoseError
+from joserfc.errors import BadSignatureError, ExceededSizeError, JoseError
 from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import FlattenedJSONSerialization
 from joserfc.registry import HeaderParameter
@@ -23,14 +23,21 @@ from joserfc.registry import HeaderParameter
 from mailkms.errors import BadJWS, BadSignature
 from mailkms.pki._keys import PrivateKey
 
-_REGISTRY = jws.JWSRegistry(
+
+class _Registry(jws.JWSRegistry):
+    # joserfc caps the protected header at 512 bytes, but one x5c certificate is about 1 kB:
+    # with the default every real request failed as a "bad signature". 32 KiB holds a chain of
+    # RSA-4096 certificates and still bounds what an unauthenticated caller can make us parse.
+    max_header_length = 32 * 1024
+
+
+_REGISTRY = _Registry(
     header_registry={
         "nonce": HeaderParameter("server nonce", "str", True),
         "url": HeaderParameter("request URL", "str", True),
     },
     algorithms=["RS256", "ES256", "ES384"],
 )
-_REGISTRY.max_header_length = 16_384  # the x5c chain lives in the protected header (512 bytes by default)
 
 
 def _alg_for(key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
@@ -83,6 +90,8 @@ def verify_request(body: object) -> SignedRequest:
     """Verify the JWS with the key of the first x5c certificate. Trust is the caller's to decide."""
     if not isinstance(body, dict) or not all(k in body for k in ("protected", "payload", "signature")):
         raise BadJWS("expected a flattened JWS: {protected, payload, signature}")
+    if len(str(body["protected"])) > _REGISTRY.max_header_length:
+        raise BadJWS("the signed request is too large")
     header = _b64url_json(str(body["protected"]))
     x5c = header.get("x5c")
     if not isinstance(x5c, list) or not x5c:
@@ -110,6 +119,8 @@ def verify_request(body: object) -> SignedRequest:
             _jwk(public),
             registry=_REGISTRY,
         )
+    except ExceededSizeError:
+        raise BadJWS("the signed request is too large") from None
     except BadSignatureError:
         raise BadSignature("the request's signature does not verify") from None
     except JoseError as exc:

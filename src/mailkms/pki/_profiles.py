@@ -87,14 +87,17 @@ def ca_name(common_name: str, organization: str, country: str | None) -> x509.Na
     return x509.Name(attrs)
 
 
+UB_COMMON_NAME = 64  # RFC 5280 ub-common-name; a mailbox may have up to 254 characters
+
+
 def mailbox_name(mailbox: str) -> x509.Name:
-    """Strict MV subject: CN and emailAddress, each byte-identical to the SAN."""
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, mailbox),
-            x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox),
-        ]
-    )
+    """Strict MV subject: CN and emailAddress, each byte-identical to the SAN.
+
+    The CN is optional in the strict profile; a mailbox too long for it goes in emailAddress only.
+    """
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, mailbox)] if len(mailbox) <= UB_COMMON_NAME else []
+    attrs.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox))
+    return x509.Name(attrs)
 
 
 def _ku(**bits: bool) -> x509.KeyUsage:

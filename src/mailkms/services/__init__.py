@@ -4,19 +4,32 @@ from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
+from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
 from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._recovery import (
+    CeremonyResult,
+    CeremonyView,
+    NewOfficer,
+    Recovery,
+    RecoveryResult,
+    ShareInput,
+)
 from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
 __all__ = [
+    "EST",
+    "HANDOVER_WINDOW",
     "AuditLog",
     "AuditReport",
     "CAContext",
     "CAPaths",
+    "CeremonyResult",
+    "CeremonyView",
     "CertDates",
     "Composer",
     "Enrolment",
@@ -24,12 +37,17 @@ __all__ = [
     "InitResult",
     "KeyPool",
     "KeySource",
+    "NewOfficer",
     "Nonces",
     "PairIssuer",
+    "Recovery",
+    "RecoveryResult",
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
+    "ServerKey",
     "Services",
+    "ShareInput",
     "SweepReport",
     "UserAdmin",
     "UserState",

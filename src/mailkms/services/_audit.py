@@ -32,37 +32,6 @@ def record_hash(seq: int, at: dt.datetime, actor: str, action: str, subject: str
 
 AuditObserver = Callable[[str, Mapping[str, object]], None]
 _PENDING = "mailkms_audit_pending"  # (observers, action, details) to tell after commit
-_QUEUE = "mailkms_audit_queue"  # records to chain at commit: (at, actor, action, subject, details)
-
-
-def _chain_queued(session: Session) -> None:
-    """At commit: lock the head row, chain the transaction's records, write them.
-
-    The head row is the one lock every writer shares; taking it only now, as the last lock of the
-    transaction, keeps it for milliseconds even when the transaction did slow work (an RSA key
-    generated inline, a mail signed), so nodes do not queue behind each other's slow work.
-    """
-    queue = session.info.pop(_QUEUE, None)
-    if not queue:
-        return
-    head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
-    if head is None:
-        head = AuditHead(id=1, seq=0, hash=GENESIS)
-        session.add(head)
-        session.flush()
-    seq, prev = head.seq, head.hash
-    for at, actor, action, subject, text in queue:
-        seq += 1
-        digest = record_hash(seq, at, actor, action, subject, text, prev)
-        session.add(
-            AuditRecord(
-                seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=prev, hash=digest
-            )
-        )
-        prev = digest
-    head.seq = seq
-    head.hash = prev
-    session.flush()
 
 
 def _after_commit(session: Session) -> None:
@@ -76,10 +45,8 @@ def _after_commit(session: Session) -> None:
 
 def _after_rollback(session: Session) -> None:
     session.info.pop(_PENDING, None)
-    session.info.pop(_QUEUE, None)
 
 
-event.listen(Session, "before_commit", _chain_queued)
 event.listen(Session, "after_commit", _after_commit)
 event.listen(Session, "after_rollback", _after_rollback)
 
@@ -89,15 +56,30 @@ class AuditLog:
         self._clock = clock
         self._observers = tuple(observers)  # told of each record once its transaction has committed
 
-    def append(self, session: Session, actor: str, action: str, subject: str, **details: object) -> None:
-        """Record a change of state in the caller's transaction; it is chained and written at commit."""
+    def append(self, session: Session, actor: str, action: str, subject: str, **details: object) -> AuditRecord:
+        """Append in the caller's transaction; the head row lock orders concurrent writers."""
         for key in details:
             if any(word in key.lower() for word in _SECRET_WORDS) and not key.endswith("_id"):
                 raise ValueError(f"audit detail {key!r} looks like a secret; audit records never hold secrets")
+        head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
+        if head is None:
+            head = AuditHead(id=1, seq=0, hash=GENESIS)
+            session.add(head)
+            session.flush()
+        seq = head.seq + 1
+        at = self._clock.now()
         text = json.dumps(details, sort_keys=True, default=str, separators=(",", ":"))
-        session.info.setdefault(_QUEUE, []).append((self._clock.now(), actor, action, subject, text))
+        digest = record_hash(seq, at, actor, action, subject, text, head.hash)
+        record = AuditRecord(
+            seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=head.hash, hash=digest
+        )
+        session.add(record)
+        head.seq = seq
+        head.hash = digest
+        session.flush()
         if self._observers:
             session.info.setdefault(_PENDING, []).append((self._observers, action, details))
+        return record
 
 
 @dataclass(frozen=True)
@@ -130,6 +112,8 @@ def verify_chain(session: Session) -> AuditReport:
         prev = record.hash
         expected_seq = record.seq + 1
     head = session.get(AuditHead, 1)
+    if head is None and count:
+        problems.append(f"the chain head is missing (records after seq {expected_seq - 1} may have been removed)")
     if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
         problems.append(
             f"the chain ends at seq {expected_seq - 1} but the head says {head.seq} (records removed at the end)"

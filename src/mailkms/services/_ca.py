@@ -25,12 +25,12 @@ from mailkms.pki import (
     fingerprint_sha256,
     generate_key,
     load_private_key,
-    make_archive_certificate,
     make_issuing_ca,
     make_root,
     make_tls_server,
     subscriber_validity,
 )
+from mailkms.services._recovery import init_bootstrap_ceremony
 
 TLS_RENEW_BEFORE = dt.timedelta(days=30)
 MAIL_SIGNER_RENEW_BEFORE = dt.timedelta(days=90)
@@ -82,12 +82,8 @@ class CAPaths:
         return self.data_dir / "mail" / "signer.key.pem"
 
     @property
-    def archive_cert(self) -> Path:
-        return self.data_dir / "archive" / "archive.crt.pem"
-
-    @property
-    def archive_key(self) -> Path:
-        return self.data_dir / "archive" / "archive.key.pem"
+    def recovery_dir(self) -> Path:
+        return self.data_dir / "recovery"  # the bootstrap ceremony (services/_recovery.py)
 
     def exists(self) -> bool:
         return self.root_cert.exists() and self.issuing_cert.exists()
@@ -132,6 +128,7 @@ def ca_passphrase(paths: CAPaths, from_env: str, create: bool) -> bytes:
 class InitResult:
     root_fingerprint: str
     recovery_passphrase: str | None  # shown once when generated
+    recovery_share: str | None = None  # the bootstrap ceremony's share file
 
 
 def init_ca(
@@ -161,17 +158,16 @@ def init_ca(
     _write(paths.root_cert, _pem(root))
     _write(paths.issuing_cert, _pem(issuing))
 
-    # The archive key: its private half never sits in the clear; routine work only needs the public half.
-    archive_key = generate_key(KeyType.RSA3072)
+    # The archive is enveloped to a recovery key whose private half is wrapped under a KEK held
+    # only as shares: here a 1-of-1 bootstrap ceremony, until `mailkms recovery init` names officers.
     shown = None
     if not recovery_passphrase:
         recovery_passphrase = shown = secrets.token_urlsafe(24)
-    _write(paths.archive_key, encrypt_private_key(archive_key, recovery_passphrase.encode()), 0o600)
-    _write(paths.archive_cert, _pem(make_archive_certificate(archive_key, now)))
+    share = init_bootstrap_ceremony(paths.recovery_dir, now, recovery_passphrase.encode())
 
     ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls)
     ctx.ensure_server_identities(hostnames, mail_from, clock)
-    return InitResult(fingerprint_sha256(root), shown)
+    return InitResult(fingerprint_sha256(root), shown, str(share))
 
 
 class CAContext:
@@ -183,14 +179,12 @@ class CAContext:
         passphrase: bytes,
         root: x509.Certificate,
         issuing: SoftSigner,
-        archive: x509.Certificate,
         urls: PublicURLs,
     ) -> None:
         self.paths = paths
         self._passphrase = passphrase
         self.root = root
         self.issuing = issuing
-        self.archive = archive
         self.urls = urls
         self.issuer = Issuer(issuing, urls)
         self.mail_signer: SoftSigner | None = None
@@ -210,7 +204,6 @@ class CAContext:
             passphrase,
             _load_cert(paths.root_cert),
             SoftSigner(_load_cert(paths.issuing_cert), issuing_key),
-            _load_cert(paths.archive_cert),
             urls,
         )
         if paths.mail_cert.exists() and paths.mail_key.exists():

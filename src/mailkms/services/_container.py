@@ -12,8 +12,10 @@ from mailkms.pki import PublicURLs
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._enrolment import Enrolment
+from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer
 from mailkms.services._keypool import KeyPool
+from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
 from mailkms.store import Database
@@ -42,6 +44,8 @@ class Services:
     nonces: Nonces
     renewal: Renewal
     issuer: PairIssuer
+    est: EST
+    recovery: Recovery
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -57,6 +61,7 @@ class Services:
             pool = KeyPool(db, wrapping, clock, settings.policy.encryption_key_type, settings.pool.size)
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
+        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
         return cls(
             settings=settings,
             clock=clock,
@@ -66,9 +71,11 @@ class Services:
             users=UserAdmin(db, settings, clock, audit),
             enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from),
             nonces=nonces,
-            renewal=Renewal(db, ca, issuer, nonces, settings, clock, audit),
+            renewal=renewal,
             issuer=issuer,
             key_pool=pool,
+            est=EST(db, ca, issuer, renewal, settings, clock, audit),
+            recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
         )
 
     def ensure_server_identities(self) -> list[str]:

@@ -13,6 +13,7 @@ from mailkms.errors import BadKey, BadMessage, MailkmsError, TokenInvalid
 from mailkms.pki import check_csr
 from mailkms.services._audit import AuditLog
 from mailkms.services._issuance import PairIssuer
+from mailkms.services._recovery import take_recovery_hold
 from mailkms.services._tokens import redeem_token
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import Database, User
@@ -57,7 +58,11 @@ class Enrolment:
                 assert user is not None
                 self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose)
                 kind = "recovery" if row.purpose == "recovery" else "enrolment"
-                pair = self._issuer.issue_pair(session, user, kind, checked.public_key, transport, actor=mailbox)
+                # a recovery token brings the user's whole key history, held sealed since `mailkms recover`
+                history = take_recovery_hold(session, row, token) if kind == "recovery" else []
+                pair = self._issuer.issue_pair(
+                    session, user, kind, checked.public_key, transport, actor=mailbox, extra_keys=history
+                )
         except MailkmsError as exc:
             self._refused(mailbox, exc)
             raise

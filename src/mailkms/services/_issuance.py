@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from mailkms.pki import (
 )
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
+from mailkms.services._recovery import archive_recipient
 from mailkms.store import ArchivedKey, Certificate, IssuanceRequest, OutboxMessage, User
 
 
@@ -73,6 +74,37 @@ class PairIssuer:
         extra_keys: Sequence[tuple[str, bytes]] = (),
     ) -> IssuedPair:
         """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add."""
+        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor)
+        keys = [(serial_hex(pair.encryption.serial_number), enc_der, key_recipient)]
+        keys += [(serial, der, key_recipient) for serial, der in extra_keys]
+        _, reminder_months = self._settings.policy.for_group(user.group)
+        history = _certificates(session, [serial for serial, _ in extra_keys])  # the client files each key
+        outbox = self._queue_delivery(
+            session,
+            user,
+            kind,
+            request.id,
+            pair.generation,
+            pair.signing,
+            pair.encryption,
+            keys,
+            reminder_months,
+            history,
+        )
+        request.outbox_id = outbox.id
+        return pair
+
+    def issue_pair_undelivered(
+        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+    ) -> tuple[IssuedPair, bytes]:
+        """The same pair, archived the same way, but no delivery mail: the caller hands the
+        encryption key (returned as PKCS#8 DER) over itself (EST serverkeygen)."""
+        pair, _, enc_der = self._issue(session, user, kind, signing_key, actor)
+        return pair, enc_der
+
+    def _issue(
+        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+    ) -> tuple[IssuedPair, IssuanceRequest, bytes]:
         now = self._clock.now()
         policy = self._settings.policy
         lifetime, _ = policy.for_group(user.group)
@@ -121,12 +153,12 @@ class PairIssuer:
                 not_after=cert.not_valid_after_utc.isoformat(),
                 request_id=request.id,
             )
-        archive_fp = self._ca.archive.fingerprint(hashes.SHA256()).hex()
+        archive, archive_fp = archive_recipient(session, self._ca.paths.recovery_dir, self._audit)
         session.add(
             ArchivedKey(
                 user_id=user.id,
                 certificate_serial=serial_hex(encryption.serial_number),
-                envelope=envelope(enc_der, [self._ca.archive]),
+                envelope=envelope(enc_der, [archive]),
                 archive_key_id=archive_fp,
                 created_at=now,
             )
@@ -139,17 +171,10 @@ class PairIssuer:
             serial=serial_hex(encryption.serial_number),
             archive=archive_fp,
         )
-        keys = [(serial_hex(encryption.serial_number), enc_der, key_recipient)]
-        keys += [(serial, der, key_recipient) for serial, der in extra_keys]
-        _, reminder_months = policy.for_group(user.group)
-        outbox = self._queue_delivery(
-            session, user, kind, request.id, generation, signing, encryption, keys, reminder_months
-        )
-        request.outbox_id = outbox.id
         user.generation = generation
         user.status = "enrolled"
         user.revoked_at = None
-        return IssuedPair(request.id, generation, signing, encryption)
+        return IssuedPair(request.id, generation, signing, encryption), request, enc_der
 
     def _queue_delivery(
         self,
@@ -162,6 +187,7 @@ class PairIssuer:
         encryption: x509.Certificate,
         keys: list[tuple[str, bytes, x509.Certificate]],
         reminder_months: int,
+        history: Sequence[x509.Certificate] = (),
     ) -> OutboxMessage:
         now = self._clock.now()
         manifest = Manifest(
@@ -183,7 +209,7 @@ class PairIssuer:
             message_id=message_id,
             sender=self._settings.server.effective_mail_from,
             recipient=user.email,
-            body=self.delivery_bytes(manifest, [signing, encryption], keys, message_id),
+            body=self.delivery_bytes(manifest, [signing, encryption, *history], keys, message_id),
             purpose=f"delivery:{kind}",
         )
 
@@ -233,6 +259,13 @@ class PairIssuer:
         )
         self._audit.append(session, actor, "delivery.resent", user.email, request_id=request.id)
         return msg
+
+
+def _certificates(session: Session, serials: Sequence[str]) -> list[x509.Certificate]:
+    if not serials:
+        return []
+    rows = session.execute(select(Certificate).where(Certificate.serial.in_(serials))).scalars()
+    return [x509.load_der_x509_certificate(row.der) for row in rows]
 
 
 def queue_message(

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -111,13 +112,7 @@ class Renewal:
         return request
 
     def _certificate_owner(self, session: Session, request: SignedRequest) -> tuple[Certificate, User]:
-        row = session.execute(
-            select(Certificate).where(Certificate.serial == serial_hex(request.certificate.serial_number))
-        ).scalar_one_or_none()
-        if row is None or row.kind != "signing" or row.user_id is None:
-            raise NotCurrentCertificate("the certificate is not a signing certificate this server knows")
-        user = session.get(User, row.user_id)
-        assert user is not None
+        row, user = _known_signing(session, request.certificate)
         claimed = request.payload.get("mailbox")
         if not isinstance(claimed, str) or normalise_mailbox(claimed) != user.email:
             raise NotOwner(f"this certificate belongs to {user.email}, not to the mailbox in the request")
@@ -134,39 +129,58 @@ class Renewal:
             with self._db.transaction() as session:
                 cert, user = self._certificate_owner(session, request)
                 subject = user.email
-                if user.status == "revoked" or cert.revoked_at is not None:
-                    raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
-                if cert.generation == user.generation - 1:
-                    served = self._request_for(session, user, user.generation)
-                    if served is not None and served.kind == "renewal":
-                        self._audit.append(session, user.email, "renewal.repeated", user.email, request_id=served.id)
-                        return RenewalAccepted(served.id, served.generation, True, user.email)
-                if cert.generation != user.generation:
-                    raise NotCurrentCertificate("this is not your current signing certificate")
-                state, _ = state_of(session, user, self._settings, self._clock.now())
-                if state is UserState.EXPIRED:
-                    raise ReenrolmentRequired(
-                        "your certificates have expired and cannot be renewed; ask an administrator to enrol you again"
-                    )
-                if state is not UserState.DUE:
-                    raise NotDue("your certificates are not yet due for renewal")
-                checked = check_csr(csr_text.encode())
-                if any(normalise_mailbox(e) != user.email for e in checked.claimed_emails):
-                    raise BadCSR("the certificate request names another mailbox")
-                enc = current_encryption(session, user)
-                assert enc is not None
-                recipient = x509.load_der_x509_certificate(enc.der)
-                self._audit.append(session, user.email, "renewal.received", user.email, serial=cert.serial)
-                pair = self._issuer.issue_pair(
-                    session, user, "renewal", checked.public_key, recipient, actor=user.email
-                )
-            return RenewalAccepted(pair.request_id, pair.generation, False, subject)
+                return self._renew(session, cert, user, csr_text.encode())
         except IntegrityError:
             # Another request for the same generation won the race: answer with its result.
             return self._after_race(subject)
         except MailkmsError as exc:
             self._refused(subject, "renewal.refused", exc)
             raise
+
+    def renew_proven(self, certificate: x509.Certificate, csr: bytes) -> RenewalAccepted:
+        """Renewal for a requester who proved by other means than a JWS that they hold the key of
+        `certificate` (EST simplereenroll). The same rules and the same issuance as `renew`."""
+        subject = "unknown"
+        try:
+            if not issued_by(certificate, self._ca.issuing.certificate):
+                raise UnknownIssuer("the signing certificate was not issued by this CA")
+            with self._db.transaction() as session:
+                cert, user = _known_signing(session, certificate)
+                subject = user.email
+                return self._renew(session, cert, user, csr)
+        except IntegrityError:
+            return self._after_race(subject)
+        except MailkmsError as exc:
+            self._refused(subject, "renewal.refused", exc)
+            raise
+
+    def _renew(self, session: Session, cert: Certificate, user: User, csr: bytes) -> RenewalAccepted:
+        """The renewal rules: revoked, repeat, not current, expired, not due; then a new pair."""
+        if user.status == "revoked" or cert.revoked_at is not None:
+            raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
+        if cert.generation == user.generation - 1:
+            served = self._request_for(session, user, user.generation)
+            if served is not None and served.kind == "renewal":
+                self._audit.append(session, user.email, "renewal.repeated", user.email, request_id=served.id)
+                return RenewalAccepted(served.id, served.generation, True, user.email)
+        if cert.generation != user.generation:
+            raise NotCurrentCertificate("this is not your current signing certificate")
+        state, _ = state_of(session, user, self._settings, self._clock.now())
+        if state is UserState.EXPIRED:
+            raise ReenrolmentRequired(
+                "your certificates have expired and cannot be renewed; ask an administrator to enrol you again"
+            )
+        if state is not UserState.DUE:
+            raise NotDue("your certificates are not yet due for renewal")
+        checked = check_csr(csr)
+        if any(normalise_mailbox(e) != user.email for e in checked.claimed_emails):
+            raise BadCSR("the certificate request names another mailbox")
+        enc = current_encryption(session, user)
+        assert enc is not None
+        recipient = x509.load_der_x509_certificate(enc.der)
+        self._audit.append(session, user.email, "renewal.received", user.email, serial=cert.serial)
+        pair = self._issuer.issue_pair(session, user, "renewal", checked.public_key, recipient, actor=user.email)
+        return RenewalAccepted(pair.request_id, pair.generation, False, user.email)
 
     def _after_race(self, mailbox: str) -> RenewalAccepted:
         with self._db.transaction() as session:
@@ -190,7 +204,7 @@ class Renewal:
                 if cert.generation not in (user.generation, user.generation - 1):
                     raise NotCurrentCertificate("this certificate is older than the previous generation")
                 latest = self._request_for(session, user, user.generation)
-                if latest is None:
+                if latest is None or latest.outbox_id is None:  # EST enrolments send no mail
                     raise NothingToResend()
                 self._issuer.requeue(session, latest, user, actor=user.email)
                 return RenewalAccepted(latest.id, latest.generation, True, user.email)
@@ -216,3 +230,20 @@ class Renewal:
     def _refused(self, mailbox: str, action: str, exc: MailkmsError) -> None:
         with self._db.transaction() as session:
             self._audit.append(session, mailbox, action, mailbox, reason=exc.code)
+
+
+def _known_signing(session: Session, certificate: x509.Certificate) -> tuple[Certificate, User]:
+    """The stored signing certificate that is exactly `certificate`, and its owner."""
+    row = session.execute(
+        select(Certificate).where(Certificate.serial == serial_hex(certificate.serial_number))
+    ).scalar_one_or_none()
+    if (
+        row is None
+        or row.kind != "signing"
+        or row.user_id is None
+        or row.der != certificate.public_bytes(serialization.Encoding.DER)
+    ):
+        raise NotCurrentCertificate("the certificate is not a signing certificate this server knows")
+    user = session.get(User, row.user_id)
+    assert user is not None
+    return row, user

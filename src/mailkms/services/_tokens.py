@@ -10,7 +10,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailkms.errors import TokenExpired, TokenInvalid, TokenUsed, TokenWrongMailbox
+from mailkms.errors import TokenExpired, TokenInvalid, TokenReplaced, TokenUsed, TokenWrongMailbox
 from mailkms.store import Token, User
 
 TOKEN_BYTES = 20  # 160 bits
@@ -39,8 +39,8 @@ def issue_token(session: Session, user: User, purpose: str, now: dt.datetime, tt
     return token
 
 
-def redeem_token(session: Session, user: User | None, token: str, now: dt.datetime) -> Token:
-    """Check and spend a token for `user`; each refusal has its own error."""
+def find_token(session: Session, user: User | None, token: str) -> Token:
+    """The token row of `user` for this secret, locked, spent or not (TokenInvalid / TokenWrongMailbox)."""
     row = session.execute(
         select(Token).where(Token.token_hash == token_hash(token)).with_for_update()
     ).scalar_one_or_none()
@@ -48,10 +48,16 @@ def redeem_token(session: Session, user: User | None, token: str, now: dt.dateti
         raise TokenInvalid("the enrolment token is not valid; ask your administrator for a new one")
     if user is None or not hmac.compare_digest(str(row.user_id), str(user.id)):
         raise TokenWrongMailbox("this enrolment token was issued for another mailbox")
+    return row
+
+
+def redeem_token(session: Session, user: User | None, token: str, now: dt.datetime) -> Token:
+    """Check and spend a token for `user`; each refusal has its own error."""
+    row = find_token(session, user, token)
     if row.used_at is not None:
         raise TokenUsed("this enrolment token has already been used; ask your administrator for a new one")
     if row.revoked_at is not None:
-        raise TokenInvalid("this enrolment token was replaced by a newer one")
+        raise TokenReplaced("this enrolment token was replaced by a newer one; use the newest token you were given")
     if now > row.expires_at:
         raise TokenExpired(f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; ask for a new one")
     row.used_at = now

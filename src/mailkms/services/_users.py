@@ -18,15 +18,20 @@ from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._tokens import issue_token
 from mailkms.store import Certificate, Database, User
 
-_MAILBOX = re.compile(
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$"
-)
+# RFC 5321 dot-atom local part (no leading, trailing or double dot; at most 64 characters) and a
+# domain of LDH labels of at most 63 characters under an alphabetic (or IDNA) top-level label:
+# what pkilint accepts as an rfc822Name in a certificate.
+_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_TLD = r"(?:[a-z]{2,63}|xn--[a-z0-9-]{1,59})"
+_MAILBOX = re.compile(rf"^(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?:{_LABEL}\.)+{_TLD}$")
 
 
 def normalise_mailbox(text: str) -> str:
     """ASCII mailboxes, compared and certified in lower case."""
     value = text.strip().lower()
-    if len(value) > 254 or not _MAILBOX.match(value) or ".." in value:
+    match = _MAILBOX.match(value)
+    if len(value) > 254 or match is None or len(match["local"]) > 64:
         raise Malformed(f"{text!r} is not a valid e-mail address")
     return value
 

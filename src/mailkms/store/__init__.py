@@ -1,6 +1,7 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
 from mailkms.store._db import Database, make_engine, migrate
+from mailkms.store._est import KeyHandover
 from mailkms.store._models import (
     ArchivedKey,
     AuditHead,
@@ -14,6 +15,7 @@ from mailkms.store._models import (
     User,
 )
 from mailkms.store._models_scale import JobClaim, PooledKey, Reminder
+from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
 
 __all__ = [
     "ArchivedKey",
@@ -24,9 +26,13 @@ __all__ = [
     "Database",
     "IssuanceRequest",
     "JobClaim",
+    "KeyHandover",
     "Nonce",
     "OutboxMessage",
     "PooledKey",
+    "RecoveryCeremony",
+    "RecoveryHead",
+    "RecoveryHold",
     "Reminder",
     "Token",
     "User",

@@ -95,6 +95,7 @@ class ArchivedKey(Base):
     envelope: Mapped[bytes] = mapped_column(LargeBinary)  # CMS EnvelopedData to the archive key
     archive_key_id: Mapped[str] = mapped_column(String(64))  # SHA-256 of the archive certificate
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ix_archived_keys_user", "user_id"),)
 
 
 class IssuanceRequest(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from mailkms.store._models import Base
+from mailkms.store import Base
 
 config = context.config
 target_metadata = Base.metadata

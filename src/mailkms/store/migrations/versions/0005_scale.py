@@ -1,14 +1,14 @@
-"""scale: reminders, job claims, key pool; audit head seeded; indexes for sweeps
+"""scale: reminders, job claims, key pool; indexes for sweeps
 
-Revision ID: 0002_scale
-Revises: 0001
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_scale"
-down_revision = "0001"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -50,11 +50,6 @@ def upgrade() -> None:
     # Sweeps look certificates up by kind and date; the outbox worker by claim.
     op.create_index("ix_certificates_kind_not_before", "certificates", ["kind", "not_before"])
     op.create_index("ix_certificates_kind_not_after", "certificates", ["kind", "not_after"])
-    # Seed the audit head so the first writers on an empty database lock a row instead of racing to insert it.
-    op.execute(
-        "INSERT INTO audit_head (id, seq, hash) SELECT 1, 0, '" + "0" * 64 + "' "
-        "WHERE NOT EXISTS (SELECT 1 FROM audit_head)"
-    )
 
 
 def downgrade() -> None:

@@ -1,0 +1,224 @@
+"""EST use cases on a real store (SQLite and PostgreSQL) and a fake clock: how EST maps onto the
+pair, the key hand-over, and the renewal rules shared with the update request."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from sqlalchemy import func, select
+
+from mailkms.errors import (
+    BadCSR,
+    EncryptedKeyUnsupported,
+    NoKeyToCollect,
+    NotCurrentCertificate,
+    NotDue,
+    ReenrolmentRequired,
+    Revoked,
+    StaleRequest,
+    TokenInvalid,
+    TokenUsed,
+    TokenWrongMailbox,
+    UnknownIssuer,
+)
+from mailkms.pki import (
+    KeyType,
+    PrivateKey,
+    generate_key,
+    load_private_key_der,
+    mailboxes_of,
+    open_with_secret,
+    same_public_key,
+)
+from mailkms.services import HANDOVER_WINDOW, token_hash
+from mailkms.store import ArchivedKey, Certificate, KeyHandover, OutboxMessage, User
+from tests.conftest import make_csr
+
+ALICE = "alice@example.org"
+MONTH = dt.timedelta(days=31)
+
+
+def der_csr(mailbox: str, key: PrivateKey | None = None) -> tuple[bytes, PrivateKey]:
+    pem, key = make_csr(mailbox, key)
+    return x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER), key
+
+
+def count(services, model) -> int:  # type: ignore[no-untyped-def]
+    with services.db.transaction() as session:
+        return int(session.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def enrol(services, mailbox: str = ALICE) -> tuple[str, PrivateKey, x509.Certificate]:  # type: ignore[no-untyped-def]
+    token = services.users.add(mailbox, "", None, "admin:test")
+    csr, key = der_csr(mailbox)
+    return token, key, services.est.simpleenroll(mailbox, token, csr)
+
+
+# --- enrolment and the key hand-over -----------------------------------------------------------
+def test_simpleenroll_issues_the_pair_and_serverkeygen_hands_over_the_archived_key(services, clock) -> None:
+    token = services.users.add(ALICE, "Alice", None, "admin:test")
+    csr, key = der_csr(ALICE)
+    signing = services.est.simpleenroll("Alice@Example.org", token, csr)
+    assert same_public_key(signing.public_key(), key.public_key())  # type: ignore[arg-type]
+    assert mailboxes_of(signing) == [ALICE]
+    view = services.users.show(ALICE)
+    assert view.state.value == "ACTIVE" and view.generation == 1
+    assert {c.kind for c in view.certificates} == {"signing", "encryption"}
+    assert count(services, OutboxMessage) == 0  # no transport key: no delivery mail
+    enc_serial = next(c.serial for c in view.certificates if c.kind == "encryption")
+    with services.db.transaction() as session:
+        assert session.execute(select(ArchivedKey).where(ArchivedKey.certificate_serial == enc_serial)).scalar_one()
+        handover = session.execute(select(KeyHandover)).scalar_one()
+        sealed, context = handover.sealed, f"mailkms-est|{ALICE}|{enc_serial}".encode()
+    with pytest.raises(ValueError):  # what the server stores of the token does not open it
+        open_with_secret(token_hash(token), sealed, context)
+
+    got = services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    assert format(got.certificate.serial_number, "x") == enc_serial
+    assert got.certificate.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
+    private = load_private_key_der(got.private_key_der)
+    assert same_public_key(private.public_key(), got.certificate.public_key())  # type: ignore[arg-type]
+
+    clock.advance(HANDOVER_WINDOW - dt.timedelta(seconds=1))  # a lost reply: the same key again
+    again = services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    assert again.private_key_der == got.private_key_der
+    clock.advance(dt.timedelta(seconds=2))
+    with pytest.raises(NoKeyToCollect):
+        services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    assert services.verify_audit().ok
+
+
+def test_serverkeygen_before_simpleenroll_is_refused_and_spends_nothing(services) -> None:
+    token = services.users.add(ALICE, "", None, "admin:test")
+    with pytest.raises(NoKeyToCollect, match="simpleenroll"):
+        services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    services.est.simpleenroll(ALICE, token, der_csr(ALICE)[0])  # the token still works
+
+
+def test_serverkeygen_refuses_other_credentials(services) -> None:
+    token, _, _ = enrol(services)
+    bob_token = services.users.add("bob@example.org", "", None, "admin:test")
+    with pytest.raises(TokenWrongMailbox):
+        services.est.serverkeygen(ALICE, bob_token, der_csr(ALICE)[0])
+    with pytest.raises(TokenInvalid):
+        services.est.serverkeygen(ALICE, token + "x", der_csr(ALICE)[0])
+    with pytest.raises(TokenInvalid):
+        services.est.serverkeygen("not a mailbox", token, der_csr(ALICE)[0])
+
+
+def test_serverkeygen_refuses_to_encrypt_the_key_to_a_named_key(services) -> None:
+    token, _, _ = enrol(services)
+    key = generate_key(KeyType.RSA2048)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.EMAIL_ADDRESS, ALICE)]))
+        .add_attribute(x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.54"), b"ski")
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(EncryptedKeyUnsupported):
+        services.est.serverkeygen(ALICE, token, csr.public_bytes(serialization.Encoding.DER))
+
+
+def test_a_request_naming_another_mailbox_is_refused_and_the_token_kept(services) -> None:
+    token = services.users.add(ALICE, "", None, "admin:test")
+    with pytest.raises(BadCSR, match=r"bob@example\.org"):
+        services.est.simpleenroll(ALICE, token, der_csr("bob@example.org")[0])
+    services.est.simpleenroll(ALICE, token, der_csr(ALICE)[0])
+    with pytest.raises(TokenUsed):
+        services.est.simpleenroll(ALICE, token, der_csr(ALICE)[0])
+    assert count(services, KeyHandover) == 1
+
+
+# --- re-enrolment: the renewal rules ---------------------------------------------------------------
+def reenrol_csr(key: PrivateKey) -> bytes:
+    return der_csr(ALICE, key)[0]
+
+
+def test_simplereenroll_renews_when_due_once_and_repeats_answer_the_same(services, clock) -> None:
+    _, key, first = enrol(services)
+    clock.advance(6 * MONTH)
+    with pytest.raises(NotDue):
+        services.est.simplereenroll(reenrol_csr(key))
+    with pytest.raises(NotCurrentCertificate):  # proof by another key
+        services.est.simplereenroll(reenrol_csr(generate_key(KeyType.RSA2048)))
+    clock.advance(6 * MONTH)  # past the 12-month reminder point
+    renewed = services.est.simplereenroll(reenrol_csr(key))
+    assert renewed.serial_number != first.serial_number
+    assert same_public_key(renewed.public_key(), key.public_key())  # type: ignore[arg-type]
+    assert services.users.show(ALICE).generation == 2
+    with services.db.transaction() as session:  # the encryption pair goes by mail, as for every renewal
+        assert session.execute(select(OutboxMessage.purpose)).scalars().all() == ["delivery:renewal"]
+    repeat = services.est.simplereenroll(reenrol_csr(key))
+    assert repeat.serial_number == renewed.serial_number
+    assert services.users.show(ALICE).generation == 2
+    assert services.verify_audit().ok
+
+
+def test_simplereenroll_refuses_expired_and_revoked(services, clock) -> None:
+    _, key, _ = enrol(services)
+    _, bob_key, _ = enrol(services, "bob@example.org")
+    with services.db.transaction() as session:
+        bob = session.execute(select(User).where(User.email == "bob@example.org")).scalar_one()
+        bob.status = "revoked"
+        for cert in session.execute(select(Certificate).where(Certificate.user_id == bob.id)).scalars():
+            cert.revoked_at = clock.now()
+    clock.advance(13 * MONTH)
+    with pytest.raises(Revoked):
+        services.est.simplereenroll(der_csr("bob@example.org", bob_key)[0])
+    clock.advance(6 * MONTH)
+    with pytest.raises(ReenrolmentRequired):
+        services.est.simplereenroll(reenrol_csr(key))
+
+
+def test_simplereenroll_needs_a_mailbox_in_the_request(services, clock) -> None:
+    _, key, _ = enrol(services)
+    bare = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    with pytest.raises(BadCSR, match="subject"):
+        services.est.simplereenroll(bare.public_bytes(serialization.Encoding.DER))
+
+
+# --- rekey: the new request signed with the current key (openssl cms, at the fake time) -----------
+def openssl_sign(tmp: Path, at: dt.datetime, cert: x509.Certificate, key: PrivateKey, content: bytes) -> bytes:
+    (tmp / "signer.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "signer.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tmp / "content.der").write_bytes(content)
+    command = ["openssl", "cms", "-sign", "-nodetach", "-binary", "-outform", "DER"]
+    command += ["-in", str(tmp / "content.der"), "-signer", str(tmp / "signer.pem"), "-inkey", str(tmp / "signer.key")]
+    faked = ["faketime", at.strftime("%Y-%m-%d %H:%M:%S"), *command]
+    return subprocess.run(faked, capture_output=True, check=True, env={**os.environ, "TZ": "UTC"}).stdout
+
+
+def test_rekey_with_a_request_signed_by_the_current_key(services, clock, tmp_path: Path) -> None:
+    _, key, first = enrol(services)
+    clock.advance(12 * MONTH)
+    new_key = generate_key(KeyType.P256)
+    new_csr = reenrol_csr(new_key)
+    stale = openssl_sign(tmp_path, clock.now() - dt.timedelta(hours=1), first, key, new_csr)
+    with pytest.raises(StaleRequest):
+        services.est.simplereenroll_signed(stale)
+    signed = openssl_sign(tmp_path, clock.now(), first, key, new_csr)
+    renewed = services.est.simplereenroll_signed(signed)
+    assert same_public_key(renewed.public_key(), new_key.public_key())  # type: ignore[arg-type]
+    assert services.est.simplereenroll_signed(signed).serial_number == renewed.serial_number  # a repeat
+
+    outsider_key = generate_key(KeyType.RSA2048)
+    outsider = (
+        x509.CertificateBuilder()
+        .subject_name(first.subject)
+        .issuer_name(first.subject)
+        .public_key(outsider_key.public_key())
+        .serial_number(first.serial_number)
+        .not_valid_before(first.not_valid_before_utc)
+        .not_valid_after(first.not_valid_after_utc)
+        .sign(outsider_key, hashes.SHA256())
+    )
+    with pytest.raises(UnknownIssuer):
+        services.est.simplereenroll_signed(openssl_sign(tmp_path, clock.now(), outsider, outsider_key, new_csr))

@@ -1,0 +1,222 @@
+"""Configuration: defaults, TOML file, environment overrides, and one clear ConfigError per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, load_settings
+from mailkms.errors import ConfigError
+from mailkms.pki import KeyType
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MAILKMS_* variable of the machine running the tests leaks into these."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MAILKMS_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def write(data: Path, text: str) -> None:
+    (data / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+# --- defaults --------------------------------------------------------------------------------------------
+def test_defaults(data: Path) -> None:
+    s = load_settings(data)
+    assert (s.policy.lifetime_months, s.policy.reminder_months) == (18, 12)
+    assert s.policy.token_ttl_days == 7
+    assert s.policy.encryption_key_type is KeyType.RSA2048
+    assert s.policy.signing_key_types == (KeyType.RSA2048, KeyType.RSA3072, KeyType.P256, KeyType.P384)
+    assert s.ca.key_type is KeyType.RSA3072
+    assert s.ca.country is None
+    assert s.smtp.mode == "sink"
+    assert s.server.effective_public_url == "http://localhost/"
+    assert s.server.effective_mail_from == "mailkms@localhost"
+    assert s.effective_database_url == f"sqlite:///{(data / 'mailkms.db').resolve()}"
+    assert s.data_dir == data
+
+
+def test_the_written_template_is_valid_and_means_the_defaults(data: Path) -> None:
+    write(data, CONFIG_TEMPLATE.format(hostname="kms.example.org", public_url="http://kms.example.org/"))
+    s = load_settings(data)
+    defaults = load_settings(data / "elsewhere")
+    assert s.policy == defaults.policy
+    assert s.ca == defaults.ca
+    assert s.smtp == defaults.smtp
+    assert s.server.hostname == "kms.example.org"
+    assert s.server.effective_mail_from == "mailkms@kms.example.org"
+
+
+def test_settings_are_frozen(data: Path) -> None:
+    s = load_settings(data)
+    with pytest.raises(ValidationError):
+        s.policy.lifetime_months = 12  # type: ignore[misc]
+
+
+# --- sources and their precedence: arguments > environment > TOML > defaults ----------------------------------
+def test_toml_file(data: Path) -> None:
+    write(data, "[policy]\nlifetime_months = 12\nreminder_months = 6\n[ca]\nkey_type = 'p384'\ncountry = 'DE'\n")
+    s = load_settings(data)
+    assert (s.policy.lifetime_months, s.policy.reminder_months) == (12, 6)
+    assert (s.ca.key_type, s.ca.country) == (KeyType.P384, "DE")
+
+
+def test_environment_overrides_the_file(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(data, "[policy]\nlifetime_months = 12\nreminder_months = 6\n")
+    monkeypatch.setenv("MAILKMS_POLICY__LIFETIME_MONTHS", "10")
+    s = load_settings(data)
+    assert (s.policy.lifetime_months, s.policy.reminder_months) == (10, 6)  # merged key by key
+
+
+def test_arguments_override_the_environment(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(data, "[policy]\nlifetime_months = 12\nreminder_months = 6\n")
+    monkeypatch.setenv("MAILKMS_POLICY__LIFETIME_MONTHS", "10")
+    s = load_settings(data, policy={"lifetime_months": 9})
+    assert s.policy.lifetime_months == 9
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "read"),
+    [
+        ("MAILKMS_POLICY__REMINDER_MONTHS", "11", lambda s: s.policy.reminder_months == 11),
+        ("MAILKMS_POLICY__TOKEN_TTL_DAYS", "3", lambda s: s.policy.token_ttl_days == 3),
+        ("MAILKMS_POLICY__SIGNING_KEY_TYPES", '["p256"]', lambda s: s.policy.signing_key_types == (KeyType.P256,)),
+        ("MAILKMS_CA__KEY_TYPE", "p256", lambda s: s.ca.key_type is KeyType.P256),
+        (
+            "MAILKMS_SERVER__PUBLIC_URL",
+            "http://pki.example.org",
+            lambda s: s.server.public_url == "http://pki.example.org/",
+        ),
+        ("MAILKMS_SMTP__STARTTLS", "false", lambda s: s.smtp.starttls is False),
+        (
+            "MAILKMS_DATABASE_URL",
+            "postgresql+psycopg://db/x",
+            lambda s: s.effective_database_url == "postgresql+psycopg://db/x",
+        ),
+        ("MAILKMS_CA_PASSPHRASE", "from-env", lambda s: s.ca_passphrase == "from-env"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.startswith("MAILKMS") else "",
+)
+def test_every_key_has_an_environment_variable(
+    data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    read,  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert read(load_settings(data))
+
+
+def test_other_mailkms_variables_are_not_configuration_mistakes(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAILKMS_DATA and the client's variables live beside the server's settings."""
+    for name in ("MAILKMS_DATA", "MAILKMS_CLIENT_HOME", "MAILKMS_CLIENT_PASSPHRASE", "MAILKMS_TEST_PG_URL"):
+        monkeypatch.setenv(name, "x")
+    assert load_settings(data).policy.lifetime_months == 18
+
+
+def test_the_passphrase_is_not_in_the_repr(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILKMS_CA_PASSPHRASE", "s3cret-passphrase")
+    assert "s3cret-passphrase" not in repr(load_settings(data))
+
+
+def test_public_url_gets_a_trailing_slash_and_names_the_mail_domain(data: Path) -> None:
+    write(data, "[server]\nhostname = 'localhost'\npublic_url = 'http://pki.example.org/mailkms'\n")
+    s = load_settings(data)
+    assert s.server.effective_public_url == "http://pki.example.org/mailkms/"
+    assert s.server.effective_mail_from == "mailkms@pki.example.org"
+
+
+def test_groups(data: Path) -> None:
+    write(data, "[policy.groups.contractors]\nlifetime_months = 6\nreminder_months = 4\n[policy.groups.staff]\n")
+    policy = load_settings(data).policy
+    assert policy.for_group("contractors") == (6, 4)
+    assert policy.for_group("staff") == (18, 12)
+    assert policy.for_group(None) == (18, 12)
+    assert policy.for_group("unknown") == (18, 12)
+
+
+# --- mistakes: a ConfigError that names the key --------------------------------------------------------------
+MISTAKES = [
+    ("reminder-equals-lifetime", "[policy]\nlifetime_months = 12\nreminder_months = 12\n", {}, "reminder_months"),
+    ("reminder-after-lifetime", "[policy]\nreminder_months = 19\n", {}, "reminder_months"),
+    ("reminder-via-env", "", {"MAILKMS_POLICY__REMINDER_MONTHS": "18"}, "reminder_months"),
+    ("lifetime-28-months", "[policy]\nlifetime_months = 28\n", {}, "lifetime_months=28"),
+    ("lifetime-zero", "[policy]\nlifetime_months = 0\n", {}, "policy.lifetime_months"),
+    ("lifetime-not-a-number", "[policy]\nlifetime_months = 'long'\n", {}, "policy.lifetime_months"),
+    ("lifetime-env-not-a-number", "", {"MAILKMS_POLICY__LIFETIME_MONTHS": "abc"}, "policy.lifetime_months"),
+    ("group-reminder-after-lifetime", "[policy.groups.c]\nlifetime_months = 6\n", {}, "policy.groups.c"),
+    ("token-ttl-zero", "[policy]\ntoken_ttl_days = 0\n", {}, "policy.token_ttl_days"),
+    ("public-url-https", "[server]\npublic_url = 'https://kms.example.org/'\n", {}, "server.public_url"),
+    ("public-url-no-scheme", "[server]\npublic_url = 'kms.example.org'\n", {}, "server.public_url"),
+    ("public-url-no-host", "[server]\npublic_url = 'http:///crl'\n", {}, "server.public_url"),
+    ("unknown-key", "[server]\nhostnmae = 'kms.example.org'\n", {}, "server.hostnmae"),
+    ("unknown-section", "[polcy]\nlifetime_months = 12\n", {}, "polcy"),
+    ("unknown-env-key", "", {"MAILKMS_POLICY__LIFETIME": "12"}, "policy.lifetime"),
+    ("ca-key-type-unknown", "[ca]\nkey_type = 'rsa1024'\n", {}, "ca.key_type"),
+    ("ca-key-type-too-small", "[ca]\nkey_type = 'rsa2048'\n", {}, "ca.key_type"),
+    ("signing-key-type-unknown", "[policy]\nsigning_key_types = ['ed25519']\n", {}, "policy.signing_key_types"),
+    ("ec-encryption-key", "[policy]\nencryption_key_type = 'p256'\n", {}, "policy.encryption_key_type"),
+    ("country-name", "[ca]\ncountry = 'Germany'\n", {}, "ca.country"),
+    ("country-lower-case", "[ca]\ncountry = 'de'\n", {}, "ca.country"),
+    ("relay-without-host", "[smtp]\nmode = 'relay'\n", {}, "relay_host"),
+    ("smtp-mode-unknown", "[smtp]\nmode = 'carrier-pigeon'\n", {}, "smtp.mode"),
+    ("port-out-of-range", "[server]\nhttps_port = 70000\n", {}, "server.https_port"),
+    ("section-not-a-table", "policy = 5\n", {}, "policy"),
+]
+
+
+@pytest.mark.parametrize(("toml", "env", "names"), [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_each_mistake_is_a_config_error_naming_the_key(
+    data: Path, monkeypatch: pytest.MonkeyPatch, toml: str, env: dict[str, str], names: str
+) -> None:
+    write(data, toml)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data)
+    assert names in caught.value.detail
+    assert str(data / CONFIG_FILE) in caught.value.detail
+    assert caught.value.exit_code == 78
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[policy\nlifetime_months = 12\n", b"lifetime_months = = 12\n", b"[policy]\nlifetime_months = 12 # \xff\n"],
+    ids=["unclosed-table", "double-equals", "not-utf-8"],
+)
+def test_a_broken_toml_file_is_a_config_error(data: Path, content: bytes) -> None:
+    (data / CONFIG_FILE).write_bytes(content)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(data)
+
+
+def test_utf8_values_are_read_whatever_the_locale(data: Path) -> None:
+    write(data, "[ca]\norganization = 'Müller & Söhne GmbH'\n")
+    assert load_settings(data).ca.organization == "Müller & Söhne GmbH"
+
+
+def test_an_unreadable_config_is_a_config_error(data: Path) -> None:
+    (data / CONFIG_FILE).mkdir()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(data)
+
+
+def test_lifetime_27_months_is_allowed(data: Path) -> None:
+    write(data, "[policy]\nlifetime_months = 27\nreminder_months = 26\n")
+    assert load_settings(data).policy.lifetime_months == 27
+
+
+def test_settings_can_be_built_without_a_file(data: Path) -> None:
+    assert isinstance(load_settings(data / "does-not-exist"), Settings)
