@@ -85,6 +85,8 @@ class ServerConfig(_Frozen):
     http_port: int = Field(default=8080, ge=0, le=65535, description="plain http for CRL/OCSP/CA; 0 = off")
     mail_from: str = ""  # default mailkms@<host of public_url>
     extra_tls_names: tuple[str, ...] = ()
+    log_format: Literal["json", "text"] = "json"  # `mailkms serve` logs: one JSON object a line, or text
+    metrics_on_http: bool = False  # also answer /metrics on the plain-http port (it is always on https)
 
     @field_validator("public_url")
     @classmethod
@@ -146,6 +148,32 @@ class SMTPConfig(_Frozen):
         return self
 
 
+class OutboxConfig(_Frozen):
+    """The outbox worker: rows are leased through the database, so several nodes share the work."""
+
+    lease_seconds: float = Field(default=120.0, gt=0, description="a claimed row returns to the queue after this")
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+class RemindersConfig(_Frozen):
+    """Reminder mails from the server (besides the client's log-on question)."""
+
+    enabled: bool = True
+    final_notice_days: int = Field(default=30, ge=0, description="last notice this many days before expiry; 0 = off")
+    sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+    admins: tuple[str, ...] = ()  # addresses that get the daily summary of who is due, renewed, expired
+    batch_size: int = Field(default=500, ge=1)
+
+
+class PoolConfig(_Frozen):
+    """Pre-generated encryption keys, so bursts of enrolment or renewal do not wait on RSA key generation."""
+
+    size: int = Field(default=32, ge=0, description="keys kept ready; 0 = off (generate inline)")
+    refill_batch: int = Field(default=8, ge=1)
+    refill_seconds: float = Field(default=2.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything a server process needs to know; frozen after validation."""
 
@@ -158,6 +186,9 @@ class Settings(BaseSettings):
     policy: PolicyConfig = PolicyConfig()
     ca: CAConfig = CAConfig()
     smtp: SMTPConfig = SMTPConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    reminders: RemindersConfig = RemindersConfig()
+    pool: PoolConfig = PoolConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -243,4 +274,19 @@ relay_port = 587
 starttls = true
 username = ""
 password = ""
+
+[outbox]
+lease_seconds = 120                 # a row claimed by a node that died returns to the queue after this
+batch_size = 50
+poll_seconds = 0.5
+
+[reminders]
+enabled = true                      # mail users at the reminder point and before expiry
+final_notice_days = 30              # the last notice, this many days before expiry (0 = off)
+sweep_interval_seconds = 3600
+admins = []                         # e.g. ["pki-admins@example.org"]: daily summary of due, renewed, expired
+
+[pool]
+size = 32                           # pre-generated encryption keys (0 = off, generate inline)
+refill_batch = 8
 """

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import httpx
@@ -159,8 +160,10 @@ class Deployment:
         return self.data / "mailboxes" / mailbox
 
     def mails(self, mailbox: str) -> list[Path]:
+        """The delivery mails (certificates, keys) in the mailbox; reminder mails are left out."""
         box = self.maildir(mailbox)
-        return sorted([*box.glob("new/*"), *box.glob("cur/*")])
+        found = sorted([*box.glob("new/*"), *box.glob("cur/*")])
+        return [p for p in found if "X-Mailkms-Delivery" in BytesHeaderParser().parsebytes(p.read_bytes())]
 
     def wait_for_mails(self, mailbox: str, count: int, timeout: float = 30) -> list[Path]:
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from mailkms.api import _observability
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
@@ -133,6 +134,7 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(api)
     app.include_router(directory_router(services))
+    _observability.install(app, services)
     return app
 
 
@@ -145,4 +147,5 @@ def create_http_app(services: Services) -> FastAPI:
     app = FastAPI(title="mailkms publication", docs_url=None, redoc_url=None, openapi_url=None)
     _install_handlers(app)
     app.include_router(publication_router(services))
+    _observability.install(app, services, http=True)
     return app

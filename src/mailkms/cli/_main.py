@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from typing import Annotated
 
@@ -12,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mailkms import logs
+from mailkms.cli import _scale
 from mailkms.cli._exit import exit_on_error
 from mailkms.cli._recovery import register as _register_recovery
 from mailkms.clock import SystemClock
@@ -116,7 +117,6 @@ def serve(
     bind: Annotated[str | None, typer.Option(help="address to listen on")] = None,
 ) -> None:
     """Run the server: HTTPS API, plain-http publication, mail sink and outbox."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     with exit_on_error():
         server: dict[str, object] = {}
         if port is not None:
@@ -132,6 +132,7 @@ def serve(
         if smtp:
             overrides["smtp"] = smtp
         settings = _settings(**overrides)
+        logs.configure(settings.server.log_format)
         services = Services.build(settings, SystemClock())
         from mailkms.cli._serve import serve as run_server
 
@@ -183,6 +184,9 @@ def user_reenroll(email: str, as_json: JsonOpt = False) -> None:
 def user_list(
     due: Annotated[bool, typer.Option("--due", help="only users past the reminder point")] = False,
     expired: Annotated[bool, typer.Option("--expired", help="only users whose certificates expired")] = False,
+    expiring_within: Annotated[
+        str | None, typer.Option("--expiring-within", help="only users whose certificates expire within e.g. 30d")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Users with their state and dates."""
@@ -194,7 +198,10 @@ def user_list(
                 states.add(UserState.DUE)
             if expired:
                 states.add(UserState.EXPIRED)
-        views = _services().users.list(states)
+        services = _services()
+        views = services.users.list(states)
+        if expiring_within is not None:
+            views = _scale.expiring(views, _scale.parse_duration(expiring_within), services.clock.now())
         if as_json:
             print(json.dumps([v.to_dict() for v in views], indent=2))
             return
@@ -283,6 +290,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
             raise typer.Exit(9)
 
 
+_scale.register(app)
 _register_recovery(app)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from mailkms.api import create_app, create_http_app
+from mailkms.cli import _background
 from mailkms.mail import MailSink, OutboxWorker, sender_for
 from mailkms.services import Services
 
@@ -28,10 +29,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: float) -> None:
+async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: float, batch: int = 50) -> None:
     while not stop.is_set():
         try:
-            await asyncio.to_thread(worker.run_once)
+            await asyncio.to_thread(worker.run_once, batch)
         except Exception:
             log.exception("outbox round failed; retrying")
         with contextlib.suppress(TimeoutError):
@@ -57,7 +58,7 @@ async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Calla
 
 
 async def serve(
-    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float = 0.5
+    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float | None = None
 ) -> None:
     settings = services.settings
     renewed = services.ensure_server_identities()
@@ -76,6 +77,7 @@ async def serve(
         services.audit,
         retry_base=settings.smtp.retry_base_seconds,
         retry_max=settings.smtp.retry_max_seconds,
+        lease=dt.timedelta(seconds=settings.outbox.lease_seconds),
     )
     paths = services.ca.paths
     https = _Server(
@@ -87,6 +89,7 @@ async def serve(
             ssl_keyfile=str(paths.tls_key),
             ssl_keyfile_password=services.ca.tls_key_password,
             log_level="info",
+            log_config=None,
             access_log=True,
             timeout_keep_alive=5,
         )
@@ -96,7 +99,12 @@ async def serve(
         servers.append(
             _Server(
                 uvicorn.Config(
-                    create_http_app(services), host=bind, port=http_port, log_level="warning", timeout_keep_alive=5
+                    create_http_app(services),
+                    host=bind,
+                    port=http_port,
+                    log_level="warning",
+                    log_config=None,
+                    timeout_keep_alive=5,
                 )
             )
         )
@@ -117,8 +125,11 @@ async def serve(
             context.load_cert_chain(str(paths.tls_cert), str(paths.tls_key), services.ca.tls_key_password)
 
     tasks = [
-        asyncio.create_task(_outbox_loop(worker, stop, outbox_interval)),
+        asyncio.create_task(
+            _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
+        ),
         asyncio.create_task(_daily_loop(services, stop, reload_tls)),
+        *_background.start(services, stop),
     ]
     log.info(
         "mailkms serving https://%s:%d%s", bind, https_port, f" and http://{bind}:{http_port}" if http_port else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import smtplib
 import socket
 import ssl
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from mailkms.clock import Clock
 from mailkms.config import SMTPConfig
@@ -27,6 +28,11 @@ from mailkms.store import Database, OutboxMessage
 log = logging.getLogger("mailkms.outbox")
 
 LEASE = dt.timedelta(minutes=2)
+
+
+def node_name() -> str:
+    """host:pid:random — names this process in leases and claims, so an operator can tell nodes apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class MailSender(Protocol):
@@ -76,6 +82,7 @@ class OutboxWorker:
         retry_max: float = 300.0,
         worker_id: str | None = None,
         on_sent: Callable[[OutboxMessage], None] | None = None,
+        lease: dt.timedelta = LEASE,
     ) -> None:
         self._db = db
         self._sender = sender
@@ -83,8 +90,9 @@ class OutboxWorker:
         self._audit = audit
         self._retry_base = retry_base
         self._retry_max = retry_max
-        self.worker_id = worker_id or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id or node_name()
         self._on_sent = on_sent
+        self._lease = lease
 
     def _claim(self, limit: int) -> list[int]:
         now = self._clock.now()
@@ -106,7 +114,7 @@ class OutboxWorker:
                 session.execute(
                     update(OutboxMessage)
                     .where(OutboxMessage.id.in_(ids))
-                    .values(claimed_by=self.worker_id, claimed_until=now + LEASE)
+                    .values(claimed_by=self.worker_id, claimed_until=now + self._lease)
                 )
         return ids
 
@@ -114,9 +122,11 @@ class OutboxWorker:
         """Send what is due; returns how many were sent."""
         sent = 0
         for row_id in self._claim(limit):
+            if not self._renew_lease(row_id):
+                continue  # our lease ran out and another node took the row
             with self._db.transaction() as session:
                 row = session.get(OutboxMessage, row_id)
-                if row is None or row.sent_at is not None or row.claimed_by != self.worker_id:
+                if row is None:
                     continue
                 sender, recipient, body, message_id = row.sender, row.recipient, row.body, row.message_id
             try:
@@ -136,6 +146,22 @@ class OutboxWorker:
             log.info("sent %s to %s", message_id, recipient)
         return sent
 
+    def _renew_lease(self, row_id: int) -> bool:
+        """Still ours? Then hold it for another lease while this one message is sent."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            result = session.execute(
+                update(OutboxMessage)
+                .where(
+                    OutboxMessage.id == row_id,
+                    OutboxMessage.sent_at.is_(None),
+                    OutboxMessage.claimed_by == self.worker_id,
+                    OutboxMessage.claimed_until >= now,
+                )
+                .values(claimed_until=now + self._lease)
+            )
+            return bool(getattr(result, "rowcount", 0) == 1)
+
     def _failed(self, row_id: int, exc: Exception) -> None:
         now = self._clock.now()
         with self._db.transaction() as session:
@@ -152,5 +178,17 @@ class OutboxWorker:
         log.warning("mail to %s deferred (attempt %d, retry in %.0fs): %s", row.recipient, row.attempts, delay, exc)
 
     def pending(self) -> int:
-        with self._db.transaction() as session:
-            return len(list(session.execute(select(OutboxMessage.id).where(OutboxMessage.sent_at.is_(None))).scalars()))
+        return outbox_depth(self._db)[0]
+
+
+def outbox_depth(db: Database) -> tuple[int, dt.datetime | None]:
+    """(messages not yet sent, when the oldest of them was queued)."""
+    with db.transaction() as session:
+        count, oldest = session.execute(
+            select(func.count(OutboxMessage.id), func.min(OutboxMessage.created_at)).where(
+                OutboxMessage.sent_at.is_(None)
+            )
+        ).one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return int(count), oldest

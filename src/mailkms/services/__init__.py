@@ -6,7 +6,8 @@ from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
-from mailkms.services._issuance import PairIssuer, queue_message, serial_hex
+from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
+from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._recovery import (
     CeremonyResult,
@@ -16,6 +17,7 @@ from mailkms.services._recovery import (
     RecoveryResult,
     ShareInput,
 )
+from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
@@ -30,24 +32,30 @@ __all__ = [
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
+    "Composer",
     "Directory",
     "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
     "InitResult",
+    "KeyPool",
+    "KeySource",
     "NewOfficer",
     "Nonces",
     "PairIssuer",
     "Recovery",
     "RecoveryResult",
+    "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
     "ServerKey",
     "Services",
     "ShareInput",
+    "SweepReport",
     "UserAdmin",
     "UserState",
     "UserView",
+    "generate_ders",
     "init_ca",
     "new_token",
     "normalise_mailbox",

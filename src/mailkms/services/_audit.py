@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
@@ -29,9 +30,31 @@ def record_hash(seq: int, at: dt.datetime, actor: str, action: str, subject: str
     return hashlib.sha256(_canonical(seq, at, actor, action, subject, details, prev)).hexdigest()
 
 
+AuditObserver = Callable[[str, Mapping[str, object]], None]
+_PENDING = "mailkms_audit_pending"  # (observers, action, details) to tell after commit
+
+
+def _after_commit(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return
+    for observers, action, details in pending:
+        for observer in observers:
+            observer(action, details)
+
+
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+event.listen(Session, "after_commit", _after_commit)
+event.listen(Session, "after_rollback", _after_rollback)
+
+
 class AuditLog:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, observers: Sequence[AuditObserver] = ()) -> None:
         self._clock = clock
+        self._observers = tuple(observers)  # told of each record once its transaction has committed
 
     def append(self, session: Session, actor: str, action: str, subject: str, **details: object) -> AuditRecord:
         """Append in the caller's transaction; the head row lock orders concurrent writers."""
@@ -54,6 +77,8 @@ class AuditLog:
         head.seq = seq
         head.hash = digest
         session.flush()
+        if self._observers:
+            session.info.setdefault(_PENDING, []).append((self._observers, action, details))
         return record
 
 

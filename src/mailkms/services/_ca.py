@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailkms.clock import Clock
 from mailkms.errors import ConfigError, Conflict, Internal
@@ -221,6 +222,11 @@ class CAContext:
     @property
     def tls_key_password(self) -> str:
         return self._passphrase.decode()
+
+    def derive_key(self, label: str) -> bytes:
+        """A 32-byte key for `label`, derived from the CA passphrase and bound to the issuing CA (HKDF-SHA256)."""
+        salt = self.issuing.certificate.fingerprint(hashes.SHA256())
+        return HKDF(hashes.SHA256(), 32, salt, f"mailkms {label} v1".encode()).derive(self._passphrase)
 
     def _root_signer(self) -> SoftSigner:
         # The root key is opened only to renew the server's TLS certificate, never per request.

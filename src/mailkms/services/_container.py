@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import PublicURLs
@@ -14,6 +15,7 @@ from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer
+from mailkms.services._keypool import KeyPool
 from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._users import UserAdmin
@@ -46,6 +48,7 @@ class Services:
     directory: Directory
     est: EST
     recovery: Recovery
+    key_pool: KeyPool | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -53,8 +56,12 @@ class Services:
         ca = CAContext.load(
             CAPaths(settings.data_dir), passphrase_env=settings.ca_passphrase, urls=public_urls(settings)
         )
-        audit = AuditLog(clock)
-        issuer = PairIssuer(ca, settings, clock, audit)
+        audit = AuditLog(clock, observers=[metrics.observe_audit])
+        pool = None
+        if settings.pool.size > 0:
+            wrapping = ca.derive_key("key pool")
+            pool = KeyPool(db, wrapping, clock, settings.policy.encryption_key_type, settings.pool.size)
+        issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
         return cls(
@@ -69,6 +76,7 @@ class Services:
             renewal=renewal,
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
+            key_pool=pool,
             est=EST(db, ca, issuer, renewal, settings, clock, audit),
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
         )

@@ -8,17 +8,21 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import (
     CertKind,
+    KeyType,
     Manifest,
+    PrivateKey,
     PublicKey,
     build_delivery,
     envelope,
@@ -45,12 +49,19 @@ class IssuedPair:
     encryption: x509.Certificate
 
 
+class KeySource(Protocol):
+    def take(self, session: Session, key_type: KeyType) -> PrivateKey | None: ...
+
+
 class PairIssuer:
-    def __init__(self, ca: CAContext, settings: Settings, clock: Clock, audit: AuditLog) -> None:
+    def __init__(
+        self, ca: CAContext, settings: Settings, clock: Clock, audit: AuditLog, keys: KeySource | None = None
+    ) -> None:
         self._ca = ca
         self._settings = settings
         self._clock = clock
         self._audit = audit
+        self.keys = keys  # the key pool, when configured
 
     def issue_pair(
         self,
@@ -109,7 +120,10 @@ class PairIssuer:
         signing = issuer.issue(
             issuer.prepare_subscriber(CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types)
         )
-        enc_key = generate_key(policy.encryption_key_type)
+        enc_key = self.keys.take(session, policy.encryption_key_type) if self.keys else None
+        if enc_key is None:
+            metrics.POOL_FALLBACK.inc()
+            enc_key = generate_key(policy.encryption_key_type)
         encryption = issuer.issue(
             issuer.prepare_subscriber(
                 CertKind.ENCRYPTION, user.email, enc_key.public_key(), validity, (policy.encryption_key_type,)

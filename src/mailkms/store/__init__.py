@@ -14,6 +14,7 @@ from mailkms.store._models import (
     Token,
     User,
 )
+from mailkms.store._models_scale import JobClaim, PooledKey, Reminder
 from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
 
 __all__ = [
@@ -24,12 +25,15 @@ __all__ = [
     "Certificate",
     "Database",
     "IssuanceRequest",
+    "JobClaim",
     "KeyHandover",
     "Nonce",
     "OutboxMessage",
+    "PooledKey",
     "RecoveryCeremony",
     "RecoveryHead",
     "RecoveryHold",
+    "Reminder",
     "Token",
     "User",
     "make_engine",

@@ -1,0 +1,101 @@
+"""Request ids, request metrics and `/metrics` (Prometheus)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mailkms import logs, metrics
+from mailkms.mail._outbox import outbox_depth
+from mailkms.services import Services
+
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RequestIdMiddleware:
+    """Takes a sane X-Request-ID from the caller or makes one; logs carry it; the response echoes it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _RID.match(given) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics.REQUEST_SECONDS.labels(scope.get("method", ""), path, str(status)).observe(
+                time.perf_counter() - started
+            )
+            logs.request_id.reset(token)
+
+
+class StoreCollector(Collector):
+    """Gauges read from the shared store at scrape time: the same figures on every node."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterable[Metric]:
+        depth, oldest = outbox_depth(self._services.db)
+        now = self._services.clock.now()
+        yield GaugeMetricFamily("mailkms_outbox_depth", "Mails queued and not yet sent", value=depth)
+        yield GaugeMetricFamily(
+            "mailkms_outbox_oldest_age_seconds",
+            "Age of the oldest unsent mail (0 when the outbox is empty)",
+            value=(now - oldest).total_seconds() if oldest else 0.0,
+        )
+        pool = self._services.key_pool
+        yield GaugeMetricFamily(
+            "mailkms_keypool_size", "Pre-generated encryption keys ready", value=pool.size() if pool else 0
+        )
+        yield GaugeMetricFamily(
+            "mailkms_keypool_target", "Configured key-pool size", value=self._services.settings.pool.size
+        )
+
+
+def metrics_router(services: Services, extra: Callable[[], bytes] | None = None) -> APIRouter:
+    router = APIRouter(tags=["operations"])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(services))
+
+    @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    def prometheus() -> Response:
+        body = generate_latest(REGISTRY) + generate_latest(registry) + (extra() if extra else b"")
+        return Response(body, media_type=PROMETHEUS_TEXT, headers={"Cache-Control": "no-store"})
+
+    return router
+
+
+def install(app: Any, services: Services, http: bool = False) -> None:
+    """Request ids on every app; /metrics on the HTTPS app (and on plain http when configured)."""
+    app.add_middleware(RequestIdMiddleware)
+    if not http or services.settings.server.metrics_on_http:
+        app.include_router(metrics_router(services))

@@ -1,0 +1,80 @@
+"""Background work of `mailkms serve` beyond the outbox: reminder sweeps and key-pool refill.
+
+Both are safe on any number of nodes: reminders are claimed row by row in the database, and the
+pool is topped up under an advisory lock. Key generation runs in a separate, low-priority worker
+process, so it neither holds the GIL of the server nor competes with requests for the first core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+
+from mailkms.mail import reminder_sweep
+from mailkms.services import Services, generate_ders
+
+log = logging.getLogger("mailkms.background")
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def reminder_loop(services: Services, stop: asyncio.Event, first_after: float = 2.0) -> None:
+    sweep = reminder_sweep(services)
+    await _wait(stop, first_after)
+    while not stop.is_set():
+        try:
+            report = await asyncio.to_thread(sweep.sweep)
+            if report.due_sent or report.final_sent or report.summary_sent:
+                log.info(
+                    "reminder sweep: %d reminders, %d last notices, summary %s",
+                    report.due_sent,
+                    report.final_sent,
+                    "sent" if report.summary_sent else "not due",
+                )
+        except Exception:
+            log.exception("reminder sweep failed; retrying at the next interval")
+        await _wait(stop, services.settings.reminders.sweep_interval_seconds)
+
+
+async def pool_loop(services: Services, stop: asyncio.Event) -> None:
+    pool = services.key_pool
+    if pool is None:
+        return
+    cfg = services.settings.pool
+    executor = concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.to_thread(pool.discard_unreadable)
+        while not stop.is_set():
+            try:
+                want = min(cfg.refill_batch, await asyncio.to_thread(pool.deficit))
+                if want:
+                    ders = await loop.run_in_executor(executor, generate_ders, pool.key_type, want)
+                    await asyncio.to_thread(pool.store, ders)
+                    continue  # keep going while short
+            except Exception:
+                log.exception("key-pool refill failed; retrying")
+            await _wait(stop, cfg.refill_seconds)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def start(services: Services, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(pool_loop(services, stop))]
+    if services.settings.reminders.enabled:
+        tasks.append(asyncio.create_task(reminder_loop(services, stop)))
+    return tasks

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server process (prometheus-client, default registry).
+
+Counters count what this process did (Prometheus sums them over nodes); gauges that describe the
+shared store (outbox depth and age, key-pool size) are read from the database at scrape time by
+a collector that `mailkms.api` registers. Other areas add their own series here (CRL age, OCSP
+requests): `CRL_AGE` and `OCSP_REQUESTS` are the hooks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CERTIFICATES_ISSUED = Counter(
+    "mailkms_certificates_issued_total", "Certificates issued and committed, by kind", ["kind"]
+)
+RENEWALS = Counter("mailkms_renewals_total", "Update requests accepted (a new pair issued)")
+REFUSALS = Counter("mailkms_refusals_total", "Requests refused, by action and problem type", ["action", "reason"])
+MAIL_SENT = Counter("mailkms_mail_sent_total", "Mails handed to SMTP and marked sent")
+MAIL_DEFERRED = Counter("mailkms_mail_deferred_total", "SMTP attempts that failed and will be retried")
+REMINDERS = Counter("mailkms_reminders_total", "Reminder mails queued, by kind", ["kind"])
+POOL_TAKEN = Counter("mailkms_keypool_taken_total", "Encryption keys taken from the pool")
+POOL_FALLBACK = Counter(
+    "mailkms_keypool_fallback_total", "Encryption keys generated inline because the pool was empty or off"
+)
+POOL_GENERATED = Counter("mailkms_keypool_generated_total", "Keys generated into the pool by this process")
+REQUEST_SECONDS = Histogram("mailkms_http_request_seconds", "HTTP request duration", ["method", "route", "status"])
+# Hooks for the CRL/OCSP area (set/inc them from there).
+CRL_AGE = Gauge("mailkms_crl_age_seconds", "Seconds since the current CRL's thisUpdate", ["crl"])
+OCSP_REQUESTS = Counter("mailkms_ocsp_requests_total", "OCSP requests answered, by status", ["status"])
+
+# Series that exist from the start, so dashboards and rate() see zeros rather than gaps.
+for _kind in ("signing", "encryption"):
+    CERTIFICATES_ISSUED.labels(kind=_kind)
+for _kind in ("due", "final"):
+    REMINDERS.labels(kind=_kind)
+
+
+def observe_audit(action: str, details: Mapping[str, object]) -> None:
+    """Called after a transaction commits, once per audit record it held."""
+    if action == "certificate.issued":
+        CERTIFICATES_ISSUED.labels(kind=str(details.get("kind", "unknown"))).inc()
+    elif action == "renewal.received":
+        RENEWALS.inc()
+    elif action.endswith(".refused"):
+        REFUSALS.labels(action=action.removesuffix(".refused"), reason=str(details.get("reason", "unknown"))).inc()
+    elif action == "mail.sent":
+        MAIL_SENT.inc()
+    elif action == "mail.deferred":
+        MAIL_DEFERRED.inc()
+    elif action.startswith("reminder."):
+        REMINDERS.labels(kind=action.removeprefix("reminder.")).inc()

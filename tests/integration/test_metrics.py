@@ -1,0 +1,55 @@
+"""/metrics and request ids through the real FastAPI app on a real store."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from mailkms.api import create_app, create_http_app
+from tests.conftest import make_csr, transport_pem
+
+
+def _value(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{series} not in /metrics"
+    return float(match.group(1))
+
+
+def test_metrics_count_issuance_refusals_and_outbox(services, clock) -> None:  # type: ignore[no-untyped-def]
+    client = TestClient(create_app(services))
+    before = client.get("/metrics").text
+    issued_before = _value(before, 'mailkms_certificates_issued_total{kind="signing"}')
+    assert _value(before, "mailkms_outbox_depth") == 0
+
+    token = services.users.add("m@example.org", "", None, "admin:test")
+    csr, _ = make_csr("m@example.org")
+    pem, _, _ = transport_pem()
+    ok = client.post(
+        "/api/v1/enrolments",
+        json={"mailbox": "m@example.org", "token": token, "csr": csr.decode(), "transport_certificate": pem},
+    )
+    assert ok.status_code == 202, ok.text
+    refused = client.post(
+        "/api/v1/enrolments",
+        json={"mailbox": "m@example.org", "token": token, "csr": csr.decode(), "transport_certificate": pem},
+        headers={"X-Request-ID": "req-42"},
+    )
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "req-42"
+    clock.advance(__import__("datetime").timedelta(seconds=90))
+
+    after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert _value(text, 'mailkms_certificates_issued_total{kind="signing"}') == issued_before + 1
+    assert _value(text, 'mailkms_refusals_total{action="enrolment",reason="token-used"}') >= 1
+    assert _value(text, "mailkms_outbox_depth") == 1  # the delivery mail, not yet sent
+    assert _value(text, "mailkms_outbox_oldest_age_seconds") == 90
+    assert "mailkms_keypool_size" in text and "mailkms_http_request_seconds_count" in text
+    # A made-up or unsafe request id is replaced by one of ours.
+    echoed = client.get("/healthz", headers={"X-Request-ID": "bad id\nwith newline"}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", echoed)
+
+
+def test_metrics_stay_off_plain_http_unless_configured(services) -> None:  # type: ignore[no-untyped-def]
+    assert TestClient(create_http_app(services)).get("/metrics").status_code == 404
