@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests.e2e.conftest import BIN, CLIENT_PASSPHRASE, ClientHome, Deployment, _env, enrolled, faketime_prefix
+from tests.e2e.conftest import BIN, CLIENT_PASSPHRASE, ClientHome, Deployment, _env, enrolled
 
 
 def smime_client(
@@ -18,7 +18,7 @@ def smime_client(
     env: dict[str, str] | None = None,
     offset_days: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    cmd = [*faketime_prefix(offset_days), str(BIN / "mailkms-client"), "--home", str(home), *args]
+    cmd = [str(BIN / "mailkms-client"), "--home", str(home), *args]
     full_env = _env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE, **(env or {})}, offset_days)
     return subprocess.run(cmd, input=data, env=full_env, capture_output=True, timeout=120)
 
