@@ -721,7 +721,7 @@ def other_scripts(quick: bool, budget: float) -> list[str]:
         say(f"running bench/{name}")
         try:
             done = subprocess.run(
-                [sys.executable, str(path), *(["--quick"] if quick else [])],
+                [sys.executable, str(path), *(["--quick"] if quick and "--quick" in path.read_text() else [])],
                 capture_output=True,
                 text=True,
                 timeout=left,

@@ -132,8 +132,7 @@ def test_full_run_logs_are_structured_and_hold_no_secret(tmp_path: Path) -> None
     keys = [load_private_key(p.read_bytes(), client_passphrase.encode()) for p in sorted((home / "keys").glob("*.pem"))]
     for rel in ("ca/root.key.pem", "ca/issuing.key.pem", "tls/server.key.pem", "mail/signer.key.pem"):
         keys.append(load_private_key((data / rel).read_bytes(), ca_passphrase.encode()))
-    keys.append(load_private_key((data / "archive/archive.key.pem").read_bytes(), recovery.encode()))
-    assert len(keys) >= 8  # signing, encryption (from the pool) and transport keys of the client, and the server's
+    assert len(keys) >= 7  # signing, encryption (from the pool) and transport keys of the client, and the server's
     forms = secrets + [form for key in keys for form in _forms(key)]
     haystack = server_log + "\n".join(outputs)
     leaked = [f for f in forms if f in haystack]
