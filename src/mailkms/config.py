@@ -174,6 +174,26 @@ class PoolConfig(_Frozen):
     refill_seconds: float = Field(default=2.0, gt=0)
 
 
+class RevocationConfig(_Frozen):
+    """CRL and OCSP timing (BR 4.9.7, 4.9.10): published well inside their limits."""
+
+    crl_validity_days: int = Field(default=7, ge=1, le=10, description="nextUpdate - thisUpdate of the CRL")
+    crl_refresh_hours: float = Field(default=24.0, gt=0, description="a new CRL at least this often")
+    root_crl_validity_days: int = Field(default=90, ge=2, le=365, description="the root's CRL (ARL)")
+    ocsp_validity_hours: int = Field(default=168, ge=8, le=239, description="nextUpdate - thisUpdate of OCSP answers")
+    ocsp_refresh_hours: float = Field(default=24.0, gt=0, le=96, description="re-sign a cached answer this often")
+    ocsp_cache_size: int = Field(default=200_000, ge=100, description="cached OCSP answers per process")
+    poll_seconds: float = Field(default=2.0, gt=0, description="how often a node looks for new revocations")
+
+    @model_validator(mode="after")
+    def _refresh_inside_validity(self) -> RevocationConfig:
+        if self.crl_refresh_hours >= self.crl_validity_days * 24:
+            raise ValueError("crl_refresh_hours must be shorter than crl_validity_days")
+        if self.ocsp_refresh_hours > self.ocsp_validity_hours - 8:
+            raise ValueError("ocsp_refresh_hours must end at least 8 hours before an answer expires (BR 4.9.10)")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a server process needs to know; frozen after validation."""
 
@@ -189,6 +209,7 @@ class Settings(BaseSettings):
     outbox: OutboxConfig = OutboxConfig()
     reminders: RemindersConfig = RemindersConfig()
     pool: PoolConfig = PoolConfig()
+    revocation: RevocationConfig = RevocationConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -289,4 +310,10 @@ admins = []                         # e.g. ["pki-admins@example.org"]: daily sum
 [pool]
 size = 32                           # pre-generated encryption keys (0 = off, generate inline)
 refill_batch = 8
+
+[revocation]
+crl_validity_days = 7               # nextUpdate of the CRL (BR limit 10)
+crl_refresh_hours = 24              # a fresh CRL at least this often, and at every revocation
+ocsp_validity_hours = 168           # OCSP answers valid 7 days (BR: 8 hours to 10 days)
+ocsp_refresh_hours = 24             # cached OCSP answers are re-signed after this
 """

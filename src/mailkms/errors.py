@@ -197,6 +197,21 @@ class UserExists(Conflict):
     title = "The user already exists"
 
 
+class CertificateNotFound(NotFound):
+    code = "certificate-not-found"
+    title = "No certificate with that serial number was issued by this CA"
+
+
+class AlreadyRevoked(Conflict):
+    code = "already-revoked"
+    title = "Already revoked"
+
+
+class BadRevocationReason(Malformed):
+    code = "bad-revocation-reason"
+    title = "The revocation reason is not allowed"
+
+
 class NothingToResend(NotFound):
     code = "nothing-to-resend"
     title = "There is no reply to send again"

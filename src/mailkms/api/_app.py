@@ -1,4 +1,4 @@
-"""The HTTP API (HTTPS) and the plain-http publication app (CA certificates, later CRL/OCSP)."""
+"""The HTTP API (HTTPS) and the plain-http publication app (CA certificates, CRL, OCSP)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mailkms.api import _observability
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
+from mailkms.api._revocation import revocation_router
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
 from mailkms.pki import fingerprint_sha256
@@ -61,6 +62,7 @@ def create_app(services: Services) -> FastAPI:
     )
     _install_handlers(app)
     app.include_router(publication_router(services))
+    app.include_router(revocation_router(services))
     app.include_router(est_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
@@ -147,5 +149,6 @@ def create_http_app(services: Services) -> FastAPI:
     app = FastAPI(title="mailkms publication", docs_url=None, redoc_url=None, openapi_url=None)
     _install_handlers(app)
     app.include_router(publication_router(services))
+    app.include_router(revocation_router(services))
     _observability.install(app, services, http=True)
     return app

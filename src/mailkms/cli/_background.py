@@ -1,4 +1,4 @@
-"""Background work of `mailkms serve` beyond the outbox: reminder sweeps and key-pool refill.
+"""Background work of `mailkms serve` beyond the outbox: reminder sweeps, key-pool refill, CRL/OCSP.
 
 Both are safe on any number of nodes: reminders are claimed row by row in the database, and the
 pool is topped up under an advisory lock. Key generation runs in a separate, low-priority worker
@@ -73,8 +73,26 @@ async def pool_loop(services: Services, stop: asyncio.Event) -> None:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def revocation_loop(services: Services, stop: asyncio.Event) -> None:
+    """Every poll: drop OCSP answers of certificates revoked on any node, pick up a CRL another
+    process published, and publish one when revocations wait or the current one is due. The
+    publisher's row lock makes this safe on every node at once."""
+    revocation = services.revocation
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(services.ocsp.sync)
+            await asyncio.to_thread(revocation.refresh_latest)
+            if await asyncio.to_thread(revocation.crl_due):
+                view = await asyncio.to_thread(revocation.publish_crl)
+                if view is not None:
+                    log.info("published CRL %d with %d entries", view.number, view.entries)
+        except Exception:
+            log.exception("revocation round failed; retrying")
+        await _wait(stop, services.settings.revocation.poll_seconds)
+
+
 def start(services: Services, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-    tasks = [asyncio.create_task(pool_loop(services, stop))]
+    tasks = [asyncio.create_task(pool_loop(services, stop)), asyncio.create_task(revocation_loop(services, stop))]
     if services.settings.reminders.enabled:
         tasks.append(asyncio.create_task(reminder_loop(services, stop)))
     return tasks

@@ -15,6 +15,7 @@ from mailkms import logs
 from mailkms.cli import _scale
 from mailkms.cli._exit import exit_on_error
 from mailkms.cli._recovery import register as _register_recovery
+from mailkms.cli._revoke import register as _register_revocation
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError
@@ -292,6 +293,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
 
 _scale.register(app)
 _register_recovery(app)
+_register_revocation(app)
 
 
 def main() -> None:

@@ -64,6 +64,10 @@ async def serve(
     renewed = services.ensure_server_identities()
     if renewed:
         log.info("renewed server identities at start: %s", ", ".join(renewed))
+    published = services.revocation.publish_crl()  # only if none yet, revocations wait, or it is due
+    if published is not None:
+        log.info("published CRL %d with %d entries", published.number, published.entries)
+    services.revocation.refresh_latest()
     stop = asyncio.Event()
     sink: MailSink | None = None
     if settings.smtp.mode == "sink":

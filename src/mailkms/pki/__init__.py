@@ -10,6 +10,16 @@ from mailkms.pki._cms import (
     sign_opaque,
     verify_signed_data,
 )
+from mailkms.pki._crl import (
+    BR_MAX_ARL_VALIDITY,
+    BR_MAX_CRL_VALIDITY,
+    SUBSCRIBER_REASONS,
+    RevokedEntry,
+    build_crl,
+    crl_number,
+    parse_reason,
+    reason_name,
+)
 from mailkms.pki._crlcheck import RevocationResult, RevocationStatus, check_crl, crl_urls, load_crl
 from mailkms.pki._csr import CheckedCSR, check_csr
 from mailkms.pki._delivery import (
@@ -60,6 +70,18 @@ from mailkms.pki._keys import (
     sha256_hex,
     signature_hash_for,
 )
+from mailkms.pki._ocsp import (
+    HASH_NAMES,
+    INTERNAL_ERROR_RESPONSE,
+    MALFORMED_RESPONSE,
+    UNAUTHORIZED_RESPONSE,
+    CertState,
+    CertStatus,
+    OCSPQuery,
+    issuer_hashes,
+    parse_request,
+    sign_response,
+)
 from mailkms.pki._pkcs12 import Bundle, KeyEntry, build_pkcs12, read_pkcs12
 from mailkms.pki._profiles import CertKind, PublicURLs
 from mailkms.pki._recovery import (
@@ -102,12 +124,21 @@ from mailkms.pki._validity import (
 )
 
 __all__ = [
+    "BR_MAX_ARL_VALIDITY",
+    "BR_MAX_CRL_VALIDITY",
     "DELIVERY_HEADER",
+    "HASH_NAMES",
+    "INTERNAL_ERROR_RESPONSE",
     "KEK_BYTES",
+    "MALFORMED_RESPONSE",
     "MAX_SUBSCRIBER_DAYS",
+    "SUBSCRIBER_REASONS",
+    "UNAUTHORIZED_RESPONSE",
     "Bundle",
     "CASigner",
     "CertKind",
+    "CertState",
+    "CertStatus",
     "CheckedCSR",
     "DecryptedMessage",
     "DeliveryContent",
@@ -116,6 +147,7 @@ __all__ = [
     "KeyEntry",
     "KeyType",
     "Manifest",
+    "OCSPQuery",
     "PreparedCertificate",
     "PrivateKey",
     "PublicKey",
@@ -123,6 +155,7 @@ __all__ = [
     "RequestView",
     "RevocationResult",
     "RevocationStatus",
+    "RevokedEntry",
     "SMimeKind",
     "SealedShare",
     "ShareHeader",
@@ -132,6 +165,7 @@ __all__ = [
     "VerifiedMessage",
     "VerifiedSignedData",
     "add_months",
+    "build_crl",
     "build_delivery",
     "build_pkcs12",
     "certs_only",
@@ -139,6 +173,7 @@ __all__ = [
     "check_csr",
     "check_officer_name",
     "check_officer_passphrase",
+    "crl_number",
     "crl_urls",
     "decode_body",
     "decrypt",
@@ -154,6 +189,7 @@ __all__ = [
     "inspect_csr",
     "is_delivery",
     "issued_by",
+    "issuer_hashes",
     "key_type_of",
     "load_certs_only",
     "load_crl",
@@ -172,6 +208,8 @@ __all__ = [
     "open_share",
     "open_with_secret",
     "parse_message",
+    "parse_reason",
+    "parse_request",
     "private_key_der",
     "public_half",
     "public_key_of",
@@ -179,6 +217,7 @@ __all__ = [
     "read_pkcs12",
     "read_share",
     "read_smime",
+    "reason_name",
     "reminder_point",
     "same_public_key",
     "seal_held_keys",
@@ -191,6 +230,7 @@ __all__ = [
     "sign_opaque",
     "sign_opaque_message",
     "sign_request",
+    "sign_response",
     "signature_hash_for",
     "subscriber_validity",
     "unwrap_recovery_key",

@@ -9,6 +9,7 @@ from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
 from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
 from mailkms.services._recovery import (
     CeremonyResult,
     CeremonyView,
@@ -19,6 +20,7 @@ from mailkms.services._recovery import (
 )
 from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
+from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
@@ -29,6 +31,7 @@ __all__ = [
     "AuditReport",
     "CAContext",
     "CAPaths",
+    "CRLView",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
@@ -42,12 +45,16 @@ __all__ = [
     "KeySource",
     "NewOfficer",
     "Nonces",
+    "OCSPAnswer",
+    "OCSPResponder",
     "PairIssuer",
     "Recovery",
     "RecoveryResult",
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
+    "Revocation",
+    "RevocationReport",
     "ServerKey",
     "Services",
     "ShareInput",
@@ -60,6 +67,7 @@ __all__ = [
     "new_token",
     "normalise_mailbox",
     "open_database",
+    "parse_serial",
     "public_urls",
     "queue_message",
     "renewal_state",

@@ -15,15 +15,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from mailkms.clock import Clock
 from mailkms.errors import ConfigError, Conflict, Internal
 from mailkms.pki import (
+    BR_MAX_ARL_VALIDITY,
     CertKind,
     Issuer,
     KeyType,
     PrivateKey,
     PublicURLs,
     SoftSigner,
+    build_crl,
+    crl_number,
     encrypt_private_key,
     fingerprint_sha256,
     generate_key,
+    key_type_of,
     load_private_key,
     make_issuing_ca,
     make_root,
@@ -35,6 +39,8 @@ from mailkms.services._recovery import init_bootstrap_ceremony
 TLS_RENEW_BEFORE = dt.timedelta(days=30)
 MAIL_SIGNER_RENEW_BEFORE = dt.timedelta(days=90)
 MAIL_SIGNER_MONTHS = 12
+OCSP_RESPONDER_RENEW_BEFORE = dt.timedelta(days=10)  # of a 30-day responder certificate
+ROOT_CRL_VALIDITY = dt.timedelta(days=90)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,18 @@ class CAPaths:
     @property
     def mail_key(self) -> Path:
         return self.data_dir / "mail" / "signer.key.pem"
+
+    @property
+    def ocsp_cert(self) -> Path:
+        return self.data_dir / "ocsp" / "responder.crt.pem"
+
+    @property
+    def ocsp_key(self) -> Path:
+        return self.data_dir / "ocsp" / "responder.key.pem"
+
+    @property
+    def root_crl(self) -> Path:
+        return self.data_dir / "crl" / "root.crl"
 
     @property
     def recovery_dir(self) -> Path:
@@ -189,6 +207,8 @@ class CAContext:
         self.issuer = Issuer(issuing, urls)
         self.mail_signer: SoftSigner | None = None
         self.tls_cert: x509.Certificate | None = None
+        self.ocsp_responder: SoftSigner | None = None
+        self.root_crl: x509.CertificateRevocationList | None = None
 
     @classmethod
     def load(cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs) -> CAContext:
@@ -212,7 +232,18 @@ class CAContext:
             )
         if paths.tls_cert.exists():
             ctx.tls_cert = _load_cert(paths.tls_cert)
+        if paths.ocsp_cert.exists() and paths.ocsp_key.exists():
+            ctx.ocsp_responder = SoftSigner(
+                _load_cert(paths.ocsp_cert), load_private_key(paths.ocsp_key.read_bytes(), passphrase)
+            )
+        if paths.root_crl.exists():
+            ctx.root_crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
         return ctx
+
+    def require_ocsp_responder(self) -> SoftSigner:
+        if self.ocsp_responder is None:
+            raise Internal("the server has no OCSP responder certificate")
+        return self.ocsp_responder
 
     @property
     def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
@@ -233,10 +264,19 @@ class CAContext:
         key = load_private_key(self.paths.root_key.read_bytes(), self._passphrase)
         return SoftSigner(self.root, key)
 
-    def ensure_server_identities(self, hostnames: list[str], mail_from: str, clock: Clock) -> list[str]:
-        """Renew the TLS and mail-signing certificates when close to expiry (at start and daily)."""
+    def ensure_server_identities(
+        self,
+        hostnames: list[str],
+        mail_from: str,
+        clock: Clock,
+        root_crl_validity: dt.timedelta = ROOT_CRL_VALIDITY,
+    ) -> list[str]:
+        """Renew the TLS, mail-signing and OCSP responder certificates and the root's CRL when
+        close to expiry (at start and daily)."""
         now = clock.now()
         renewed: list[str] = []
+        self._ensure_root_crl(now, root_crl_validity, renewed)
+        self._ensure_ocsp_responder(now, renewed)
         tls = self.tls_cert
         if tls is None or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE or _tls_names(tls) != set(hostnames):
             key = generate_key(KeyType.P256)
@@ -264,6 +304,42 @@ class CAContext:
             self.mail_signer = SoftSigner(cert, key)
             renewed.append("mail-signer")
         return renewed
+
+    def _ensure_ocsp_responder(self, now: dt.datetime, renewed: list[str]) -> None:
+        current = self.ocsp_responder
+        if (
+            current is not None
+            and current.certificate.not_valid_after_utc - now >= OCSP_RESPONDER_RENEW_BEFORE
+            and current.certificate.issuer == self.issuing.certificate.subject
+        ):
+            return
+        # Same family as the CA, so a relying party that verifies the CA verifies the responder.
+        key = generate_key(KeyType.RSA2048 if key_type_of(self.issuing.private_key).is_rsa else KeyType.P256)
+        cert = self.issuer.issue(self.issuer.prepare_ocsp_responder(key.public_key(), now))
+        _write(self.paths.ocsp_key, encrypt_private_key(key, self._passphrase), 0o600)
+        _write(self.paths.ocsp_cert, _pem(cert))
+        self.ocsp_responder = SoftSigner(cert, key)
+        renewed.append("ocsp-responder")
+
+    def _ensure_root_crl(self, now: dt.datetime, validity: dt.timedelta, renewed: list[str]) -> None:
+        """The root's CRL (ARL) covers the issuing CA; refreshed when a third of its life is left."""
+        current = self.root_crl
+        if current is not None and current.next_update_utc is not None:
+            if current.next_update_utc - now > validity / 3 and current.issuer == self.root.subject:
+                return
+        number = crl_number(current) + 1 if current is not None else 1
+        this_update = now.replace(microsecond=0)
+        crl = build_crl(
+            self._root_signer(),
+            [],
+            number=number,
+            this_update=this_update,
+            next_update=this_update + validity,
+            max_validity=BR_MAX_ARL_VALIDITY,
+        )
+        _write(self.paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
+        self.root_crl = crl
+        renewed.append("root-crl")
 
     def require_mail_signer(self) -> SoftSigner:
         if self.mail_signer is None:

@@ -5,21 +5,28 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.pki import PublicURLs
+from mailkms.pki import CertKind, PublicURLs
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
-from mailkms.services._issuance import PairIssuer
+from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._keypool import KeyPool
+from mailkms.services._ocsp import OCSPResponder
 from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
+from mailkms.services._revocation import Revocation
 from mailkms.services._users import UserAdmin
-from mailkms.store import Database
+from mailkms.store import Certificate, Database
 
 
 def public_urls(settings: Settings) -> PublicURLs:
@@ -48,6 +55,8 @@ class Services:
     directory: Directory
     est: EST
     recovery: Recovery
+    revocation: Revocation
+    ocsp: OCSPResponder
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -64,6 +73,7 @@ class Services:
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
+        ocsp = OCSPResponder(db, ca, settings, clock)
         return cls(
             settings=settings,
             clock=clock,
@@ -79,16 +89,54 @@ class Services:
             key_pool=pool,
             est=EST(db, ca, issuer, renewal, settings, clock, audit),
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
+            revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
+            ocsp=ocsp,
         )
 
     def ensure_server_identities(self) -> list[str]:
         names = tls_hostnames(self.settings.server.hostname, self.settings.server.extra_tls_names)
-        renewed = self.ca.ensure_server_identities(names, self.settings.server.effective_mail_from, self.clock)
-        if renewed:
-            with self.db.transaction() as session:
-                for what in renewed:
+        renewed = self.ca.ensure_server_identities(
+            names,
+            self.settings.server.effective_mail_from,
+            self.clock,
+            root_crl_validity=dt.timedelta(days=self.settings.revocation.root_crl_validity_days),
+        )
+        with self.db.transaction() as session:
+            for what in renewed:
+                if what == "root-crl" and self.ca.root_crl is not None:
+                    number = self.ca.root_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+                    self.audit.append(session, "system", "crl.published", "root", number=number, entries=0)
+                else:
                     self.audit.append(session, "system", "server-identity.renewed", what)
+            self._register_server_certificates(session)
         return renewed
+
+    def _register_server_certificates(self, session: Session) -> None:
+        """The mail signer and the OCSP responder are issued by the issuing CA: OCSP answers
+        "good" for them only if the store knows them."""
+        for kind, signer in (
+            (CertKind.MAIL_SIGNER, self.ca.mail_signer),
+            (CertKind.OCSP_RESPONDER, self.ca.ocsp_responder),
+        ):
+            if signer is None:
+                continue
+            cert = signer.certificate
+            serial = serial_hex(cert.serial_number)
+            if session.execute(select(Certificate.id).where(Certificate.serial == serial)).first() is None:
+                session.add(
+                    Certificate(
+                        serial=serial,
+                        user_id=None,
+                        kind=kind.value,
+                        generation=0,
+                        not_before=cert.not_valid_before_utc,
+                        not_after=cert.not_valid_after_utc,
+                        der=cert.public_bytes(serialization.Encoding.DER),
+                    )
+                )
+
+    def publish_crl_if_due(self) -> bool:
+        return self.revocation.publish_crl() is not None
 
     def verify_audit(self) -> AuditReport:
         with self.db.transaction() as session:

@@ -11,6 +11,7 @@ from mailkms.store._models import (
     IssuanceRequest,
     Nonce,
     OutboxMessage,
+    PublishedCRL,
     Token,
     User,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Nonce",
     "OutboxMessage",
     "PooledKey",
+    "PublishedCRL",
     "RecoveryCeremony",
     "RecoveryHead",
     "RecoveryHold",

@@ -84,6 +84,7 @@ class Certificate(Base):
     __table_args__ = (
         Index("ix_certificates_user_kind_gen", "user_id", "kind", "generation"),
         Index("ix_certificates_revoked", "revoked_at"),
+        Index("ix_certificates_revoked_not_after", "revoked_at", "not_after"),
     )
 
 
@@ -158,3 +159,16 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class PublishedCRL(Base):
+    """The current CRL per scope, and whether revocations wait for the next one (dirty_since)."""
+
+    __tablename__ = "published_crls"
+    scope: Mapped[str] = mapped_column(String(20), primary_key=True)  # issuing
+    number: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    this_update: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_update: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    entries: Mapped[int] = mapped_column(Integer, default=0)
+    der: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    dirty_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)

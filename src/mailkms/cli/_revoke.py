@@ -1,0 +1,126 @@
+"""`mailkms revoke` and `mailkms crl`: take certificates back and publish the CRL."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from rich.console import Console
+
+from mailkms.cli._exit import exit_on_error
+from mailkms.clock import SystemClock
+from mailkms.config import data_dir_from_env, load_settings
+from mailkms.errors import Malformed
+from mailkms.pki import SUBSCRIBER_REASONS
+from mailkms.services import Services
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
+
+REASONS = ", ".join(SUBSCRIBER_REASONS)
+crl_app = typer.Typer(help="The issuing CA's CRL.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _services() -> Services:
+    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def revoke(
+        emails: Annotated[list[str] | None, typer.Argument(help="users whose certificates to revoke")] = None,
+        serial: Annotated[str | None, typer.Option("--serial", help="one certificate, by hex serial")] = None,
+        reason: Annotated[
+            str | None, typer.Option("--reason", help=f"RFC 5280 reason: {REASONS}; omit for none")
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Revoke all current certificates of users (they become REVOKED), or one certificate by serial.
+
+        The CRL is published at once (one new CRL for all users named); OCSP answers change within
+        seconds on every node. `mailkms user reenroll EMAIL` is the way back for a user.
+        """
+        with exit_on_error(as_json):
+            if bool(emails) == bool(serial):
+                raise Malformed("name users (EMAIL ...) or one certificate (--serial S), not both")
+            services = _services()
+            if serial:
+                reports = [services.revocation.revoke_serial(serial, reason, ADMIN)]
+            else:
+                reports = services.revocation.revoke_users(emails or [], reason, ADMIN)
+            crl = services.revocation.latest
+            data = {
+                "revoked": [
+                    {
+                        "subject": r.subject,
+                        "serials": list(r.serials),
+                        "reason": r.reason,
+                        "revoked_at": r.revoked_at.isoformat(),
+                        "user_revoked": r.user_revoked,
+                    }
+                    for r in reports
+                ],
+                "crl_number": crl.number if crl else None,
+            }
+            if as_json:
+                print(json.dumps(data, indent=2))
+                return
+            for r in reports:
+                what = f"{len(r.serials)} certificate(s)" if r.serials else "no live certificates"
+                print(f"revoked {r.subject}: {what}{' (' + r.reason + ')' if r.reason else ''}")
+                for s in r.serials:
+                    print(f"  {s}")
+                if r.user_revoked:
+                    print(f"  {r.subject} is REVOKED; `mailkms user reenroll {r.subject}` is the way back")
+            if crl is not None:
+                print(f"CRL {crl.number} published with {crl.entries} entries")
+
+    @crl_app.command("generate")
+    def crl_generate(
+        force: Annotated[bool, typer.Option(help="publish even if nothing changed")] = True,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Publish a new CRL now (the server also does on each revocation and on its schedule)."""
+        with exit_on_error(as_json):
+            services = _services()
+            with console.status("building the CRL ...", spinner="dots"):
+                view = services.revocation.publish_crl(ADMIN, force=force)
+            view = view or services.revocation.refresh_latest()
+            if view is None:
+                raise Malformed("no CRL")
+            data = {
+                "number": view.number,
+                "entries": view.entries,
+                "this_update": view.this_update.isoformat(),
+                "next_update": view.next_update.isoformat(),
+                "bytes": len(view.der),
+            }
+            if as_json:
+                print(json.dumps(data, indent=2))
+            else:
+                print(
+                    f"CRL {view.number}: {view.entries} entries, {len(view.der)} bytes, "
+                    f"next update {view.next_update:%Y-%m-%d %H:%M:%S} UTC"
+                )
+
+    @crl_app.command("export")
+    def crl_export(
+        pem: Annotated[bool, typer.Option("--pem", help="PEM instead of DER")] = False,
+    ) -> None:
+        """Write the current CRL to standard output (DER, or PEM with --pem)."""
+        with exit_on_error():
+            view = _services().revocation.refresh_latest()
+            if view is None:
+                raise Malformed("no CRL has been published yet: run `mailkms crl generate`")
+            if pem:
+                sys.stdout.write(x509.load_der_x509_crl(view.der).public_bytes(serialization.Encoding.PEM).decode())
+            else:
+                sys.stdout.buffer.write(view.der)
+
+    app.add_typer(crl_app, name="crl")

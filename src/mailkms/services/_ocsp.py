@@ -1,0 +1,152 @@
+"""OCSP answers: a lookup in a cache of signed responses, a signature only on a miss.
+
+Each answer is signed once by the delegated responder and served from memory until it is
+`ocsp_refresh_hours` old (its nextUpdate is `ocsp_validity_hours` away, BR 4.9.10). A revocation
+drops the certificate's answers at once in this process, and within `poll_seconds` on every other
+node (`sync`, which asks the store what was revoked since it last looked).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import select
+
+from mailkms.clock import Clock
+from mailkms.config import Settings
+from mailkms.errors import Malformed
+from mailkms.pki import (
+    HASH_NAMES,
+    MALFORMED_RESPONSE,
+    SUBSCRIBER_REASONS,
+    UNAUTHORIZED_RESPONSE,
+    CASigner,
+    CertState,
+    CertStatus,
+    OCSPQuery,
+    issuer_hashes,
+    parse_request,
+    sign_response,
+)
+from mailkms.services._ca import CAContext
+from mailkms.services._issuance import serial_hex
+from mailkms.store import Certificate, Database
+
+# Other nodes' clocks and commit delays: look back a little further than the last poll.
+SYNC_OVERLAP = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class OCSPAnswer:
+    der: bytes
+    status: str  # good | revoked | unknown | malformed | unauthorized
+    max_age: int = 0  # seconds a cache in front of us may keep it
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    der: bytes
+    status: CertStatus
+    signed_at: dt.datetime
+    responder: x509.Certificate
+
+
+class OCSPResponder:
+    def __init__(self, db: Database, ca: CAContext, settings: Settings, clock: Clock) -> None:
+        self._db = db
+        self._ca = ca
+        self._cfg = settings.revocation
+        self._clock = clock
+        self._validity = dt.timedelta(hours=self._cfg.ocsp_validity_hours)
+        self._refresh = dt.timedelta(hours=self._cfg.ocsp_refresh_hours)
+        self._cache: OrderedDict[tuple[int, str], _Signed] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hashes: dict[str, tuple[bytes, bytes]] | None = None
+        self._synced_at = clock.now()
+
+    def _issuer_hashes(self, responder: CASigner) -> dict[str, tuple[bytes, bytes]]:
+        if self._hashes is None:
+            self._hashes = issuer_hashes(self._ca.issuing.certificate, responder.certificate)
+        return self._hashes
+
+    def answer_cached(self, request_der: bytes) -> OCSPAnswer | None:
+        """The fast path (no I/O, no signature): a fresh cached answer, a refusal, or None."""
+        try:
+            query = parse_request(request_der)
+        except Malformed:
+            return OCSPAnswer(MALFORMED_RESPONSE, "malformed")
+        responder = self._ca.require_ocsp_responder()
+        if self._issuer_hashes(responder).get(query.hash_name) != (query.issuer_name_hash, query.issuer_key_hash):
+            return OCSPAnswer(UNAUTHORIZED_RESPONSE, "unauthorized")  # RFC 5019 §2.2.3: not our CA
+        now = self._clock.now()
+        with self._lock:
+            hit = self._cache.get((query.serial, query.hash_name))
+            if hit is not None and now - hit.signed_at < self._refresh and hit.responder is responder.certificate:
+                self._cache.move_to_end((query.serial, query.hash_name))
+                return OCSPAnswer(hit.der, hit.status.value, self._max_age(hit, now))
+        return None
+
+    def answer(self, request_der: bytes) -> OCSPAnswer:
+        """Any request: cached, or looked up in the store and signed now (then cached)."""
+        cached = self.answer_cached(request_der)
+        if cached is not None:
+            return cached
+        query = parse_request(request_der)  # parsed fine above
+        responder = self._ca.require_ocsp_responder()
+        now = self._clock.now()
+        state = self._state_of(query)
+        der = sign_response(responder, query, state, now=now, validity=self._validity)
+        signed = _Signed(der, state.status, now, responder.certificate)
+        with self._lock:
+            self._cache[(query.serial, query.hash_name)] = signed
+            self._cache.move_to_end((query.serial, query.hash_name))
+            while len(self._cache) > self._cfg.ocsp_cache_size:
+                self._cache.popitem(last=False)
+        return OCSPAnswer(der, state.status.value, self._max_age(signed, now))
+
+    def _max_age(self, signed: _Signed, now: dt.datetime) -> int:
+        # Caches in front of us may keep an answer only until we would re-sign it.
+        return max(0, int((signed.signed_at + self._refresh - now).total_seconds()))
+
+    def _state_of(self, query: OCSPQuery) -> CertState:
+        with self._db.transaction() as session:
+            row = session.execute(
+                select(Certificate.revoked_at, Certificate.revocation_reason).where(
+                    Certificate.serial == serial_hex(query.serial)
+                )
+            ).one_or_none()
+        if row is None:
+            return CertState(CertStatus.UNKNOWN)
+        revoked_at, reason = row
+        if revoked_at is None:
+            return CertState(CertStatus.GOOD)
+        return CertState(CertStatus.REVOKED, revoked_at, SUBSCRIBER_REASONS.get(reason) if reason else None)
+
+    def forget(self, serials: Iterable[str]) -> None:
+        """Drop the cached answers of these certificates (just revoked)."""
+        with self._lock:
+            for serial in serials:
+                number = int(serial, 16)
+                for hash_name in HASH_NAMES:
+                    self._cache.pop((number, hash_name), None)
+
+    def sync(self) -> int:
+        """Called every poll: forget the answers of certificates revoked (on any node) lately.
+
+        The window overlaps the previous one, so an answer signed from a read that raced a
+        revocation is dropped again at the next poll.
+        """
+        start = self._synced_at - SYNC_OVERLAP
+        self._synced_at = self._clock.now()
+        with self._db.transaction() as session:
+            serials = list(session.execute(select(Certificate.serial).where(Certificate.revoked_at >= start)).scalars())
+        self.forget(serials)
+        return len(serials)
+
+    def cached(self) -> int:
+        return len(self._cache)
