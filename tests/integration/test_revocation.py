@@ -293,6 +293,10 @@ def test_bad_revocation_requests_are_refused_and_change_nothing(services) -> Non
             services.revocation.revoke_serial(bad, None, "admin:test")
     assert services.users.show(hank.mailbox).state is UserState.ACTIVE
     assert _audit(services, "certificate.revoked") == []
+    refusals = [r.details for r in _audit(services, "revocation.refused")]
+    assert len(refusals) == 10
+    assert sum('"reason":"bad-revocation-reason"' in d for d in refusals) == 4
+    assert sum('"reason":"certificate-not-found"' in d for d in refusals) == 1
     services.revocation.revoke_serial(f"{hank.signing.serial_number:x}", None, "admin:test")
     with pytest.raises(AlreadyRevoked):
         services.revocation.revoke_serial(f"{hank.signing.serial_number:x}", None, "admin:test")
@@ -406,3 +410,58 @@ def test_http_serves_crl_and_ocsp_by_get_and_post(services, factory) -> None:  #
     metrics = TestClient(create_app(services)).get("/metrics").text
     assert 'mailkms_ocsp_requests_total{status="revoked"}' in metrics
     assert 'mailkms_crl_age_seconds{crl="issuing"}' in metrics
+
+
+def test_two_nodes_publish_each_crl_once(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    """Two service stacks (two nodes) on one store: a revocation is published once, by either."""
+    from mailkms.services import Services
+
+    if settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("SQLite is the single-node store")
+    other = Services.build(settings, clock)
+    try:
+        lena = Enrolled(services, "lena@example.org")
+        services.revocation.publish_crl(force=True)
+        services.revocation.revoke_users([lena.mailbox], "keyCompromise", "admin:test", publish=False)
+        assert services.revocation.crl_due() and other.revocation.crl_due()
+        results: list[object] = []
+        barrier = threading.Barrier(2)
+
+        def publish(node) -> None:  # type: ignore[no-untyped-def]
+            barrier.wait()
+            results.append(node.revocation.publish_crl())
+
+        threads = [threading.Thread(target=publish, args=(n,)) for n in (services, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        published = [r for r in results if r is not None]
+        assert len(published) == 1 and len(results) == 2
+        assert not services.revocation.crl_due() and not other.revocation.crl_due()
+        # The other node serves the new CRL after its next poll, and forgets its cached answer.
+        request = _ocsp_request(lena.signing, services.ca.issuing.certificate)
+        assert other.revocation.refresh_latest().number == published[0].number  # type: ignore[union-attr,attr-defined]
+        other.ocsp.sync()
+        assert ocsp.load_der_ocsp_response(other.ocsp.answer(request).der).certificate_status is (
+            ocsp.OCSPCertStatus.REVOKED
+        )
+    finally:
+        other.db.dispose()
+
+
+def test_a_node_forgets_answers_revoked_elsewhere_at_its_next_poll(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    from mailkms.services import Services
+
+    mona = Enrolled(services, "mona@example.org")
+    request = _ocsp_request(mona.signing, services.ca.issuing.certificate)
+    assert services.ocsp.answer(request).status == "good"  # cached here
+    admin = Services.build(settings, clock)  # the `mailkms revoke` process
+    try:
+        admin.revocation.revoke_users([mona.mailbox], "privilegeWithdrawn", "admin:test")
+    finally:
+        admin.db.dispose()
+    assert services.ocsp.answer(request).status == "good"  # still the cached answer ...
+    clock.advance(dt.timedelta(seconds=2))
+    services.ocsp.sync()  # ... until the poll
+    assert services.ocsp.answer(request).status == "revoked"

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import AlreadyRevoked, CertificateNotFound, Malformed, UserNotFound
+from mailkms.errors import AlreadyRevoked, CertificateNotFound, MailkmsError, Malformed, UserNotFound
 from mailkms.pki import SUBSCRIBER_REASONS, RevokedEntry, build_crl, parse_reason, reason_name
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
@@ -86,6 +86,29 @@ class Revocation:
         self, emails: Sequence[str], reason: str | None, actor: str, *, publish: bool = True
     ) -> list[RevocationReport]:
         """Every unexpired certificate of each user (all generations), one transaction for all."""
+        try:
+            reports = self._revoke_users(emails, reason, actor)
+        except MailkmsError as exc:
+            self._refused(actor, ", ".join(e.strip().lower() for e in emails)[:300] or "-", exc)
+            raise
+        self._after_revocation(reports, publish, actor)
+        return reports
+
+    def revoke_serial(self, serial: str, reason: str | None, actor: str, *, publish: bool = True) -> RevocationReport:
+        """One certificate. If it belongs to the user's current pair, the user is REVOKED too."""
+        try:
+            report = self._revoke_serial(serial, reason, actor)
+        except MailkmsError as exc:
+            self._refused(actor, serial.strip()[:300] or "-", exc)
+            raise
+        self._after_revocation([report], publish, actor)
+        return report
+
+    def _refused(self, actor: str, subject: str, exc: MailkmsError) -> None:
+        with self._db.transaction() as session:
+            self._audit.append(session, actor, "revocation.refused", subject, reason=exc.code)
+
+    def _revoke_users(self, emails: Sequence[str], reason: str | None, actor: str) -> list[RevocationReport]:
         flag = parse_reason(reason)
         mailboxes = list(dict.fromkeys(normalise_mailbox(e) for e in emails))
         if not mailboxes:
@@ -105,12 +128,9 @@ class Revocation:
                     self._mark(session, cert, now, reason_name(flag), actor, mailbox)
                 self._revoke_user(session, user, now, actor, reason_name(flag))
                 reports.append(RevocationReport(mailbox, tuple(c.serial for c in certs), reason_name(flag), now, True))
-            self._flag_crl(session, now)
-        self._after_revocation(reports, publish, actor)
         return reports
 
-    def revoke_serial(self, serial: str, reason: str | None, actor: str, *, publish: bool = True) -> RevocationReport:
-        """One certificate. If it belongs to the user's current pair, the user is REVOKED too."""
+    def _revoke_serial(self, serial: str, reason: str | None, actor: str) -> RevocationReport:
         flag = parse_reason(reason)
         wanted = parse_serial(serial)
         now = self._clock.now()
@@ -129,9 +149,7 @@ class Revocation:
             current = user is not None and cert.generation == user.generation and user.status != "revoked"
             if user is not None and current:
                 self._revoke_user(session, user, now, actor, reason_name(flag))
-            report = RevocationReport(subject, (wanted,), reason_name(flag), now, current)
-        self._after_revocation([report], publish, actor)
-        return report
+            return RevocationReport(subject, (wanted,), reason_name(flag), now, current)
 
     def _live_certificates(self, session: Session, user_id: int, now: dt.datetime) -> list[Certificate]:
         return list(
