@@ -465,3 +465,30 @@ def test_a_node_forgets_answers_revoked_elsewhere_at_its_next_poll(services, set
     clock.advance(dt.timedelta(seconds=2))
     services.ocsp.sync()  # ... until the poll
     assert services.ocsp.answer(request).status == "revoked"
+
+
+def test_the_clients_crl_check_reads_the_served_crl(services, clock) -> None:  # type: ignore[no-untyped-def]
+    """The client's verify fetches the CRL at the certificate's CDP; here the server app answers it."""
+    import urllib.parse
+
+    from mailkms.client._mail import CRLChecker
+    from mailkms.pki import RevocationStatus
+
+    nina = Enrolled(services, "nina@example.org")
+    http = TestClient(create_http_app(services))
+    fetched: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        fetched.append(url)
+        resp = http.get(urllib.parse.urlsplit(url).path)
+        assert resp.status_code == 200
+        return resp.content
+
+    checker = CRLChecker(fetch)
+    issuer = services.ca.issuing.certificate
+    services.revocation.publish_crl(force=True)
+    assert checker.check(nina.signing, issuer, clock.now()).status is RevocationStatus.GOOD
+    services.revocation.revoke_users([nina.mailbox], "keyCompromise", "admin:test")
+    result = checker.check(nina.signing, issuer, clock.now())
+    assert result.status is RevocationStatus.REVOKED
+    assert fetched[0] == "http://kms.example.org/crl/issuing.crl"  # the CDP URL written into the certificate
