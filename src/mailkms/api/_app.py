@@ -12,7 +12,7 @@ from mailkms.api import _observability
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
-from mailkms.api._revocation import revocation_router
+from mailkms.api._revocation import OCSPEndpoint, revocation_router
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
 from mailkms.pki import fingerprint_sha256
@@ -137,6 +137,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(api)
     app.include_router(directory_router(services))
     _observability.install(app, services)
+    app.add_middleware(OCSPEndpoint, services=services)  # outermost: OCSP skips the rest
     return app
 
 
@@ -151,4 +152,5 @@ def create_http_app(services: Services) -> FastAPI:
     app.include_router(publication_router(services))
     app.include_router(revocation_router(services))
     _observability.install(app, services, http=True)
+    app.add_middleware(OCSPEndpoint, services=services)
     return app

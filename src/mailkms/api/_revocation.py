@@ -15,6 +15,7 @@ from email.utils import format_datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailkms import metrics
 from mailkms.errors import Internal
@@ -44,18 +45,9 @@ def _crl_response(der: bytes, number: int, this_update_http: str, pem: bool) -> 
     return Response(der, media_type=PKIX_CRL, headers=headers)
 
 
-def _ocsp_response(answer: OCSPAnswer) -> Response:
-    metrics.OCSP_REQUESTS.labels(status=answer.status).inc()
-    headers = {"Cache-Control": f"public, max-age={answer.max_age}, no-transform, must-revalidate"}
-    if answer.max_age == 0:
-        headers = {"Cache-Control": "no-store"}
-    return Response(answer.der, media_type=OCSP_RESPONSE, headers=headers)
-
-
 def revocation_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["revocation"])
     revocation = services.revocation
-    ocsp = services.ocsp
     ca = services.ca
     clock = services.clock
 
@@ -95,45 +87,88 @@ def revocation_router(services: Services) -> APIRouter:
         der = crl.public_bytes(serialization.Encoding.DER)
         return _crl_response(der, number, format_datetime(crl.last_update_utc, usegmt=True), _wants_pem(request))
 
-    async def answer(der: bytes) -> Response:
-        cached = ocsp.answer_cached(der)
-        if cached is None:
-            cached = await asyncio.to_thread(ocsp.answer, der)
-        return _ocsp_response(cached)
-
-    @router.post(
-        "/ocsp",
-        response_class=Response,
-        summary="OCSP (RFC 6960), request in the body (application/ocsp-request)",
-        responses={200: {"content": {OCSP_RESPONSE: {}}}},
-    )
-    async def ocsp_post(request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_OCSP_REQUEST):
-            return _ocsp_response(OCSPAnswer(MALFORMED_RESPONSE, "malformed"))
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_OCSP_REQUEST:
-                return _ocsp_response(OCSPAnswer(MALFORMED_RESPONSE, "malformed"))
-        return await answer(bytes(body))
-
-    @router.get(
-        "/ocsp/{encoded:path}",
-        response_class=Response,
-        summary="OCSP (RFC 6960 A.1), the DER request base64- and URL-encoded in the path",
-        responses={200: {"content": {OCSP_RESPONSE: {}}}},
-    )
-    async def ocsp_get(encoded: str, request: Request) -> Response:
-        # The raw path: base64 may hold '/' and '+', which path decoding must not touch twice.
-        raw = request.scope.get("raw_path", b"").decode("latin-1").split("/ocsp/", 1)[-1]
-        text = urllib.parse.unquote(raw or encoded)
-        try:
-            der = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            return _ocsp_response(OCSPAnswer(MALFORMED_RESPONSE, "malformed"))
-        if len(der) > MAX_OCSP_REQUEST:
-            return _ocsp_response(OCSPAnswer(MALFORMED_RESPONSE, "malformed"))
-        return await answer(der)
-
     return router
+
+
+def _decode_get(raw_path: bytes) -> bytes | None:
+    """RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER request}."""
+    text = urllib.parse.unquote(raw_path.decode("latin-1").split("/ocsp/", 1)[-1])
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class OCSPEndpoint:
+    """/ocsp (POST) and /ocsp/<request> (GET) as a bare ASGI layer in front of the app.
+
+    A cached answer costs a dictionary lookup; the framework's routing, validation and
+    request-id middleware would cost several times that, so OCSP does not go through them.
+    Everything else passes on to `app`.
+    """
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self._app = app
+        self._ocsp = services.ocsp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path != "/ocsp" and not path.startswith("/ocsp/"):
+            await self._app(scope, receive, send)
+            return
+        method = scope["method"]
+        der: bytes | None
+        if path == "/ocsp" and method == "POST":
+            der = await _read_body(scope, receive)
+        elif path.startswith("/ocsp/") and method in ("GET", "HEAD"):
+            der = _decode_get(scope.get("raw_path") or path.encode())
+        else:
+            await _send(send, 405, b"", [(b"allow", b"POST" if path == "/ocsp" else b"GET")])
+            return
+        if der is None or len(der) > MAX_OCSP_REQUEST:
+            answer = OCSPAnswer(MALFORMED_RESPONSE, "malformed")
+        else:
+            answer = self._ocsp.answer_cached(der) or await asyncio.to_thread(self._ocsp.answer, der)
+        metrics.OCSP_REQUESTS.labels(status=answer.status).inc()
+        cache = (
+            f"public, max-age={answer.max_age}, no-transform, must-revalidate" if answer.max_age else "no-store"
+        ).encode()
+        await _send(
+            send,
+            200,
+            b"" if method == "HEAD" else answer.der,
+            [(b"content-type", OCSP_RESPONSE.encode()), (b"cache-control", cache)],
+            length=len(answer.der),
+        )
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
+    """The body, or None past MAX_OCSP_REQUEST (announced or sent)."""
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length" and (not value.isdigit() or int(value) > MAX_OCSP_REQUEST):
+            return None
+    body = bytearray()
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > MAX_OCSP_REQUEST:
+            return None
+    return bytes(body)
+
+
+async def _send(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], length: int | None = None
+) -> None:
+    size = len(body) if length is None else length
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(size).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
