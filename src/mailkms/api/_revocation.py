@@ -125,10 +125,14 @@ class OCSPEndpoint:
         else:
             await _send(send, 405, b"", [(b"allow", b"POST" if path == "/ocsp" else b"GET")])
             return
+        answer: OCSPAnswer | None = None
         if der is None or len(der) > MAX_OCSP_REQUEST:
             answer = OCSPAnswer(MALFORMED_RESPONSE, "malformed")
         else:
-            answer = self._ocsp.answer_cached(der) or await asyncio.to_thread(self._ocsp.answer, der)
+            answer = self._ocsp.answer_cached(der)
+        if answer is None:
+            assert der is not None
+            answer = await asyncio.to_thread(self._ocsp.answer, der)  # a store lookup and a signature
         metrics.OCSP_REQUESTS.labels(status=answer.status).inc()
         cache = (
             f"public, max-age={answer.max_age}, no-transform, must-revalidate" if answer.max_age else "no-store"
