@@ -161,7 +161,7 @@ def test_client_signature_verifies_in_openssl(kms: Kms, tmp_path: Path, opaque: 
     report = proc.stderr.decode()
     assert proc.returncode == 0, report
     assert f"Signed by {ALICE}" in report and "TRUSTED" in report
-    assert "revocation not checked" in report  # the server of this branch publishes no CRL yet
+    assert "Revocation: not revoked (CRL of" in report  # fetched from the server at the certificate's CDP
     assert b"Subject: quarterly figures" in proc.stdout
 
 

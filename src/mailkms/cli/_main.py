@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -137,7 +137,7 @@ def serve(
         services = Services.build(settings, SystemClock())
         from mailkms.cli._serve import serve as run_server
 
-        asyncio.run(
+        _event_loop_runner()(
             run_server(
                 services,
                 bind=settings.server.bind,
@@ -145,6 +145,15 @@ def serve(
                 http_port=settings.server.http_port,
             )
         )
+
+
+def _event_loop_runner() -> Any:
+    """uvloop when installed (the server extra brings it): HTTP, and so OCSP, is bound by the loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 # --- users -----------------------------------------------------------------------------------

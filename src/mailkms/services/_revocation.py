@@ -63,6 +63,16 @@ class CRLView:
     der: bytes
 
 
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def through(self, items: Iterator[RevokedEntry]) -> Iterator[RevokedEntry]:
+        for item in items:
+            self.count += 1
+            yield item
+
+
 class Revocation:
     def __init__(
         self,
@@ -208,10 +218,10 @@ class Revocation:
             if not force and not self._due(row, now):
                 return None
             this_update = now.replace(microsecond=0)
-            entries = list(self._entries(session, this_update))
+            counted = _Counter()  # the rows stream into the builder; no second list of a million entries
             crl = build_crl(
                 self._ca.issuing,
-                entries,
+                counted.through(self._entries(session, this_update)),
                 number=row.number + 1,
                 this_update=this_update,
                 next_update=this_update + dt.timedelta(days=self._cfg.crl_validity_days),
@@ -220,7 +230,7 @@ class Revocation:
             row.number += 1
             row.this_update = this_update
             row.next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
-            row.entries = len(entries)
+            row.entries = counted.count
             row.der = der
             row.dirty_since = None
             self._audit.append(
