@@ -732,7 +732,8 @@ def other_scripts(quick: bool, budget: float) -> list[str]:
             continue
         for line in done.stdout.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.lstrip().startswith("|") and not set("".join(cells)) <= set("-: ") and cells[0] != "figure":
+            is_row = line.lstrip().startswith("|") and len(cells) == 5  # | figure | mailkms | peer | goal | met |
+            if is_row and not set("".join(cells)) <= set("-: ") and cells[0] != "figure":
                 extra_out.append(line.strip())
             elif line.strip():
                 NOTES.append(f"bench/{name}: {line.strip()}")
