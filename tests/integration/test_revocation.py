@@ -50,6 +50,11 @@ class Enrolled:
         self.certs = certificates_of(services, mailbox)
         self.signing = next(c for c in self.certs if _is_signing(c))
 
+    def renewal_request(self, services) -> dict:  # type: ignore[no-untyped-def,type-arg]
+        csr, _ = make_csr(self.mailbox)
+        body = {"mailbox": self.mailbox, "csr": csr.decode()}
+        return sign_request(self.signing_key, [self.signing], services.nonces.new(), RENEW_URL, body)
+
 
 def _is_signing(cert: x509.Certificate) -> bool:
     return cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
@@ -236,14 +241,7 @@ def test_revoked_user_cannot_renew_and_reenrolment_brings_them_back(services, cl
     spare_token = services.users.reenroll(frank.mailbox, "admin:test")  # an unused token, killed by revocation
     services.revocation.revoke_users([frank.mailbox], "affiliationChanged", "admin:test")
     clock.advance(dt.timedelta(days=380))
-    csr, _ = make_csr(frank.mailbox)
-    request = sign_request(
-        frank.signing_key,
-        [frank.signing],
-        services.nonces.new(),
-        RENEW_URL,
-        {"mailbox": frank.mailbox, "csr": csr.decode()},
-    )
+    request = frank.renewal_request(services)
     with pytest.raises(Revoked):
         services.renewal.renew(request, RENEW_URL)
     with pytest.raises(TokenInvalid):
@@ -265,14 +263,7 @@ def test_revoked_user_cannot_renew_and_reenrolment_brings_them_back(services, cl
 def test_revoking_an_old_generation_by_serial_leaves_the_user_active(services, clock) -> None:
     gina = Enrolled(services, "gina@example.org")
     clock.advance(dt.timedelta(days=370))
-    csr, _ = make_csr(gina.mailbox)
-    request = sign_request(
-        gina.signing_key,
-        [gina.signing],
-        services.nonces.new(),
-        RENEW_URL,
-        {"mailbox": gina.mailbox, "csr": csr.decode()},
-    )
+    request = gina.renewal_request(services)
     services.renewal.renew(request, RENEW_URL)
     report = services.revocation.revoke_serial(f"0x{gina.signing.serial_number:x}", "superseded", "admin:test")
     assert not report.user_revoked
