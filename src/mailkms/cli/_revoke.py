@@ -47,8 +47,10 @@ def register(app: typer.Typer) -> None:
         seconds on every node. `mailkms user reenroll EMAIL` is the way back for a user.
         """
         with exit_on_error(as_json):
-            if bool(emails) == bool(serial):
+            if emails and serial:
                 raise Malformed("name users (EMAIL ...) or one certificate (--serial S), not both")
+            if not emails and not serial:
+                raise Malformed("name the users to revoke (EMAIL ...) or one certificate (--serial S)")
             services = _services()
             if serial:
                 reports = [services.revocation.revoke_serial(serial, reason, ADMIN)]
