@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailkms import metrics
 from mailkms.errors import Internal
-from mailkms.pki import MALFORMED_RESPONSE
+from mailkms.pki import MALFORMED_RESPONSE, crl_number
 from mailkms.services import CRLView, OCSPAnswer, Services
 
 PKIX_CRL = "application/pkix-crl"
@@ -83,9 +83,10 @@ def revocation_router(services: Services) -> APIRouter:
         crl = ca.root_crl
         if crl is None:
             raise Internal("the root CA has no CRL yet")
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         der = crl.public_bytes(serialization.Encoding.DER)
-        return _crl_response(der, number, format_datetime(crl.last_update_utc, usegmt=True), _wants_pem(request))
+        return _crl_response(
+            der, crl_number(crl), format_datetime(crl.last_update_utc, usegmt=True), _wants_pem(request)
+        )
 
     return router
 

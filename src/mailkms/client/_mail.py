@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import datetime as dt
 import json
 import re
@@ -64,11 +65,11 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 # --- revocation: pluggable --------------------------------------------------------------------
-class RevocationChecker:
+class RevocationChecker(abc.ABC):
     """Says whether a certificate is revoked. The default fetches the CRL at its distribution point."""
 
-    def check(self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> RevocationResult:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def check(self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> RevocationResult: ...
 
 
 class NoRevocationCheck(RevocationChecker):

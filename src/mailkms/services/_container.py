@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,7 +12,7 @@ from sqlalchemy.orm import Session
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.pki import CertKind, PublicURLs
+from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._audit import AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
@@ -104,7 +103,7 @@ class Services:
         with self.db.transaction() as session:
             for what in renewed:
                 if what == "root-crl" and self.ca.root_crl is not None:
-                    number = self.ca.root_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+                    number = crl_number(self.ca.root_crl)
                     self.audit.append(session, "system", "crl.published", "root", number=number, entries=0)
                 else:
                     self.audit.append(session, "system", "server-identity.renewed", what)
@@ -134,9 +133,6 @@ class Services:
                         der=cert.public_bytes(serialization.Encoding.DER),
                     )
                 )
-
-    def publish_crl_if_due(self) -> bool:
-        return self.revocation.publish_crl() is not None
 
     def verify_audit(self) -> AuditReport:
         with self.db.transaction() as session:

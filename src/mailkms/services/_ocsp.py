@@ -76,6 +76,29 @@ class OCSPResponder:
 
     def answer_cached(self, request_der: bytes) -> OCSPAnswer | None:
         """The fast path (no I/O, no signature): a fresh cached answer, a refusal, or None."""
+        found = self._lookup(request_der)
+        return found if isinstance(found, OCSPAnswer) else None
+
+    def answer(self, request_der: bytes) -> OCSPAnswer:
+        """Any request: cached, or looked up in the store and signed now (then cached)."""
+        found = self._lookup(request_der)
+        if isinstance(found, OCSPAnswer):
+            return found
+        query = found
+        responder = self._ca.require_ocsp_responder()
+        now = self._clock.now()
+        state = self._state_of(query)
+        der = sign_response(responder, query, state, now=now, validity=self._validity)
+        signed = _Signed(der, state.status, now, responder.certificate)
+        with self._lock:
+            self._cache[(query.serial, query.hash_name)] = signed
+            self._cache.move_to_end((query.serial, query.hash_name))
+            while len(self._cache) > self._cfg.ocsp_cache_size:
+                self._cache.popitem(last=False)
+        return OCSPAnswer(der, state.status.value, self._max_age(signed, now))
+
+    def _lookup(self, request_der: bytes) -> OCSPAnswer | OCSPQuery:
+        """An answer without signing (cached, malformed, not our CA), or the parsed query to sign for."""
         try:
             query = parse_request(request_der)
         except Malformed:
@@ -89,25 +112,7 @@ class OCSPResponder:
             if hit is not None and now - hit.signed_at < self._refresh and hit.responder is responder.certificate:
                 self._cache.move_to_end((query.serial, query.hash_name))
                 return OCSPAnswer(hit.der, hit.status.value, self._max_age(hit, now))
-        return None
-
-    def answer(self, request_der: bytes) -> OCSPAnswer:
-        """Any request: cached, or looked up in the store and signed now (then cached)."""
-        cached = self.answer_cached(request_der)
-        if cached is not None:
-            return cached
-        query = parse_request(request_der)  # parsed fine above
-        responder = self._ca.require_ocsp_responder()
-        now = self._clock.now()
-        state = self._state_of(query)
-        der = sign_response(responder, query, state, now=now, validity=self._validity)
-        signed = _Signed(der, state.status, now, responder.certificate)
-        with self._lock:
-            self._cache[(query.serial, query.hash_name)] = signed
-            self._cache.move_to_end((query.serial, query.hash_name))
-            while len(self._cache) > self._cfg.ocsp_cache_size:
-                self._cache.popitem(last=False)
-        return OCSPAnswer(der, state.status.value, self._max_age(signed, now))
+        return query
 
     def _max_age(self, signed: _Signed, now: dt.datetime) -> int:
         # Caches in front of us may keep an answer only until we would re-sign it.
