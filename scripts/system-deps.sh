@@ -6,7 +6,14 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v faketime >/dev/null || need+=(faketime)
 command -v cmsutil >/dev/null || need+=(libnss3-tools)
 command -v curl >/dev/null || need+=(curl)
+# the real mail path of the end-to-end tests: Postfix relays into Dovecot (LMTP), Dovecot serves IMAP
+command -v postfix >/dev/null || need+=(postfix)
+command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
+# the mail programs' key stores: NSS (Thunderbird, Evolution) above, gpgsm (KMail, mutt, Claws)
+command -v gpgsm >/dev/null || need+=(gpgsm)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+mapfile -t need < <(printf "%s\n" "${need[@]}" | sort -u)
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages: ${need[*]} (run as root: apt-get install ${need[*]})" >&2
   exit 1
