@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and make:
 #   make serve   - install, create the CA on first start, run the server and its mail sink
 #   make test    - install (with the outside judges: pkilint, openssl, faketime, NSS tools), run every test
+# Then: make admin ARGS='user add alice@example.org', or `. .venv/bin/activate` for `mailkms` on PATH
 PYTHON ?= python3.11
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -16,7 +17,7 @@ PORT ?= 8443
 MAIL_SINK_PORT ?= 2525
 HTTP_PORT ?= 8080
 
-.PHONY: install system-deps serve test test-fast lint bench clean
+.PHONY: install system-deps serve test test-fast lint bench clean admin client
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -36,6 +37,14 @@ serve: install
 	@if [ ! -f "$(MAILKMS_DATA)/ca/root.crt.pem" ]; then \
 		$(BIN)/mailkms init --hostname "$(HOSTNAME)" $(if $(PUBLIC_URL),--public-url "$(PUBLIC_URL)"); fi
 	$(BIN)/mailkms serve --port $(PORT) --mail-sink-port $(MAIL_SINK_PORT) --http-port $(HTTP_PORT)
+
+# The admin commands and the client from the project's own .venv, on the same data folder as
+# `make serve`: make admin ARGS='user add alice@example.org'   make client ARGS='status'
+admin: install
+	@$(BIN)/mailkms $(ARGS)
+
+client: install
+	@$(BIN)/mailkms-client $(ARGS)
 
 test: install system-deps
 	$(BIN)/pytest -q
