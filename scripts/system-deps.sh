@@ -12,6 +12,11 @@ command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
 # the mail programs' key stores: NSS (Thunderbird, Evolution) above, gpgsm (KMail, mutt, Claws)
 command -v gpgsm >/dev/null || need+=(gpgsm)
+# log-on at session start: notifications (libnotify) on a session bus, and the units' and entry's validators
+command -v notify-send >/dev/null || need+=(libnotify-bin)
+command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v desktop-file-validate >/dev/null || need+=(desktop-file-utils)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 mapfile -t need < <(printf "%s\n" "${need[@]}" | sort -u)
 if [ "$(id -u)" != 0 ]; then

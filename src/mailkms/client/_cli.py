@@ -14,6 +14,16 @@ from typing import Annotated
 
 import typer
 
+from mailkms.client._autostart import (
+    Reply,
+    ask_by_notification,
+    askpass_passphrase,
+    has_terminal,
+    install_autostart,
+    notify,
+    remove_autostart,
+    single_auto_logon,
+)
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
 from mailkms.client._mail_cli import register as register_mail
 from mailkms.client._store import cert_from_pem
@@ -60,7 +70,10 @@ def _passphrase_source(confirm: bool = False) -> bytes:
     if value:
         return value.encode()
     if not sys.stdin.isatty():
-        raise MailkmsError("no passphrase: set MAILKMS_CLIENT_PASSPHRASE or run in a terminal")
+        asked = askpass_passphrase()
+        if asked:
+            return asked
+        raise MailkmsError("no passphrase: set MAILKMS_CLIENT_PASSPHRASE or MAILKMS_ASKPASS, or run in a terminal")
     first = getpass.getpass("Key store passphrase: ")
     if confirm and getpass.getpass("Repeat the passphrase: ") != first:
         raise MailkmsError("the passphrases differ")
@@ -129,10 +142,61 @@ class Answer(StrEnum):
 @app.command()
 def logon(
     answer: Annotated[Answer | None, typer.Option(help="answer the update question without asking (scripts)")] = None,
+    auto: Annotated[
+        bool,
+        typer.Option(
+            "--auto",
+            help="run by the session's autostart: ask in the terminal if there is one, else by a desktop notification",
+        ),
+    ] = False,
 ) -> None:
     """Log on to advanced security: unlock the keys, install new mail, ask when renewal is due."""
+    if auto and answer is None and not has_terminal():
+        with single_auto_logon(_home["path"]) as first:
+            if not first:
+                typer.echo("Another log-on check is running; this one leaves it the question.")
+                return
+            _logon(None, by_notification=True)
+        return
+    _logon(answer, by_notification=False)
+
+
+def _ask(answer: Answer | None, by_notification: bool) -> Reply:
+    if answer is not None:
+        return Reply.YES if answer is Answer.yes else Reply.NO
+    if by_notification:
+        return ask_by_notification("Security certificates", PROMPT)
+    return Reply.YES if typer.confirm("", default=True, prompt_suffix="[Y/n] ") else Reply.NO
+
+
+def _can_unlock(client: Client) -> bool:
+    try:
+        client.passphrase()
+    except MailkmsError:
+        return False
+    return True
+
+
+def _remind_without_keys(client: Client) -> None:
+    """No terminal and no way to the passphrase: the question cannot be answered here, so say
+    where it can be (the certificates' dates are public; nothing is unlocked or sent)."""
+    state = client.state()
+    status = logon_state(state.current, SystemClock().now())
+    typer.echo("No terminal and no MAILKMS_ASKPASS: the key store stays locked.")
+    if status is LogonState.DUE:
+        text = PROMPT.split("\n")[0] + "\nOpen a terminal and run `mailkms-client logon` to send the update request."
+        typer.echo(text)
+        notify("Security certificates", text)
+    elif status is LogonState.EXPIRED:
+        notify("Security certificates expired", "Ask your administrator to enrol you again.")
+
+
+def _logon(answer: Answer | None, *, by_notification: bool) -> None:
     with _user_errors():
         client = _client()
+        if by_notification and not _can_unlock(client):
+            _remind_without_keys(client)
+            return
         client.unlock()
         _sync(client)
         state = client.state()
@@ -142,15 +206,19 @@ def logon(
             raise typer.Exit(8)
         if status is LogonState.EXPIRED:
             assert state.current is not None
-            typer.echo(
+            text = (
                 f"Your security certificates expired on {state.current.not_after[:19].replace('T', ' ')} UTC.\n"
-                "Expired certificates cannot be renewed: ask your administrator to enrol you again.",
-                err=True,
+                "Expired certificates cannot be renewed: ask your administrator to enrol you again."
             )
+            typer.echo(text, err=True)
+            if by_notification:
+                notify("Security certificates expired", text)
             raise typer.Exit(6)
         server_state = client.server_state()
         if server_state == "REVOKED":
             typer.echo(USER_TEXT["revoked"], err=True)
+            if by_notification:
+                notify("Security certificates revoked", USER_TEXT["revoked"])
             raise typer.Exit(6)
         if server_state is None:
             typer.echo("(The Key Management Server cannot be reached; working offline.)")
@@ -158,16 +226,24 @@ def logon(
             typer.echo("You are logged on to advanced security.")
             return
         typer.echo(PROMPT)
-        if answer is None:
-            yes = typer.confirm("", default=True, prompt_suffix="[Y/n] ")
-        else:
-            yes = answer is Answer.yes
-        if not yes:
+        reply = _ask(answer, by_notification)
+        if reply is Reply.NOT_SHOWN:
+            typer.echo(
+                "The question could not be shown (no terminal and no desktop notifications).\n"
+                "No update request was sent. Run `mailkms-client logon` in a terminal to answer it."
+            )
+            return
+        if reply is Reply.UNANSWERED:
+            typer.echo("The question was closed unanswered. No update request was sent; you will be asked again.")
+            return
+        if reply is Reply.NO:
             typer.echo("No update request was sent. You will be asked again at your next log-on.")
             return
         result = client.send_update_request()
         typer.echo(f"The certificate update request was sent (request {result['request_id']}).")
         typer.echo("Your new certificates will arrive by e-mail and are installed at your next log-on or sync.")
+        if by_notification:
+            notify("Certificate update request sent", "Your new certificates will arrive by e-mail.")
 
 
 @app.command()
@@ -249,6 +325,31 @@ def cert_signing() -> None:
 def cert_encryption() -> None:
     """The current encryption certificate, PEM."""
     _print_cert("encryption")
+
+
+@app.command("install-autostart")
+def install_autostart_command(
+    systemd: Annotated[bool, typer.Option(help="a systemd user service + timer")] = True,
+    xdg: Annotated[bool, typer.Option(help="an XDG autostart entry (~/.config/autostart)")] = True,
+    remove: Annotated[bool, typer.Option("--remove", help="remove what install-autostart wrote")] = False,
+) -> None:
+    """Run `mailkms-client logon` at the start of your desktop session, without typing it."""
+    with _user_errors():
+        if remove:
+            for path in remove_autostart():
+                typer.echo(f"Removed {path}")
+            return
+        _client().state()  # an enrolled key store, or a clear error
+        done = install_autostart(_home["path"], systemd=systemd, xdg=xdg)
+        for path in done.written:
+            typer.echo(f"Wrote {path}")
+        typer.echo(
+            "At the start of each session `mailkms-client logon --auto` runs: the question appears in a terminal\n"
+            "if there is one, else as a desktop notification with Yes and No. Without a terminal it unlocks the\n"
+            "key store with MAILKMS_ASKPASS (a program that prints the passphrase, e.g. `ssh-askpass`)."
+        )
+        if done.enable_hint:
+            typer.echo(f"To start it in this session: {done.enable_hint}")
 
 
 register_mail(app, _client, _user_errors)

@@ -1,0 +1,5 @@
+"""`python -m mailkms.client`: what the autostart files run, whatever PATH the session has."""
+
+from mailkms.client._cli import main
+
+main()
