@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -123,3 +125,13 @@ def run(cmd: list[str], data: bytes | None = None, check: bool = True) -> subpro
 
 def nss_tools() -> bool:
     return all(shutil.which(t) for t in ("certutil", "cmsutil", "pk12util"))
+
+
+def require_nss() -> None:
+    """NSS is an outside judge: missing in CI is a failure (as PostgreSQL is), elsewhere a skip."""
+    if nss_tools():
+        return
+    message = "NSS tools (libnss3-tools) missing: run scripts/system-deps.sh"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

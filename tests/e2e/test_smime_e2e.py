@@ -15,13 +15,12 @@ import pytest
 
 from tests.e2e.conftest import CLIENT_PASSPHRASE, ClientHome, Deployment
 from tests.e2e.kms_server import smime_client, smime_deployment
-from tests.smime_support import MESSAGE, nss_tools, run
+from tests.smime_support import MESSAGE, require_nss, run
 
 pytestmark = pytest.mark.e2e
 
 ALICE, BOB, CAROL = "alice@example.org", "bob@example.org", "carol@example.org"
 EXPORT_PW = "export-password-made-at-run-time"
-needs_nss = pytest.mark.skipif(not nss_tools(), reason="NSS tools (libnss3-tools) missing: run scripts/system-deps.sh")
 
 
 class Kms:
@@ -256,8 +255,8 @@ def test_tampered_truncated_unsigned_and_wrong_recipient_input(kms: Kms) -> None
 
 
 # --- NSS (Thunderbird's library) reads ours, and we read NSS's ----------------------------------------------------------
-@needs_nss
 def test_nss_imports_the_export_and_reads_our_messages(kms: Kms, tmp_path: Path) -> None:
+    require_nss()
     p12 = tmp_path / "bob.p12"
     env = {"MAILKMS_EXPORT_PASSWORD": EXPORT_PW}
     printed = ok(kms.client(home(kms, BOB), "export", "--out", str(p12), env=env)).decode()
@@ -290,8 +289,8 @@ def test_nss_imports_the_export_and_reads_our_messages(kms: Kms, tmp_path: Path)
     assert b"signer0.status=DigestMismatch" in forged.stdout
 
 
-@needs_nss
 def test_nss_made_messages_open_in_the_client(kms: Kms, tmp_path: Path) -> None:
+    require_nss()
     p12 = tmp_path / "alice.p12"
     ok(kms.client(home(kms, ALICE), "export", "--out", str(p12), env={"MAILKMS_EXPORT_PASSWORD": EXPORT_PW}))
     db = tmp_path / "nssdb"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.conftest import ClientHome, Deployment
 from tests.e2e.kms_server import smime_client, smime_deployment
-from tests.smime_support import MESSAGE, nss_tools, run
+from tests.smime_support import MESSAGE, require_nss, run
 
 pytestmark = pytest.mark.e2e
 ALICE, BOB = "alice@example.org", "bob@example.org"
@@ -61,8 +61,7 @@ def test_export_after_renewal_holds_every_encryption_key(renewed, tmp_path: Path
     assert sum(1 for n in names if n.endswith("(old)")) == 1
     info = run(["openssl", "pkcs12", "-info", "-in", str(p12), "-passin", f"pass:{EXPORT_PW}", "-noout"])
     assert (info.stdout + info.stderr).count(b"Shrouded Keybag: PBES2") == 3
-    if not nss_tools():
-        pytest.skip("NSS tools missing")
+    require_nss()
     db = tmp_path / "nssdb"
     db.mkdir()
     run(["certutil", "-N", "-d", f"sql:{db}", "--empty-password"])

@@ -15,7 +15,7 @@ from mailkms.client._mail import CRLChecker, SecureMail, import_pkcs12
 from mailkms.clock import FakeClock
 from mailkms.errors import ClientStateError, UntrustedCertificate
 from mailkms.pki import KeyEntry, build_pkcs12, encrypt_message, fingerprint_sha256, sign_detached
-from tests.smime_support import MESSAGE, NOW, Identity, SmimePKI, make_pki, nss_tools, run
+from tests.smime_support import MESSAGE, NOW, Identity, SmimePKI, make_pki, require_nss, run
 
 PASS = b"key-store-passphrase"
 EXPORT_PW = "export-password-made-at-run-time"
@@ -68,8 +68,7 @@ def test_export_holds_every_key_and_openssl_and_nss_import_them(
     assert "MAC: sha256, Iteration 600000" in text
     certs = run(["openssl", "pkcs12", "-in", str(p12), "-passin", f"pass:{EXPORT_PW}", "-nokeys", "-cacerts"]).stdout
     assert certs.count(b"BEGIN CERTIFICATE") == 2  # the chain: issuing and root
-    if not nss_tools():
-        pytest.skip("NSS tools missing")
+    require_nss()
     db = tmp_path / "nssdb"
     db.mkdir()
     run(["certutil", "-N", "-d", f"sql:{db}", "--empty-password"])
