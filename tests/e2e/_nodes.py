@@ -54,6 +54,7 @@ class Delivery:
     message_id: str
     recipient: str
     peer: str
+    delivery: bool = False  # carries the X-Mailkms-Delivery header (certificates), not a reminder
 
 
 class RecordingHandler:
@@ -64,18 +65,25 @@ class RecordingHandler:
         self.delay = delay
         self.lock = threading.Lock()
         self.deliveries: list[Delivery] = []
+        self.in_data = 0  # DATA received in full, answer not yet given
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        """As a real MTA does: the message is queued (here: filed and recorded) once the whole DATA
+        is in, then answered; `delay` holds the answer, so a sender that dies meanwhile has
+        delivered without knowing it."""
         import asyncio
 
-        if self.delay:
-            await asyncio.sleep(self.delay)
         data = envelope.original_content or b""
-        message_id = str(BytesHeaderParser().parsebytes(data).get("Message-ID", "")).strip()
+        headers = BytesHeaderParser().parsebytes(data)
+        message_id = str(headers.get("Message-ID", "")).strip()
         for rcpt in envelope.rcpt_tos:
             file_into_maildir(self.root, rcpt, data)
             with self.lock:
-                self.deliveries.append(Delivery(message_id, rcpt, str(session.peer)))
+                self.deliveries.append(Delivery(message_id, rcpt, str(session.peer), "X-Mailkms-Delivery" in headers))
+        with self.lock:
+            self.in_data += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return "250 Message accepted for delivery"
 
 

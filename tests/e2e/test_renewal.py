@@ -7,18 +7,21 @@ Server and client run as real processes with their clocks moved by faketime:
 from __future__ import annotations
 
 import datetime as dt
-import os
+import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from dateutil.relativedelta import relativedelta
 
-from tests.e2e.conftest import CLIENT_PASSPHRASE, Deployment, enrolled, faketime_env, openssl, pkilint_smime
+from tests.e2e._nodes import RecordingSink, free_port
+from tests.e2e.conftest import CLIENT_PASSPHRASE, Deployment, _env, enrolled, openssl, pkilint_smime
 
 PROMPT = (
     "Your security certificates are approaching expiration.\n"
@@ -137,59 +140,136 @@ def test_logon_reminder_renewal_and_expiry(deployment: Deployment, tmp_path: Pat
     assert due == [], "bob is active again"
 
 
-def test_two_logons_at_once_and_a_retry_issue_one_pair(deployment: Deployment, tmp_path: Path) -> None:
+def _relay_to(sink: RecordingSink, **extra: str) -> dict[str, str]:
+    """The server sends through `sink`, which counts every DATA (the Maildir it files into
+    de-duplicates by Message-ID, so only the relay can show a double send)."""
+    return {
+        "MAILKMS_SMTP__MODE": "relay",
+        "MAILKMS_SMTP__RELAY_HOST": "127.0.0.1",
+        "MAILKMS_SMTP__RELAY_PORT": str(sink.port),
+        "MAILKMS_SMTP__STARTTLS": "false",
+        **extra,
+    }
+
+
+def _deliveries(sink: RecordingSink, mailbox: str) -> list[str]:
+    """Message-IDs of the delivery mails (not reminders) the relay accepted for `mailbox`, one per DATA."""
+    with sink.handler.lock:
+        return [d.message_id for d in sink.handler.deliveries if d.recipient == mailbox and d.delivery]
+
+
+def test_two_copies_of_a_key_store_racing_issue_one_pair(deployment: Deployment, tmp_path: Path) -> None:
+    """Two copies of one key store (two machines) send their update requests at the same instant,
+    past the client's own file lock: the server issues one pair and sends one mail."""
     dep = deployment
     dep.start()
     alice = enrolled(dep, tmp_path, "alice@example.org")
-    _restart(dep, TWELVE_AND_A_HALF)
-    before = len(dep.mails("alice@example.org"))
-    env = {**os.environ, **faketime_env(TWELVE_AND_A_HALF), "MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}
-    client_bin = str(Path(sys.executable).parent / "mailkms-client")
-    logon = [client_bin, "--home", str(alice.home), "logon", "--answer", "yes"]
-    procs = [subprocess.Popen(logon, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    # a retry, as after a dropped connection: the server answers with the same request
-    retry = alice.run("renew", offset_days=TWELVE_AND_A_HALF)
-    assert retry.code == 0, retry.err
-    dep.wait_for_mails("alice@example.org", before + 1)
-    time.sleep(2)
-    assert len(dep.mails("alice@example.org")) == before + 1
+    dep.stop()
+    copies = [tmp_path / "copy-a", tmp_path / "copy-b"]
+    for copy in copies:
+        shutil.copytree(alice.home, copy)
+    with RecordingSink(dep.data / "mailboxes") as sink:
+        dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=_relay_to(sink))
+        # Each racer runs under the server's faked clock, prepares everything, then waits at the
+        # barrier (a line on stdin) and sends: no file lock, no process start-up between them.
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, str(home)],
+                stdin=subprocess.PIPE,
+                env={**_env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}, TWELVE_AND_A_HALF)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for home in copies
+        ]
+        wait_until(
+            lambda: all(
+                (home / "ready").exists() or p.poll() is not None for home, p in zip(copies, racers, strict=True)
+            ),
+            60,
+        )
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.flush()
+        outs = [p.communicate(timeout=120) for p in racers]
+        assert all(p.returncode == 0 for p in racers), outs
+        answers = [json.loads(out) for out, _err in outs]
+        assert answers[0]["request_id"] == answers[1]["request_id"]
+        wait_until(lambda: len(_deliveries(sink, "alice@example.org")) >= 1, 60)
+        time.sleep(2)
+        assert len(_deliveries(sink, "alice@example.org")) == 1
+        # a retry, as after a dropped connection: the same request, nothing new
+        retry = alice.run("renew", offset_days=TWELVE_AND_A_HALF)
+        assert retry.code == 0, retry.err
+        time.sleep(2)
+        assert len(_deliveries(sink, "alice@example.org")) == 1
     db = sqlite3.connect(dep.data / "mailkms.db")
     (pairs,) = db.execute("select count(*) from issuance_requests where kind = 'renewal'").fetchone()
     assert pairs == 1
     (repeats,) = db.execute("select count(*) from audit_log where action = 'renewal.repeated'").fetchone()
-    assert repeats >= 1
+    assert repeats >= 2
 
 
-def test_server_killed_between_accepting_and_mailing_sends_once(deployment: Deployment, tmp_path: Path) -> None:
+RACER = """
+import json, os, sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from mailkms.client import Client
+from mailkms.clock import SystemClock
+
+home = Path(sys.argv[1])
+client = Client(home, SystemClock(), lambda: os.environ["MAILKMS_CLIENT_PASSPHRASE"].encode())
+client.unlock()
+state = client.state()
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, state.mailbox)])
+csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+(home / "ready").touch()
+sys.stdin.readline()  # the barrier: the test writes to every racer at once
+print(json.dumps(client._signed_post(state, "/api/v1/renewals", {"csr": pem})))
+"""
+
+
+def wait_until(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def test_server_killed_before_mailing_sends_once(deployment: Deployment, tmp_path: Path) -> None:
+    """Killed while the relay is unreachable: the reply waits in the outbox and goes out once,
+    counted at the relay, across two more restarts."""
     dep = deployment
     dep.start()
     alice = enrolled(dep, tmp_path, "alice@example.org")
     dep.stop()
-    # SMTP unreachable: the request is accepted and the reply waits in the outbox.
     # A node killed while it holds a mail's lease leaves that mail until the lease runs out (then
     # another node sends it): keep the lease short here so the restart picks it up within the wait.
-    dead = {
-        "MAILKMS_OUTBOX__LEASE_SECONDS": "5",
-        "MAILKMS_SMTP__MODE": "relay",
-        "MAILKMS_SMTP__RELAY_HOST": "127.0.0.1",
-        "MAILKMS_SMTP__RELAY_PORT": "9",
-        "MAILKMS_SMTP__STARTTLS": "false",
-    }
-    dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=dead)
-    before = len(dep.mails("alice@example.org"))
-    res = alice.run("logon", "--answer", "yes", offset_days=TWELVE_AND_A_HALF)
-    assert res.code == 0, res.err
-    dep.stop(signal.SIGKILL)
-    assert len(dep.mails("alice@example.org")) == before
-    dep.start(offset_days=TWELVE_AND_A_HALF)
-    dep.wait_for_mails("alice@example.org", before + 1)
-    time.sleep(2)
-    dep.stop()
-    dep.start(offset_days=TWELVE_AND_A_HALF)
-    time.sleep(2)
-    assert len(dep.mails("alice@example.org")) == before + 1
+    short_lease = {"MAILKMS_OUTBOX__LEASE_SECONDS": "5"}
+    with RecordingSink(dep.data / "mailboxes") as sink:
+        dead = {**_relay_to(sink), "MAILKMS_SMTP__RELAY_PORT": str(free_port()), **short_lease}
+        dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=dead)
+        res = alice.run("logon", "--answer", "yes", offset_days=TWELVE_AND_A_HALF)
+        assert res.code == 0, res.err
+        dep.stop(signal.SIGKILL)
+        assert _deliveries(sink, "alice@example.org") == []
+        for _ in range(2):
+            dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=_relay_to(sink, **short_lease))
+            wait_until(lambda: len(_deliveries(sink, "alice@example.org")) >= 1, 60)
+            time.sleep(2)
+            dep.stop()
+        assert len(_deliveries(sink, "alice@example.org")) == 1
     db = sqlite3.connect(dep.data / "mailkms.db")
     (sent,) = db.execute(
         "select count(*) from outbox where purpose = 'delivery:renewal' and sent_at is not null"
@@ -197,3 +277,33 @@ def test_server_killed_between_accepting_and_mailing_sends_once(deployment: Depl
     assert sent == 1
     res = alice.run("sync", offset_days=TWELVE_AND_A_HALF)
     assert res.code == 0 and "Installed" in res.out
+
+
+def test_server_killed_during_a_slow_data_sends_again_with_the_same_message_id(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The one window no SMTP client can close: the relay has the whole message but has not said
+    250 when the node dies. The restarted node sends it again, with the same Message-ID, so the
+    relay counts two DATA and the client installs it once. This test shows the window is exactly that."""
+    dep = deployment
+    dep.start()
+    alice = enrolled(dep, tmp_path, "alice@example.org")
+    dep.stop()
+    short_lease = {"MAILKMS_OUTBOX__LEASE_SECONDS": "3"}
+    with RecordingSink(dep.data / "mailboxes", delay=4.0) as sink:
+        dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=_relay_to(sink, **short_lease))
+        res = alice.run("logon", "--answer", "yes", offset_days=TWELVE_AND_A_HALF)
+        assert res.code == 0, res.err
+        wait_until(lambda: sink.handler.in_data > 0, 60)  # the DATA is in and queued, the 250 not yet sent
+        dep.stop(signal.SIGKILL)
+        assert len(_deliveries(sink, "alice@example.org")) == 1
+        dep.start(offset_days=TWELVE_AND_A_HALF, extra_env=_relay_to(sink, **short_lease))
+        wait_until(lambda: len(_deliveries(sink, "alice@example.org")) == 2, 90)
+        time.sleep(2)
+        dep.stop()
+        sent = _deliveries(sink, "alice@example.org")
+    assert len(sent) == 2 and sent[0] == sent[1]  # twice on the wire, one Message-ID
+    res = alice.run("sync", offset_days=TWELVE_AND_A_HALF)
+    assert res.code == 0 and res.out.count("Installed") == 1, res.out
+    again = alice.run("sync", offset_days=TWELVE_AND_A_HALF)
+    assert "Installed" not in again.out
