@@ -170,3 +170,15 @@ def test_refusal_reasons_carry_no_content_of_the_mail(kit: Kit) -> None:
     der = sign_opaque(inner.as_bytes(policy=email.policy.SMTP), cert, key, [])
     error = _refused(kit, kit_.rebuilt(headers, der))
     assert "PWNED" not in error.detail and "\x1b" not in error.detail
+
+
+def test_a_manifest_nested_too_deep_for_json_is_refused(kit: Kit) -> None:
+    """json.loads raises RecursionError (no ValueError) for deeply nested arrays."""
+    raw = kit.deliver()
+    cert, key = kit_.forger()
+    content = kit_.signed_content(raw).replace(
+        kit_.smtp_base64(kit_.part_payload(raw, kit_.is_manifest)), kit_.smtp_base64(b"[" * 100_000)
+    )
+    headers, _ = kit_.split(raw)
+    error = _refused(kit, kit_.rebuilt(headers, sign_opaque(content, cert, key, [])))
+    assert "RecursionError" in error.detail
