@@ -24,7 +24,7 @@ from mailkms.client._autostart import (
     remove_autostart,
     single_auto_logon,
 )
-from mailkms.client._core import PROMPT, Client, LogonState, logon_state
+from mailkms.client._core import PROMPT, Client, LogonState, SyncReport, logon_state
 from mailkms.client._mail_cli import register as register_mail
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
@@ -119,10 +119,14 @@ def enroll(
 def sync() -> None:
     """Read the mailbox, check the server's replies and install them."""
     with _user_errors():
-        _sync(_client())
+        report = _sync(_client())
+        if report.refused and not report.installed:
+            raise typer.Exit(7)
 
 
-def _sync(client: Client) -> None:
+def _sync(client: Client) -> SyncReport:
+    """Install what arrived and say so; refusals are reported, and the caller decides what they mean
+    (`sync` exits 7 when it only refused; `logon` goes on: a mail must never stop the log-on)."""
     report = client.sync()
     for line in report.installed:
         typer.echo(f"Installed: {line}")
@@ -130,8 +134,7 @@ def _sync(client: Client) -> None:
         typer.echo(f"Refused and left in the mailbox: {line}", err=True)
     if not report.installed and not report.refused:
         typer.echo("No new certificates in the mailbox.")
-    if report.refused and not report.installed:
-        raise typer.Exit(7)
+    return report
 
 
 class Answer(StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import functools
+import logging
 import mailbox as mbox
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, Mailkm
 from mailkms.pki import (
     DELIVERY_HEADER,
     KeyType,
+    Manifest,
     PrivateKey,
     decrypt,
     fingerprint_sha256,
@@ -39,6 +41,7 @@ from mailkms.pki import (
     mailboxes_of,
     open_delivery,
     parse_message,
+    public_key_of,
     same_public_key,
     sign_request,
     signature_hash_for,
@@ -47,6 +50,8 @@ from mailkms.pki import (
 from mailkms.pki import (
     decrypt_message as decrypt_smime,
 )
+
+log = logging.getLogger("mailkms.client")
 
 PROMPT = (
     "Your security certificates are approaching expiration.\n"
@@ -96,6 +101,19 @@ def _transport_certificate(key: PrivateKey, mailbox: str, now: dt.datetime) -> x
         .add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False, False), critical=True)
         .sign(key, hashes.SHA256())
     )
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A delivery that passed every check, with what _write_delivery stores."""
+
+    manifest: Manifest
+    signing: x509.Certificate
+    encryption: x509.Certificate
+    signing_key: PrivateKey
+    recovered: dict[str, PrivateKey]
+    by_serial: dict[str, x509.Certificate]
+    chain: list[x509.Certificate]
 
 
 @dataclass(frozen=True)
@@ -216,11 +234,33 @@ class Client:
             return SyncReport(installed, refused, already)
 
     def _install(self, state: ClientState, raw: bytes) -> str:
+        """Check everything first, then write: keys first, state last, so nothing is half-installed.
+        Raises only mailkms errors for whatever the message holds (see _read_delivery)."""
+        checked = self._read_delivery(state, raw)
+        if isinstance(checked, str):
+            return checked
+        return self._write_delivery(state, checked)
+
+    def _read_delivery(self, state: ClientState, raw: bytes) -> _Checked | str:
+        """The safety net for one message: the pki functions turn what their libraries raise into
+        mailkms errors; anything they did not foresee still refuses only this message, named by its
+        class alone (the message is anyone's: none of its content goes into the reason or the log).
+        OSError is the machine's trouble (an unreadable key file), not the message's: it goes on up."""
+        try:
+            return self._check_delivery(state, raw)
+        except (MailkmsError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a refusal of this one message
+            name = exc.__class__.__name__
+            log.warning("a delivery mail could not be read (%s)", name)
+            raise DeliveryRefused(f"the message could not be read ({name})") from None
+
+    def _check_delivery(self, state: ClientState, raw: bytes) -> _Checked | str:
+        """Every check, nothing written: the checked delivery, or why it needs nothing (a string)."""
         now = self._clock.now()
         root = cert_from_pem(state.root_pem)
         content = open_delivery(raw)  # the CMS signature itself
-        signer_issuer = verify_email_chain(content.signer, content.signed_certificates, root, now)
-        del signer_issuer
+        verify_email_chain(content.signer, content.signed_certificates, root, now)
         if state.mail_from.lower() not in mailboxes_of(content.signer):
             raise DeliveryRefused(f"the mail was not signed by the server's mail identity {state.mail_from}")
         manifest = content.manifest
@@ -246,7 +286,7 @@ class Client:
         if pending is None or pending.request_id != manifest.request_id:
             raise DeliveryRefused("this delivery answers no request made from this key store")
         signing_key = self.store.read_key(pending.signing_key_file, passphrase)
-        if not same_public_key(signing_key.public_key(), signing.public_key()):  # type: ignore[arg-type]
+        if not same_public_key(signing_key.public_key(), public_key_of(signing)):
             raise DeliveryRefused("the signing certificate does not match the key this client made")
         # keys the envelopes may be addressed to: the transport key, then every encryption key held
         candidates: list[tuple[x509.Certificate, PrivateKey]] = []
@@ -260,18 +300,23 @@ class Client:
             der = _open_envelope(enveloped.der, candidates)
             recovered[enveloped.serial] = load_private_key_der(der)
         enc_key = recovered.get(manifest.encryption_serial)
-        if enc_key is None or not same_public_key(enc_key.public_key(), encryption.public_key()):  # type: ignore[arg-type]
+        if enc_key is None or not same_public_key(enc_key.public_key(), public_key_of(encryption)):
             raise DeliveryRefused("the delivered encryption key does not match the encryption certificate")
         _check_history(recovered, by_serial, manifest.encryption_serial, state.mailbox)
-        # Everything checked: now write. Keys first, state last (atomic), so nothing is half-installed.
+        return _Checked(manifest, signing, encryption, signing_key, recovered, by_serial, chain)
+
+    def _write_delivery(self, state: ClientState, checked: _Checked) -> str:
+        """Everything checked: now write. Keys first, state last (atomic), so nothing is half-installed."""
+        manifest, signing, encryption = checked.manifest, checked.signing, checked.encryption
+        passphrase = self.passphrase()
         sig_serial = manifest.signing_serial
-        self.store.write_key(signing_key_name(sig_serial), signing_key, passphrase)
-        for serial, key in recovered.items():
+        self.store.write_key(signing_key_name(sig_serial), checked.signing_key, passphrase)
+        for serial, key in checked.recovered.items():
             self.store.write_key(encryption_key_name(serial), key, passphrase)
             if serial == manifest.encryption_serial:
                 state.encryption_history[serial] = cert_to_pem(encryption)
             elif serial not in state.encryption_history:
-                match = by_serial.get(serial)
+                match = checked.by_serial.get(serial)
                 if match is not None:
                     state.encryption_history[serial] = cert_to_pem(match)
         state.generations.append(
@@ -284,11 +329,11 @@ class Client:
                 reminder_at=manifest.reminder_at,
                 not_before=signing.not_valid_before_utc.isoformat(),
                 not_after=signing.not_valid_after_utc.isoformat(),
-                installed_at=now.isoformat(),
+                installed_at=self._clock.now().isoformat(),
                 request_id=manifest.request_id,
             )
         )
-        state.ca_chain_pem = [*(cert_to_pem(c) for c in chain), state.root_pem]
+        state.ca_chain_pem = [*(cert_to_pem(c) for c in checked.chain), state.root_pem]
         state.pending = None
         return f"installed generation {manifest.generation} ({manifest.kind}), valid until {signing.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
 
@@ -387,9 +432,20 @@ def _check_history(
             raise DeliveryRefused(f"the delivery lacks the certificate of the earlier key {serial}")
         if mailbox not in mailboxes_of(cert):
             raise DeliveryRefused(f"the certificate of the earlier key {serial} is for another mailbox")
-        if not same_public_key(key.public_key(), cert.public_key()):  # type: ignore[arg-type]
+        if not same_public_key(key.public_key(), public_key_of(cert)):
             raise DeliveryRefused(f"the earlier key {serial} does not match its certificate")
 
 
 def _describe(headers: Message) -> str:
-    return f"mail {headers.get('Message-ID', '?')} from {headers.get('From', '?')}"
+    """Which mail, for the user: its Message-ID and From, cut short and printable only (anyone may
+    have written them; a header the email package cannot parse is shown as "?")."""
+    return f"mail {_header(headers, 'Message-ID')} from {_header(headers, 'From')}"
+
+
+def _header(headers: Message, name: str) -> str:
+    try:
+        value = str(headers.get(name, "?"))
+    except Exception:  # noqa: BLE001 - the header parser's own failure: show nothing of it
+        return "?"
+    shown = "".join(c if c.isprintable() else "?" for c in value)
+    return shown[:120] + ("..." if len(shown) > 120 else "")

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mailkms.errors import BadSignature, UnknownIssuer
+from mailkms.errors import BadMessage, BadSignature, UnknownIssuer
+from mailkms.pki._unreadable import UNREADABLE, unreadable
+
+E = TypeVar("E", bound=x509.ExtensionType)
+_NOT_ISSUED: tuple[type[Exception], ...] = (InvalidSignature, *UNREADABLE)
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """False also when either certificate cannot be read (e.g. the issuer's key is of an unknown
+    algorithm): such a certificate is no issuer."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except _NOT_ISSUED:
         return False
     return True
+
+
+def extension_value(cert: x509.Certificate, kind: type[E]) -> E | None:
+    """The extension's value, None when absent; BadMessage when the certificate's extensions cannot
+    be read (cryptography parses them only now: a duplicated extension, bad DER inside one)."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except UNREADABLE as exc:
+        raise BadMessage(unreadable("a certificate's extensions", exc)) from None
 
 
 def _valid_at(cert: x509.Certificate, at: dt.datetime) -> bool:
@@ -25,18 +43,24 @@ def _valid_at(cert: x509.Certificate, at: dt.datetime) -> bool:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    """A certificate whose extensions cannot be read is no CA."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+        constraints = extension_value(cert, x509.BasicConstraints)
+    except BadMessage:
         return False
+    return constraints is not None and constraints.ca
 
 
 def has_email_protection(cert: x509.Certificate) -> bool:
+    eku = extension_value(cert, x509.ExtendedKeyUsage)
+    return eku is not None and ExtendedKeyUsageOID.EMAIL_PROTECTION in eku
+
+
+def _name(cert: x509.Certificate) -> str:
     try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return ExtendedKeyUsageOID.EMAIL_PROTECTION in eku
+        return cert.subject.rfc4514_string()
+    except UNREADABLE:
+        return "(unreadable name)"
 
 
 def verify_email_chain(
@@ -47,8 +71,9 @@ def verify_email_chain(
 ) -> x509.Certificate:
     """Check leaf <- issuing CA <- pinned root, all valid at `at`; returns the issuing CA.
 
-    Raises UnknownIssuer when no path to the root exists and BadSignature when a
-    certificate on the path is outside its validity or unfit for e-mail.
+    Raises UnknownIssuer when no path to the root exists, BadSignature when a
+    certificate on the path is outside its validity or unfit for e-mail, and BadMessage when
+    the leaf's extensions cannot be read. Candidates that cannot be read are passed over.
     """
     for issuing in candidates:
         if issuing == root or not _is_ca(issuing):
@@ -56,9 +81,7 @@ def verify_email_chain(
         if issued_by(leaf, issuing) and issued_by(issuing, root):
             for cert, what in ((root, "root CA"), (issuing, "issuing CA"), (leaf, "certificate")):
                 if not _valid_at(cert, at):
-                    raise BadSignature(
-                        f"the {what} {cert.subject.rfc4514_string()} was not valid at {at:%Y-%m-%d %H:%M:%S} UTC"
-                    )
+                    raise BadSignature(f"the {what} {_name(cert)} was not valid at {at:%Y-%m-%d %H:%M:%S} UTC")
             if not has_email_protection(leaf):
                 raise BadSignature("the certificate is not for e-mail protection")
             return issuing
@@ -66,8 +89,8 @@ def verify_email_chain(
 
 
 def mailboxes_of(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    """The rfc822Name SANs, lower case; BadMessage when the extensions cannot be read."""
+    san = extension_value(cert, x509.SubjectAlternativeName)
+    if san is None:
         return []
     return [name.lower() for name in san.get_values_for_type(x509.RFC822Name)]

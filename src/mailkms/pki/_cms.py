@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from mailkms.errors import BadMessage, BadSignature
-from mailkms.pki._keys import PrivateKey, signature_hash_for
+from mailkms.pki._keys import PrivateKey, public_key_of, signature_hash_for
+from mailkms.pki._unreadable import UNREADABLE, unreadable
 
 _DIGESTS: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
     "sha256": hashes.SHA256,
@@ -40,8 +41,8 @@ def certs_only(certs: Sequence[x509.Certificate]) -> bytes:
 def load_certs_only(der: bytes) -> list[x509.Certificate]:
     try:
         return pkcs7.load_der_pkcs7_certificates(der)
-    except ValueError as exc:
-        raise BadMessage(f"not a certs-only PKCS#7: {exc}") from None
+    except UNREADABLE as exc:  # UnsupportedAlgorithm: a PKCS#7 of another content type
+        raise BadMessage(f"not a certs-only PKCS#7 ({exc.__class__.__name__})") from None
 
 
 def envelope(data: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
@@ -63,8 +64,8 @@ def decrypt(der: bytes, cert: x509.Certificate, key: PrivateKey) -> bytes:
         raise BadMessage("only RSA key transport is supported")
     try:
         return pkcs7.pkcs7_decrypt_der(der, cert, key, [])
-    except ValueError as exc:
-        raise BadMessage(f"cannot decrypt: {exc}") from None
+    except UNREADABLE as exc:  # UnsupportedAlgorithm: a content or key encryption it does not know
+        raise BadMessage(f"cannot decrypt ({exc.__class__.__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -123,21 +124,22 @@ def verify_signed_data(der: bytes, detached_content: bytes | None = None) -> Ver
             to_verify = content
         signature = signer_info["signature"].native
         algo = signer_info["signature_algorithm"].signature_algo
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
-        raise BadMessage(f"the CMS structure cannot be read ({exc.__class__.__name__})") from exc
-    public = signer.public_key()
+    except UNREADABLE as exc:
+        raise BadMessage(unreadable("the CMS structure", exc)) from None
+    public = public_key_of(signer)  # BadKey for a key of another algorithm, known or not
     try:
         if isinstance(public, rsa.RSAPublicKey):
             if algo == "rsassa_pss":
                 raise BadMessage("RSASSA-PSS signatures are not supported")
             public.verify(signature, to_verify, padding.PKCS1v15(), digest)
-        elif isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, to_verify, ec.ECDSA(digest))
         else:
-            raise BadMessage("unsupported signer key type")
+            public.verify(signature, to_verify, ec.ECDSA(digest))
     except InvalidSignature:
         raise BadSignature("the signature does not verify: the message was forged or altered") from None
     return VerifiedSignedData(bytes(content), signer, tuple(certs), signing_time)
+
+
+_NO_SKI: tuple[type[Exception], ...] = (x509.ExtensionNotFound, *UNREADABLE)
 
 
 def _find_signer(sid: asn1_cms.SignerIdentifier, certs: list[x509.Certificate]) -> x509.Certificate:
@@ -155,8 +157,8 @@ def _find_signer(sid: asn1_cms.SignerIdentifier, certs: list[x509.Certificate]) 
         for cert in certs:
             try:
                 ext = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            except x509.ExtensionNotFound:
-                continue
+            except _NO_SKI:
+                continue  # a certificate whose extensions cannot be read is nobody's
             if ext.value.digest == ski:
                 return cert
     raise BadMessage("the signer's certificate is not in the message")

@@ -26,6 +26,7 @@ from cryptography import x509
 from mailkms.errors import BadMessage
 from mailkms.pki._cms import certs_only, envelope, load_certs_only, sign_opaque, verify_signed_data
 from mailkms.pki._keys import PrivateKey
+from mailkms.pki._unreadable import unreadable
 
 DELIVERY_HEADER = "X-Mailkms-Delivery"
 MANIFEST_NAME = "mailkms-delivery.json"
@@ -60,18 +61,26 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Manifest:
+    def from_dict(cls, data: object) -> Manifest:
+        """BadMessage for anything but a manifest of this version; the reasons quote none of its text."""
+        if not isinstance(data, dict):
+            raise BadMessage("the delivery manifest is not a JSON object")
         try:
-            if data["version"] != FORMAT_VERSION:
-                raise BadMessage(f"unknown delivery format version {data['version']}")
+            version = data["version"]
+            if version != FORMAT_VERSION:
+                shown = f" {version}" if isinstance(version, int) and not isinstance(version, bool) else ""
+                raise BadMessage(f"unknown delivery format version{shown}")
             serials = data["key_serials"]
             if not isinstance(serials, list):
                 raise BadMessage("key_serials must be a list")
+            generation = data["generation"]
+            if not isinstance(generation, int) or isinstance(generation, bool):
+                raise BadMessage("the delivery manifest's generation is not a whole number")
             return cls(
                 kind=str(data["kind"]),
                 mailbox=str(data["mailbox"]),
                 request_id=str(data["request_id"]),
-                generation=int(str(data["generation"])),
+                generation=generation,
                 signing_serial=str(data["signing_serial"]),
                 encryption_serial=str(data["encryption_serial"]),
                 key_serials=tuple(str(s) for s in serials),
@@ -79,7 +88,11 @@ class Manifest:
                 reminder_at=str(data["reminder_at"]),
             )
         except KeyError as exc:
-            raise BadMessage(f"the delivery manifest lacks {exc}") from None
+            name = exc.args[0] if exc.args and exc.args[0] in _FIELDS else "a field"
+            raise BadMessage(f"the delivery manifest lacks {name!r}") from None
+
+
+_FIELDS = frozenset(Manifest.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -201,9 +214,10 @@ def open_delivery(raw: bytes) -> DeliveryContent:
             continue
         if filename == MANIFEST_NAME:
             try:
-                manifest = Manifest.from_dict(json.loads(data))
-            except (ValueError, TypeError) as exc:
-                raise BadMessage(f"the delivery manifest is not valid JSON ({exc})") from None
+                parsed = json.loads(data)
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                raise BadMessage(unreadable("the delivery manifest", exc)) from None
+            manifest = Manifest.from_dict(parsed)
         elif part.get_param("smime-type") == "certs-only":
             certificates.extend(load_certs_only(data))
         elif part.get_param("smime-type") == "enveloped-data" and filename.startswith("key-"):

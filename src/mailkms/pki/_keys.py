@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from mailkms.errors import BadKey, Malformed
+from mailkms.pki._unreadable import UNREADABLE, unreadable
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -133,14 +134,22 @@ def private_key_der(key: PrivateKey) -> bytes:
 
 
 def load_private_key_der(der: bytes) -> PrivateKey:
-    key = serialization.load_der_private_key(der, None)
+    """An unencrypted PKCS#8 key as it came out of an envelope; BadKey when it cannot be read."""
+    try:
+        key = serialization.load_der_private_key(der, None)
+    except UNREADABLE as exc:
+        raise BadKey(unreadable("the private key", exc)) from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise BadKey("unsupported private key type")
     return key
 
 
 def public_key_of(cert: x509.Certificate) -> PublicKey:
-    key = cert.public_key()
+    """The certificate's RSA or EC key; BadKey for any other algorithm, known or not."""
+    try:
+        key = cert.public_key()
+    except UNREADABLE as exc:
+        raise BadKey(unreadable("the certificate's public key", exc)) from None
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise BadKey("unsupported public key type")
     return key
