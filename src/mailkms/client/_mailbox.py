@@ -354,7 +354,8 @@ def _login(settings: ImapSettings) -> imaplib.IMAP4:
         raise MailboxError(f"TLS with the IMAP server {where} failed ({exc.reason or exc})") from None
     except TimeoutError:
         _drop(conn)
-        raise MailboxUnreachable(f"the IMAP server {where} did not answer within {TIMEOUT:.0f} s") from None
+        hint = " (is it an imaps:// port? imap:// means STARTTLS)" if url.starttls else ""
+        raise MailboxUnreachable(f"the IMAP server {where} did not answer within {TIMEOUT:g} s{hint}") from None
     except OSError as exc:
         _drop(conn)
         raise MailboxUnreachable(f"cannot connect to the IMAP server {where} ({exc.strerror or exc})") from None
