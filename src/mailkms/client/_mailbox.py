@@ -337,8 +337,10 @@ def _login(settings: ImapSettings) -> imaplib.IMAP4:
             conn = imaplib.IMAP4_SSL(url.host, url.port, ssl_context=context, timeout=TIMEOUT)
         if settings.pin:
             _check_pin(conn, settings.pin, where)
-        if "AUTH=PLAIN" in conn.capabilities:
+        if "AUTH=PLAIN" in conn.capabilities:  # UTF-8 user names and passwords
             conn.authenticate("PLAIN", lambda _: f"\0{url.user}\0{settings.password}".encode())
+        elif not (url.user + settings.password).isascii():
+            raise MailboxError(f"the IMAP server {where} offers only LOGIN, which takes ASCII user names and passwords")
         else:
             conn.login(url.user, settings.password)
         return conn
