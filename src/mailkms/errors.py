@@ -311,6 +311,45 @@ class FingerprintMismatch(MailkmsError):
     exit_code = 11
 
 
+# --- the user's mailbox (Maildir or IMAP), where deliveries arrive ------------------------------
+class MailboxError(MailkmsError):
+    """The mailbox could not be read. Each cause has its own exit code, for scripts."""
+
+    code = "mailbox-error"
+    title = "The mailbox could not be read"
+    http_status = 502
+    exit_code = 12
+
+
+class BadMailboxURL(Malformed):
+    code = "bad-mailbox-url"
+    title = "The mailbox URL is not valid (imaps://user@host[:port]/FOLDER or imap://...)"
+
+
+class MailboxUnreachable(MailboxError):
+    code = "mailbox-unreachable"
+    title = "The IMAP server cannot be reached"
+    exit_code = 13
+
+
+class MailboxLoginFailed(MailboxError):
+    code = "mailbox-login-failed"
+    title = "The IMAP server refused the user name or password"
+    exit_code = 14
+
+
+class MailboxTLSUntrusted(MailboxError):
+    code = "mailbox-tls-untrusted"
+    title = "The IMAP server's TLS certificate is not trusted"
+    exit_code = 15
+
+
+class MailboxFolderMissing(MailboxError):
+    code = "mailbox-folder-missing"
+    title = "The mailbox folder does not exist"
+    exit_code = 16
+
+
 # --- EST (RFC 7030) ---------------------------------------------------------------------
 class UnsupportedMediaType(Malformed):
     code = "unsupported-media-type"

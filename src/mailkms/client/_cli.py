@@ -26,9 +26,18 @@ from mailkms.client._autostart import (
 )
 from mailkms.client._core import PROMPT, Client, LogonState, SyncReport, logon_state
 from mailkms.client._mail_cli import register as register_mail
+from mailkms.client._mailbox_cli import (
+    ImapCAOption,
+    ImapFolderOption,
+    ImapOption,
+    ImapPinOption,
+    MaildirOption,
+    inbox_from_options,
+)
+from mailkms.client._mailbox_cli import register as register_mailbox
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailkmsError, ServerRefused
+from mailkms.errors import MailboxError, MailkmsError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(
@@ -105,12 +114,18 @@ def enroll(
     fingerprint: Annotated[str, typer.Option(help="SHA-256 fingerprint of the root CA, from your administrator")],
     email: Annotated[str, typer.Option(help="your e-mail address")],
     token: Annotated[str, typer.Option(help="the one-time enrolment token")],
-    maildir: Annotated[Path, typer.Option(help="your mailbox (Maildir) where the certificates arrive")],
+    maildir: MaildirOption = None,
+    imap: ImapOption = None,
+    imap_ca_file: ImapCAOption = None,
+    imap_pin: ImapPinOption = None,
+    imap_folder: ImapFolderOption = "mailkms",
     key_type: Annotated[KeyType, typer.Option(help="signing key: rsa2048 (default) or p256")] = KeyType.RSA2048,
 ) -> None:
-    """Enrol: make your signing key, send the request; the certificates arrive by e-mail."""
+    """Enrol: make your signing key, send the request; the certificates arrive by e-mail
+    (give --maildir or --imap: where they arrive)."""
     with _user_errors():
-        result = _client(confirm=True).enroll(server, fingerprint, email, token, maildir.resolve(), key_type)
+        inbox = inbox_from_options(maildir, imap, imap_ca_file, imap_pin, imap_folder)
+        result = _client(confirm=True).enroll(server, fingerprint, email, token, inbox, key_type)
         typer.echo(f"Enrolment request {result['request_id']} accepted for {result['mailbox']}.")
         typer.echo("Your certificates will arrive by e-mail; run `mailkms-client sync` to install them.")
 
@@ -201,7 +216,10 @@ def _logon(answer: Answer | None, *, by_notification: bool) -> None:
             _remind_without_keys(client)
             return
         client.unlock()
-        _sync(client)
+        try:
+            _sync(client)
+        except MailboxError as exc:  # answer from what is installed here; the mail waits for next time
+            typer.echo(f"(Your mailbox could not be read: {exc.detail}.)", err=True)
         state = client.state()
         status = logon_state(state.current, SystemClock().now())
         if status is LogonState.NOT_ENROLLED:
@@ -356,6 +374,7 @@ def install_autostart_command(
 
 
 register_mail(app, _client, _user_errors)
+register_mailbox(app, _client, _user_errors)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ import datetime as dt
 import enum
 import functools
 import logging
-import mailbox as mbox
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from mailkms.client._http import Api, fetch_pinned_root
+from mailkms.client._mailbox import ImapSettings, check_imap, open_mailbox
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -30,7 +30,6 @@ from mailkms.client._store import (
 from mailkms.clock import Clock
 from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError, ServerUnreachable
 from mailkms.pki import (
-    DELIVERY_HEADER,
     KeyType,
     Manifest,
     PrivateKey,
@@ -145,6 +144,10 @@ class Client:
     def unlock(self) -> ClientState:
         """Open the key store with the passphrase (log-on to advanced security)."""
         state = self.store.load()
+        self._check_passphrase(state)
+        return state
+
+    def _check_passphrase(self, state: ClientState) -> None:
         current = state.current
         name = (
             signing_key_name(current.signing_serial)
@@ -153,16 +156,19 @@ class Client:
         )
         if name:
             self.store.read_key(name, self.passphrase())
-        return state
 
     # --- enrolment ---------------------------------------------------------------------------------
     def enroll(
-        self, server: str, fingerprint: str, mailbox: str, token: str, maildir: Path, key_type: KeyType
+        self, server: str, fingerprint: str, mailbox: str, token: str, inbox: Path | ImapSettings, key_type: KeyType
     ) -> dict[str, object]:
+        """`inbox`: the Maildir, or the IMAP account (checked here, before the token is spent)."""
         with self.store.locked():
             previous = self.store.load() if self.store.exists() else None
             if previous is not None and previous.mailbox != mailbox.strip().lower():
                 raise ClientStateError(f"this key store belongs to {previous.mailbox}; use another --home")
+            if isinstance(inbox, ImapSettings):
+                check_imap(inbox)
+            maildir = "" if isinstance(inbox, ImapSettings) else str(inbox)
             root, _chain = fetch_pinned_root(server, fingerprint)
             api = Api(server, root)
             info = api.server_info()
@@ -188,10 +194,11 @@ class Client:
                 root_fingerprint=fingerprint_sha256(root),
                 root_pem=cert_to_pem(root),
                 mail_from=str(info["mail_from"]),
-                maildir=str(maildir),
+                maildir=maildir,
             )
             state.server = server.rstrip("/")
-            state.maildir = str(maildir)
+            state.maildir = maildir
+            state.imap = inbox.sealed(passphrase) if isinstance(inbox, ImapSettings) else None
             state.mail_from = str(info["mail_from"])
             state.root_pem = cert_to_pem(root)
             state.root_fingerprint = fingerprint_sha256(root)
@@ -208,30 +215,45 @@ class Client:
             installed: list[str] = []
             refused: list[str] = []
             already = 0
-            box = mbox.Maildir(state.maildir, factory=None, create=False)
-            for key in sorted(box.keys()):
-                if key in state.processed:
-                    already += 1
-                    continue
-                raw = box.get_bytes(key)
-                headers = parse_message(raw)
-                if DELIVERY_HEADER not in headers:
-                    continue  # ordinary mail is none of our business
-                try:
-                    outcome = self._install(state, raw)
-                except MailkmsError as exc:
-                    reason = f"refused: {exc.detail}"
-                    state.processed[key] = reason
-                    refused.append(f"{_describe(headers)}: {exc.detail}")
+            with open_mailbox(state, self.passphrase) as box:
+                # only delivery mails come out of the mailbox: ordinary mail is none of our business
+                for found in box.deliveries(state.processed):
+                    key = found.key
+                    if key in state.processed:
+                        already += 1
+                        # filing it may have been cut short last time (IMAP); a Maildir does nothing
+                        box.settle(key, refused=state.processed[key].startswith("refused"))
+                        continue
+                    raw = found.fetch()
+                    headers = parse_message(raw)
+                    try:
+                        outcome = self._install(state, raw)
+                    except MailkmsError as exc:
+                        state.processed[key] = f"refused: {exc.detail}"
+                        refused.append(f"{_describe(headers)}: {exc.detail}")
+                        self.store.save(state)
+                        box.settle(key, refused=True)
+                        continue
+                    state.processed[key] = outcome
+                    if outcome.startswith("installed"):
+                        installed.append(outcome)
+                    else:
+                        already += 1
                     self.store.save(state)
-                    continue
-                state.processed[key] = outcome
-                if outcome.startswith("installed"):
-                    installed.append(outcome)
-                else:
-                    already += 1
-                self.store.save(state)
+                    box.settle(key, refused=False)
             return SyncReport(installed, refused, already)
+
+    def set_mailbox(self, inbox: Path | ImapSettings) -> None:
+        """Read deliveries from another Maildir or IMAP account from now on (a new password too)."""
+        with self.store.locked():
+            state = self.store.load()
+            if isinstance(inbox, ImapSettings):
+                check_imap(inbox)
+                self._check_passphrase(state)  # the password is sealed with the key store's passphrase
+                state.imap, state.maildir = inbox.sealed(self.passphrase()), ""
+            else:
+                state.imap, state.maildir = None, str(inbox)
+            self.store.save(state)
 
     def _install(self, state: ClientState, raw: bytes) -> str:
         """Check everything first, then write: keys first, state last, so nothing is half-installed.

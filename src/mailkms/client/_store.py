@@ -3,6 +3,7 @@ user's passphrase (openssl reads them: `openssl pkey -in key.pem -passin env:VAR
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from mailkms.errors import ClientStateError, WrongPassphrase
 from mailkms.pki import PrivateKey, encrypt_private_key, load_private_key
@@ -44,6 +48,18 @@ class Pending:
 
 
 @dataclass
+class ImapAccount:
+    """Where deliveries arrive when the mailbox is on an IMAP server. The password is sealed with
+    the key-store passphrase (`seal_secret`); the CA, if given, is kept as PEM text."""
+
+    url: str  # imaps://user@host:port/FOLDER or imap://... (STARTTLS required)
+    password: dict[str, str | int]  # seal_secret's envelope, never the password itself
+    done_folder: str = "mailkms"
+    ca_pem: str = ""  # trust this CA instead of the system's
+    pin: str = ""  # sha256:HEX of the server's certificate, checked instead of the chain
+
+
+@dataclass
 class ClientState:
     server: str
     mailbox: str
@@ -59,6 +75,7 @@ class ClientState:
     transport_cert_pem: str = ""
     processed: dict[str, str] = field(default_factory=dict)  # message file key -> outcome
     ca_chain_pem: list[str] = field(default_factory=list)  # issuing CA(s) then root, kept at install
+    imap: ImapAccount | None = None  # when set, deliveries are read over IMAP, not from `maildir`
 
     @property
     def current(self) -> Generation | None:
@@ -73,6 +90,8 @@ class ClientState:
         data["generations"] = [Generation(**g) for g in data.get("generations", [])]
         pending = data.get("pending")
         data["pending"] = Pending(**pending) if pending else None
+        imap = data.get("imap")
+        data["imap"] = ImapAccount(**imap) if imap else None
         return cls(**data)
 
 
@@ -142,6 +161,47 @@ def cert_from_pem(pem: str) -> x509.Certificate:
 
 def cert_to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+# --- small secrets (the IMAP password) sealed with the key-store passphrase --------------------------
+SECRET_ITERATIONS = 600_000  # as the keys' PBES2 (OWASP 2023 for PBKDF2-HMAC-SHA256)
+_SECRET_ALG = "pbkdf2-sha256+aes-256-gcm"
+
+
+def _secret_key(passphrase: bytes, salt: bytes, iterations: int) -> AESGCM:
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations)
+    return AESGCM(kdf.derive(passphrase))
+
+
+def seal_secret(
+    secret: str, passphrase: bytes, purpose: str, iterations: int = SECRET_ITERATIONS
+) -> dict[str, str | int]:
+    """AES-256-GCM under a PBKDF2-HMAC-SHA256 key from the passphrase; `purpose` is bound as
+    associated data, so a sealed value cannot be moved to another field unnoticed."""
+    salt, nonce = os.urandom(16), os.urandom(12)
+    sealed = _secret_key(passphrase, salt, iterations).encrypt(nonce, secret.encode(), purpose.encode())
+    b64 = base64.b64encode
+    return {
+        "alg": _SECRET_ALG,
+        "iterations": iterations,
+        "salt": b64(salt).decode(),
+        "nonce": b64(nonce).decode(),
+        "ciphertext": b64(sealed).decode(),
+    }
+
+
+def open_secret(envelope: dict[str, str | int], passphrase: bytes, purpose: str) -> str:
+    try:
+        if envelope.get("alg") != _SECRET_ALG:
+            raise ValueError(envelope.get("alg"))
+        salt, nonce, sealed = (base64.b64decode(str(envelope[k])) for k in ("salt", "nonce", "ciphertext"))
+        aead = _secret_key(passphrase, salt, int(envelope["iterations"]))
+    except (KeyError, ValueError, TypeError):
+        raise ClientStateError("the stored mailbox password is damaged: set it again (`mailbox set`)") from None
+    try:
+        return aead.decrypt(nonce, sealed, purpose.encode()).decode()
+    except InvalidTag:
+        raise WrongPassphrase("the passphrase does not unlock the key store") from None
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
