@@ -75,7 +75,13 @@ class FailureKind:
 
 _KINDS = [
     FailureKind("connect", "relay", False, False, "the relay cannot be reached (refused, no route, no such host)"),
-    FailureKind("timeout", "relay", False, False, "the relay did not answer within smtp.timeout_seconds"),
+    FailureKind(
+        "timeout",
+        "relay",
+        False,
+        False,
+        "the relay did not answer within smtp.timeout_seconds (at AUTH: relays slow down repeated failed logins)",
+    ),
     FailureKind("disconnected", "relay", False, False, "the relay closed the connection"),
     FailureKind("tls-verify", "relay", False, True, "the relay's certificate does not verify: check smtp.ca_file"),
     FailureKind("tls", "relay", False, True, "TLS with the relay failed: check smtp.relay_port and smtp.implicit_tls"),
@@ -105,9 +111,21 @@ def _response(code: int, message: bytes | str) -> str:
     return f"{code} {' '.join(text.split())}"
 
 
+STAGE_NOTE = "smtp stage: "  # SMTPSender notes on an exception where in the session it happened
+
+
 def classify(exc: BaseException) -> SendFailure:
-    """The kind of a failed SMTP attempt, and one readable line. Never contains the password:
-    smtplib's exceptions carry only what the relay said."""
+    """The kind of a failed SMTP attempt, and one readable line naming the stage of the session
+    (connect, STARTTLS, AUTH, MAIL). Never contains the password: smtplib's exceptions carry only
+    what the relay said."""
+    failure = _classify(exc)
+    stage = next((n[len(STAGE_NOTE) :] for n in getattr(exc, "__notes__", ()) if n.startswith(STAGE_NOTE)), None)
+    if stage is None:
+        return failure
+    return SendFailure(failure.kind, f"{failure.text} (at {stage})")
+
+
+def _classify(exc: BaseException) -> SendFailure:
     k = FAILURE_KINDS
     if isinstance(exc, ssl.SSLCertVerificationError):
         return SendFailure(k["tls-verify"], f"certificate verify failed: {exc.verify_message}")
@@ -134,6 +152,8 @@ def classify(exc: BaseException) -> SendFailure:
     if isinstance(exc, smtplib.SMTPConnectError):
         return SendFailure(k["connect"], f"greeting refused: {_response(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
+        if isinstance(exc.__context__, TimeoutError):  # smtplib turns a read timeout into this
+            return SendFailure(k["timeout"], f"no reply within the timeout: {exc.__context__}")
         return SendFailure(k["disconnected"], str(exc) or "connection closed")
     if isinstance(exc, smtplib.SMTPResponseException):
         kind = "temporary" if 400 <= exc.smtp_code < 500 else "smtp"
@@ -167,16 +187,22 @@ class SMTPSender:
     helo_name: str | None = None
 
     def send(self, sender: str, recipient: str, body: bytes) -> None:
-        context = self.context or ssl.create_default_context()
-        smtp: smtplib.SMTP
-        if self.implicit_tls:
-            smtp = smtplib.SMTP_SSL(
-                self.host, self.port, local_hostname=self.helo_name, timeout=self.timeout, context=context
-            )
-        else:
-            smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.helo_name, timeout=self.timeout)
+        stage = "connect"
+        try:
+            context = self.context or ssl.create_default_context()
+            smtp: smtplib.SMTP
+            if self.implicit_tls:
+                smtp = smtplib.SMTP_SSL(
+                    self.host, self.port, local_hostname=self.helo_name, timeout=self.timeout, context=context
+                )
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.helo_name, timeout=self.timeout)
+        except Exception as exc:
+            exc.add_note(f"{STAGE_NOTE}{stage}")
+            raise
         try:
             if self.starttls and not self.implicit_tls:
+                stage = "STARTTLS"
                 try:
                     smtp.starttls(context=context)
                 except smtplib.SMTPResponseException as exc:
@@ -184,8 +210,13 @@ class SMTPSender:
                         f"STARTTLS refused: {_response(exc.smtp_code, exc.smtp_error)}"
                     ) from None
             if self.username:
+                stage = "AUTH"
                 smtp.login(self.username, self.password)
+            stage = "MAIL"
             smtp.sendmail(sender, [recipient], body)
+        except Exception as exc:
+            exc.add_note(f"{STAGE_NOTE}{stage}")
+            raise
         finally:
             # Once sendmail returned the relay has the message: a failing QUIT must not make it a
             # failure (and so a second copy). After a failure QUIT is only politeness.
