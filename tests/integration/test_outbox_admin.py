@@ -13,8 +13,8 @@ from mailkms.cli._main import app
 from mailkms.clock import SystemClock
 from mailkms.errors import Conflict, NotFound
 from mailkms.mail import OutboxWorker
-from mailkms.services import queue_message
 from tests.conftest import CA_PASSPHRASE
+from tests.outbox_support import queue_mails
 
 
 class Refusing:
@@ -33,18 +33,12 @@ class Refusing:
 
 
 def _queue(services, n: int) -> None:  # type: ignore[no-untyped-def]
-    with services.db.transaction() as session:
-        for i in range(n):
-            queue_message(
-                session,
-                services.audit,
-                services.clock.now(),
-                message_id=f"<admin{i}@x>",
-                sender="mailkms@example.org",
-                recipient=f"u{i}@example.org",
-                body=f"Message-ID: <admin{i}@x>\r\nSubject: =?utf-8?q?Zertifikate_f=C3=BCr_u{i}?=\r\n\r\nhi".encode(),
-                purpose="delivery:enrolment",
-            )
+    queue_mails(
+        services,
+        [(f"<admin{i}@x>", f"u{i}@example.org") for i in range(n)],
+        subject="=?utf-8?q?Zertifikate_f=C3=BCr_Sie?=",
+        purpose="delivery:enrolment",
+    )
 
 
 def test_listing_and_retry(services, clock) -> None:  # type: ignore[no-untyped-def]
@@ -56,7 +50,7 @@ def test_listing_and_retry(services, clock) -> None:  # type: ignore[no-untyped-
     assert listing.waiting == 3 and listing.by_kind == {"auth": 3}
     first = listing.entries[0]
     assert (first.recipient, first.message_id, first.purpose) == ("u0@example.org", "<admin0@x>", "delivery:enrolment")
-    assert first.subject == "Zertifikate für u0"  # decoded from the message's header
+    assert first.subject == "Zertifikate für Sie"  # decoded from the message's header
     assert first.attempts == 1 and first.last_error_kind == "auth" and "535" in (first.last_error or "")
     assert first.next_attempt_at == clock.now() + dt.timedelta(seconds=60) and first.claimed_by == "node-a"
     assert first.to_dict()["state"] == "waiting"

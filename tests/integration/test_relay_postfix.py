@@ -16,10 +16,11 @@ import pytest
 
 from mailkms.config import load_settings
 from mailkms.mail import OutboxWorker, sender_for
-from mailkms.services import Services, queue_message
+from mailkms.services import Services
 from mailkms.store import OutboxMessage
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL
 from tests.mailstack import Dovecot, Postfix, TLSFiles, mail_stack, mail_tools_missing
+from tests.outbox_support import queue_mails
 
 pytestmark = pytest.mark.e2e  # starts Postfix and Dovecot
 
@@ -82,19 +83,7 @@ def _worker(services: Services, clock, smtp) -> OutboxWorker:  # type: ignore[no
 
 def _queue(services: Services, n: int = 1) -> list[str]:
     ids = [f"<{uuid.uuid4().hex}@kms.example.org>" for _ in range(n)]
-    with services.db.transaction() as session:
-        for message_id in ids:
-            queue_message(
-                session,
-                services.audit,
-                services.clock.now(),
-                message_id=message_id,
-                sender="mailkms@kms.example.org",
-                recipient=ALICE,
-                body=f"From: mailkms@kms.example.org\r\nTo: {ALICE}\r\nMessage-ID: {message_id}\r\n"
-                f"Subject: your certificates\r\n\r\nhello\r\n".encode(),
-                purpose="test",
-            )
+    queue_mails(services, [(message_id, ALICE) for message_id in ids], subject="your certificates")
     return ids
 
 

@@ -18,9 +18,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailkms.config import SMTPConfig
 from mailkms.mail import OutboxWorker, SMTPSender, classify, relay_tls_context, sender_for
-from mailkms.services import queue_message
 from mailkms.store import OutboxMessage
 from tests.mailstack import TLSFiles, free_port
+from tests.outbox_support import queue_mails
 
 USER, PASSWORD = "mailkms", "relay-password-for-the-test"
 
@@ -166,26 +166,11 @@ def test_nothing_listening_is_connect() -> None:
 
 
 # --- the worker: a 5xx for one recipient ----------------------------------------------------------------
-def _queue(services, message_id: str, recipient: str) -> None:  # type: ignore[no-untyped-def]
-    with services.db.transaction() as session:
-        queue_message(
-            session,
-            services.audit,
-            services.clock.now(),
-            message_id=message_id,
-            sender="mailkms@example.org",
-            recipient=recipient,
-            body=f"Message-ID: {message_id}\r\nSubject: test\r\n\r\nhello\r\n".encode(),
-            purpose="test",
-        )
-
-
 def test_a_refused_recipient_waits_at_the_longest_interval_and_others_still_go(  # type: ignore[no-untyped-def]
     services, clock, starttls_relay, tls, caplog
 ) -> None:
     relay, port = starttls_relay
-    _queue(services, "<refused@x>", "nobody@example.org")
-    _queue(services, "<fine@x>", "alice@example.org")
+    queue_mails(services, [("<refused@x>", "nobody@example.org"), ("<fine@x>", "alice@example.org")])
     worker = OutboxWorker(
         services.db, sender_for(_relay_config(port, tls)), clock, services.audit, retry_base=2, retry_max=600
     )
@@ -213,8 +198,7 @@ def test_a_refused_recipient_waits_at_the_longest_interval_and_others_still_go( 
 def test_a_relay_failure_defers_the_whole_batch_after_one_connection(services, clock) -> None:  # type: ignore[no-untyped-def]
     from mailkms import metrics
 
-    for i in range(5):
-        _queue(services, f"<down{i}@x>", "alice@example.org")
+    queue_mails(services, [(f"<down{i}@x>", "alice@example.org") for i in range(5)])
     before = metrics.MAIL_SEND_FAILURES.labels(kind="connect")._value.get()
     worker = OutboxWorker(services.db, SMTPSender("127.0.0.1", free_port(), timeout=2), clock, services.audit)
     assert worker.run_once() == 0
