@@ -28,7 +28,7 @@ def _when(value: dt.datetime | None, now: dt.datetime) -> str:
     if value is None:
         return "-"
     seconds = (value - now).total_seconds()
-    rel = f"in {seconds:.0f} s" if seconds > 0 else ("now" if seconds > -1 else f"{-seconds:.0f} s ago")
+    rel = f"in {seconds:.0f} s" if seconds > 0 else ("due" if seconds > -1 else f"due for {-seconds:.0f} s")
     return f"{value:%Y-%m-%d %H:%M:%S} ({rel})"
 
 
@@ -47,8 +47,9 @@ def _row(e: OutboxEntry, now: dt.datetime) -> list[str]:
     else:
         status = f"next {_when(e.next_attempt_at, now)}"
     claimed = e.claimed_by or "-"
-    if e.claimed_by and e.claimed_until is not None and e.claimed_until < now:
-        claimed += " (lease over)"
+    if e.claimed_by and e.sent_at is None:
+        held = e.claimed_until is not None and e.claimed_until >= now
+        claimed += f" (sending, lease until {e.claimed_until:%H:%M:%S})" if held else " (last)"
     error = f"{e.last_error_kind}: {e.last_error}" if e.last_error_kind else (e.last_error or "-")
     return [
         str(e.id),
