@@ -17,7 +17,11 @@ from mailkms.config import data_dir_from_env, load_settings
 from mailkms.errors import Malformed
 from mailkms.services import OutboxEntry, OutboxListing, Services
 
-console = Console(width=200)
+
+def _console() -> Console:
+    """The terminal's width; a wide fixed one into a pipe or file, so that rows do not fold."""
+    console = Console()
+    return console if console.is_terminal else Console(width=220)
 
 
 def _services() -> Services:
@@ -104,7 +108,7 @@ def register(app: typer.Typer) -> None:
             )
             for entry in listing.entries:
                 table.add_row(*_row(entry, now))
-            console.print(table)
+            _console().print(table)
             shown = sum(1 for e in listing.entries if e.sent_at is None)
             if listing.waiting > shown:
                 print(f"({listing.waiting - shown} more waiting; --limit to see them)")

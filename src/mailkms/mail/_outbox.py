@@ -311,7 +311,7 @@ class OutboxWorker:
         """Send what is due; returns how many were sent."""
         sent = 0
         relay_failure: SendFailure | None = None  # the relay failed this round: defer the rest
-        deferred: list[tuple[str, float]] = []
+        deferred: list[tuple[str, float]] = []  # by the relay failure: (message id, delay)
         for row_id in self._claim(limit):
             if relay_failure is not None:
                 deferred.extend(self._failed(row_id, relay_failure))
@@ -331,9 +331,9 @@ class OutboxWorker:
                 if failure.kind.code == "other":
                     log.error("sending %s failed unexpectedly", message_id, exc_info=exc)
                 mine = self._failed(row_id, failure)
-                deferred.extend(mine)
                 if failure.kind.scope == "relay":
                     relay_failure = failure
+                    deferred.extend(mine)
                 else:
                     self._log_message_failure(message_id, recipient, failure, mine)
                 continue
