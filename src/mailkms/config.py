@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextvars
 import os
+import ssl
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from mailkms.errors import ConfigError
@@ -130,22 +132,93 @@ class CAConfig(_Frozen):
 
 
 class SMTPConfig(_Frozen):
+    """How mail leaves: the embedded sink (tests, `make serve`) or the organisation's relay.
+
+    With a relay, TLS is on and verified by default: STARTTLS on the submission port (587), or
+    `implicit_tls` (port 465). `verify` checks the relay's certificate against `ca_file` (or the
+    system store) AND its name against `relay_host`. The password comes from `password`
+    (`MAILKMS_SMTP__PASSWORD`) or `password_file` (read at start, mode 0600 or stricter).
+    """
+
     mode: Literal["sink", "relay"] = "sink"
     sink_port: int = Field(default=2525, ge=1, le=65535)
     relay_host: str = ""
     relay_port: int = Field(default=587, ge=1, le=65535)
     starttls: bool = True
+    implicit_tls: bool = False  # TLS from the first byte (SMTPS, port 465); starttls is then not used
+    ca_file: Path | None = None  # PEM bundle the relay's certificate must chain to; default: system store
+    verify: bool = True  # certificate and host name; false only for tests, with a loud warning at start
+    helo_name: str = ""  # the name said in EHLO; default this machine's FQDN
     username: str = ""
-    password: str = ""
+    password: str = Field(default="", repr=False)
+    password_file: Path | None = None  # a file holding the password (mode 0600); not with `password`
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
+    _password_from_file: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
-    def _relay_needs_host(self) -> SMTPConfig:
+    def _relay_settings(self) -> SMTPConfig:
         if self.mode == "relay" and not self.relay_host:
             raise ValueError("smtp.mode = 'relay' needs smtp.relay_host")
+        if self.password and self.password_file is not None:
+            raise ValueError("smtp.password and smtp.password_file exclude each other: choose one")
+        if self.mode == "relay" and self.username and not (self.starttls or self.implicit_tls):
+            raise ValueError(
+                "smtp.username is set but neither smtp.starttls nor smtp.implicit_tls: "
+                "the password would cross the network in clear"
+            )
+        if self.ca_file is not None:
+            _check_ca_file(self.ca_file)
+        if self.password_file is not None:
+            self._password_from_file = _read_password_file(self.password_file)
         return self
+
+    @property
+    def effective_password(self) -> str:
+        """`password`, or what `password_file` held when the settings were loaded."""
+        return self.password or self._password_from_file
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.implicit_tls or self.starttls
+
+
+def _check_ca_file(path: Path) -> None:
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ValueError(f"smtp.ca_file: {path} does not exist") from None
+    except PermissionError:
+        raise ValueError(f"smtp.ca_file: {path} cannot be read (permission denied)") from None
+    except IsADirectoryError:
+        raise ValueError(f"smtp.ca_file: {path} is a folder; name a PEM file of CA certificates") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"smtp.ca_file: {path} holds no PEM CA certificate ({exc})") from None
+
+
+def _read_password_file(path: Path) -> str:
+    """The first line of the file; refused unless only its owner may read it (0600 or 0400)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"smtp.password_file: {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"smtp.password_file: {path} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"smtp.password_file: {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ValueError(
+            f"smtp.password_file: {path} has mode {stat.S_IMODE(st.st_mode):04o}; others may read it: chmod 600 {path}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"smtp.password_file: {path} cannot be read ({exc.__class__.__name__})") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"smtp.password_file: {path} is empty")
+    return password
 
 
 class OutboxConfig(_Frozen):
@@ -290,11 +363,19 @@ organization = "mailkms"
 [smtp]
 mode = "sink"                       # "sink": local Maildir sink; "relay": send to relay_host
 sink_port = 2525
-relay_host = ""
-relay_port = 587
-starttls = true
+relay_host = ""                     # the organisation's submission relay, e.g. "smtp.example.org"
+relay_port = 587                    # 587 with STARTTLS; 465 with implicit_tls
+starttls = true                     # STARTTLS, required: a relay that does not offer it is not used
+implicit_tls = false                # TLS from the first byte (port 465); starttls is then not used
+# ca_file = "/etc/mailkms/relay-ca.pem"   # PEM CA bundle for the relay's certificate; default: system store
+verify = true                       # check the relay's certificate and its name (relay_host); false only to test
+helo_name = ""                      # the name said in EHLO; default this machine's FQDN
 username = ""
-password = ""
+password = ""                       # better MAILKMS_SMTP__PASSWORD or password_file
+# password_file = "/etc/mailkms/smtp-password"   # first line; mode 0600, read at start
+retry_base_seconds = 2              # first retry after this, doubling per attempt ...
+retry_max_seconds = 300             # ... up to this
+timeout_seconds = 10
 
 [outbox]
 lease_seconds = 120                 # a row claimed by a node that died returns to the queue after this

@@ -18,7 +18,12 @@ CERTIFICATES_ISSUED = Counter(
 RENEWALS = Counter("mailkms_renewals_total", "Update requests accepted (a new pair issued)")
 REFUSALS = Counter("mailkms_refusals_total", "Requests refused, by action and problem type", ["action", "reason"])
 MAIL_SENT = Counter("mailkms_mail_sent_total", "Mails handed to SMTP and marked sent")
-MAIL_DEFERRED = Counter("mailkms_mail_deferred_total", "SMTP attempts that failed and will be retried")
+MAIL_DEFERRED = Counter("mailkms_mail_deferred_total", "Mails put back in the queue after a failed round")
+MAIL_SEND_FAILURES = Counter(
+    "mailkms_outbox_send_failures_total",
+    "SMTP sessions that failed, by kind (auth, tls-verify, connect, timeout, recipient-refused, ...)",
+    ["kind"],
+)
 REMINDERS = Counter("mailkms_reminders_total", "Reminder mails queued, by kind", ["kind"])
 POOL_TAKEN = Counter("mailkms_keypool_taken_total", "Encryption keys taken from the pool")
 POOL_FALLBACK = Counter(

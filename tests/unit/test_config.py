@@ -220,3 +220,109 @@ def test_lifetime_27_months_is_allowed(data: Path) -> None:
 
 def test_settings_can_be_built_without_a_file(data: Path) -> None:
     assert isinstance(load_settings(data / "does-not-exist"), Settings)
+
+
+# --- the SMTP relay: TLS trust, the password file ------------------------------------------------------------
+RELAY = "[smtp]\nmode = 'relay'\nrelay_host = 'smtp.example.org'\nusername = 'mailkms'\n"
+
+
+def _ca_pem(path: Path) -> Path:
+    from tests.mailstack import TLSFiles
+
+    return TLSFiles.make(path).ca_pem
+
+
+def _password_file(path: Path, mode: int, text: str = "relay-pass-from-file\n") -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_relay_defaults_verify_with_the_system_store(data: Path) -> None:
+    write(data, RELAY)
+    smtp = load_settings(data).smtp
+    assert (smtp.starttls, smtp.implicit_tls, smtp.verify, smtp.ca_file, smtp.helo_name) == (
+        True,
+        False,
+        True,
+        None,
+        "",
+    )
+    assert smtp.uses_tls
+
+
+def test_relay_keys_from_the_file_and_the_environment(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = _ca_pem(data / "tls")
+    pw = _password_file(data / "smtp-password", 0o600)
+    write(data, RELAY + f"ca_file = '{ca}'\nhelo_name = 'kms.example.org'\nimplicit_tls = true\nrelay_port = 465\n")
+    monkeypatch.setenv("MAILKMS_SMTP__PASSWORD_FILE", str(pw))
+    smtp = load_settings(data).smtp
+    assert smtp.ca_file == ca and smtp.helo_name == "kms.example.org" and smtp.implicit_tls
+    assert smtp.effective_password == "relay-pass-from-file"  # the first line, without its newline
+    assert "relay-pass-from-file" not in repr(load_settings(data))
+
+
+def test_the_relay_password_from_the_environment_is_not_in_the_repr(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(data, RELAY)
+    monkeypatch.setenv("MAILKMS_SMTP__PASSWORD", "relay-pass-from-env")
+    s = load_settings(data)
+    assert s.smtp.effective_password == "relay-pass-from-env"
+    assert "relay-pass-from-env" not in repr(s)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_password_file_only_its_owner_reads_is_taken(data: Path, mode: int) -> None:
+    pw = _password_file(data / "pw", mode)
+    write(data, RELAY + f"password_file = '{pw}'\n")
+    assert load_settings(data).smtp.effective_password == "relay-pass-from-file"
+
+
+RELAY_MISTAKES = [
+    ("password-file-0644", 0o644, "never-shown-secret\n", "mode 0644"),
+    ("password-file-0640", 0o640, "never-shown-secret\n", "chmod 600"),
+    ("password-file-empty", 0o600, "", "is empty"),
+]
+
+
+@pytest.mark.parametrize(("mode", "text", "says"), [m[1:] for m in RELAY_MISTAKES], ids=[m[0] for m in RELAY_MISTAKES])
+def test_a_password_file_others_may_read_is_refused_at_start(data: Path, mode: int, text: str, says: str) -> None:
+    pw = _password_file(data / "pw", mode, text)
+    write(data, RELAY + f"password_file = '{pw}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data)
+    assert "smtp.password_file" in caught.value.detail and says in caught.value.detail
+    assert caught.value.exit_code == 78
+    assert "never-shown-secret" not in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (
+            "password_file = '/nonexistent/smtp-password'\n",
+            "smtp.password_file: /nonexistent/smtp-password does not exist",
+        ),
+        ("ca_file = '/nonexistent/relay-ca.pem'\n", "smtp.ca_file: /nonexistent/relay-ca.pem does not exist"),
+        ("ca_file = '{data}'\n", "is a folder"),
+        ("ca_file = '{data}/mailkms.toml'\n", "holds no PEM CA certificate"),
+        ("password = 'p'\npassword_file = '{data}/mailkms.toml'\n", "exclude each other"),
+        ("starttls = false\n", "in clear"),
+    ],
+    ids=["password-file-missing", "ca-file-missing", "ca-file-folder", "ca-file-not-pem", "both-passwords", "no-tls"],
+)
+def test_relay_mistakes_are_config_errors_naming_the_key(data: Path, extra: str, says: str) -> None:
+    write(data, RELAY + extra.format(data=data))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data)
+    assert says in caught.value.detail
+    assert caught.value.exit_code == 78
+
+
+def test_a_password_file_is_read_at_start_not_later(data: Path) -> None:
+    pw = _password_file(data / "pw", 0o600)
+    write(data, RELAY + f"password_file = '{pw}'\n")
+    smtp = load_settings(data).smtp
+    pw.write_text("changed\n")
+    assert smtp.effective_password == "relay-pass-from-file"

@@ -15,7 +15,6 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailkms import logs, metrics
-from mailkms.mail._outbox import outbox_depth
 from mailkms.services import Services
 
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -64,7 +63,7 @@ class StoreCollector(Collector):
         self._services = services
 
     def collect(self) -> Iterable[Metric]:
-        depth, oldest = outbox_depth(self._services.db)
+        depth, oldest = self._services.outbox.depth()
         now = self._services.clock.now()
         yield GaugeMetricFamily("mailkms_outbox_depth", "Mails queued and not yet sent", value=depth)
         yield GaugeMetricFamily(
@@ -72,6 +71,14 @@ class StoreCollector(Collector):
             "Age of the oldest unsent mail (0 when the outbox is empty)",
             value=(now - oldest).total_seconds() if oldest else 0.0,
         )
+        waiting = GaugeMetricFamily(
+            "mailkms_outbox_waiting",
+            'Unsent mails by the kind of their last send failure ("none": not failed yet)',
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._services.outbox.waiting_by_kind().items()):
+            waiting.add_metric([kind], count)
+        yield waiting
         pool = self._services.key_pool
         yield GaugeMetricFamily(
             "mailkms_keypool_size", "Pre-generated encryption keys ready", value=pool.size() if pool else 0

@@ -14,6 +14,7 @@ from rich.table import Table
 from mailkms import logs
 from mailkms.cli import _scale
 from mailkms.cli._exit import exit_on_error
+from mailkms.cli._outbox import register as _register_outbox
 from mailkms.cli._recovery import register as _register_recovery
 from mailkms.cli._revoke import register as _register_revocation
 from mailkms.clock import SystemClock
@@ -303,6 +304,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
 _scale.register(app)
 _register_recovery(app)
 _register_revocation(app)
+_register_outbox(app)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import uvicorn
 
 from mailkms.api import create_app, create_http_app
 from mailkms.cli import _background
-from mailkms.mail import MailSink, OutboxWorker, sender_for
+from mailkms.mail import FAILURE_KINDS, MailSink, OutboxWorker, sender_for
 from mailkms.services import Services
 
 log = logging.getLogger("mailkms.serve")
@@ -74,6 +74,11 @@ async def serve(
         sink = MailSink(settings.data_dir / "mailboxes", "127.0.0.1", settings.smtp.sink_port)
         sink.start()
         log.info("mail sink on 127.0.0.1:%d filing into %s", settings.smtp.sink_port, settings.data_dir / "mailboxes")
+    # Mails that waited on a setting of ours (login, TLS) are due at once after a restart: the
+    # administrator restarts because the setting was fixed.
+    retried = services.outbox.retry(kinds=[k.code for k in FAILURE_KINDS.values() if k.config])
+    if retried:
+        log.info("%d mail(s) that failed on the relay settings are due again", retried)
     worker = OutboxWorker(
         services.db,
         sender_for(settings.smtp),

@@ -10,6 +10,7 @@ from mailkms.services._issuance import KeySource, PairIssuer, queue_message, ser
 from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
+from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
     CeremonyResult,
     CeremonyView,
@@ -47,6 +48,9 @@ __all__ = [
     "Nonces",
     "OCSPAnswer",
     "OCSPResponder",
+    "OutboxEntry",
+    "OutboxListing",
+    "OutboxQueue",
     "PairIssuer",
     "Recovery",
     "RecoveryResult",

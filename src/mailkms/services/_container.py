@@ -21,6 +21,7 @@ from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._keypool import KeyPool
 from mailkms.services._ocsp import OCSPResponder
+from mailkms.services._outbox import OutboxQueue
 from mailkms.services._recovery import Recovery
 from mailkms.services._renewal import Nonces, Renewal
 from mailkms.services._revocation import Revocation
@@ -56,6 +57,7 @@ class Services:
     recovery: Recovery
     revocation: Revocation
     ocsp: OCSPResponder
+    outbox: OutboxQueue
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -90,6 +92,7 @@ class Services:
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
             revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
             ocsp=ocsp,
+            outbox=OutboxQueue(db, clock, audit),
         )
 
     def ensure_server_identities(self) -> list[str]:

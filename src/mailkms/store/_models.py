@@ -127,6 +127,8 @@ class OutboxMessage(Base):
     claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the kind of the last failure (mailkms.mail FAILURE_KINDS: auth, tls-verify, connect, ...)
+    last_error_kind: Mapped[str | None] = mapped_column(String(40), nullable=True)
     __table_args__ = (Index("ix_outbox_pending", "sent_at", "next_attempt_at"),)
 
 
