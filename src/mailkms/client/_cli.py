@@ -15,10 +15,12 @@ from typing import Annotated
 import typer
 
 from mailkms.client._core import PROMPT, Client, LogonState, logon_state
+from mailkms.client._install_cli import register as register_install
 from mailkms.client._mail_cli import register as register_mail
+from mailkms.client._mailstores import parse_target, remember
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailkmsError, ServerRefused
+from mailkms.errors import MailkmsError, MailStoreError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(
@@ -81,6 +83,9 @@ def _user_errors() -> Iterator[None]:
         text = USER_TEXT.get(exc.problem_code, exc.detail)
         typer.echo(f"{text}\n(server: {exc.problem_code or exc.status})", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except MailStoreError as exc:
+        typer.echo(f"mailkms-client: {exc.detail}\n(Your keys are unchanged in the mailkms key store.)", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except MailkmsError as exc:
         typer.echo(f"mailkms-client: {exc.detail}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -94,10 +99,18 @@ def enroll(
     token: Annotated[str, typer.Option(help="the one-time enrolment token")],
     maildir: Annotated[Path, typer.Option(help="your mailbox (Maildir) where the certificates arrive")],
     key_type: Annotated[KeyType, typer.Option(help="signing key: rsa2048 (default) or p256")] = KeyType.RSA2048,
+    install_into: Annotated[
+        list[str] | None,
+        typer.Option(help="nss:DIR, gpgsm or gpgsm:GNUPGHOME: also install each generation there (repeatable)"),
+    ] = None,
 ) -> None:
     """Enrol: make your signing key, send the request; the certificates arrive by e-mail."""
     with _user_errors():
-        result = _client(confirm=True).enroll(server, fingerprint, email, token, maildir.resolve(), key_type)
+        targets = [parse_target(spec) for spec in install_into or []]
+        client = _client(confirm=True)
+        result = client.enroll(server, fingerprint, email, token, maildir.resolve(), key_type)
+        if targets:
+            typer.echo(f"Your certificates will also be installed into: {', '.join(remember(client.store, targets))}")
         typer.echo(f"Enrolment request {result['request_id']} accepted for {result['mailbox']}.")
         typer.echo("Your certificates will arrive by e-mail; run `mailkms-client sync` to install them.")
 
@@ -115,6 +128,8 @@ def _sync(client: Client) -> None:
         typer.echo(f"Installed: {line}")
     for line in report.refused:
         typer.echo(f"Refused and left in the mailbox: {line}", err=True)
+    for line in report.notes:
+        typer.echo(line, err=True)
     if not report.installed and not report.refused:
         typer.echo("No new certificates in the mailbox.")
     if report.refused and not report.installed:
@@ -252,6 +267,7 @@ def cert_encryption() -> None:
 
 
 register_mail(app, _client, _user_errors)
+register_install(app, _client, _user_errors)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import enum
 import functools
 import mailbox as mbox
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from mailkms.client._http import Api, fetch_pinned_root
+from mailkms.client._mailstores import InstallTargets
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -103,6 +104,7 @@ class SyncReport:
     installed: list[str]
     refused: list[str]
     already: int
+    notes: list[str] = field(default_factory=list)  # the mail programs' key stores (InstallTargets)
 
 
 class Client:
@@ -213,7 +215,8 @@ class Client:
                 else:
                     already += 1
                 self.store.save(state)
-            return SyncReport(installed, refused, already)
+            notes = InstallTargets(self.store, self.passphrase).after_install(state) if installed else []
+            return SyncReport(installed, refused, already, notes)
 
     def _install(self, state: ClientState, raw: bytes) -> str:
         now = self._clock.now()
