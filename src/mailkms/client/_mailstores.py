@@ -4,8 +4,9 @@
   trusted as a CA for e-mail only, trust `,C,`), `pk12util` imports one PKCS#12 per key (AES-256,
   PBES2, a random one-time password) from a temporary file of mode 0600 deleted right after.
 - `GpgsmStore`: gpgsm's key box and gpg-agent (KMail, mutt through gpgme, Claws). gpgsm 2.2 reads only
-  the legacy PKCS#12 (3DES, SHA-1 MAC), so that is what it gets, through a pipe on its standard
-  input (no file is written); the root goes into the agent's `trustlist.txt` with the `S` flag.
+  the legacy PKCS#12 (3DES, SHA-1 MAC, a random one-time password), so that is what it gets, through a
+  pipe on its standard input (no file is written); gpg-agent's PASSWD then protects the key with the
+  user's passphrase. The root goes into the agent's `trustlist.txt` with the `S` flag.
 
 Passwords reach the tools through pipes (`/dev/fd/N`, `--passphrase-fd N`), never on a command line;
 keys leave this process only inside an encrypted PKCS#12. Installing is idempotent: what is there
@@ -52,7 +53,13 @@ from mailkms.pki import PrivateKey
 NSS_ENV = "MAILKMS_NSS_PASSWORD"
 GPGSM_ENV = "MAILKMS_GPGSM_PASSPHRASE"
 TIMEOUT = 120  # seconds for one tool run
-PACKAGES = {"certutil": "libnss3-tools", "pk12util": "libnss3-tools", "gpgsm": "gpgsm", "gpgconf": "gpgconf"}
+PACKAGES = {
+    "certutil": "libnss3-tools",
+    "pk12util": "libnss3-tools",
+    "gpgsm": "gpgsm",
+    "gpgconf": "gpgconf",
+    "gpg-connect-agent": "gpgconf",
+}
 # NSS trust "SSL,S/MIME,code signing": the root is a trusted CA for e-mail only (it also issues the
 # server's TLS certificate, but a mail program has no business trusting it for web sites).
 ROOT_TRUST = ",C,"
@@ -161,7 +168,7 @@ def _one_line(value: str, what: str) -> str:
 
 # --- running the tools -------------------------------------------------------------------------
 @contextlib.contextmanager
-def _secret_fds(*values: str) -> Iterator[list[int]]:
+def _secret_fds(*values: str, newline: bool = True) -> Iterator[list[int]]:
     """Each value in a pipe the child reads as a file (`/dev/fd/N`) or an fd; never in argv or env."""
     fds: list[int] = []
     try:
@@ -169,7 +176,7 @@ def _secret_fds(*values: str) -> Iterator[list[int]]:
             read, write = os.pipe()
             fds.append(read)
             try:
-                os.write(write, value.encode() + b"\n")
+                os.write(write, value.encode() + (b"\n" if newline else b""))
             finally:
                 os.close(write)
         yield fds
@@ -491,34 +498,65 @@ class GpgsmStore:
         return None
 
     def _import(self, item: KeyItem, nickname: str, passphrase: str) -> None:
+        """gpgsm opens the PKCS#12 with, and gpg-agent first protects the key with, the one passphrase
+        gpgsm is given; gpgsm 2.2 reads at most 31 bytes of it. So the file gets a random one-time
+        password, and gpg-agent's PASSWD then puts the user's passphrase (any length) on the key."""
         key = item.load_key()
         last = ""
         for _ in range(GPGSM_ATTEMPTS):
-            # gpgsm 2.2 reads only this legacy kind; gpgsm opens it with, and then protects the key
-            # in gpg-agent with, the one passphrase it is given: so that is the file's password.
+            one_time = secrets.token_urlsafe(18)  # 24 characters, 144 bits
             encryption = (
                 serialization.PrivateFormat.PKCS12.encryption_builder()
                 .kdf_rounds(10_000)
-                .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+                .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)  # the kind gpgsm 2.2 reads
                 .hmac_hash(hashes.SHA1())  # noqa: S303 - the MAC gpgsm 2.2 reads
-                .build(passphrase.encode())
+                .build(one_time.encode())
             )
             data = pkcs12.serialize_key_and_certificates(nickname.encode(), key, item.certificate, None, encryption)
-            with _secret_fds(passphrase) as (fd,):
+            with _secret_fds(one_time) as (fd,):
                 run = _run(
                     self._gpgsm("--pinentry-mode", "loopback", "--passphrase-fd", str(fd), "--import"),
                     fds=[fd],
                     data=data,  # standard input: the PKCS#12 never touches the disk
                 )
             if run.code == 0 and "secret keys read: 1" in run.err:
+                self._protect(item, one_time, passphrase)
                 return
             last = run.last_error()
             if "error parsing or decrypting the PKCS#12" not in run.err:
                 break
         raise MailStoreError(f"gpgsm could not import your {item.label}: {last}")
 
+    def _keygrip(self, cert: x509.Certificate) -> str:
+        run = _run(self._gpgsm("--with-colons", "--with-keygrip", "--list-secret-keys", f"0x{sha1_fingerprint(cert)}"))
+        for line in run.out.splitlines():
+            fields = line.split(":")
+            if fields[0] == "grp" and len(fields) > 9 and fields[9]:
+                return fields[9]
+        raise MailStoreError(f"gpgsm lists no secret key for the certificate {sha1_fingerprint(cert)}")
+
+    def _agent(self, *commands: str, fds: Sequence[int] = ()) -> _Run:
+        return _run(["gpg-connect-agent", "--homedir", str(self.home), *commands, "/bye"], fds=fds)
+
+    def _protect(self, item: KeyItem, one_time: str, passphrase: str) -> None:
+        grip = self._keygrip(item.certificate)
+        with _secret_fds(one_time, passphrase, newline=False) as (old_fd, new_fd):
+            run = self._agent(
+                "OPTION pinentry-mode=loopback",
+                f"/definqfile PASSPHRASE /dev/fd/{old_fd}",
+                f"/definqfile NEW_PASSPHRASE /dev/fd/{new_fd}",
+                f"PASSWD {grip}",
+                fds=[old_fd, new_fd],
+            )
+        if run.code != 0 or any(line.startswith("ERR") for line in run.out.splitlines()):
+            # locked by a password nobody knows any more: take the key out, a later install puts it back
+            self._agent(f"DELETE_KEY --force {grip}")
+            raise MailStoreError(
+                f"gpg-agent could not protect your {item.label} with your passphrase: {run.last_error()}"
+            )
+
     def install(self, bundle: Bundle, secrets_: Secrets) -> InstallReport:
-        require_tools("gpgsm")
+        require_tools("gpgsm", "gpg-connect-agent")
         report = InstallReport(self.target)
         if not self.home.exists():
             self.home.mkdir(parents=True, mode=0o700)
