@@ -5,6 +5,8 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v faketime >/dev/null || need+=(faketime)
 command -v cmsutil >/dev/null || need+=(libnss3-tools)
+command -v gpgsm >/dev/null || need+=(gpgsm)
+command -v gpg-connect-agent >/dev/null || need+=(gpgconf)
 command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
