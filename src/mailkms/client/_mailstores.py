@@ -635,7 +635,7 @@ class InstallTargets:
             try:
                 report = store_for(target).install(bundle, self._secrets)
             except Exception as exc:  # noqa: BLE001 - the keys are safe in mailkms's own store whatever happens here
-                detail = exc.detail if isinstance(exc, MailkmsError) else exc.__class__.__name__
+                detail = exc.detail if isinstance(exc, MailkmsError) else f"{exc.__class__.__name__}: {exc}"
                 notes.append(
                     f"Your mail program's key store {target} was not updated: {detail}. "
                     f"The new keys are safe in mailkms; to install them there run: {command_for(target)}"
