@@ -23,7 +23,7 @@ from mailkms.client._mail import import_pkcs12
 from mailkms.client._mailstores import InstallTargets, Secrets
 from mailkms.client._store import KeyStore
 from mailkms.clock import FakeClock
-from mailkms.pki import KeyEntry, build_pkcs12, fingerprint_sha256
+from mailkms.pki import KeyEntry, KeyType, build_pkcs12, fingerprint_sha256
 from tests.smime_support import MESSAGE, NOW, Identity, SmimePKI, nss_tools, run, write_key, write_pem
 
 PASS = "key-store-passphrase"
@@ -140,6 +140,11 @@ def nss_certs(db: Path, nickname: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(run(["certutil", "-L", "-d", f"sql:{db}", "-n", nickname, "-a"]).stdout)
 
 
+def nss_sign(db: Path, pwfile: Path, src: Path, out: Path) -> None:
+    """cmsutil signs as the mailbox: NSS picks the newest valid signing certificate of that name."""
+    run(["cmsutil", "-S", "-N", ALICE, "-d", f"sql:{db}", "-f", str(pwfile), "-i", str(src), "-o", str(out)])
+
+
 @pytest.fixture
 def pwfile(tmp_path: Path) -> Path:
     path = tmp_path / "nss-pw.txt"  # for the judges' command lines only
@@ -172,22 +177,7 @@ def test_nss_holds_every_key_opens_old_and_new_mail_and_signs_with_the_new_key(
         assert out.read_bytes() == MESSAGE
     (tmp_path / "msg.eml").write_bytes(MESSAGE)
     signed = tmp_path / "signed.p7m"
-    run(
-        [
-            "cmsutil",
-            "-S",
-            "-N",
-            ALICE,
-            "-d",
-            f"sql:{db}",
-            "-f",
-            str(pwfile),
-            "-i",
-            str(tmp_path / "msg.eml"),
-            "-o",
-            str(signed),
-        ]
-    )
+    nss_sign(db, pwfile, tmp_path / "msg.eml", signed)
     assert openssl_signer(tmp_path, world, signed) == world.new.signing
     # the one-time PKCS#12 files are gone
     assert not list(Path(tempfile.gettempdir()).glob("mailkms-p12-*/key.p12"))
@@ -425,3 +415,30 @@ def test_bad_target_and_old_state_files(tmp_path: Path, home: Path) -> None:
     assert KeyStore(home).load().install_targets == []
     assert client(home, "install").returncode == 2
     assert client(home, "install", "--gnupg-home", str(tmp_path)).returncode == 2
+
+
+@needs_nss
+@needs_gpgsm
+def test_a_p256_signing_key_goes_into_nss_and_gpgsm_2_2_is_told_why_not(
+    tmp_path: Path, world: World, gnupg_home: Path, pwfile: Path
+) -> None:
+    ec_id = world.pki.identity(ALICE, signing_type=KeyType.P256)
+    entries = [KeyEntry(ec_id.signing_key, ec_id.signing, "s"), KeyEntry(ec_id.encryption_key, ec_id.encryption, "e")]
+    data = build_pkcs12(entries, [world.pki.issuing, world.pki.root], "pw", iterations=1000, mac_iterations=1000)
+    home = tmp_path / "ec-home"
+    import_pkcs12(home, data, "pw", PASS.encode(), FakeClock(NOW), fingerprint=fingerprint_sha256(world.pki.root))
+    db = tmp_path / "profile"
+    env = {"MAILKMS_NSS_PASSWORD": NSS_PW, "MAILKMS_GPGSM_PASSPHRASE": GPGSM_PW}
+    done = client(home, "install", "--nss", str(db), env=env)
+    assert done.returncode == 0, done.stderr
+    assert any(line.split(">", 1)[1].split()[0] == "ec" for line in nss_keys(db, pwfile))
+    (tmp_path / "msg.eml").write_bytes(MESSAGE)
+    signed = tmp_path / "signed.p7m"
+    nss_sign(db, pwfile, tmp_path / "msg.eml", signed)
+    assert openssl_signer(tmp_path, world, signed) == ec_id.signing
+    assert "0 key(s) installed, 2 already there" in client(home, "install", "--nss", str(db), env=env).stdout
+    into_gpgsm = client(home, "install", "--gpgsm", "--gnupg-home", str(gnupg_home), env=env)
+    assert into_gpgsm.returncode == 0, into_gpgsm.stderr
+    if b"(GnuPG) 2.2." in subprocess.run(["gpgsm", "--version"], capture_output=True, check=True).stdout:
+        assert "1 key(s) installed" in into_gpgsm.stdout and "cannot import from PKCS#12" in into_gpgsm.stdout
+        assert gpgsm_secret_fingerprints(gnupg_home) == {sha1(ec_id.encryption)}
