@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and make:
 #   make serve   - install, create the CA on first start, run the server and its mail sink
-#   make test    - install (with the outside judges: pkilint, openssl, faketime, NSS tools), run every test
+#   make test    - install (with the outside judges: pkilint, openssl, faketime, NSS tools, gpgsm, Postfix, Dovecot), run every test
 # Then: make admin ARGS='user add alice@example.org', or `. .venv/bin/activate` for `mailkms` on PATH
 PYTHON ?= python3.11
 UV_VERSION := 0.13.9

@@ -127,11 +127,20 @@ def nss_tools() -> bool:
     return all(shutil.which(t) for t in ("certutil", "cmsutil", "pk12util"))
 
 
-def require_nss() -> None:
-    """NSS is an outside judge: missing in CI is a failure (as PostgreSQL is), elsewhere a skip."""
-    if nss_tools():
+def require_tools(*names: str, package: str) -> None:
+    """Outside judges: missing in CI is a failure (as PostgreSQL is), elsewhere a skip."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
         return
-    message = "NSS tools (libnss3-tools) missing: run scripts/system-deps.sh"
+    message = f"{', '.join(missing)} missing ({package}): run scripts/system-deps.sh"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_nss() -> None:
+    require_tools("certutil", "cmsutil", "pk12util", package="libnss3-tools")
+
+
+def require_gpgsm() -> None:
+    require_tools("gpgsm", "gpgconf", package="gpgsm")

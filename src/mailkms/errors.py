@@ -350,6 +350,26 @@ class MailboxFolderMissing(MailboxError):
     exit_code = 16
 
 
+# --- the mail program's key store (NSS, gpgsm) ---------------------------------------------
+class MailStoreError(MailkmsError):
+    """Installing into a mail program's key store failed. The keys stay safe in mailkms's own store."""
+
+    code = "mail-store"
+    title = "The mail program's key store could not be updated"
+    exit_code = 17
+
+
+class MailStoreToolMissing(MailStoreError):
+    code = "mail-store-tool-missing"
+    title = "A program needed to write the mail program's key store is not installed"
+
+
+class MailStorePassword(MailStoreError):
+    code = "mail-store-password"
+    title = "The password of the mail program's key store is missing or wrong"
+    exit_code = 18
+
+
 # --- EST (RFC 7030) ---------------------------------------------------------------------
 class UnsupportedMediaType(Malformed):
     code = "unsupported-media-type"

@@ -196,7 +196,7 @@ class ClientHome:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, input=input_text)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def enroll(self, dep: Deployment, token: str, offset_days: float | None = None) -> Result:
+    def enroll(self, dep: Deployment, token: str, *extra: str, offset_days: float | None = None) -> Result:
         return self.run(
             "enroll",
             "--server",
@@ -209,6 +209,7 @@ class ClientHome:
             token,
             "--maildir",
             str(dep.maildir(self.mailbox)),
+            *extra,
             offset_days=offset_days,
         )
 

@@ -25,6 +25,7 @@ from mailkms.client._autostart import (
     single_auto_logon,
 )
 from mailkms.client._core import PROMPT, Client, LogonState, SyncReport, logon_state
+from mailkms.client._install_cli import register as register_install
 from mailkms.client._mail_cli import register as register_mail
 from mailkms.client._mailbox_cli import (
     ImapCAOption,
@@ -35,9 +36,10 @@ from mailkms.client._mailbox_cli import (
     inbox_from_options,
 )
 from mailkms.client._mailbox_cli import register as register_mailbox
+from mailkms.client._mailstores import parse_target, remember
 from mailkms.client._store import cert_from_pem
 from mailkms.clock import SystemClock
-from mailkms.errors import MailboxError, MailkmsError, ServerRefused
+from mailkms.errors import MailboxError, MailkmsError, MailStoreError, ServerRefused
 from mailkms.pki import KeyType
 
 app = typer.Typer(
@@ -103,6 +105,9 @@ def _user_errors() -> Iterator[None]:
         text = USER_TEXT.get(exc.problem_code, exc.detail)
         typer.echo(f"{text}\n(server: {exc.problem_code or exc.status})", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except MailStoreError as exc:
+        typer.echo(f"mailkms-client: {exc.detail}\n(Your keys are unchanged in the mailkms key store.)", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except MailkmsError as exc:
         typer.echo(f"mailkms-client: {exc.detail}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -120,12 +125,20 @@ def enroll(
     imap_pin: ImapPinOption = None,
     imap_folder: ImapFolderOption = "mailkms",
     key_type: Annotated[KeyType, typer.Option(help="signing key: rsa2048 (default) or p256")] = KeyType.RSA2048,
+    install_into: Annotated[
+        list[str] | None,
+        typer.Option(help="nss:DIR, gpgsm or gpgsm:GNUPGHOME: also install each generation there (repeatable)"),
+    ] = None,
 ) -> None:
     """Enrol: make your signing key, send the request; the certificates arrive by e-mail
     (give --maildir or --imap: where they arrive)."""
     with _user_errors():
+        targets = [parse_target(spec) for spec in install_into or []]
         inbox = inbox_from_options(maildir, imap, imap_ca_file, imap_pin, imap_folder)
-        result = _client(confirm=True).enroll(server, fingerprint, email, token, inbox, key_type)
+        client = _client(confirm=True)
+        result = client.enroll(server, fingerprint, email, token, inbox, key_type)
+        if targets:
+            typer.echo(f"Your certificates will also be installed into: {', '.join(remember(client.store, targets))}")
         typer.echo(f"Enrolment request {result['request_id']} accepted for {result['mailbox']}.")
         typer.echo("Your certificates will arrive by e-mail; run `mailkms-client sync` to install them.")
 
@@ -147,6 +160,8 @@ def _sync(client: Client) -> SyncReport:
         typer.echo(f"Installed: {line}")
     for line in report.refused:
         typer.echo(f"Refused and left in the mailbox: {line}", err=True)
+    for line in report.notes:
+        typer.echo(line, err=True)
     if not report.installed and not report.refused:
         typer.echo("No new certificates in the mailbox.")
     return report
@@ -375,6 +390,7 @@ def install_autostart_command(
 
 register_mail(app, _client, _user_errors)
 register_mailbox(app, _client, _user_errors)
+register_install(app, _client, _user_errors)
 
 
 def main() -> None:

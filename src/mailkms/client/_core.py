@@ -7,7 +7,7 @@ import enum
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from mailkms.client._http import Api, fetch_pinned_root
 from mailkms.client._mailbox import ImapSettings, check_imap, open_mailbox
+from mailkms.client._mailstores import InstallTargets
 from mailkms.client._store import (
     ClientState,
     Generation,
@@ -120,6 +121,7 @@ class SyncReport:
     installed: list[str]
     refused: list[str]
     already: int
+    notes: list[str] = field(default_factory=list)  # the mail programs' key stores (InstallTargets)
 
 
 class Client:
@@ -241,7 +243,8 @@ class Client:
                         already += 1
                     self.store.save(state)
                     box.settle(key, refused=False)
-            return SyncReport(installed, refused, already)
+            notes = InstallTargets(self.store, self.passphrase).after_install(state) if installed else []
+            return SyncReport(installed, refused, already, notes)
 
     def set_mailbox(self, inbox: Path | ImapSettings) -> None:
         """Read deliveries from another Maildir or IMAP account from now on (a new password too)."""

@@ -66,6 +66,21 @@ def _password(env: tuple[str, ...], prompt: str, confirm: bool) -> str:
     return first
 
 
+def write_export(secure: SecureMail, out: Path) -> None:
+    """`export --out` and `install --pkcs12`: one PKCS#12 file (mode 0600) with the whole key history."""
+    secure.store.load()
+    password = _password((EXPORT_ENV,), "Password for the PKCS#12 file: ", confirm=True)
+    if len(password) < 8:
+        raise Malformed("the export password must have at least 8 characters")
+    data, names = secure.export(password)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    typer.echo(f"Wrote {out} with {len(names)} keys and the CA chain:")
+    for name in names:
+        typer.echo(f"  {name}")
+
+
 def register(
     app: typer.Typer,
     make_client: Callable[..., Client],
@@ -140,18 +155,7 @@ def register(
         """All your keys (signing, and every encryption key ever), their certificates and the CA
         chain in one PKCS#12 file for your mail program. Password: asked, or MAILKMS_EXPORT_PASSWORD."""
         with user_errors():
-            secure = mail()
-            secure.store.load()
-            password = _password((EXPORT_ENV,), "Password for the PKCS#12 file: ", confirm=True)
-            if len(password) < 8:
-                raise Malformed("the export password must have at least 8 characters")
-            data, names = secure.export(password)
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            typer.echo(f"Wrote {out} with {len(names)} keys and the CA chain:")
-            for name in names:
-                typer.echo(f"  {name}")
+            write_export(mail(), out)
 
     @app.command("import")
     def import_(

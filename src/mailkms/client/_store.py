@@ -76,6 +76,8 @@ class ClientState:
     processed: dict[str, str] = field(default_factory=dict)  # message file key -> outcome
     ca_chain_pem: list[str] = field(default_factory=list)  # issuing CA(s) then root, kept at install
     imap: ImapAccount | None = None  # when set, deliveries are read over IMAP, not from `maildir`
+    # mail programs' key stores every new generation is also installed into: "nss:DIR", "gpgsm:GNUPGHOME"
+    install_targets: list[str] = field(default_factory=list)
 
     @property
     def current(self) -> Generation | None:
