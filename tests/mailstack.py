@@ -395,14 +395,21 @@ maximal_backoff_time = 10s
     def accepted(self, message_id: str | None = None) -> list[str]:
         """Postfix queue ids of the messages the relay accepted (cleanup's message-id= lines):
         counted at the relay, so a message sent twice shows twice whatever the mailbox does."""
+        return [queue_id for queue_id, mid in self._cleanup_lines() if message_id is None or mid == message_id]
+
+    def accepted_message_ids(self) -> list[str]:
+        """The Message-ID of every message the relay accepted, once per acceptance."""
+        return [mid for _queue_id, mid in self._cleanup_lines()]
+
+    def _cleanup_lines(self) -> list[tuple[str, str]]:
         if not self.maillog.exists():
             return []
-        ids = []
+        found = []
         for line in self.maillog.read_text(errors="replace").splitlines():
             match = re.search(r"postfix/cleanup\[\d+\]: ([0-9A-F]+): message-id=(<[^>]*>)", line)
-            if match and (message_id is None or match.group(2) == message_id):
-                ids.append(match.group(1))
-        return ids
+            if match:
+                found.append((match.group(1), match.group(2)))
+        return found
 
     def delivered(self) -> int:
         """Deliveries into Dovecot that LMTP confirmed."""
