@@ -488,7 +488,7 @@ def _renewal_two_processes(data: Path, clock: FakeClock, n: int) -> float | None
     try:
         settings = settings_for(data, schema.url, pool={"size": 0})
         services = Services.build(settings, FakeClock(clock.now() - dt.timedelta(days=366)))
-        pool = KeyPool(services.db, services.ca.derive_key("key pool"), services.clock, KeyType.RSA2048, size=2 * n)
+        pool = KeyPool(services.db, services.pool_keyring, services.clock, KeyType.RSA2048, size=2 * n)
         pool.store(_pool_keys(2 * n))
         services.issuer.keys = pool
         users = _enrol_for_renewal(services, "pg", 2 * n, services.clock.now())
@@ -512,7 +512,7 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
     clock = FakeClock(now)
     settings = settings_for(data, f"sqlite:///{tmp / 'renewal.db'}", pool={"size": 0})
     services = Services.build(settings, clock)
-    pool = KeyPool(services.db, services.ca.derive_key("key pool"), clock, KeyType.RSA2048, size=10 * n + 10)
+    pool = KeyPool(services.db, services.pool_keyring, clock, KeyType.RSA2048, size=10 * n + 10)
     say(f"renewal: generating {3 * n} pool keys for setup (2 processes, not timed)")
     pool.store(_pool_keys(3 * n))
     services.issuer.keys = pool

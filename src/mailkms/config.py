@@ -2,7 +2,9 @@
 
 `MAILKMS_DATA/mailkms.toml`, sections as below; an environment variable
 `MAILKMS_<SECTION>__<KEY>` overrides a key (e.g. `MAILKMS_POLICY__LIFETIME_MONTHS=12`).
-`MAILKMS_DATABASE_URL` and `MAILKMS_CA_PASSPHRASE` are read as they are.
+`MAILKMS_DATABASE_URL` and `MAILKMS_CA_PASSPHRASE` are read as they are. The CA passphrase may
+also come from a file descriptor (`--passphrase-fd N` / `MAILKMS_CA_PASSPHRASE_FD`) or a systemd
+credential (`$CREDENTIALS_DIRECTORY/mailkms-ca-passphrase`); see `external_ca_passphrase`.
 Loaded at entry points only, validated once, frozen, and passed down.
 """
 
@@ -24,6 +26,8 @@ from mailkms.errors import ConfigError
 from mailkms.pki import MAX_SUBSCRIBER_DAYS, KeyType
 
 CONFIG_FILE = "mailkms.toml"
+CA_PASSPHRASE_FD_ENV = "MAILKMS_CA_PASSPHRASE_FD"
+CA_CREDENTIAL = "mailkms-ca-passphrase"  # the systemd credential's name (LoadCredential=, SetCredentialEncrypted=)
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_toml_path", default=None)
 
 
@@ -115,6 +119,9 @@ class CAConfig(_Frozen):
     key_type: KeyType = KeyType.RSA3072
     organization: str = "mailkms"
     country: str | None = None
+    # Production: the CA passphrase must come from a file descriptor, a systemd credential or the
+    # environment, never from DATA/ca/passphrase; `init` writes no bootstrap passphrase file.
+    production: bool = False
 
     @field_validator("key_type")
     @classmethod
@@ -267,6 +274,13 @@ class RevocationConfig(_Frozen):
         return self
 
 
+class AuditConfig(_Frozen):
+    """Signed checkpoints of the audit chain's head, kept outside the database."""
+
+    checkpoints_file: str = Field(default="", description="default DATA/audit/checkpoints.jsonl")
+    checkpoint_seconds: float = Field(default=3600.0, gt=0, le=3600.0, description="at least hourly")
+
+
 class Settings(BaseSettings):
     """Everything a server process needs to know; frozen after validation."""
 
@@ -283,6 +297,7 @@ class Settings(BaseSettings):
     reminders: RemindersConfig = RemindersConfig()
     pool: PoolConfig = PoolConfig()
     revocation: RevocationConfig = RevocationConfig()
+    audit: AuditConfig = AuditConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -301,14 +316,80 @@ class Settings(BaseSettings):
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'mailkms.db').resolve()}"
 
+    @property
+    def checkpoints_path(self) -> Path:
+        return (
+            Path(self.audit.checkpoints_file)
+            if self.audit.checkpoints_file
+            else self.data_dir / "audit" / "checkpoints.jsonl"
+        )
+
 
 def data_dir_from_env() -> Path:
     return Path(os.environ.get("MAILKMS_DATA", "./mailkms-data"))
 
 
-def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+_fd_passphrases: dict[tuple[int, int, int], str] = {}
+
+
+def read_passphrase_fd(fd: int) -> str:
+    """The whole of file descriptor `fd` (a pipe or a file), read once per process (it is left
+    open, so its number is not reused for something else); one trailing newline is dropped."""
+    try:
+        stat = os.fstat(fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA passphrase from file descriptor {fd}: {exc.strerror}") from None
+    identity = (fd, stat.st_dev, stat.st_ino)
+    if identity in _fd_passphrases:
+        return _fd_passphrases[identity]
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA passphrase from file descriptor {fd}: {exc.strerror}") from None
+    try:
+        value = b"".join(chunks).decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"the CA passphrase on file descriptor {fd} is not UTF-8") from None
+    if not value:
+        raise ConfigError(f"file descriptor {fd} gave an empty CA passphrase")
+    _fd_passphrases[identity] = value
+    return value
+
+
+def external_ca_passphrase(passphrase_fd: int | None = None) -> tuple[str, str] | None:
+    """(passphrase, source) from, in this order: `passphrase_fd` or MAILKMS_CA_PASSPHRASE_FD, the
+    systemd credential `mailkms-ca-passphrase` in $CREDENTIALS_DIRECTORY; None when neither is
+    given (then MAILKMS_CA_PASSPHRASE, then DATA/ca/passphrase outside production)."""
+    if passphrase_fd is None and os.environ.get(CA_PASSPHRASE_FD_ENV):
+        text = os.environ[CA_PASSPHRASE_FD_ENV].strip()
+        if not text.isdigit():
+            raise ConfigError(f"{CA_PASSPHRASE_FD_ENV} must be a file descriptor number, not {text!r}")
+        passphrase_fd = int(text)
+    if passphrase_fd is not None:
+        return read_passphrase_fd(passphrase_fd), f"file descriptor {passphrase_fd}"
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = Path(directory) / CA_CREDENTIAL
+        if path.is_file():
+            try:
+                value = path.read_bytes().decode("utf-8").removesuffix("\n").removesuffix("\r")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"the systemd credential {path} cannot be read: {exc}") from None
+            if not value:
+                raise ConfigError(f"the systemd credential {path} is empty")
+            return value, "systemd credential"
+    return None
+
+
+def load_settings(data_dir: Path | None = None, *, passphrase_fd: int | None = None, **overrides: Any) -> Settings:
     """Command-line overrides, then environment, then the TOML file; a ConfigError names each mistake."""
     data_dir = data_dir or data_dir_from_env()
+    if "ca_passphrase" not in overrides:
+        external = external_ca_passphrase(passphrase_fd)
+        if external is not None:
+            overrides["ca_passphrase"] = external[0]
     path = data_dir / CONFIG_FILE
     if path.exists():
         try:
@@ -359,6 +440,11 @@ nonce_ttl_seconds = 600
 key_type = "rsa3072"                # rsa3072, rsa4096, p256, p384
 organization = "mailkms"
 # country = "DE"
+production = false                  # true: the CA passphrase never from DATA/ca/passphrase (README, Security)
+
+[audit]
+checkpoints_file = ""               # signed checkpoints of the audit chain; default DATA/audit/checkpoints.jsonl
+checkpoint_seconds = 3600           # at least hourly, and at every stop of `mailkms serve`
 
 [smtp]
 mode = "sink"                       # "sink": local Maildir sink; "relay": send to relay_host

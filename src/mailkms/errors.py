@@ -182,6 +182,11 @@ class Revoked(PolicyRefused):
     title = "The certificates have been revoked; enrolment by an administrator is required"
 
 
+class ReservedMailbox(PolicyRefused):
+    code = "reserved-mailbox"
+    title = "This address is the server's own and cannot be a user"
+
+
 class NotDue(PolicyRefused):
     code = "not-due"
     title = "The certificates are not yet due for renewal"

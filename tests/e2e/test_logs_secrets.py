@@ -119,6 +119,10 @@ def test_full_run_logs_are_structured_and_hold_no_secret(tmp_path: Path) -> None
         outputs += [verify.stdout, verify.stderr]
     finally:
         node.stop()
+    # Signed checkpoints of the audit head, outside the store: one at start, one at the stop.
+    checked = run_mailkms(["audit", "verify", "--json"], env)
+    assert checked.returncode == 0 and json.loads(checked.stdout)["checkpoints"] >= 2, checked.stdout
+    outputs += [checked.stdout, checked.stderr]
     server_log = (tmp_path / "server.log").read_text()
 
     # Structured: every line of the server is one JSON object; requests carry their id.

@@ -83,10 +83,18 @@ def test_recovery_with_real_processes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKMS_")}
     env |= {"MAILKMS_DATA": str(data), "MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}
     mailkms = [str(BIN / "mailkms")]
-    init = json.loads(run([*mailkms, "init", "--hostname", "localhost", "--json"], env).stdout)
+    # Not a terminal: the generated passphrase of the bootstrap share goes to a new 0600 file, not stdout.
+    passphrase_out = tmp_path / "bootstrap.pass"
+    init_run = run(
+        [*mailkms, "init", "--hostname", "localhost", "--json", "--recovery-passphrase-out", str(passphrase_out)], env
+    )
+    init = json.loads(init_run.stdout)
     bootstrap = Path(init["recovery_share"])
     assert bootstrap.parent == data / "recovery" and bootstrap.stat().st_mode & 0o777 == 0o600
-    (tmp_path / "bootstrap.pass").write_text(init["recovery_passphrase"] + "\n")
+    assert init["recovery_passphrase_file"] == str(passphrase_out) and "recovery_passphrase" not in init
+    assert passphrase_out.stat().st_mode & 0o777 == 0o600
+    assert passphrase_out.read_text().strip() not in init_run.stdout + init_run.stderr
+    assert not (data / "recovery" / "bootstrap-passphrase").exists()
     maildir = data / "mailboxes" / MAILBOX
 
     def client(home: Path) -> list[str]:

@@ -148,3 +148,16 @@ def test_the_csr_subject_is_never_copied(services: Services) -> None:
             x509.RFC822Name
         ) == [ALICE]
         assert b"mallory" not in der and b"Mallory" not in der
+
+
+@pytest.mark.parametrize("address", ["mailkms@kms.example.org", " MailKMS@KMS.example.org "])
+def test_the_servers_own_mail_identity_cannot_be_registered(services: Services, address: str) -> None:
+    from mailkms.errors import ReservedMailbox
+
+    assert services.settings.server.effective_mail_from == "mailkms@kms.example.org"
+    with pytest.raises(ReservedMailbox, match="server's own mail identity") as refused:
+        services.users.add(address, "", None, "admin:test")
+    assert refused.value.exit_code == 6
+    with services.db.transaction() as session:
+        assert session.execute(select(User)).first() is None
+    services.users.add("mailkms2@kms.example.org", "", None, "admin:test")  # a neighbour is fine

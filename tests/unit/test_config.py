@@ -54,6 +54,7 @@ def test_the_written_template_is_valid_and_means_the_defaults(data: Path) -> Non
     assert s.policy == defaults.policy
     assert s.ca == defaults.ca
     assert s.smtp == defaults.smtp
+    assert s.audit == defaults.audit
     assert s.server.hostname == "kms.example.org"
     assert s.server.effective_mail_from == "mailkms@kms.example.org"
 
@@ -326,3 +327,58 @@ def test_a_password_file_is_read_at_start_not_later(data: Path) -> None:
     smtp = load_settings(data).smtp
     pw.write_text("changed\n")
     assert smtp.effective_password == "relay-pass-from-file"
+
+
+# --- where the CA passphrase comes from: fd > systemd credential > MAILKMS_CA_PASSPHRASE ------------------------
+def _pipe(text: bytes) -> int:
+    import os
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, text)
+    os.close(write_end)
+    return read_end
+
+
+def test_ca_passphrase_from_a_file_descriptor(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILKMS_CA_PASSPHRASE", "from-the-environment")
+    fd = _pipe(b"from-a-pipe\n")
+    assert load_settings(data, passphrase_fd=fd).ca_passphrase == "from-a-pipe"  # the option wins
+    assert load_settings(data, passphrase_fd=fd).ca_passphrase == "from-a-pipe"  # read once per process
+    fd = _pipe(b"from-the-fd-variable")
+    monkeypatch.setenv("MAILKMS_CA_PASSPHRASE_FD", str(fd))
+    assert load_settings(data).ca_passphrase == "from-the-fd-variable"
+
+
+@pytest.mark.parametrize("value", ["three", "-1"])
+def test_a_bad_fd_variable_is_a_config_error(data: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("MAILKMS_CA_PASSPHRASE_FD", value)
+    with pytest.raises(ConfigError, match="MAILKMS_CA_PASSPHRASE_FD"):
+        load_settings(data)
+
+
+def test_an_empty_or_closed_fd_is_a_config_error(data: Path) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        load_settings(data, passphrase_fd=_pipe(b""))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(data, passphrase_fd=987)
+
+
+def test_ca_passphrase_from_a_systemd_credential(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mailkms-ca-passphrase").write_text("from-systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    monkeypatch.setenv("MAILKMS_CA_PASSPHRASE", "from-the-environment")
+    assert load_settings(data).ca_passphrase == "from-systemd"
+    assert load_settings(data, passphrase_fd=_pipe(b"fd")).ca_passphrase == "fd"
+    (creds / "mailkms-ca-passphrase").unlink()
+    assert load_settings(data).ca_passphrase == "from-the-environment"
+
+
+def test_production_from_the_file_or_the_environment(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(data).ca.production is False
+    write(data, "[ca]\nproduction = true\n")
+    assert load_settings(data).ca.production is True
+    write(data, "")
+    monkeypatch.setenv("MAILKMS_CA__PRODUCTION", "1")
+    assert load_settings(data).ca.production is True

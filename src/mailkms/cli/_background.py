@@ -1,4 +1,5 @@
-"""Background work of `mailkms serve` beyond the outbox: reminder sweeps, key-pool refill, CRL/OCSP.
+"""Background work of `mailkms serve` beyond the outbox: reminder sweeps, key-pool refill, CRL/OCSP,
+audit checkpoints.
 
 Both are safe on any number of nodes: reminders are claimed row by row in the database, and the
 pool is topped up under an advisory lock. Key generation runs in a separate, low-priority worker
@@ -91,8 +92,24 @@ async def revocation_loop(services: Services, stop: asyncio.Event) -> None:
         await _wait(stop, services.settings.revocation.poll_seconds)
 
 
+async def checkpoint_loop(services: Services, stop: asyncio.Event) -> None:
+    """A signed checkpoint of the audit chain's head at start and at least every
+    `audit.checkpoint_seconds` (when the head moved); `serve` writes the last one at stop."""
+    while not stop.is_set():
+        try:
+            if await asyncio.to_thread(services.write_audit_checkpoint):
+                log.info("audit checkpoint appended to %s", services.checkpoints.path)
+        except Exception:
+            log.exception("audit checkpoint failed; retrying at the next interval")
+        await _wait(stop, services.settings.audit.checkpoint_seconds)
+
+
 def start(services: Services, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-    tasks = [asyncio.create_task(pool_loop(services, stop)), asyncio.create_task(revocation_loop(services, stop))]
+    tasks = [
+        asyncio.create_task(pool_loop(services, stop)),
+        asyncio.create_task(revocation_loop(services, stop)),
+        asyncio.create_task(checkpoint_loop(services, stop)),
+    ]
     if services.settings.reminders.enabled:
         tasks.append(asyncio.create_task(reminder_loop(services, stop)))
     return tasks

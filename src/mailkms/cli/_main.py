@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,9 +21,23 @@ from mailkms.cli._recovery import register as _register_recovery
 from mailkms.cli._revoke import register as _register_revocation
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
-from mailkms.errors import ConfigError
-from mailkms.pki import KeyType, fingerprint_sha256
-from mailkms.services import CAPaths, Services, UserState, init_ca, public_urls, tls_hostnames
+from mailkms.errors import ConfigError, Conflict, Malformed
+from mailkms.pki import KeyType, check_admin_passphrase, fingerprint_sha256
+from mailkms.services import (
+    BOOTSTRAP_PASSPHRASE_FILE,
+    PASSPHRASE_SOURCES,
+    CAPaths,
+    Services,
+    UserState,
+    health_checks,
+    init_ca,
+    new_bootstrap_passphrase,
+    open_database,
+    passphrase_source,
+    public_urls,
+    tls_hostnames,
+    write_secret_once,
+)
 
 app = typer.Typer(
     help="mailkms: Key Management Server for S/MIME.",
@@ -37,12 +53,28 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(audit_app, name="audit")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ProductionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--production",
+        help="refuse the CA passphrase file DATA/ca/passphrase and any bootstrap secret written beside the keys "
+        "(also [ca] production = true, MAILKMS_CA__PRODUCTION=1)",
+    ),
+]
+PassphraseFdOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--passphrase-fd",
+        help="read the CA passphrase from this file descriptor (also MAILKMS_CA_PASSPHRASE_FD)",
+        min=0,
+    ),
+]
 ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
 console = Console()
 
 
-def _settings(**overrides: object) -> Settings:
-    return load_settings(data_dir_from_env(), **overrides)
+def _settings(passphrase_fd: int | None = None, **overrides: object) -> Settings:
+    return load_settings(data_dir_from_env(), passphrase_fd=passphrase_fd, **overrides)
 
 
 def _services() -> Services:
@@ -56,6 +88,10 @@ def _emit(data: object, as_json: bool, text: str) -> None:
         print(text)
 
 
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 @app.command()
 def init(
     hostname: Annotated[str, typer.Option(help="the name in the server's TLS certificate")] = "localhost",
@@ -65,23 +101,84 @@ def init(
     key_type: Annotated[KeyType, typer.Option(help="CA key: rsa3072, rsa4096, p256, p384")] = KeyType.RSA3072,
     organization: Annotated[str, typer.Option(help="O in the CA names")] = "mailkms",
     country: Annotated[str | None, typer.Option(help="C in the CA names (two letters)")] = None,
+    production: ProductionOpt = False,
+    passphrase_fd: PassphraseFdOpt = None,
+    recovery_passphrase_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--recovery-passphrase-out",
+            help="write the generated passphrase of the bootstrap recovery share to this new file (mode 0600)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the CA (root and issuing), the server's TLS and mail-signing certificates, and the archive key."""
     with exit_on_error(as_json):
         data_dir = data_dir_from_env()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        config_path = data_dir / CONFIG_FILE
-        if not config_path.exists():
-            config_path.write_text(CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url))
+        paths = CAPaths(data_dir)
+        if paths.exists():
+            raise Conflict(f"a CA already exists in {paths.ca_dir}")
         server = {"hostname": hostname, "public_url": public_url}
-        settings = load_settings(
-            data_dir, server=server, ca={"key_type": key_type, "organization": organization, "country": country}
-        )
+        ca: dict[str, object] = {"key_type": key_type, "organization": organization, "country": country}
+        if production:
+            ca["production"] = True
+        settings = load_settings(data_dir, passphrase_fd=passphrase_fd, server=server, ca=ca)
         if settings.ca.key_type != key_type:
             raise ConfigError("ca.key_type differs between the option and the environment")
+        production = settings.ca.production
+
+        # Every refusal before anything is written.
+        if not settings.ca_passphrase and production:
+            raise ConfigError(f"production: no CA passphrase given; give it by {PASSPHRASE_SOURCES}")
+        if production and paths.passphrase_file.exists():
+            raise ConfigError(f"production: {paths.passphrase_file} exists; move the passphrase and delete the file")
+        given = os.environ.get("MAILKMS_RECOVERY_PASSPHRASE") or None
+        if given is not None:
+            check_admin_passphrase("MAILKMS_RECOVERY_PASSPHRASE", given)
+            if recovery_passphrase_out is not None:
+                raise Malformed(
+                    "--recovery-passphrase-out is for a generated passphrase; MAILKMS_RECOVERY_PASSPHRASE is set"
+                )
+        if recovery_passphrase_out is not None and recovery_passphrase_out.exists():
+            raise Conflict(f"{recovery_passphrase_out} already exists; init writes the passphrase only to a new file")
+        to_terminal = sys.stdout.isatty()
+        if given is None and recovery_passphrase_out is None and not to_terminal and production:
+            raise ConfigError(
+                "production: stdout is not a terminal, so the bootstrap recovery passphrase cannot be shown; "
+                "give --recovery-passphrase-out FILE or MAILKMS_RECOVERY_PASSPHRASE"
+            )
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config_path = data_dir / CONFIG_FILE
+        if not config_path.exists():  # 0600: it can hold the SMTP password
+            text = CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url)
+            if production:
+                text = text.replace("\nproduction = false ", "\nproduction = true  ", 1)
+            write_secret_once(config_path, text.encode())
+        if not settings.ca_passphrase:
+            _warn(
+                f"WARNING: the CA passphrase is generated and kept in {paths.passphrase_file}, beside the CA keys:\n"
+                "  any copy of the data folder (a backup, a snapshot) is a full compromise of the CA.\n"
+                "  Fine for trying mailkms (`make serve`). For production give the passphrase by\n"
+                f"  {PASSPHRASE_SOURCES}, and run with --production (README: Security)."
+            )
+
+        recovery_passphrase = given or new_bootstrap_passphrase()
+        written: Path | None = None
+        if given is None and recovery_passphrase_out is not None:
+            written = write_secret_once(recovery_passphrase_out, (recovery_passphrase + "\n").encode())
+        elif given is None and not to_terminal:
+            written = write_secret_once(
+                paths.recovery_dir / BOOTSTRAP_PASSPHRASE_FILE, (recovery_passphrase + "\n").encode()
+            )
+            _warn(
+                f"WARNING: stdout is not a terminal, so the bootstrap recovery passphrase was written to {written},\n"
+                "  beside its share: any copy of the data folder opens every archived key. Move both off this\n"
+                "  machine now and appoint officers (mailkms recovery init); `mailkms doctor` reminds you.\n"
+                "  Next time: --recovery-passphrase-out FILE, MAILKMS_RECOVERY_PASSPHRASE, or a terminal."
+            )
         result = init_ca(
-            CAPaths(data_dir),
+            paths,
             passphrase_env=settings.ca_passphrase,
             key_type=settings.ca.key_type,
             organization=settings.ca.organization,
@@ -90,9 +187,10 @@ def init(
             hostnames=tls_hostnames(settings.server.hostname, settings.server.extra_tls_names),
             mail_from=settings.server.effective_mail_from,
             clock=SystemClock(),
-            recovery_passphrase=os.environ.get("MAILKMS_RECOVERY_PASSPHRASE") or None,
+            recovery_passphrase=recovery_passphrase,
+            production=production,
         )
-        data = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
+        data: dict[str, object] = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
         if result.recovery_share:
             data["recovery_share"] = result.recovery_share
@@ -100,12 +198,12 @@ def init(
                 f"\n\nArchive recovery: a 1-of-1 bootstrap ceremony; its share file is {result.recovery_share}"
                 "\nMove it off this machine and appoint officers: mailkms recovery init --officers N --threshold M"
             )
-        if result.recovery_passphrase:
-            data["recovery_passphrase"] = result.recovery_passphrase
-            text += (
-                f"\nPassphrase of that share (shown once, never stored; keep it offline):\n"
-                f"  {result.recovery_passphrase}"
-            )
+        if written is not None:
+            data["recovery_passphrase_file"] = str(written)
+            text += f"\nPassphrase of that share: in {written} (mode 0600); keep it offline and delete the file"
+        elif given is None:  # a terminal: shown once, never stored
+            data["recovery_passphrase"] = recovery_passphrase
+            text += f"\nPassphrase of that share (shown once, never stored; keep it offline):\n  {recovery_passphrase}"
         _emit(data, as_json, text)
 
 
@@ -117,6 +215,8 @@ def serve(
         int | None, typer.Option(help="plain-http port for CA certificates, CRL, OCSP (0 = off)")
     ] = None,
     bind: Annotated[str | None, typer.Option(help="address to listen on")] = None,
+    production: ProductionOpt = False,
+    passphrase_fd: PassphraseFdOpt = None,
 ) -> None:
     """Run the server: HTTPS API, plain-http publication, mail sink and outbox."""
     with exit_on_error():
@@ -133,7 +233,9 @@ def serve(
             overrides["server"] = server
         if smtp:
             overrides["smtp"] = smtp
-        settings = _settings(**overrides)
+        if production:
+            overrides["ca"] = {"production": True}
+        settings = _settings(passphrase_fd, **overrides)
         logs.configure(settings.server.log_format)
         services = Services.build(settings, SystemClock())
         from mailkms.cli._serve import serve as run_server
@@ -286,19 +388,84 @@ def ca_chain() -> None:
 
 # --- audit ---------------------------------------------------------------------------------------
 @audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Check the hash chain: reports every edited, removed or reordered record."""
+def audit_verify(
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option("--checkpoints", help="signed checkpoints to check against (default: [audit] checkpoints_file)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the hash chain and its signed checkpoints: reports every edited, removed or reordered
+    record, and a chain rewritten with recomputed hashes."""
     with exit_on_error(as_json):
-        report = _services().verify_audit()
+        report = _services().verify_audit(checkpoints)
         _emit(
-            {"ok": report.ok, "records": report.records, "problems": list(report.problems)},
+            {
+                "ok": report.ok,
+                "records": report.records,
+                "checkpoints": report.checkpoints,
+                "problems": list(report.problems),
+            },
             as_json,
-            f"audit chain OK: {report.records} records"
+            f"audit chain OK: {report.records} records, {report.checkpoints} signed checkpoints"
             if report.ok
             else "audit chain BROKEN:\n" + "\n".join(report.problems),
         )
         if not report.ok:
             raise typer.Exit(9)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(as_json: JsonOpt = False) -> None:
+    """Sign the chain's head now and append it to the checkpoints file (`serve` does so hourly and at stop)."""
+    with exit_on_error(as_json):
+        services = _services()
+        cp = services.checkpoints.write(force=True)
+        assert cp is not None
+        _emit(
+            {"seq": cp.seq, "head": cp.head, "at": cp.at.isoformat(), "file": str(services.checkpoints.path)},
+            as_json,
+            f"checkpoint of record {cp.seq} appended to {services.checkpoints.path}",
+        )
+
+
+# --- health --------------------------------------------------------------------------------------
+@app.command()
+def doctor(production: ProductionOpt = False, as_json: JsonOpt = False) -> None:
+    """Health of key custody: secrets beside the keys, the bootstrap ceremony, file modes, audit
+    checkpoints. Exit 78 when a finding is critical."""
+    with exit_on_error(as_json):
+        overrides: dict[str, object] = {"ca": {"production": True}} if production else {}
+        settings = _settings(None, **overrides)
+        db = open_database(settings) if CAPaths(settings.data_dir).exists() else None
+        try:
+            findings = health_checks(settings, db, SystemClock())
+        finally:
+            if db is not None:
+                db.dispose()
+        critical = [f for f in findings if f.severity == "critical"]
+        source = passphrase_source(settings, CAPaths(settings.data_dir))
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "ok": not critical,
+                        "production": settings.ca.production,
+                        "ca_passphrase_source": source,
+                        "findings": [f.to_dict() for f in findings],
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            print(f"production: {'yes' if settings.ca.production else 'no'}; CA passphrase from: {source}")
+            for f in findings:
+                print(f"{f.severity.upper():8} {f.code}: {f.message}")
+            print(
+                "no findings" if not findings else f"{len(critical)} critical, {len(findings) - len(critical)} warnings"
+            )
+        if critical:
+            raise typer.Exit(78)
 
 
 _scale.register(app)

@@ -152,4 +152,8 @@ async def serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         if sink is not None:
             sink.stop()
+        try:  # the head at every stop, signed, outside the store
+            services.write_audit_checkpoint()
+        except Exception:
+            log.exception("audit checkpoint at stop failed")
         services.db.dispose()

@@ -32,6 +32,10 @@ from mailkms.pki._smime import aes_cbc_decrypt
 
 PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256
 MAC_ITERATIONS = 600_000
+# Reading: a file names its own iteration counts, and each is work done before the password is
+# known to be right. Refuse counts above this (17x what we write), and more than this in all.
+MAX_READ_ITERATIONS = 10_000_000
+MAX_READ_ITERATIONS_TOTAL = 40_000_000
 _SALT_BYTES = 16
 _HASHLIB = {"sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 _PRF: dict[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -100,8 +104,11 @@ def _pbes2_encrypt(data: bytes, password: str, iterations: int) -> tuple[asn1_al
     return algorithm, encrypted
 
 
-def _pbes2_decrypt(algorithm: asn1_algos.EncryptionAlgorithm, data: bytes, password: str) -> bytes:
+def _pbes2_decrypt(algorithm: asn1_algos.EncryptionAlgorithm, data: bytes, password: str, budget: _Budget) -> bytes:
     if algorithm["algorithm"].native != "pbes2":
+        legacy = _legacy_iterations(algorithm)
+        if legacy is not None:
+            budget.spend(legacy)
         raise _Legacy(algorithm["algorithm"].native)
     params = algorithm["parameters"]
     kdf = params["key_derivation_func"]
@@ -113,13 +120,42 @@ def _pbes2_decrypt(algorithm: asn1_algos.EncryptionAlgorithm, data: bytes, passw
     prf = _PRF.get(kp["prf"]["algorithm"].native)
     if prf is None:
         raise _Legacy(kp["prf"]["algorithm"].native)
-    key = PBKDF2HMAC(prf(), _AES[cipher_name], kp["salt"].native, kp["iteration_count"].native).derive(
-        password.encode()
-    )
+    iterations = budget.spend(kp["iteration_count"].native)
+    key = PBKDF2HMAC(prf(), _AES[cipher_name], kp["salt"].native, iterations).derive(password.encode())
     try:
         return aes_cbc_decrypt(key, scheme["parameters"].native, data)
     except ValueError:
         raise WrongPassphrase("the password does not open the PKCS#12 file") from None
+
+
+class _Budget:
+    """The iteration counts one read may run: each at most MAX_READ_ITERATIONS, all together at most
+    MAX_READ_ITERATIONS_TOTAL, so a crafted file cannot make an import hang."""
+
+    def __init__(self) -> None:
+        self.left = MAX_READ_ITERATIONS_TOTAL
+
+    def spend(self, iterations: object) -> int:
+        if not isinstance(iterations, int) or iterations < 1:
+            raise BadMessage("the PKCS#12 file names an invalid iteration count")
+        if iterations > MAX_READ_ITERATIONS:
+            raise BadMessage(
+                f"the PKCS#12 file asks for {iterations:,} key-derivation iterations; at most "
+                f"{MAX_READ_ITERATIONS:,} are run"
+            )
+        if iterations > self.left:
+            raise BadMessage("the PKCS#12 file asks for too many key-derivation iterations in all")
+        self.left -= iterations
+        return iterations
+
+
+def _legacy_iterations(algorithm: asn1_algos.EncryptionAlgorithm) -> object:
+    """The iteration count of a PKCS#5 v1 / PKCS#12 PBE algorithm (None when it has none)."""
+    try:
+        params = algorithm["parameters"]
+        return params["iterations"].native
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
 
 
 class _Legacy(Exception):
@@ -240,14 +276,14 @@ def _bag_attrs(bag: asn1_pkcs12.SafeBag) -> tuple[str | None, bytes | None]:
     return name, kid
 
 
-def _read_bags(contents: asn1_pkcs12.SafeContents, password: str, out: list[_Bag]) -> None:
+def _read_bags(contents: asn1_pkcs12.SafeContents, password: str, out: list[_Bag], budget: _Budget) -> None:
     for bag in contents:
         bag_id = bag["bag_id"].native
         name, kid = _bag_attrs(bag)
         value = bag["bag_value"]
         if bag_id == "pkcs8_shrouded_key_bag":
             epki = asn1_keys.EncryptedPrivateKeyInfo.load(value.untag().dump())
-            der = _pbes2_decrypt(epki["encryption_algorithm"], epki["encrypted_data"].native, password)
+            der = _pbes2_decrypt(epki["encryption_algorithm"], epki["encrypted_data"].native, password, budget)
             out.append(_Bag("key", der, name, kid))
         elif bag_id == "key_bag":
             out.append(_Bag("key", value.untag().dump(), name, kid))
@@ -256,11 +292,12 @@ def _read_bags(contents: asn1_pkcs12.SafeContents, password: str, out: list[_Bag
             if cert_bag["cert_id"].native == "x509":
                 out.append(_Bag("cert", cert_bag["cert_value"].contents, name, kid))
         elif bag_id == "safe_contents":
-            _read_bags(asn1_pkcs12.SafeContents.load(value.untag().dump()), password, out)
+            _read_bags(asn1_pkcs12.SafeContents.load(value.untag().dump()), password, out, budget)
 
 
 def read_pkcs12(data: bytes, password: str) -> Bundle:
     """Every key with its certificate, and the certificates without a key (the chain)."""
+    budget = _Budget()
     try:
         pfx = asn1_pkcs12.Pfx.load(data)
         auth_safe_der = pfx["auth_safe"]["content"].native
@@ -268,24 +305,29 @@ def read_pkcs12(data: bytes, password: str) -> Bundle:
         if mac_data.native is not None:
             hash_name = _HASHLIB.get(mac_data["mac"]["digest_algorithm"]["algorithm"].native)
             if hash_name is None:
+                budget.spend(mac_data["iterations"].native)
                 raise _Legacy("mac")
             want = mac_data["mac"]["digest"].native
-            got = _mac(auth_safe_der, password, mac_data["mac_salt"].native, mac_data["iterations"].native, hash_name)
+            iterations = budget.spend(mac_data["iterations"].native)
+            got = _mac(auth_safe_der, password, mac_data["mac_salt"].native, iterations, hash_name)
             if not hmac.compare_digest(want, got):
                 raise WrongPassphrase("the password does not open the PKCS#12 file (or the file was altered)")
         bags: list[_Bag] = []
         for info in asn1_pkcs12.AuthenticatedSafe.load(auth_safe_der):
             kind = info["content_type"].native
             if kind == "data":
-                _read_bags(asn1_pkcs12.SafeContents.load(info["content"].native), password, bags)
+                _read_bags(asn1_pkcs12.SafeContents.load(info["content"].native), password, bags, budget)
             elif kind == "encrypted_data":
                 eci = info["content"]["encrypted_content_info"]
-                plain = _pbes2_decrypt(eci["content_encryption_algorithm"], eci["encrypted_content"].native, password)
-                _read_bags(asn1_pkcs12.SafeContents.load(plain), password, bags)
+                plain = _pbes2_decrypt(
+                    eci["content_encryption_algorithm"], eci["encrypted_content"].native, password, budget
+                )
+                _read_bags(asn1_pkcs12.SafeContents.load(plain), password, bags, budget)
             else:
                 raise BadMessage(f"unsupported PKCS#12 content {kind}")
         return _pair(bags)
     except _Legacy:
+        _check_legacy_costs(data)
         return _read_legacy(data, password)
     except (WrongPassphrase, BadMessage):
         raise
@@ -314,6 +356,39 @@ def _pair(bags: list[_Bag]) -> Bundle:
         entries.append(KeyEntry(key, cert, bag.friendly_name or cert_bag.friendly_name or _subject_name(cert)))
     chain = tuple(cert for index, (cert, _) in enumerate(certs) if index not in used)
     return Bundle(tuple(entries), chain)
+
+
+def _check_legacy_costs(data: bytes) -> None:
+    """Before OpenSSL reads another program's file: the iteration counts it names (MAC, encrypted
+    contents, shrouded keys in plain contents) within the same caps."""
+    budget = _Budget()
+    try:
+        pfx = asn1_pkcs12.Pfx.load(data)
+        if pfx["mac_data"].native is not None:
+            budget.spend(pfx["mac_data"]["iterations"].native)
+        for info in asn1_pkcs12.AuthenticatedSafe.load(pfx["auth_safe"]["content"].native):
+            kind = info["content_type"].native
+            if kind == "encrypted_data":
+                algorithm = info["content"]["encrypted_content_info"]["content_encryption_algorithm"]
+                _spend_algorithm(algorithm, budget)
+            elif kind == "data":
+                for bag in asn1_pkcs12.SafeContents.load(info["content"].native):
+                    if bag["bag_id"].native == "pkcs8_shrouded_key_bag":
+                        epki = asn1_keys.EncryptedPrivateKeyInfo.load(bag["bag_value"].untag().dump())
+                        _spend_algorithm(epki["encryption_algorithm"], budget)
+    except BadMessage:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise BadMessage(f"not a readable PKCS#12 file ({exc.__class__.__name__})") from exc
+
+
+def _spend_algorithm(algorithm: asn1_algos.EncryptionAlgorithm, budget: _Budget) -> None:
+    if algorithm["algorithm"].native == "pbes2":
+        budget.spend(algorithm["parameters"]["key_derivation_func"]["parameters"]["iteration_count"].native)
+        return
+    iterations = _legacy_iterations(algorithm)
+    if iterations is not None:
+        budget.spend(iterations)
 
 
 def _read_legacy(data: bytes, password: str) -> Bundle:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from mailkms.errors import Malformed, RecoveryRefused, ShareTampered, ShareUnreadable, ShareWrongPassphrase
+from mailkms.pki._custody import scrypt_params_problem
 from mailkms.pki._keys import PrivateKey, PublicKey, private_key_der
 
 KEK_BYTES = 16  # what pycryptodome's Shamir splits
@@ -184,11 +185,9 @@ def read_share(data: bytes) -> SealedShare:
         raise ShareUnreadable("the share file's index or threshold is out of range")
     if kdf.get("name") != "scrypt" or cipher.get("name") != "AES-256-GCM":
         raise ShareUnreadable("the share file uses an unknown key derivation or cipher")
-    n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
-    if not (isinstance(n, int) and isinstance(r, int) and isinstance(p, int)):
-        raise ShareUnreadable("the share file's scrypt parameters are not numbers")
-    if not (MIN_SCRYPT_N <= n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 1 <= r <= 16 and 1 <= p <= 4):
-        raise ShareUnreadable("the share file's scrypt parameters are out of range")
+    problem = scrypt_params_problem(kdf, MIN_SCRYPT_N, MAX_SCRYPT_N)
+    if problem:
+        raise ShareUnreadable(f"the share file's scrypt parameters are {problem}")
     _unb64(kdf.get("salt"), 16, "salt")
     _unb64(cipher.get("nonce"), 12, "nonce")
     _unb64(doc.get("passphrase_check"), 32, "passphrase check")

@@ -5,14 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
-from mailkms.store import AuditHead, AuditRecord
+from mailkms.errors import ConfigError
+from mailkms.pki import Checkpoint, CheckpointInvalid, key_id_of, sign_checkpoint, verify_checkpoint
+from mailkms.store import AuditHead, AuditRecord, Database
 
 GENESIS = "0" * 64
 _SECRET_WORDS = ("token", "passphrase", "password", "private", "share", "secret")
@@ -86,6 +93,7 @@ class AuditLog:
 class AuditReport:
     records: int
     problems: tuple[str, ...]
+    checkpoints: int = 0  # signed checkpoints checked against the chain
 
     @property
     def ok(self) -> bool:
@@ -119,3 +127,103 @@ def verify_chain(session: Session) -> AuditReport:
             f"the chain ends at seq {expected_seq - 1} but the head says {head.seq} (records removed at the end)"
         )
     return AuditReport(count, tuple(problems))
+
+
+# --- signed checkpoints of the head, kept outside the database ----------------------------------------
+class AuditCheckpoints:
+    """Whoever can write the database can rewrite the chain and recompute every hash and the head.
+    So the head (sequence number, hash, time) is signed with a key the database does not hold and
+    appended, one JSON line each, to a file outside the store; `verify` then checks that the chain
+    still passes through every checkpointed hash at its sequence number."""
+
+    def __init__(
+        self,
+        db: Database,
+        path: Path,
+        public_key_path: Path,
+        clock: Clock,
+        signer: Callable[[], ec.EllipticCurvePrivateKey],
+    ) -> None:
+        self._db = db
+        self.path = path
+        self._public_key_path = public_key_path
+        self._clock = clock
+        self._signer = signer
+        self._lock = threading.Lock()
+        self._last: tuple[int, str] | None = None
+
+    def head(self) -> tuple[int, str]:
+        with self._db.transaction() as session:
+            row = session.get(AuditHead, 1)
+            return (row.seq, row.hash) if row is not None else (0, GENESIS)
+
+    def write(self, *, force: bool = False) -> Checkpoint | None:
+        """Sign and append the current head; nothing when it has not moved since this process's last
+        checkpoint (unless `force`)."""
+        with self._lock:
+            seq, digest = self.head()
+            if not force and self._last == (seq, digest):
+                return None
+            key = self._signer()
+            now = self._clock.now()
+            line = sign_checkpoint(key, seq, digest, now)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._last = (seq, digest)
+            return Checkpoint(seq, digest, now, key_id_of(key.public_key()))
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        try:
+            key = serialization.load_pem_public_key(self._public_key_path.read_bytes())
+        except (OSError, ValueError):
+            raise ConfigError(f"the audit checkpoint key {self._public_key_path} is missing or unreadable") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ConfigError(f"{self._public_key_path} is not an EC public key")
+        return key
+
+    def verify(self, session: Session, path: Path | None = None) -> tuple[int, list[str]]:
+        """(checkpoints checked, problems): each line's signature, and that the chain in the store
+        still has, at each checkpointed sequence number, the checkpointed hash."""
+        path = path or self.path
+        if not path.exists():
+            return 0, []
+        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        if not lines:
+            return 0, []
+        try:
+            public = self.public_key()
+        except ConfigError as exc:
+            return 0, [f"checkpoints cannot be checked: {exc.detail}"]
+        problems: list[str] = []
+        checked: list[tuple[int, Checkpoint]] = []
+        for number, line in lines:
+            try:
+                checked.append((number, verify_checkpoint(line, public)))
+            except CheckpointInvalid as exc:
+                problems.append(f"checkpoint line {number} of {path}: {exc}")
+        wanted = sorted({cp.seq for _, cp in checked if cp.seq > 0})
+        hashes: dict[int, str] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = session.execute(select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.seq.in_(chunk)))
+            hashes.update({int(seq): str(digest) for seq, digest in rows})
+        for number, cp in checked:
+            if cp.seq == 0:
+                continue
+            found = hashes.get(cp.seq)
+            when = cp.at.strftime("%Y-%m-%d %H:%M:%S")
+            if found is None:
+                problems.append(
+                    f"checkpoint line {number} ({when} UTC): the chain no longer has record {cp.seq} (records removed)"
+                )
+            elif found != cp.head:
+                problems.append(
+                    f"checkpoint line {number} ({when} UTC): record {cp.seq} no longer has the checkpointed hash "
+                    "(the chain was rewritten)"
+                )
+        return len(checked), problems

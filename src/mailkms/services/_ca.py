@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mailkms.clock import Clock
 from mailkms.errors import ConfigError, Conflict, Internal
@@ -100,6 +100,14 @@ class CAPaths:
         return self.data_dir / "crl" / "root.crl"
 
     @property
+    def audit_key(self) -> Path:
+        return self.data_dir / "audit" / "checkpoint.key.pem"  # signs the audit checkpoints
+
+    @property
+    def audit_public_key(self) -> Path:
+        return self.data_dir / "audit" / "checkpoint.pub.pem"
+
+    @property
     def recovery_dir(self) -> Path:
         return self.data_dir / "recovery"  # the bootstrap ceremony (services/_recovery.py)
 
@@ -126,8 +134,21 @@ def _load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def ca_passphrase(paths: CAPaths, from_env: str, create: bool) -> bytes:
-    """MAILKMS_CA_PASSPHRASE, else the 0600 passphrase file (created at init)."""
+PASSPHRASE_SOURCES = (
+    "--passphrase-fd N (or MAILKMS_CA_PASSPHRASE_FD), the systemd credential mailkms-ca-passphrase, "
+    "or MAILKMS_CA_PASSPHRASE"
+)
+
+
+def ca_passphrase(paths: CAPaths, from_env: str, create: bool, production: bool = False) -> bytes:
+    """The passphrase given (file descriptor, systemd credential or MAILKMS_CA_PASSPHRASE, already
+    resolved into `from_env` by config.load_settings), else the 0600 file DATA/ca/passphrase
+    (created at init) -- which production refuses: a copy of DATA/ would then be the whole CA."""
+    if production and paths.passphrase_file.exists():
+        raise ConfigError(
+            f"production: {paths.passphrase_file} keeps the CA passphrase beside the CA keys, so any copy of "
+            f"the data folder is the whole CA. Give the passphrase by {PASSPHRASE_SOURCES}, then delete the file"
+        )
     if from_env:
         return from_env.encode()
     if paths.passphrase_file.exists():
@@ -135,8 +156,10 @@ def ca_passphrase(paths: CAPaths, from_env: str, create: bool) -> bytes:
         if mode & 0o077:
             raise ConfigError(f"{paths.passphrase_file} must not be readable by others (chmod 600)")
         return bytes(paths.passphrase_file.read_bytes().strip())
+    if production:
+        raise ConfigError(f"production: no CA passphrase given; give it by {PASSPHRASE_SOURCES}")
     if not create:
-        raise ConfigError("no CA passphrase: set MAILKMS_CA_PASSPHRASE or keep DATA/ca/passphrase")
+        raise ConfigError(f"no CA passphrase: give it by {PASSPHRASE_SOURCES}, or keep DATA/ca/passphrase")
     value = secrets.token_urlsafe(32).encode()
     _write(paths.passphrase_file, value + b"\n", 0o600)
     return value
@@ -161,11 +184,12 @@ def init_ca(
     mail_from: str,
     clock: Clock,
     recovery_passphrase: str | None = None,
+    production: bool = False,
 ) -> InitResult:
     if paths.exists():
         raise Conflict(f"a CA already exists in {paths.ca_dir}")
     now = clock.now()
-    passphrase = ca_passphrase(paths, passphrase_env, create=True)
+    passphrase = ca_passphrase(paths, passphrase_env, create=True, production=production)
     root_key = generate_key(key_type)
     root = make_root(root_key, organization, country, now)
     issuing_key = generate_key(key_type)
@@ -183,8 +207,9 @@ def init_ca(
         recovery_passphrase = shown = secrets.token_urlsafe(24)
     share = init_bootstrap_ceremony(paths.recovery_dir, now, recovery_passphrase.encode())
 
-    ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls)
+    ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls, production=production)
     ctx.ensure_server_identities(hostnames, mail_from, clock)
+    ctx.audit_signer()  # made now, so the checkpoint key exists from the first day
     return InitResult(fingerprint_sha256(root), shown, str(share))
 
 
@@ -209,12 +234,13 @@ class CAContext:
         self.tls_cert: x509.Certificate | None = None
         self.ocsp_responder: SoftSigner | None = None
         self.root_crl: x509.CertificateRevocationList | None = None
+        self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
-    def load(cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs) -> CAContext:
+    def load(cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs, production: bool = False) -> CAContext:
         if not paths.exists():
             raise ConfigError(f"no CA in {paths.ca_dir}: run `mailkms init` first")
-        passphrase = ca_passphrase(paths, passphrase_env, create=False)
+        passphrase = ca_passphrase(paths, passphrase_env, create=False, production=production)
         try:
             issuing_key = load_private_key(paths.issuing_key.read_bytes(), passphrase)
         except ValueError:
@@ -254,10 +280,33 @@ class CAContext:
     def tls_key_password(self) -> str:
         return self._passphrase.decode()
 
-    def derive_key(self, label: str) -> bytes:
-        """A 32-byte key for `label`, derived from the CA passphrase and bound to the issuing CA (HKDF-SHA256)."""
-        salt = self.issuing.certificate.fingerprint(hashes.SHA256())
-        return HKDF(hashes.SHA256(), 32, salt, f"mailkms {label} v1".encode()).derive(self._passphrase)
+    @property
+    def at_rest_passphrase(self) -> bytes:
+        """What the server's own secrets at rest are sealed to, always behind a slow KDF (PBKDF2 600,000
+        for key files, scrypt for the key pool's wrapping key): never derive keys from it cheaply."""
+        return self._passphrase
+
+    def audit_signer(self) -> ec.EllipticCurvePrivateKey:
+        """The P-256 key that signs audit checkpoints: a file encrypted like the CA keys, so whoever
+        can write the database cannot sign. Made on first use (at init, or on a server from before)."""
+        if self._audit_key is not None:
+            return self._audit_key
+        path = self.paths.audit_key
+        if path.exists():
+            key = load_private_key(path.read_bytes(), self._passphrase)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ConfigError(f"{path} is not an EC key")
+        else:
+            made = generate_key(KeyType.P256)
+            assert isinstance(made, ec.EllipticCurvePrivateKey)
+            key = made
+            _write(path, encrypt_private_key(key, self._passphrase), 0o600)
+            public = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            _write(self.paths.audit_public_key, public)
+        self._audit_key = key
+        return key
 
     def _root_signer(self) -> SoftSigner:
         # The root key is opened only to renew the server's TLS certificate, never per request.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
@@ -13,13 +14,13 @@ from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
-from mailkms.services._audit import AuditLog, AuditReport, verify_chain
+from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer, serial_hex
-from mailkms.services._keypool import KeyPool
+from mailkms.services._keypool import KeyPool, PoolKeyring
 from mailkms.services._ocsp import OCSPResponder
 from mailkms.services._outbox import OutboxQueue
 from mailkms.services._recovery import Recovery
@@ -58,19 +59,24 @@ class Services:
     revocation: Revocation
     ocsp: OCSPResponder
     outbox: OutboxQueue
+    checkpoints: AuditCheckpoints
+    pool_keyring: PoolKeyring
     key_pool: KeyPool | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
         db = db or open_database(settings)
         ca = CAContext.load(
-            CAPaths(settings.data_dir), passphrase_env=settings.ca_passphrase, urls=public_urls(settings)
+            CAPaths(settings.data_dir),
+            passphrase_env=settings.ca_passphrase,
+            urls=public_urls(settings),
+            production=settings.ca.production,
         )
         audit = AuditLog(clock, observers=[metrics.observe_audit])
+        keyring = PoolKeyring(db, ca.at_rest_passphrase, clock)
         pool = None
         if settings.pool.size > 0:
-            wrapping = ca.derive_key("key pool")
-            pool = KeyPool(db, wrapping, clock, settings.policy.encryption_key_type, settings.pool.size)
+            pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
@@ -93,6 +99,10 @@ class Services:
             revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
             ocsp=ocsp,
             outbox=OutboxQueue(db, clock, audit),
+            checkpoints=AuditCheckpoints(
+                db, settings.checkpoints_path, ca.paths.audit_public_key, clock, ca.audit_signer
+            ),
+            pool_keyring=keyring,
         )
 
     def ensure_server_identities(self) -> list[str]:
@@ -137,6 +147,13 @@ class Services:
                     )
                 )
 
-    def verify_audit(self) -> AuditReport:
+    def verify_audit(self, checkpoints_file: Path | None = None) -> AuditReport:
+        """The hash chain, then every signed checkpoint against it (`checkpoints_file` or the configured one)."""
         with self.db.transaction() as session:
-            return verify_chain(session)
+            chain = verify_chain(session)
+            count, problems = self.checkpoints.verify(session, checkpoints_file)
+        return AuditReport(chain.records, chain.problems + tuple(problems), count)
+
+    def write_audit_checkpoint(self, *, force: bool = False) -> bool:
+        """Sign and append the chain's head to the checkpoints file (if it moved); True when written."""
+        return self.checkpoints.write(force=force) is not None

@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ from mailkms.store import (
 )
 
 BOOTSTRAP_FILE = "bootstrap-ceremony.json"
+BOOTSTRAP_PASSPHRASE_FILE = "bootstrap-passphrase"  # only outside production, when init has no terminal
 BOOTSTRAP_OFFICER = "bootstrap"
 CEREMONY_SUBJECT = "recovery"  # audit subject of ceremony-wide actions
 REWRAP_BATCH = 200
@@ -251,6 +253,19 @@ def _write_new(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_secret_once(path: Path, data: bytes) -> Path:
+    """A new file, mode 0600; a Conflict if it exists (never overwritten)."""
+    try:
+        _write_new(path, data)
+    except FileExistsError:
+        raise Conflict(f"{path} already exists; it is never overwritten") from None
+    return path
+
+
+def new_bootstrap_passphrase() -> str:
+    return secrets.token_urlsafe(24)  # 192 bits
 
 
 def init_bootstrap_ceremony(

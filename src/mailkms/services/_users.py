@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import Conflict, Malformed, UserExists, UserNotFound
+from mailkms.errors import Conflict, Malformed, ReservedMailbox, UserExists, UserNotFound
 from mailkms.pki import reminder_point
 from mailkms.services._audit import AuditLog
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
@@ -126,6 +126,11 @@ class UserAdmin:
     def add(self, email: str, display_name: str, group: str | None, actor: str) -> str:
         """Register a user and return their one-time enrolment token (shown once)."""
         mailbox = normalise_mailbox(email)
+        if mailbox == self._settings.server.effective_mail_from.strip().lower():
+            # Its certificate would let the holder sign mail that clients accept as deliveries.
+            raise ReservedMailbox(
+                f"{mailbox} is the server's own mail identity (server.mail_from) and cannot be registered as a user"
+            )
         if group is not None and group not in self._settings.policy.groups:
             raise Malformed(f"unknown group {group!r}; groups are configured under [policy.groups]")
         now = self._clock.now()

@@ -15,7 +15,7 @@ from mailkms.store._models import (
     Token,
     User,
 )
-from mailkms.store._models_scale import JobClaim, PooledKey, Reminder
+from mailkms.store._models_scale import JobClaim, PooledKey, PoolWrapping, Reminder
 from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "KeyHandover",
     "Nonce",
     "OutboxMessage",
+    "PoolWrapping",
     "PooledKey",
     "PublishedCRL",
     "RecoveryCeremony",

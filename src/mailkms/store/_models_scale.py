@@ -39,8 +39,20 @@ class JobClaim(Base):
     __table_args__ = (UniqueConstraint("job", "period", name="uq_job_period"),)
 
 
+class PoolWrapping(Base):
+    """The key pool's wrapping key: 32 random bytes, stored only inside a scrypt envelope of the CA
+    passphrase (pki.seal_secret). One row; `key_id` is random, so nothing here checks a passphrase
+    guess faster than a full scrypt."""
+
+    __tablename__ = "key_pool_wrapping"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    key_id: Mapped[str] = mapped_column(String(16))
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 class PooledKey(Base):
-    """A pre-generated encryption key, AES-256-GCM encrypted under a key derived from the CA passphrase.
+    """A pre-generated encryption key, AES-256-GCM encrypted under the random pool wrapping key.
 
     Taken (deleted) in the same transaction as the issuance that uses it, so never used twice.
     """

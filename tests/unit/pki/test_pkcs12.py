@@ -76,3 +76,79 @@ def test_wrong_password_or_altered_file_is_refused(history: list[Identity]) -> N
         read_pkcs12(b"not a pkcs12 file", "right")
     with pytest.raises(BadMessage):
         build_pkcs12([KeyEntry(history[0].signing_key, history[0].signing, "s")], [], "")
+
+
+# --- a file names its own iteration counts: capped before any is run ----------------------------------------
+def _small_file(history: list[Identity]) -> bytes:
+    entry = KeyEntry(history[0].signing_key, history[0].signing, "s")
+    return build_pkcs12([entry], [], "right", iterations=1000, mac_iterations=1000)
+
+
+def test_a_mac_iteration_count_over_the_cap_is_refused_before_it_runs(history: list[Identity]) -> None:
+    import time
+
+    from mailkms.pki._pkcs12 import MAX_READ_ITERATIONS
+
+    pfx = asn1_pkcs12.Pfx.load(_small_file(history))
+    mac = pfx["mac_data"]
+    crafted = asn1_pkcs12.Pfx(
+        {
+            "version": "v3",
+            "auth_safe": pfx["auth_safe"],
+            "mac_data": {"mac": mac["mac"], "mac_salt": mac["mac_salt"], "iterations": MAX_READ_ITERATIONS + 1},
+        }
+    ).dump()
+    started = time.monotonic()
+    with pytest.raises(BadMessage, match="at most 10,000,000"):
+        read_pkcs12(crafted, "right")
+    assert time.monotonic() - started < 2  # 10 million rounds of the PKCS#12 KDF would take seconds
+    # at the cap itself it is only a wrong MAC (the count is accepted): shown on a cheap count
+    ok = asn1_pkcs12.Pfx(
+        {"version": "v3", "auth_safe": pfx["auth_safe"], "mac_data": {**mac.native, "iterations": 999}}
+    ).dump()
+    with pytest.raises(WrongPassphrase):
+        read_pkcs12(ok, "right")
+
+
+def test_a_pbes2_iteration_count_over_the_cap_is_refused(history: list[Identity]) -> None:
+    from asn1crypto import algos as asn1_algos
+    from asn1crypto import cms as asn1_cms
+
+    pfx = asn1_pkcs12.Pfx.load(_small_file(history))
+    infos = list(asn1_pkcs12.AuthenticatedSafe.load(pfx["auth_safe"]["content"].native))
+    algorithm = asn1_algos.EncryptionAlgorithm(
+        {
+            "algorithm": "pbes2",
+            "parameters": {
+                "key_derivation_func": {
+                    "algorithm": "pbkdf2",
+                    "parameters": {
+                        "salt": asn1_algos.Pbkdf2Salt(name="specified", value=b"\0" * 16),
+                        "iteration_count": 50_000_000,
+                        "key_length": 32,
+                        "prf": {"algorithm": "sha256", "parameters": None},
+                    },
+                },
+                "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": b"\0" * 16},
+            },
+        }
+    )
+    certs = asn1_cms.ContentInfo(
+        {
+            "content_type": "encrypted_data",
+            "content": asn1_cms.EncryptedData(
+                {
+                    "version": "v0",
+                    "encrypted_content_info": {
+                        "content_type": "data",
+                        "content_encryption_algorithm": algorithm,
+                        "encrypted_content": b"\0" * 32,
+                    },
+                }
+            ),
+        }
+    )
+    auth_safe = asn1_pkcs12.AuthenticatedSafe([certs, *infos[1:]]).dump()
+    crafted = asn1_pkcs12.Pfx({"version": "v3", "auth_safe": {"content_type": "data", "content": auth_safe}}).dump()
+    with pytest.raises(BadMessage, match="50,000,000 key-derivation iterations"):
+        read_pkcs12(crafted, "right")
