@@ -65,7 +65,8 @@ class RecordingHandler:
         self.delay = delay
         self.lock = threading.Lock()
         self.deliveries: list[Delivery] = []
-        self.in_data = 0  # DATA received in full, answer not yet given
+        self.in_data = 0  # DATA received in full and queued
+        self.answered = 0  # DATA answered 250 (after `delay`)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """As a real MTA does: the message is queued (here: filed and recorded) once the whole DATA
@@ -84,6 +85,8 @@ class RecordingHandler:
             self.in_data += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        with self.lock:
+            self.answered += 1
         return "250 Message accepted for delivery"
 
 
