@@ -92,7 +92,7 @@ class ServerConfig(_Frozen):
     mail_from: str = ""  # default mailkms@<host of public_url>
     extra_tls_names: tuple[str, ...] = ()
     log_format: Literal["json", "text"] = "json"  # `mailkms serve` logs: one JSON object a line, or text
-    metrics_on_http: bool = False  # also answer /metrics on the plain-http port (it is always on https)
+    metrics_on_http: bool = False  # also answer /metrics on the plain-http port (unless [metrics] listen is set)
 
     @field_validator("public_url")
     @classmethod
@@ -262,7 +262,16 @@ class RevocationConfig(_Frozen):
     root_crl_validity_days: int = Field(default=90, ge=2, le=365, description="the root's CRL (ARL)")
     ocsp_validity_hours: int = Field(default=168, ge=8, le=239, description="nextUpdate - thisUpdate of OCSP answers")
     ocsp_refresh_hours: float = Field(default=24.0, gt=0, le=96, description="re-sign a cached answer this often")
-    ocsp_cache_size: int = Field(default=200_000, ge=100, description="cached OCSP answers per process")
+    ocsp_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="signed OCSP answers kept in memory per process, bytes (LRU)",
+    )
+    ocsp_cache_size: int = Field(default=200_000, ge=100, description="and at most this many answers")
+    ocsp_sign_threads: int = Field(default=2, ge=1, le=32, description="threads that look up and sign OCSP answers")
+    ocsp_sign_queue: int = Field(
+        default=64, ge=0, description="requests waiting for a signing thread; beyond that OCSP answers tryLater"
+    )
     poll_seconds: float = Field(default=2.0, gt=0, description="how often a node looks for new revocations")
 
     @model_validator(mode="after")
@@ -272,6 +281,45 @@ class RevocationConfig(_Frozen):
         if self.ocsp_refresh_hours > self.ocsp_validity_hours - 8:
             raise ValueError("ocsp_refresh_hours must end at least 8 hours before an answer expires (BR 4.9.10)")
         return self
+
+
+class MetricsConfig(_Frozen):
+    """Who may read /metrics: by default anyone who reaches the HTTPS port (README, Metrics)."""
+
+    listen: str = Field(
+        default="", description='"host:port": serve /metrics only there (plain http), not on the API ports'
+    )
+    token: str = Field(default="", repr=False, description="require Authorization: Bearer <token>")
+    token_file: str = Field(default="", description="read the token from the first line of this file")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError('listen must be "host:port", e.g. "127.0.0.1:9464"')
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def bearer_token(self) -> str:
+        """The configured token ("" = none); token_file wins over token."""
+        if self.token_file:
+            try:
+                lines = Path(self.token_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"{self.token_file}: cannot be read: {exc.strerror}") from None
+            token = lines[0].strip() if lines else ""
+            if not token:
+                raise ConfigError(f"{self.token_file}: the metrics token file is empty")
+            return token
+        return self.token
 
 
 class AuditConfig(_Frozen):
@@ -298,6 +346,7 @@ class Settings(BaseSettings):
     pool: PoolConfig = PoolConfig()
     revocation: RevocationConfig = RevocationConfig()
     audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -483,4 +532,12 @@ crl_validity_days = 7               # nextUpdate of the CRL (BR limit 10)
 crl_refresh_hours = 24              # a fresh CRL at least this often, and at every revocation
 ocsp_validity_hours = 168           # OCSP answers valid 7 days (BR: 8 hours to 10 days)
 ocsp_refresh_hours = 24             # cached OCSP answers are re-signed after this
+ocsp_cache_bytes = 67108864         # signed answers kept in memory (64 MiB, LRU); never-issued serials take none
+ocsp_sign_threads = 2               # OCSP look-ups and signatures run on their own threads ...
+ocsp_sign_queue = 64                # ... with this many waiting at most; more get tryLater at once
+
+[metrics]
+listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports
+token = ""                          # require "Authorization: Bearer <token>" (better MAILKMS_METRICS__TOKEN or token_file)
+# token_file = "/etc/mailkms/metrics-token"
 """

@@ -171,6 +171,11 @@ class StaleNonce(BadNonce):
     title = "The nonce has expired; fetch a fresh one"
 
 
+class MetricsTokenInvalid(Unauthorized):
+    code = "metrics-token"
+    title = "/metrics wants the configured bearer token"
+
+
 # --- lifecycle ---------------------------------------------------------------------
 class ReenrolmentRequired(PolicyRefused):
     code = "reenrolment-required"

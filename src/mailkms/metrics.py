@@ -34,12 +34,17 @@ REQUEST_SECONDS = Histogram("mailkms_http_request_seconds", "HTTP request durati
 # Hooks for the CRL/OCSP area (set/inc them from there).
 CRL_AGE = Gauge("mailkms_crl_age_seconds", "Seconds since the current CRL's thisUpdate", ["crl"])
 OCSP_REQUESTS = Counter("mailkms_ocsp_requests_total", "OCSP requests answered, by status", ["status"])
+OCSP_CACHE_BYTES = Gauge("mailkms_ocsp_cache_bytes", "Bytes held by the cache of signed OCSP answers (accounted)")
+OCSP_CACHE_ENTRIES = Gauge("mailkms_ocsp_cache_entries", "Signed OCSP answers in the cache")
+OCSP_PENDING = Gauge("mailkms_ocsp_pending", "OCSP requests running or waiting on the OCSP signing threads")
 
 # Series that exist from the start, so dashboards and rate() see zeros rather than gaps.
 for _kind in ("signing", "encryption"):
     CERTIFICATES_ISSUED.labels(kind=_kind)
 for _kind in ("due", "final"):
     REMINDERS.labels(kind=_kind)
+for _status in ("good", "revoked", "unused", "unauthorized", "malformed", "tryLater"):
+    OCSP_REQUESTS.labels(status=_status)
 
 
 def observe_audit(action: str, details: Mapping[str, object]) -> None:

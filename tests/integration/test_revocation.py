@@ -28,6 +28,7 @@ from mailkms.errors import (
 )
 from mailkms.pki import sign_request
 from mailkms.services import UserState
+from mailkms.services._issuance import serial_hex
 from mailkms.store import AuditRecord, Certificate, User
 from tests.conftest import make_csr, transport_pem
 from tests.judges import pem, pkilint
@@ -188,17 +189,9 @@ def test_ocsp_responses_are_well_formed_for_every_status(services, clock, tmp_pa
     services.revocation.revoke_users([erin.mailbox], None, "admin:test")
     issuer = services.ca.issuing.certificate
     responder = services.ca.require_ocsp_responder().certificate
-    asked = ocsp.load_der_ocsp_request(_ocsp_request(dave.signing, issuer, hashes.SHA256()))
-    req_unknown = (
-        ocsp.OCSPRequestBuilder()
-        .add_certificate_by_hash(asked.issuer_name_hash, asked.issuer_key_hash, 12345, hashes.SHA256())
-        .build()
-        .public_bytes(serialization.Encoding.DER)
-    )
     cases = {
         "good": _ocsp_request(dave.signing, issuer),
         "revoked": _ocsp_request(erin.signing, issuer),
-        "unknown": req_unknown,
         "good-sha256": _ocsp_request(dave.signing, issuer, hashes.SHA256()),
     }
     (tmp_path / "root.pem").write_bytes(pem(services.ca.root))
@@ -222,6 +215,101 @@ def test_ocsp_responses_are_well_formed_for_every_status(services, clock, tmp_pa
         cmd += ["-CAfile", str(tmp_path / "root.pem"), "-no_nonce", "-attime", str(int(clock.now().timestamp()))]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert "Response verify OK" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def _request_for_serial(services, serial: int, algorithm=None) -> bytes:  # type: ignore[no-untyped-def]
+    """A request naming our issuing CA and a serial of our choosing."""
+    responder = services.ca.require_ocsp_responder().certificate  # any certificate the issuing CA issued
+    asked = ocsp.load_der_ocsp_request(_ocsp_request(responder, services.ca.issuing.certificate, algorithm))
+    builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        asked.issuer_name_hash, asked.issuer_key_hash, serial, algorithm or hashes.SHA1()
+    )
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def _with_revocation(settings, **changes):  # type: ignore[no-untyped-def]
+    return settings.model_copy(update={"revocation": settings.revocation.model_copy(update=changes)})
+
+
+def test_never_issued_serials_get_unauthorized_unsigned_and_take_no_cache(services) -> None:  # type: ignore[no-untyped-def]
+    """S/MIME BR 4.9.10: never "good" for an unused serial; RFC 6960 §2.3 / RFC 5019 §2.2.3: unauthorized."""
+    import secrets
+
+    olga = Enrolled(services, "olga@example.org")
+    services.ocsp.answer(_ocsp_request(olga.signing, services.ca.issuing.certificate))
+    entries, size = services.ocsp.cached(), services.ocsp.cached_bytes()
+    assert entries == 1 and size > 1000
+    for _ in range(300):
+        for algorithm in (hashes.SHA1(), hashes.SHA256()):
+            answer = services.ocsp.answer(_request_for_serial(services, secrets.randbits(159), algorithm))
+            assert answer.status == "unused" and answer.max_age == 0
+            assert ocsp.load_der_ocsp_response(answer.der).response_status is ocsp.OCSPResponseStatus.UNAUTHORIZED
+    assert (services.ocsp.cached(), services.ocsp.cached_bytes()) == (entries, size)
+    # Issued after the question was asked: answered at once (nothing negative was cached).
+    serial = secrets.randbits(159)
+    assert services.ocsp.answer(_request_for_serial(services, serial)).status == "unused"
+    with services.db.transaction() as session:
+        row = session.execute(select(Certificate).where(Certificate.serial == serial_hex(olga.signing.serial_number)))
+        cert = row.scalar_one()
+        cert.serial = serial_hex(serial)  # stand-in for a certificate issued meanwhile (any node)
+    assert services.ocsp.answer(_request_for_serial(services, serial)).status == "good"
+
+
+def test_the_ocsp_cache_is_bounded_in_bytes_lru(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    from mailkms.services import OCSPResponder
+
+    people = [Enrolled(services, f"lru{i}@example.org") for i in range(4)]
+    requests = [_ocsp_request(p.signing, services.ca.issuing.certificate) for p in people]
+    one = services.ocsp.answer(requests[0])
+    per_entry = len(one.der) + 288
+    small = OCSPResponder(
+        services.db, services.ca, _with_revocation(settings, ocsp_cache_bytes=3 * per_entry + 10), clock
+    )
+    for request in requests:
+        small.answer(request)
+    assert small.cached() == 3 and small.cached_bytes() <= 3 * per_entry + 10
+    assert small.answer_cached(requests[0]) is None  # the least recently used went first
+    assert small.answer_cached(requests[3]) is not None
+    small.answer_cached(requests[1])  # used: now the newest
+    small.answer(requests[0])  # evicts requests[2], the least recently used
+    assert small.answer_cached(requests[1]) is not None and small.answer_cached(requests[2]) is None
+    small.forget([format(people[1].signing.serial_number, "X")])
+    assert small.cached() == 2 and small.cached_bytes() == 2 * per_entry
+
+
+def test_ocsp_threads_answer_try_later_when_busy(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    from mailkms.services import OCSPResponder
+
+    pat = Enrolled(services, "pat@example.org")
+    request = _ocsp_request(pat.signing, services.ca.issuing.certificate)
+    busy = OCSPResponder(
+        services.db, services.ca, _with_revocation(settings, ocsp_sign_threads=1, ocsp_sign_queue=1), clock
+    )
+    entered, release = threading.Event(), threading.Event()
+    state_of = busy._state_of
+
+    def slow(query):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(30)
+        return state_of(query)
+
+    busy._state_of = slow  # type: ignore[method-assign]
+    try:
+        running = busy.submit(request)
+        assert running is not None and entered.wait(30)
+        waiting = busy.submit(request)
+        assert waiting is not None  # the one queue place
+        assert busy.submit(request) is None  # full: the caller answers tryLater, nothing signed
+        client = TestClient(create_http_app(services))
+        services.ocsp._slots = busy._slots  # the endpoint's responder shares the full gate
+        tried = client.post("/ocsp", content=request, headers={"Content-Type": "application/ocsp-request"})
+        assert ocsp.load_der_ocsp_response(tried.content).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+        assert tried.headers["cache-control"] == "no-store"
+    finally:
+        release.set()
+    assert running.result(30).status == "good" and waiting.result(30).status == "good"
+    assert busy.submit(request) is not None  # places free again
+    busy.close()
 
 
 def test_ocsp_refuses_malformed_and_other_cas(services, smime_pki) -> None:  # type: ignore[no-untyped-def]

@@ -1,5 +1,6 @@
 """HTTP surfaces: the HTTPS API with OpenAPI, and the plain-http publication app."""
 
 from mailkms.api._app import create_app, create_http_app
+from mailkms.api._observability import create_metrics_app
 
-__all__ = ["create_app", "create_http_app"]
+__all__ = ["create_app", "create_http_app", "create_metrics_app"]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailkms import logs, metrics
+from mailkms.api._problems import problem_response
+from mailkms.errors import MetricsTokenInvalid
 from mailkms.services import Services
 
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -88,13 +91,24 @@ class StoreCollector(Collector):
         )
 
 
+def _bearer_matches(request: Request, expected: bytes) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+
+
 def metrics_router(services: Services, extra: Callable[[], bytes] | None = None) -> APIRouter:
     router = APIRouter(tags=["operations"])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(services))
+    token = services.settings.metrics.bearer_token().encode()
 
     @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
-    def prometheus() -> Response:
+    def prometheus(request: Request) -> Response:
+        if token and not _bearer_matches(request, token):
+            refused = problem_response(MetricsTokenInvalid())
+            refused.headers["WWW-Authenticate"] = 'Bearer realm="mailkms-metrics"'
+            return refused
         body = generate_latest(REGISTRY) + generate_latest(registry) + (extra() if extra else b"")
         return Response(body, media_type=PROMETHEUS_TEXT, headers={"Cache-Control": "no-store"})
 
@@ -102,7 +116,18 @@ def metrics_router(services: Services, extra: Callable[[], bytes] | None = None)
 
 
 def install(app: Any, services: Services, http: bool = False) -> None:
-    """Request ids on every app; /metrics on the HTTPS app (and on plain http when configured)."""
+    """Request ids on every app; /metrics on the HTTPS app (and on plain http when configured),
+    unless `[metrics] listen` gives it a listener of its own (`create_metrics_app`)."""
     app.add_middleware(RequestIdMiddleware)
+    if services.settings.metrics.listen_address is not None:
+        return
     if not http or services.settings.server.metrics_on_http:
         app.include_router(metrics_router(services))
+
+
+def create_metrics_app(services: Services) -> FastAPI:
+    """Only /metrics, for the separate `[metrics] listen` address (plain http)."""
+    app = FastAPI(title="mailkms metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(metrics_router(services))
+    app.add_middleware(RequestIdMiddleware)
+    return app

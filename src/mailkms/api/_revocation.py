@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailkms import metrics
 from mailkms.errors import Internal
-from mailkms.pki import MALFORMED_RESPONSE, crl_number
+from mailkms.pki import MALFORMED_RESPONSE, TRY_LATER_RESPONSE, crl_number
 from mailkms.services import CRLView, OCSPAnswer, Services
 
 PKIX_CRL = "application/pkix-crl"
@@ -105,7 +105,8 @@ class OCSPEndpoint:
 
     A cached answer costs a dictionary lookup; the framework's routing, validation and
     request-id middleware would cost several times that, so OCSP does not go through them.
-    Everything else passes on to `app`.
+    A miss goes to the responder's own bounded threads (store look-up, signature); when they are
+    busy and their queue is full the answer is `tryLater` at once. Everything else passes on to `app`.
     """
 
     def __init__(self, app: ASGIApp, services: Services) -> None:
@@ -133,7 +134,8 @@ class OCSPEndpoint:
             answer = self._ocsp.answer_cached(der)
         if answer is None:
             assert der is not None
-            answer = await asyncio.to_thread(self._ocsp.answer, der)  # a store lookup and a signature
+            future = self._ocsp.submit(der)  # a store look-up and perhaps a signature, on the OCSP threads
+            answer = OCSPAnswer(TRY_LATER_RESPONSE, "tryLater") if future is None else await asyncio.wrap_future(future)
         metrics.OCSP_REQUESTS.labels(status=answer.status).inc()
         cache = (
             f"public, max-age={answer.max_age}, no-transform, must-revalidate" if answer.max_age else "no-store"

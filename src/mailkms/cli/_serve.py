@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from mailkms.api import create_app, create_http_app
+from mailkms.api import create_app, create_http_app, create_metrics_app
 from mailkms.cli import _background
 from mailkms.mail import FAILURE_KINDS, MailSink, OutboxWorker, sender_for
 from mailkms.services import Services
@@ -117,6 +117,20 @@ async def serve(
                 )
             )
         )
+    metrics_at = settings.metrics.listen_address
+    if metrics_at is not None:  # /metrics only there (README, Metrics)
+        servers.append(
+            _Server(
+                uvicorn.Config(
+                    create_metrics_app(services),
+                    host=metrics_at[0],
+                    port=metrics_at[1],
+                    log_level="warning",
+                    log_config=None,
+                    timeout_keep_alive=5,
+                )
+            )
+        )
     loop = asyncio.get_running_loop()
 
     def _stop() -> None:
@@ -141,7 +155,11 @@ async def serve(
         *_background.start(services, stop),
     ]
     log.info(
-        "mailkms serving https://%s:%d%s", bind, https_port, f" and http://{bind}:{http_port}" if http_port else ""
+        "mailkms serving https://%s:%d%s%s",
+        bind,
+        https_port,
+        f" and http://{bind}:{http_port}" if http_port else "",
+        f", /metrics on http://{settings.metrics.listen}" if metrics_at else "",
     )
     try:
         await asyncio.gather(*(s.serve() for s in servers))
@@ -152,6 +170,7 @@ async def serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         if sink is not None:
             sink.stop()
+        services.ocsp.close()
         try:  # the head at every stop, signed, outside the store
             services.write_audit_checkpoint()
         except Exception:

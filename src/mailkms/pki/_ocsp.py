@@ -120,6 +120,7 @@ def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
 MALFORMED_RESPONSE = unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
 UNAUTHORIZED_RESPONSE = unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 INTERNAL_ERROR_RESPONSE = unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+TRY_LATER_RESPONSE = unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)  # RFC 6960 §2.3: busy, nothing signed
 
 _CRYPTO_STATUS = {
     CertStatus.GOOD: ocsp.OCSPCertStatus.GOOD,
