@@ -321,6 +321,14 @@ class FingerprintMismatch(MailkmsError):
     exit_code = 11
 
 
+class ServerNotPinned(FingerprintMismatch):
+    """After enrolment: the server's TLS certificate does not chain to the pinned root (or is not
+    for its host name). Not "unreachable": something answers, and it is not the user's server."""
+
+    code = "server-not-pinned"
+    title = "The server's TLS certificate is not from the pinned CA"
+
+
 # --- the user's mailbox (Maildir or IMAP), where deliveries arrive ------------------------------
 class MailboxError(MailkmsError):
     """The mailbox could not be read. Each cause has its own exit code, for scripts."""

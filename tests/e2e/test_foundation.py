@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import json
 import shutil
 import sqlite3
 import ssl
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.conftest import (
     CLIENT_PASSPHRASE,
@@ -165,7 +167,7 @@ def test_forged_delivery_is_refused_and_left_in_place(deployment: Deployment, tm
     shutil.copy(forged, target)
     before = client.run("status", "--json").out
     res = client.run("sync")
-    assert res.code != 0
+    assert res.code == 7, res.out + res.err  # refused, nothing installed (README: User)
     assert "Refused" in res.err and "pinned" in res.err
     assert target.exists(), "refused mail must stay in the mailbox"
     assert client.run("status", "--json").out == before, "nothing may be half-installed"
@@ -188,7 +190,7 @@ def test_unsigned_and_tampered_delivery_refused(deployment: Deployment, tmp_path
     unsigned = b"From: mailkms@kms.example.org\r\nTo: alice@example.org\r\nX-Mailkms-Delivery: enrolment\r\nSubject: x\r\n\r\nhello\r\n"
     (deployment.maildir(MAILBOX) / "new" / "unsigned.eml").write_bytes(unsigned)
     res = client.run("sync")
-    assert res.code != 0
+    assert res.code == 7, res.out + res.err  # refused, nothing installed (README: User)
     assert res.err.count("Refused") == 2, res.err
     assert "not S/MIME signed" in res.err
 
@@ -244,7 +246,7 @@ def test_edited_audit_row_is_detected(deployment: Deployment, tmp_path: Path) ->
     db.execute("update audit_log set actor = 'mallory' where seq = 3")
     db.commit()
     res = deployment.admin("audit", "verify", check=False)
-    assert res.code != 0
+    assert res.code == 9, res.out + res.err  # README: exit 9 when the chain was edited
     assert "seq 3" in res.out and "edited" in res.out
 
 
@@ -265,3 +267,23 @@ def test_server_restarted_two_years_later_renews_its_own_identities(deployment: 
     deployment.wait_for_mails("dave@example.org", 1)
     res = dave.run("sync", offset_days=two_years)
     assert res.code == 0 and "Installed" in res.out, res.out + res.err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "error"),
+    [
+        (("user", "add", MAILBOX, "--json"), 5, "user-exists"),
+        (("user", "show", "nobody@example.org", "--json"), 4, "user-not-found"),
+        (("user", "reenroll", "nobody@example.org", "--json"), 4, "user-not-found"),
+        (("user", "add", "mailkms@kms.example.org", "--json"), 6, "reserved-mailbox"),
+    ],
+)
+def test_admin_json_refusal_shape(deployment: Deployment, args: tuple[str, ...], code: int, error: str) -> None:
+    """README (Administrator): exit codes by kind, and `--json` prints {"error", "type", "detail"} only."""
+    deployment.add_user(MAILBOX)
+    res = deployment.admin(*args, check=False)
+    assert res.code == code, res.out + res.err
+    refusal = json.loads(res.out)
+    assert isinstance(refusal, dict) and sorted(refusal) == ["detail", "error", "type"]
+    assert refusal["error"] == error and refusal["type"] == f"urn:mailkms:problem:{error}"
+    assert isinstance(refusal["detail"], str) and refusal["detail"] and "Traceback" not in res.err

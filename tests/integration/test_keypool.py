@@ -14,11 +14,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select, text
 
-from mailkms import metrics
 from mailkms.pki import (
     KeyType,
     SealedSecretError,
-    load_private_key_der,
     open_secret,
     private_key_der,
     sealed_secret_kdf,
@@ -104,14 +102,18 @@ def test_a_rolled_back_issuance_returns_the_key(services, clock) -> None:  # typ
 
 def test_store_never_fills_beyond_size(services, clock) -> None:  # type: ignore[no-untyped-def]
     pool = KeyPool(services.db, services.pool_keyring, clock, KeyType.RSA2048, size=3)
-    from mailkms.services import generate_ders
-
+    generated = _sample("mailkms_keypool_generated_total")
     ders = generate_ders(KeyType.RSA2048, 2)
+    assert ders[0] != ders[1]
     assert pool.store(ders) == 2
     assert pool.store(ders[:1] * 2) == 1  # only room for one more (another node filled meanwhile)
     assert pool.size() == 3
-    assert load_private_key_der(ders[0])
-    assert metrics.POOL_GENERATED is not None
+    assert _sample("mailkms_keypool_generated_total") - generated == 3  # what was added, not offered (4)
+    with services.db.transaction() as session:
+        taken = [pool.take(session, KeyType.RSA2048) for _ in range(4)]
+    assert taken[3] is None
+    # what comes out is what went in, unwrapped: both keys, and the first once more
+    assert sorted(private_key_der(k) for k in taken[:3] if k is not None) == sorted([ders[0], ders[0], ders[1]])
 
 
 def _old_scheme_key(services) -> bytes:  # type: ignore[no-untyped-def]

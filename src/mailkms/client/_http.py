@@ -10,7 +10,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailkms.errors import FingerprintMismatch, Malformed, ServerRefused, ServerUnreachable
+from mailkms.errors import FingerprintMismatch, Malformed, ServerNotPinned, ServerRefused, ServerUnreachable
 from mailkms.pki import fingerprint_sha256, normalise_fingerprint
 
 
@@ -45,6 +45,19 @@ def pinned_context(root: x509.Certificate) -> ssl.SSLContext:
     return ctx
 
 
+def _verify_failure(exc: BaseException) -> str | None:
+    """OpenSSL's reason when the TLS handshake failed on the certificate (another CA, another
+    host name), found in the chain of exceptions httpx raises from; None for any other failure."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # a chain of causes can loop; httpx's is a few links long
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class Api:
     def __init__(self, server: str, root: x509.Certificate) -> None:
         self.server = server.rstrip("/")
@@ -55,6 +68,12 @@ class Api:
             with _client(self.server, self._ctx) as http:
                 resp = http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            untrusted = _verify_failure(exc)
+            if untrusted is not None:
+                raise ServerNotPinned(
+                    f"the server at {self.server} is not the one you enrolled with: its TLS certificate"
+                    f" does not come from your pinned CA ({untrusted}); nothing was sent"
+                ) from None
             raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from None
         if resp.status_code >= 400:
             try:

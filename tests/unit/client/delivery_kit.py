@@ -93,15 +93,29 @@ class Kit:
         """The waiting state as saved by `enroll` (a copy: _install changes what it is given)."""
         return copy.deepcopy(self.client.store.load())
 
-    def deliver(self, manifest: Manifest | None = None, certificates: list[x509.Certificate] | None = None) -> bytes:
+    def deliver(
+        self,
+        manifest: Manifest | None = None,
+        certificates: list[x509.Certificate] | None = None,
+        *,
+        keys: list[tuple[str, PrivateKey]] | None = None,
+        signer: Pair | None = None,
+        signer_chain: list[x509.Certificate] | None = None,
+    ) -> bytes:
+        """The real reply; each part can be swapped: `keys` are (serial, key) enveloped to the
+        transport key, `signer` signs the mail (with `signer_chain`, the test CA's by default)."""
+        signer_cert, signer_key = signer or self.signer
         return build_delivery(
             manifest or self.manifest,
             certificates or [self.signing, self.encryption, self.ca.issuing, self.ca.root],
-            [(hexserial(self.encryption), private_key_der(self.encryption_key), self.transport[0])],
+            [
+                (serial, private_key_der(key), self.transport[0])
+                for serial, key in (keys or [(hexserial(self.encryption), self.encryption_key)])
+            ],
             sender=MAIL_FROM,
-            signer_cert=self.signer[0],
-            signer_key=self.signer[1],
-            signer_chain=[self.ca.issuing, self.ca.root],
+            signer_cert=signer_cert,
+            signer_key=signer_key,
+            signer_chain=signer_chain if signer_chain is not None else [self.ca.issuing, self.ca.root],
             message_id=f"<{REQUEST_ID}@kms.example.org>",
             date=START,
         )
