@@ -107,6 +107,7 @@ def notifications(session_bus: str) -> Iterator[NotificationServer]:
 def _auto_logon(client: ClientHome, extra: dict[str, str], offset_days: float) -> subprocess.CompletedProcess[str]:
     """`logon --auto` as the session starts it: no terminal (stdin is not a TTY)."""
     env = _env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE, **extra}, offset_days)
+    env["FAKETIME_DONT_FAKE_MONOTONIC"] = "0"  # timed waits (notify-send) under libfaketime
     cmd = [str(BIN / "mailkms-client"), "--home", str(client.home), "logon", "--auto"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
@@ -167,6 +168,7 @@ def test_askpass_unlocks_the_store_when_there_is_no_terminal(
     askpass.write_text(f"#!/bin/sh\nprintf '%s\\n' '{CLIENT_PASSPHRASE}'\n")
     askpass.chmod(0o700)
     env = _env({"DBUS_SESSION_BUS_ADDRESS": session_bus, "MAILKMS_ASKPASS": str(askpass)}, DUE)
+    env["FAKETIME_DONT_FAKE_MONOTONIC"] = "0"  # timed waits (askpass, notify-send) under libfaketime
     env.pop("MAILKMS_CLIENT_PASSPHRASE", None)
     notifications.click = "no"
     cmd = [str(BIN / "mailkms-client"), "--home", str(due_user.home), "logon", "--auto"]

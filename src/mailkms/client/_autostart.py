@@ -60,9 +60,11 @@ def _systemd_exec(argv: list[str]) -> str:
     return " ".join(shlex.quote(a).replace("%", "%%") for a in argv)
 
 
-def autostart_files(home: Path) -> dict[str, str]:
-    """Relative path under the XDG config folder -> file content."""
+def autostart_files(home: Path, *, with_xdg: bool = True) -> dict[str, str]:
+    """Relative path under the XDG config folder -> file content. With the XDG entry (which runs
+    at log-in) the timer only asks again daily, so the two never ask twice at the session's start."""
     argv = logon_command(home)
+    at_start = "" if with_xdg else "OnStartupSec=1min\n"
     service = f"""[Unit]
 Description=mailkms: log on to advanced security (new certificates, the update question)
 After=graphical-session.target
@@ -70,13 +72,14 @@ After=graphical-session.target
 [Service]
 Type=oneshot
 ExecStart={_systemd_exec(argv)}
+# a question nobody answers is dropped, never answered: the unit ends and the next run asks again
+TimeoutStartSec={NOTIFY_TIMEOUT_SECONDS // 60 + 5}min
 """
-    timer = """[Unit]
-Description=mailkms: log on to advanced security at the start of the session, then daily
+    timer = f"""[Unit]
+Description=mailkms: log on to advanced security, daily while the session lasts
 
 [Timer]
-OnStartupSec=1min
-OnUnitActiveSec=1d
+{at_start}OnCalendar=*-*-* 10:00
 Unit=mailkms-logon.service
 
 [Install]
@@ -107,7 +110,7 @@ class Installed:
 
 def install_autostart(home: Path, *, systemd: bool = True, xdg: bool = True) -> Installed:
     written: list[Path] = []
-    for rel, content in autostart_files(home).items():
+    for rel, content in autostart_files(home, with_xdg=xdg).items():
         if rel.startswith("systemd/") and not systemd:
             continue
         if rel.startswith("autostart/") and not xdg:
@@ -155,23 +158,26 @@ def ask_by_notification(summary: str, question: str, timeout: float = NOTIFY_TIM
     tool = shutil.which("notify-send")
     if tool is None or not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
         return Reply.NOT_SHOWN
-    # The notification server expires the question (the server's clock, not ours: a subprocess
-    # timeout here would sleep on a clock that faketime and suspend move).
-    done = subprocess.run(
-        [
-            tool,
-            "--app-name=mailkms",
-            "--urgency=normal",
-            f"--expire-time={int(timeout * 1000)}",
-            "--action=yes=Yes",
-            "--action=no=No",
-            summary,
-            question,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # The notification server expires the question; some (GNOME) ignore that, so we stop waiting too.
+    try:
+        done = subprocess.run(
+            [
+                tool,
+                "--app-name=mailkms",
+                "--urgency=normal",
+                f"--expire-time={int(timeout * 1000)}",
+                "--action=yes=Yes",
+                "--action=no=No",
+                summary,
+                question,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout + 60,
+        )
+    except subprocess.TimeoutExpired:
+        return Reply.UNANSWERED
     if done.returncode != 0:
         return Reply.NOT_SHOWN
     answer = done.stdout.strip()
@@ -187,7 +193,11 @@ def notify(summary: str, text: str) -> bool:
     tool = shutil.which("notify-send")
     if tool is None or not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
         return False
-    return subprocess.run([tool, "--app-name=mailkms", summary, text], capture_output=True, check=False).returncode == 0
+    try:
+        done = subprocess.run([tool, "--app-name=mailkms", summary, text], capture_output=True, check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 @contextlib.contextmanager

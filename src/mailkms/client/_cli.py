@@ -147,7 +147,9 @@ def enroll(
 def sync() -> None:
     """Read the mailbox, check the server's replies and install them."""
     with _user_errors():
-        report = _sync(_client())
+        client = _client()
+        client.unlock()  # a mistyped passphrase stops here, before any mail is judged
+        report = _sync(client)
         if report.refused and not report.installed:
             raise typer.Exit(7)
 

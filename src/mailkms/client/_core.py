@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from mailkms.client._http import Api, fetch_pinned_root
-from mailkms.client._mailbox import ImapSettings, check_imap, open_mailbox
+from mailkms.client._mailbox import ImapSettings, Mailbox, check_imap, open_mailbox
 from mailkms.client._mailstores import InstallTargets
 from mailkms.client._store import (
     ClientState,
@@ -29,7 +29,14 @@ from mailkms.client._store import (
     signing_key_name,
 )
 from mailkms.clock import Clock
-from mailkms.errors import BadMessage, ClientStateError, DeliveryRefused, MailkmsError, ServerUnreachable
+from mailkms.errors import (
+    BadMessage,
+    ClientStateError,
+    DeliveryRefused,
+    MailboxError,
+    MailkmsError,
+    ServerUnreachable,
+)
 from mailkms.pki import (
     KeyType,
     Manifest,
@@ -216,7 +223,19 @@ class Client:
             state = self.store.load()
             installed: list[str] = []
             refused: list[str] = []
+            filing: list[str] = []
             already = 0
+
+            def settle(box: Mailbox, key: str, refused: bool) -> None:
+                # Filing a decided mail (IMAP: flag, move) failing must not stop the sync: the decision
+                # is saved, the next sync files it again, and later deliveries are still read.
+                try:
+                    box.settle(key, refused=refused)
+                except MailboxError as exc:
+                    filing.append(
+                        f"A delivery could not be filed in the mailbox ({exc.detail}); it is tried again next time."
+                    )
+
             with open_mailbox(state, self.passphrase) as box:
                 # only delivery mails come out of the mailbox: ordinary mail is none of our business
                 for found in box.deliveries(state.processed):
@@ -224,17 +243,19 @@ class Client:
                     if key in state.processed:
                         already += 1
                         # filing it may have been cut short last time (IMAP); a Maildir does nothing
-                        box.settle(key, refused=state.processed[key].startswith("refused"))
+                        settle(box, key, refused=state.processed[key].startswith("refused"))
                         continue
                     raw = found.fetch()
                     headers = parse_message(raw)
                     try:
                         outcome = self._install(state, raw)
+                    except ClientStateError:
+                        raise  # this machine's key store (a wrong passphrase, a missing key), not the mail
                     except MailkmsError as exc:
                         state.processed[key] = f"refused: {exc.detail}"
                         refused.append(f"{_describe(headers)}: {exc.detail}")
                         self.store.save(state)
-                        box.settle(key, refused=True)
+                        settle(box, key, refused=True)
                         continue
                     state.processed[key] = outcome
                     if outcome.startswith("installed"):
@@ -242,9 +263,9 @@ class Client:
                     else:
                         already += 1
                     self.store.save(state)
-                    box.settle(key, refused=False)
+                    settle(box, key, refused=False)
             notes = InstallTargets(self.store, self.passphrase).after_install(state) if installed else []
-            return SyncReport(installed, refused, already, notes)
+            return SyncReport(installed, refused, already, [*filing, *notes])
 
     def set_mailbox(self, inbox: Path | ImapSettings) -> None:
         """Read deliveries from another Maildir or IMAP account from now on (a new password too)."""

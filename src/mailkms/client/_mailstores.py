@@ -204,7 +204,9 @@ class _Run:
 
 
 def _run(cmd: Sequence[str], *, fds: Sequence[int] = (), data: bytes | None = None) -> _Run:
-    env = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
+    # the tools (and the gpg-agent gpgsm starts, which outlives us) get no MAILKMS_* variable: those
+    # hold the key store's passphrase and the stores' passwords, which reach the tools by pipes only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKMS_")} | {"LC_ALL": "C", "LANGUAGE": "C"}
     try:
         proc = subprocess.run(
             list(cmd), input=data, capture_output=True, pass_fds=tuple(fds), timeout=TIMEOUT, env=env, check=False
