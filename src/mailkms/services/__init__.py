@@ -9,6 +9,7 @@ from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
 from mailkms.services._keypool import KeyPool, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
 from mailkms.services._recovery import (
     CeremonyResult,
@@ -18,8 +19,9 @@ from mailkms.services._recovery import (
     RecoveryResult,
     ShareInput,
 )
+from mailkms.services._refusals import Refusals, is_recorded
 from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
-from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
+from mailkms.services._renewal import Renewal, RenewalAccepted
 from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
@@ -50,6 +52,7 @@ __all__ = [
     "PairIssuer",
     "Recovery",
     "RecoveryResult",
+    "Refusals",
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
@@ -64,6 +67,7 @@ __all__ = [
     "UserView",
     "generate_ders",
     "init_ca",
+    "is_recorded",
     "new_token",
     "normalise_mailbox",
     "open_database",
