@@ -391,3 +391,15 @@ def test_unknown_paths_and_methods_are_problem_documents(services) -> None:  # t
     wrong = client.delete("/api/v1/enrolments")
     assert wrong.status_code == 405 and wrong.headers["content-type"] == "application/problem+json"
     assert wrong.json()["type"] == "urn:mailkms:problem:method-not-allowed" and "allow" in wrong.headers
+
+
+@SQLITE_ONLY
+def test_the_server_bounds_connections_from_the_config(open_services) -> None:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from mailkms.cli._serve import _limits
+
+    services = open_services(max_concurrency=7, keep_alive_seconds=2, max_header_bytes=8192)
+    config = uvicorn.Config(lambda *_: None, **_limits(services))  # type: ignore[arg-type]
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (7, 2, 8192)
+    assert config.proxy_headers is False, "no proxy is trusted unless configured"
