@@ -329,6 +329,30 @@ class AuditConfig(_Frozen):
     checkpoint_seconds: float = Field(default=3600.0, gt=0, le=3600.0, description="at least hourly")
 
 
+class LimitsConfig(_Frozen):
+    """What one client, one request and one connection may cost the server (`[limits]`).
+
+    Rate limits are token buckets kept in memory per process, keyed by client IP address and
+    endpoint group (token: enrolment and EST simpleenroll/serverkeygen; signed: renewals, resync,
+    status, EST simplereenroll; est: the other EST operations). With several nodes each
+    counts on its own. Behind a reverse proxy, list it in `trusted_proxies` so that the client's
+    address comes from X-Forwarded-For; otherwise every client shares the proxy's bucket.
+    """
+
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="largest request body; 413 past it")
+    body_timeout_seconds: float = Field(default=30.0, gt=0, description="a body must arrive whole within this; 408")
+    max_concurrency: int = Field(default=256, ge=1, description="connections + tasks per listener; 503 past it")
+    keep_alive_seconds: float = Field(default=5.0, gt=0, description="idle keep-alive connections close after this")
+    max_header_bytes: int = Field(default=16 * 1024, ge=4096, description="request head size (h11 parser)")
+    rate_per_minute: float = Field(default=120.0, ge=0, description="requests per client IP and group; 0 = no limit")
+    rate_burst: int = Field(default=60, ge=1, description="requests a client may make at once before the rate applies")
+    rate_clients: int = Field(default=65536, ge=16, description="client buckets kept per process (oldest dropped)")
+    trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For is believed
+    refusal_flush_seconds: float = Field(
+        default=300.0, gt=0, description="anonymous refusals reach the audit chain as one count per period"
+    )
+
+
 class Settings(BaseSettings):
     """Everything a server process needs to know; frozen after validation."""
 
@@ -347,6 +371,7 @@ class Settings(BaseSettings):
     revocation: RevocationConfig = RevocationConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -540,4 +565,14 @@ ocsp_sign_queue = 64                # ... with this many waiting at most; more g
 listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports
 token = ""                          # require "Authorization: Bearer <token>" (better MAILKMS_METRICS__TOKEN or token_file)
 # token_file = "/etc/mailkms/metrics-token"
+
+[limits]
+max_body_bytes = 65536              # larger request bodies get 413 before they are read
+body_timeout_seconds = 30           # a body must arrive whole within this (408)
+max_concurrency = 256               # open connections per listener; 503 beyond
+keep_alive_seconds = 5
+rate_per_minute = 120               # per client IP and endpoint group (token, signed, est); 0 = off
+rate_burst = 60
+trusted_proxies = []                # reverse proxies whose X-Forwarded-For names the client
+refusal_flush_seconds = 300         # anonymous refusals are audited as one count per code and period
 """

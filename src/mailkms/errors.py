@@ -445,3 +445,25 @@ class NotInDirectory(NotFound):
 class UntrustedCertificate(Unauthorized):
     code = "untrusted-certificate"
     title = "The certificate is not trusted for this use"
+
+
+# --- what a client may cost the server --------------------------------------------------------
+class RateLimited(MailkmsError):
+    """Too many requests from one client address; `retry_after` (seconds) goes in Retry-After."""
+
+    code = "rate-limited"
+    title = "Too many requests; try again later"
+    http_status = 429
+    exit_code = 12
+
+
+class RequestTimeout(Malformed):
+    code = "request-timeout"
+    title = "The request body did not arrive in time"
+    http_status = 408
+
+
+class MethodNotAllowed(Malformed):
+    code = "method-not-allowed"
+    title = "The method is not allowed on this path"
+    http_status = 405

@@ -30,6 +30,9 @@ POOL_FALLBACK = Counter(
     "mailkms_keypool_fallback_total", "Encryption keys generated inline because the pool was empty or off"
 )
 POOL_GENERATED = Counter("mailkms_keypool_generated_total", "Keys generated into the pool by this process")
+RATE_LIMITED = Counter(
+    "mailkms_rate_limited_total", "Requests answered 429 by the per-client rate limit, by endpoint group", ["group"]
+)
 REQUEST_SECONDS = Histogram("mailkms_http_request_seconds", "HTTP request duration", ["method", "route", "status"])
 # Hooks for the CRL/OCSP area (set/inc them from there).
 CRL_AGE = Gauge("mailkms_crl_age_seconds", "Seconds since the current CRL's thisUpdate", ["crl"])
@@ -45,6 +48,8 @@ for _kind in ("due", "final"):
     REMINDERS.labels(kind=_kind)
 for _status in ("good", "revoked", "unused", "unauthorized", "malformed", "tryLater"):
     OCSP_REQUESTS.labels(status=_status)
+for _group in ("token", "signed", "est"):
+    RATE_LIMITED.labels(group=_group)
 
 
 def observe_audit(action: str, details: Mapping[str, object]) -> None:

@@ -7,11 +7,18 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailkms.api import _observability
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
-from mailkms.api._problems import mailkms_error_handler, unexpected_error_handler, validation_error_handler
+from mailkms.api._limits import Limits
+from mailkms.api._problems import (
+    http_error_handler,
+    mailkms_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
 from mailkms.api._revocation import OCSPEndpoint, revocation_router
 from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
@@ -25,13 +32,24 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "not authenticated"},
     403: {"model": Problem, "description": "refused by policy"},
     404: {"model": Problem, "description": "not found"},
+    413: {"model": Problem, "description": "body-too-large"},
+    429: {"model": Problem, "description": "rate-limited (see Retry-After)"},
 }
 
 
 def _install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MailkmsError, mailkms_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+
+
+def _install_limits(app: FastAPI, services: Services) -> None:
+    """Outermost: a refusal for size, time or rate costs no routing and no read of the body."""
+    refusals = services.refusals
+    app.add_middleware(
+        Limits, config=services.settings.limits, on_refused=lambda exc: refusals.anonymous("http.refused", exc)
+    )
 
 
 def publication_router(services: Services) -> APIRouter:
@@ -61,6 +79,7 @@ def create_app(services: Services) -> FastAPI:
         description="Key Management Server for S/MIME. Errors are RFC 9457 problem documents.",
     )
     _install_handlers(app)
+    app.state.refusals = services.refusals
     app.include_router(publication_router(services))
     app.include_router(revocation_router(services))
     app.include_router(est_router(services))
@@ -137,7 +156,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(api)
     app.include_router(directory_router(services))
     _observability.install(app, services)
-    app.add_middleware(OCSPEndpoint, services=services)  # outermost: OCSP skips the rest
+    app.add_middleware(OCSPEndpoint, services=services)  # OCSP skips the rest
+    _install_limits(app, services)
     return app
 
 
@@ -153,4 +173,5 @@ def create_http_app(services: Services) -> FastAPI:
     app.include_router(revocation_router(services))
     _observability.install(app, services, http=True)
     app.add_middleware(OCSPEndpoint, services=services)
+    _install_limits(app, services)
     return app

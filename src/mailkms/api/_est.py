@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from mailkms.api._problems import count_refusal
 from mailkms.errors import BodyTooLarge, CredentialsRequired, MailkmsError, UnsupportedMediaType
 from mailkms.pki import certs_only, decode_body, encode_body, serverkeygen_response
 from mailkms.services import Services
@@ -53,6 +54,7 @@ def _refusal(request: Request, exc: MailkmsError, basic: bool) -> Response:
         else:
             status = 403
     log.info("EST refused %s: %s", request.url.path, exc.code)
+    count_refusal(request, exc)
     text = exc.detail[:1].upper() + exc.detail[1:]
     return PlainTextResponse(f"{text}\n({exc.problem_type()})\n", status_code=status, headers=headers)
 

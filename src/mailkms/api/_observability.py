@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import json
+import logging
 import re
 import time
 import uuid
@@ -16,10 +18,11 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailkms import logs, metrics
-from mailkms.api._problems import problem_response
+from mailkms.api._problems import PROBLEM_JSON, internal_error_body, problem_response
 from mailkms.errors import MetricsTokenInvalid
 from mailkms.services import Services
 
+log = logging.getLogger("mailkms.api")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,16 +43,38 @@ class RequestIdMiddleware:
         status = 500
         started = time.perf_counter()
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started_response = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # The catch-all: the traceback goes to the log with the request id, the client gets a
+            # generic problem document that quotes the id (never the exception's text or a path).
+            log.exception("internal error on %s %s (request %s)", scope.get("method", ""), scope.get("path", ""), rid)
+            if started_response:
+                raise  # too late for an answer of our own: the server drops the connection
+            body = json.dumps(internal_error_body(rid)).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", PROBLEM_JSON.encode()),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"cache-control", b"no-store"),
+                    ],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -39,6 +39,33 @@ async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: floa
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
+async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
+    """Anonymous refusals into the audit chain as counts; spent nonces out of the replay set."""
+    every = services.settings.limits.refusal_flush_seconds
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        if stop.is_set():
+            return  # serve() writes the last counts after the servers stopped
+        try:
+            await asyncio.to_thread(services.refusals.flush)
+            await asyncio.to_thread(services.nonces.purge)
+        except Exception:
+            log.exception("housekeeping failed; retrying")
+
+
+def _limits(services: Services) -> dict[str, object]:
+    """What uvicorn itself bounds: connections, idle keep-alive, the request head, proxies."""
+    limits = services.settings.limits
+    return {
+        "limit_concurrency": limits.max_concurrency,
+        "timeout_keep_alive": limits.keep_alive_seconds,
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+        "proxy_headers": bool(limits.trusted_proxies),
+        "forwarded_allow_ips": list(limits.trusted_proxies) or None,
+    }
+
+
 async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Callable[[], None]) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -51,7 +78,6 @@ async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Calla
                 reload_tls()
             if renewed:
                 log.info("renewed server identities: %s", ", ".join(renewed))
-            await asyncio.to_thread(services.nonces.purge)
             await asyncio.to_thread(services.recovery.purge)  # held recoveries whose token died
         except Exception:
             log.exception("daily maintenance failed")
@@ -100,7 +126,7 @@ async def serve(
             log_level="info",
             log_config=None,
             access_log=True,
-            timeout_keep_alive=5,
+            **_limits(services),  # type: ignore[arg-type]
         )
     )
     servers = [https]
@@ -113,7 +139,7 @@ async def serve(
                     port=http_port,
                     log_level="warning",
                     log_config=None,
-                    timeout_keep_alive=5,
+                    **_limits(services),  # type: ignore[arg-type]
                 )
             )
         )
@@ -152,6 +178,7 @@ async def serve(
             _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
         ),
         asyncio.create_task(_daily_loop(services, stop, reload_tls)),
+        asyncio.create_task(_housekeeping_loop(services, stop)),
         *_background.start(services, stop),
     ]
     log.info(
@@ -175,4 +202,8 @@ async def serve(
             services.write_audit_checkpoint()
         except Exception:
             log.exception("audit checkpoint at stop failed")
+        try:
+            services.refusals.flush()  # the counts of the last period reach the audit chain too
+        except Exception:
+            log.exception("could not write the last refusal counts")
         services.db.dispose()

@@ -10,6 +10,7 @@ from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
+from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
@@ -23,8 +24,9 @@ from mailkms.services._recovery import (
     new_bootstrap_passphrase,
     write_secret_once,
 )
+from mailkms.services._refusals import Refusals, is_recorded
 from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
-from mailkms.services._renewal import Nonces, Renewal, RenewalAccepted
+from mailkms.services._renewal import Renewal, RenewalAccepted
 from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
@@ -63,6 +65,7 @@ __all__ = [
     "PoolKeyring",
     "Recovery",
     "RecoveryResult",
+    "Refusals",
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
@@ -78,6 +81,7 @@ __all__ = [
     "generate_ders",
     "health_checks",
     "init_ca",
+    "is_recorded",
     "new_bootstrap_passphrase",
     "new_token",
     "normalise_mailbox",

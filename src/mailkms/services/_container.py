@@ -21,10 +21,12 @@ from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._keypool import KeyPool, PoolKeyring
+from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import OCSPResponder
 from mailkms.services._outbox import OutboxQueue
 from mailkms.services._recovery import Recovery
-from mailkms.services._renewal import Nonces, Renewal
+from mailkms.services._refusals import Refusals
+from mailkms.services._renewal import Renewal
 from mailkms.services._revocation import Revocation
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
@@ -61,6 +63,7 @@ class Services:
     outbox: OutboxQueue
     checkpoints: AuditCheckpoints
     pool_keyring: PoolKeyring
+    refusals: Refusals
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -79,7 +82,8 @@ class Services:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
-        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit)
+        refusals = Refusals(db, audit, clock)
+        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)
         ocsp = OCSPResponder(db, ca, settings, clock)
         return cls(
             settings=settings,
@@ -88,13 +92,13 @@ class Services:
             ca=ca,
             audit=audit,
             users=UserAdmin(db, settings, clock, audit),
-            enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from),
+            enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals),
             nonces=nonces,
             renewal=renewal,
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
-            est=EST(db, ca, issuer, renewal, settings, clock, audit),
+            est=EST(db, ca, issuer, renewal, settings, clock, audit, refusals),
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
             revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
             ocsp=ocsp,
@@ -103,6 +107,7 @@ class Services:
                 db, settings.checkpoints_path, ca.paths.audit_public_key, clock, ca.audit_signer
             ),
             pool_keyring=keyring,
+            refusals=refusals,
         )
 
     def ensure_server_identities(self) -> list[str]:
@@ -149,7 +154,7 @@ class Services:
 
     def verify_audit(self, checkpoints_file: Path | None = None) -> AuditReport:
         """The hash chain, then every signed checkpoint against it (`checkpoints_file` or the configured one)."""
-        with self.db.transaction() as session:
+        with self.db.read_only() as session:
             chain = verify_chain(session)
             count, problems = self.checkpoints.verify(session, checkpoints_file)
         return AuditReport(chain.records, chain.problems + tuple(problems), count)

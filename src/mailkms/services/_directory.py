@@ -40,7 +40,7 @@ class Directory:
         mailbox = normalise_mailbox(email)
         now = self._clock.now()
         missing = NotInDirectory(f"no current encryption certificate is published for {mailbox}")
-        with self._db.transaction() as session:
+        with self._db.read_only() as session:
             user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
             if user is None:
                 raise missing

@@ -9,11 +9,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from mailkms.clock import Clock
-from mailkms.errors import BadKey, BadMessage, MailkmsError, TokenInvalid
+from mailkms.errors import BadKey, BadMessage, MailkmsError, TokenExpired, TokenInvalid, TokenReplaced, TokenUsed
 from mailkms.pki import check_csr
 from mailkms.services._audit import AuditLog
 from mailkms.services._issuance import PairIssuer
 from mailkms.services._recovery import take_recovery_hold
+from mailkms.services._refusals import Refusals
 from mailkms.services._tokens import redeem_token
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import Database, User
@@ -39,9 +40,17 @@ def load_transport_certificate(pem: str) -> x509.Certificate:
     return cert
 
 
+# Token refusals that show the caller held a real token of the mailbox (spent, replaced, expired):
+# counted with the mailbox as subject; every other refusal before the token is accepted is anonymous.
+HELD_A_TOKEN = (TokenUsed, TokenReplaced, TokenExpired)
+
+
 class Enrolment:
-    def __init__(self, db: Database, issuer: PairIssuer, clock: Clock, audit: AuditLog, mail_from: str) -> None:
+    def __init__(
+        self, db: Database, issuer: PairIssuer, clock: Clock, audit: AuditLog, mail_from: str, refusals: Refusals
+    ) -> None:
         self._db = db
+        self._refusals = refusals
         self._issuer = issuer
         self._clock = clock
         self._audit = audit
@@ -49,12 +58,14 @@ class Enrolment:
 
     def enrol(self, email: str, token: str, csr: bytes, transport_pem: str) -> EnrolmentAccepted:
         mailbox = normalise_mailbox(email)
+        redeemed = False
         try:
             checked = check_csr(csr)
             transport = load_transport_certificate(transport_pem)
             with self._db.transaction() as session:
                 user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
                 row = redeem_token(session, user, token, self._clock.now())
+                redeemed = True
                 assert user is not None
                 self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose)
                 kind = "recovery" if row.purpose == "recovery" else "enrolment"
@@ -64,14 +75,17 @@ class Enrolment:
                     session, user, kind, checked.public_key, transport, actor=mailbox, extra_keys=history
                 )
         except MailkmsError as exc:
-            self._refused(mailbox, exc)
+            self._refused(mailbox, exc, redeemed)
             raise
         return EnrolmentAccepted(pair.request_id, mailbox, pair.generation, self._mail_from)
 
-    def _refused(self, mailbox: str, exc: MailkmsError) -> None:
-        """Refusals are audited in a transaction of their own (the failed one rolled back)."""
-        with self._db.transaction() as session:
-            self._audit.append(session, mailbox, "enrolment.refused", mailbox, reason=exc.code)
+    def _refused(self, mailbox: str, exc: MailkmsError, redeemed: bool) -> None:
+        """After the token was accepted: one audit record of its own (the failed transaction
+        rolled back). Before: counted, never one record per request."""
+        if redeemed:
+            self._refusals.identified(mailbox, "enrolment.refused", mailbox, exc)
+        else:
+            self._refusals.anonymous("enrolment.refused", exc, mailbox if isinstance(exc, HELD_A_TOKEN) else "-")
 
 
 __all__ = ["Enrolment", "EnrolmentAccepted", "TokenInvalid"]

@@ -53,8 +53,10 @@ from mailkms.pki import (
 )
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
+from mailkms.services._enrolment import HELD_A_TOKEN
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
+from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
 from mailkms.services._tokens import find_token, redeem_token
 from mailkms.services._users import current_signing, normalise_mailbox, state_of
@@ -87,8 +89,10 @@ class EST:
         settings: Settings,
         clock: Clock,
         audit: AuditLog,
+        refusals: Refusals,
     ) -> None:
         self._db = db
+        self._refusals = refusals
         self._ca = ca
         self._issuer = issuer
         self._renewal = renewal
@@ -105,12 +109,14 @@ class EST:
     def simpleenroll(self, username: str, token: str, csr: bytes) -> x509.Certificate:
         """Spend the token, issue the pair; return the signing certificate (the CSR's key)."""
         mailbox = _basic_mailbox(username)
+        redeemed = False
         try:
             now = self._clock.now()
             with self._db.transaction() as session:  # a refusal rolls back: the token stays unspent
                 session.execute(delete(KeyHandover).where(KeyHandover.expires_at < now))
                 user = _user(session, mailbox)
                 row = redeem_token(session, user, token, now)  # authentication first
+                redeemed = True
                 assert user is not None
                 checked = check_csr(csr)
                 _check_names(inspect_csr(csr), mailbox)
@@ -134,7 +140,8 @@ class EST:
                     session, "system", "est.key-waiting", mailbox, serial=serial, until=(now + HANDOVER_WINDOW)
                 )
         except MailkmsError as exc:
-            self._refused(mailbox, "enrolment.refused", exc)
+            held = redeemed or isinstance(exc, HELD_A_TOKEN)
+            self._refused(mailbox if held else "-", "enrolment.refused", exc, identified=redeemed)
             raise
         return pair.signing
 
@@ -144,11 +151,13 @@ class EST:
         The CSR's key and signature are ignored (RFC 7030 §4.4.1); what it names must still be the
         mailbox, and a request for an encrypted key is refused (TLS-protected hand-over only)."""
         mailbox = _basic_mailbox(username)
+        held = False  # a token of this mailbox, spent or not (so it stays one count per mailbox)
         try:
             now = self._clock.now()
             with self._db.transaction() as session:
                 user = _user(session, mailbox)
                 row = find_token(session, user, token)  # authentication first
+                held = True
                 view = inspect_csr(csr)
                 if view.wants_encrypted_key:
                     raise EncryptedKeyUnsupported(
@@ -186,7 +195,7 @@ class EST:
                     session, mailbox, "est.key-handed-over", mailbox, serial=handover.certificate_serial, repeat=repeat
                 )
         except MailkmsError as exc:
-            self._refused(mailbox, "est.serverkeygen.refused", exc)
+            self._refused(mailbox if held else "-", "est.serverkeygen.refused", exc)
             raise
         return ServerKey(key_der, x509.load_der_x509_certificate(cert_row.der))
 
@@ -206,7 +215,7 @@ class EST:
             with self._db.transaction() as session:
                 proof = self._certificate_for_key(session, mailbox, checked.public_key)
         except MailkmsError as exc:
-            self._refused(mailbox, "renewal.refused", exc)
+            self._refused("-", "renewal.refused", exc)  # nothing proven yet: the mailbox is only claimed
             raise
         return self._renewed(proof, csr)
 
@@ -221,7 +230,7 @@ class EST:
             if at is None or abs(self._clock.now() - at) > window:
                 raise StaleRequest(f"the request must carry a signingTime within {window} of the server's clock")
         except MailkmsError as exc:
-            self._refused("unknown", "renewal.refused", exc)
+            self._refused("-", "renewal.refused", exc)
             raise
         return self._renewed(verified.signer, verified.content)
 
@@ -273,10 +282,13 @@ class EST:
             ).scalar_one()
             return x509.load_der_x509_certificate(row.der)
 
-    def _refused(self, mailbox: str, action: str, exc: MailkmsError) -> None:
-        """Refusals are audited in a transaction of their own (the failed one rolled back)."""
-        with self._db.transaction() as session:
-            self._audit.append(session, mailbox, action, mailbox, reason=exc.code, via="est")
+    def _refused(self, mailbox: str, action: str, exc: MailkmsError, identified: bool = False) -> None:
+        """Once the credentials were accepted: audited on their own (the failed transaction rolled
+        back). Before: counted (`Refusals`), with the mailbox only when a token of it was shown."""
+        if identified:
+            self._refusals.identified(mailbox, action, mailbox, exc, via="est")
+        else:
+            self._refusals.anonymous(action, exc, mailbox)
 
 
 def _basic_mailbox(username: str) -> str:

@@ -179,7 +179,7 @@ class OCSPResponder:
         return max(0, int((signed.signed_at + self._refresh - now).total_seconds()))
 
     def _state_of(self, query: OCSPQuery) -> CertState:
-        with self._db.transaction() as session:
+        with self._db.read_only() as session:
             row = session.execute(
                 select(Certificate.revoked_at, Certificate.revocation_reason).where(
                     Certificate.serial == serial_hex(query.serial)
@@ -211,7 +211,7 @@ class OCSPResponder:
         """
         start = self._synced_at - SYNC_OVERLAP
         self._synced_at = self._clock.now()
-        with self._db.transaction() as session:
+        with self._db.read_only() as session:
             serials = list(session.execute(select(Certificate.serial).where(Certificate.revoked_at >= start)).scalars())
         self.forget(serials)
         return len(serials)

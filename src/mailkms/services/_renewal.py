@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,16 +15,13 @@ from mailkms.config import Settings
 from mailkms.errors import (
     BadCSR,
     BadJWS,
-    BadNonce,
     MailkmsError,
     NotCurrentCertificate,
     NotDue,
     NothingToResend,
     NotOwner,
     ReenrolmentRequired,
-    ReplayedNonce,
     Revoked,
-    StaleNonce,
     UnknownIssuer,
     URLMismatch,
 )
@@ -35,8 +30,10 @@ from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
+from mailkms.services._nonces import Nonces
+from mailkms.services._refusals import Refusals
 from mailkms.services._users import current_encryption, normalise_mailbox, state_of
-from mailkms.store import Certificate, Database, IssuanceRequest, Nonce, User
+from mailkms.store import Certificate, Database, IssuanceRequest, User
 
 
 @dataclass(frozen=True)
@@ -45,41 +42,6 @@ class RenewalAccepted:
     generation: int
     already_issued: bool  # a repeat of a request that was already served
     mailbox: str
-
-
-class Nonces:
-    """Server nonces: one use each, short-lived (RFC 8555 §6.5)."""
-
-    def __init__(self, db: Database, clock: Clock, ttl: dt.timedelta) -> None:
-        self._db = db
-        self._clock = clock
-        self._ttl = ttl
-
-    def new(self) -> str:
-        value = secrets.token_urlsafe(24)
-        now = self._clock.now()
-        with self._db.transaction() as session:
-            session.add(Nonce(value=value, created_at=now, expires_at=now + self._ttl))
-        return value
-
-    def consume(self, value: str) -> None:
-        """Spend a nonce in its own committed transaction, so a later refusal cannot un-spend it."""
-        now = self._clock.now()
-        with self._db.transaction() as session:
-            row = session.execute(select(Nonce).where(Nonce.value == value).with_for_update()).scalar_one_or_none()
-            if row is None:
-                raise BadNonce("the nonce is unknown to this server; fetch a fresh one")
-            if row.used_at is not None:
-                raise ReplayedNonce("the nonce has already been used: the request was replayed")
-            row.used_at = now
-            if now > row.expires_at:
-                raise StaleNonce("the nonce has expired; fetch a fresh one")
-
-    def purge(self) -> int:
-        """Drop nonces well past expiry (kept a while so replays are told apart from unknowns)."""
-        cutoff = self._clock.now() - 10 * self._ttl
-        with self._db.transaction() as session:
-            return int(session.execute(delete(Nonce).where(Nonce.expires_at < cutoff)).rowcount or 0)  # type: ignore[attr-defined]
 
 
 class Renewal:
@@ -92,10 +54,12 @@ class Renewal:
         settings: Settings,
         clock: Clock,
         audit: AuditLog,
+        refusals: Refusals,
     ) -> None:
         self._db = db
         self._ca = ca
         self._issuer = issuer
+        self._refusals = refusals
         self._nonces = nonces
         self._settings = settings
         self._clock = clock
@@ -106,13 +70,21 @@ class Renewal:
         request = verify_request(body)  # BadJWS / BadSignature
         if request.url != url:
             raise URLMismatch(f"the request was signed for {request.url!r}, not {url!r}")
-        self._nonces.consume(request.nonce)
+        # Checks that cost no write come first: only a request signed by a certificate of this CA
+        # spends (writes) its nonce.
         if not issued_by(request.certificate, self._ca.issuing.certificate):
             raise UnknownIssuer("the signing certificate was not issued by this CA")
+        self._nonces.consume(request.nonce)
         return request
 
-    def _certificate_owner(self, session: Session, request: SignedRequest) -> tuple[Certificate, User]:
+    def _certificate_owner(
+        self, session: Session, request: SignedRequest, proven: list[str] | None = None
+    ) -> tuple[Certificate, User]:
+        """The signer's stored certificate and user; `proven` gets the user's mailbox as soon as
+        the signature is known to be theirs (so a refusal from then on is theirs, not anonymous)."""
         row, user = _known_signing(session, request.certificate)
+        if proven is not None:
+            proven.append(user.email)
         claimed = request.payload.get("mailbox")
         if not isinstance(claimed, str) or normalise_mailbox(claimed) != user.email:
             raise NotOwner(f"this certificate belongs to {user.email}, not to the mailbox in the request")
@@ -120,38 +92,37 @@ class Renewal:
 
     # -- renewal ----------------------------------------------------------------------------------
     def renew(self, body: object, url: str) -> RenewalAccepted:
-        subject = "unknown"
+        proven: list[str] = []
         try:
             request = self._authenticate(body, url)
             csr_text = request.payload.get("csr")
             if not isinstance(csr_text, str):
                 raise BadJWS("the payload has no csr")
             with self._db.transaction() as session:
-                cert, user = self._certificate_owner(session, request)
-                subject = user.email
+                cert, user = self._certificate_owner(session, request, proven)
                 return self._renew(session, cert, user, csr_text.encode())
         except IntegrityError:
             # Another request for the same generation won the race: answer with its result.
-            return self._after_race(subject)
+            return self._after_race(proven[0])
         except MailkmsError as exc:
-            self._refused(subject, "renewal.refused", exc)
+            self._refused(proven, "renewal.refused", exc)
             raise
 
     def renew_proven(self, certificate: x509.Certificate, csr: bytes) -> RenewalAccepted:
         """Renewal for a requester who proved by other means than a JWS that they hold the key of
         `certificate` (EST simplereenroll). The same rules and the same issuance as `renew`."""
-        subject = "unknown"
+        proven: list[str] = []
         try:
             if not issued_by(certificate, self._ca.issuing.certificate):
                 raise UnknownIssuer("the signing certificate was not issued by this CA")
             with self._db.transaction() as session:
                 cert, user = _known_signing(session, certificate)
-                subject = user.email
+                proven.append(user.email)
                 return self._renew(session, cert, user, csr)
         except IntegrityError:
-            return self._after_race(subject)
+            return self._after_race(proven[0])
         except MailkmsError as exc:
-            self._refused(subject, "renewal.refused", exc)
+            self._refused(proven, "renewal.refused", exc, via="est")
             raise
 
     def _renew(self, session: Session, cert: Certificate, user: User, csr: bytes) -> RenewalAccepted:
@@ -193,12 +164,11 @@ class Renewal:
     # -- resync -------------------------------------------------------------------------------------
     def resync(self, body: object, url: str) -> RenewalAccepted:
         """Send the latest reply again (lost mail, or client and server out of step). Issues nothing."""
-        subject = "unknown"
+        proven: list[str] = []
         try:
             request = self._authenticate(body, url)
             with self._db.transaction() as session:
-                cert, user = self._certificate_owner(session, request)
-                subject = user.email
+                cert, user = self._certificate_owner(session, request, proven)
                 if user.status == "revoked" or cert.revoked_at is not None:
                     raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
                 if cert.generation not in (user.generation, user.generation - 1):
@@ -209,14 +179,18 @@ class Renewal:
                 self._issuer.requeue(session, latest, user, actor=user.email)
                 return RenewalAccepted(latest.id, latest.generation, True, user.email)
         except MailkmsError as exc:
-            self._refused(subject, "resync.refused", exc)
+            self._refused(proven, "resync.refused", exc)
             raise
 
     # -- status ----------------------------------------------------------------------------------------
     def status(self, body: object, url: str) -> tuple[str, UserState]:
         """The user's state as the server sees it (the client's log-on asks, to learn of revocation)."""
-        request = self._authenticate(body, url)
-        with self._db.transaction() as session:
+        try:
+            request = self._authenticate(body, url)
+        except MailkmsError as exc:
+            self._refused([], "status.refused", exc)
+            raise
+        with self._db.read_only() as session:
             _, user = self._certificate_owner(session, request)
             state, _ = state_of(session, user, self._settings, self._clock.now())
             return user.email, state
@@ -227,9 +201,12 @@ class Renewal:
             select(IssuanceRequest).where(IssuanceRequest.user_id == user.id, IssuanceRequest.generation == generation)
         ).scalar_one_or_none()
 
-    def _refused(self, mailbox: str, action: str, exc: MailkmsError) -> None:
-        with self._db.transaction() as session:
-            self._audit.append(session, mailbox, action, mailbox, reason=exc.code)
+    def _refused(self, proven: list[str], action: str, exc: MailkmsError, **details: object) -> None:
+        """Per event once the signer is a known user (their key signed it); counted otherwise."""
+        if proven:
+            self._refusals.identified(proven[0], action, proven[0], exc, **details)
+        else:
+            self._refusals.anonymous(action, exc)
 
 
 def _known_signing(session: Session, certificate: x509.Certificate) -> tuple[Certificate, User]:

@@ -17,8 +17,10 @@ from mailkms.store._models import (
 )
 from mailkms.store._models_scale import JobClaim, PooledKey, PoolWrapping, Reminder
 from mailkms.store._recovery import RecoveryCeremony, RecoveryHead, RecoveryHold
+from mailkms.store._server_keys import NONCE_KEY, ServerKey
 
 __all__ = [
+    "NONCE_KEY",
     "ArchivedKey",
     "AuditHead",
     "AuditRecord",
@@ -37,6 +39,7 @@ __all__ = [
     "RecoveryHead",
     "RecoveryHold",
     "Reminder",
+    "ServerKey",
     "Token",
     "User",
     "make_engine",

@@ -133,10 +133,13 @@ class OutboxMessage(Base):
 
 
 class Nonce(Base):
+    """A SPENT nonce (the replay set): written when a signed request uses it, purged once the
+    nonce would be stale anyway. Handing nonces out writes nothing (services.Nonces)."""
+
     __tablename__ = "nonces"
     value: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())  # when the nonce was issued
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
