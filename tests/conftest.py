@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +150,14 @@ def smime_pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     from tests.smime_support import make_pki
 
     return make_pki(tmp_path_factory.mktemp("smime-pki"))
+
+
+@pytest.fixture
+def gnupg_home() -> Iterator[Path]:
+    """A GnuPG home for gpgsm; short on purpose (gpg-agent's socket path limit), agents killed after."""
+    folder = Path(tempfile.mkdtemp(prefix="mk-g"))
+    try:
+        yield folder
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(folder), "--kill", "all"], capture_output=True, check=False)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -237,11 +237,7 @@ protocol lmtp {{
         if self.proc is None:
             return
         self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
+        _reap(self.proc, timeout=10)
         self.proc = None
 
     def log(self) -> str:
@@ -378,11 +374,7 @@ maximal_backoff_time = 10s
         if self.proc is None:
             return
         subprocess.run(["postfix", "-c", str(self.config_dir), "stop"], capture_output=True, timeout=30)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
+        _reap(self.proc, timeout=15)
         self.proc = None
 
     def log(self) -> str:
@@ -420,6 +412,15 @@ maximal_backoff_time = 10s
             for line in self.maillog.read_text(errors="replace").splitlines()
             if "postfix/lmtp[" in line and "status=sent" in line
         )
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a daemon asked to stop; past `timeout`, kill its whole process group."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
 
 
 def _uid(name: str) -> int:

@@ -4,10 +4,7 @@ A real server, enrolment and a renewal 400 days on (faketime); NSS's own tools j
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,16 +30,6 @@ ALICE = "alice@example.org"
 LATER = 400  # days: past the 12-month reminder, before the 18-month expiry
 NSS_PW = "nss-password-made-at-run-time"
 GPGSM_PW = "gpgsm-passphrase-made-at-run-time"
-
-
-@pytest.fixture
-def gnupg_home() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="mk-e"))  # short: gpg-agent's socket path limit
-    try:
-        yield folder
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(folder), "--kill", "all"], capture_output=True, check=False)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def nss_certs(db: Path) -> list[x509.Certificate]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
@@ -81,16 +80,6 @@ def _judge(cmd: list[str], offset_days: float | None = None, **kw: object) -> su
     in the faked future)."""
     env = {**os.environ, **faketime_env(offset_days)}
     return subprocess.run(cmd, env=env, capture_output=True, timeout=120, check=False, **kw)  # type: ignore[call-overload,no-any-return]
-
-
-@pytest.fixture
-def gnupg_home() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="mk-l"))  # short: gpg-agent's socket path limit
-    try:
-        yield folder
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(folder), "--kill", "all"], capture_output=True, check=False)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _relay_env(postfix: Postfix, ca_pem: Path, password_file: Path) -> dict[str, str]:

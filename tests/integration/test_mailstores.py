@@ -8,10 +8,8 @@ import datetime as dt
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,17 +277,6 @@ def test_a_missing_tool_is_named_with_its_package(tmp_path: Path, home: Path) ->
 
 
 # --- gpgsm --------------------------------------------------------------------------------------------
-@pytest.fixture
-def gnupg_home() -> Iterator[Path]:
-    """Short on purpose: gpg-agent's socket path must stay under ~107 characters."""
-    folder = Path(tempfile.mkdtemp(prefix="mk-g"))
-    try:
-        yield folder
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(folder), "--kill", "all"], capture_output=True, check=False)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def gpgsm(
     home: Path, *args: str, passphrase: str | None = None, data: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
