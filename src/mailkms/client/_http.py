@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import httpx
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from mailkms.errors import FingerprintMismatch, Malformed, ServerNotPinned, ServerRefused, ServerUnreachable
@@ -34,10 +35,26 @@ def fetch_pinned_root(server: str, fingerprint: str) -> tuple[x509.Certificate, 
         raise Malformed("the server's CA chain is not PEM") from None
     for cert in chain:
         if fingerprint_sha256(cert) == want:
+            if not _is_self_signed(cert):
+                # the issuing CA's fingerprint would pin a CA the server's TLS chain never ends in
+                raise FingerprintMismatch(
+                    "the fingerprint you were given is of an intermediate CA, not of the root: "
+                    "ask your administrator for the output of `mailkms ca fingerprint`"
+                )
             return cert, chain
     raise FingerprintMismatch(
         "the server's root CA does not match the fingerprint you were given: do not trust this server"
     )
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def pinned_context(root: x509.Certificate) -> ssl.SSLContext:

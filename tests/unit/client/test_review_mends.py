@@ -62,3 +62,34 @@ def test_the_store_tools_get_no_mailkms_secret(monkeypatch: pytest.MonkeyPatch) 
     assert seen.code == 0
     assert "PATH=" in seen.out  # the rest of the environment is there
     assert "MAILKMS_" not in seen.out and "xyz" not in seen.out
+
+
+@pytest.mark.parametrize("which", ["root", "issuing"])
+def test_only_a_root_is_pinned_at_enrolment(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint must name the root: the issuing CA's would pin a CA that TLS never ends in."""
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+
+    from mailkms.client import _http
+    from mailkms.errors import FingerprintMismatch
+    from mailkms.pki import KeyType, fingerprint_sha256
+    from tests.testca import ca_of
+
+    ca = ca_of(KeyType.P256)
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (ca.issuing, ca.root))
+
+    def server(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/ca/chain"
+        return httpx.Response(200, content=chain_pem)
+
+    def client(base: str, verify: object) -> httpx.Client:
+        return httpx.Client(base_url=base, transport=httpx.MockTransport(server))
+
+    monkeypatch.setattr(_http, "_client", client)
+    pinned = ca.root if which == "root" else ca.issuing
+    if which == "root":
+        root, chain = _http.fetch_pinned_root("https://kms.example.org", fingerprint_sha256(pinned))
+        assert root == ca.root and len(chain) == 2
+    else:
+        with pytest.raises(FingerprintMismatch, match="intermediate CA, not of the root"):
+            _http.fetch_pinned_root("https://kms.example.org", fingerprint_sha256(pinned))
