@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from mailkms.errors import (
     BadCSR,
     EncryptedKeyUnsupported,
+    MailkmsError,
     NoKeyToCollect,
     NotCurrentCertificate,
     NotDue,
@@ -133,6 +134,45 @@ def test_a_request_naming_another_mailbox_is_refused_and_the_token_kept(services
     with pytest.raises(TokenUsed):
         services.est.simpleenroll(ALICE, token, der_csr(ALICE)[0])
     assert count(services, KeyHandover) == 1
+
+
+def test_after_revoke_the_waiting_key_is_gone_and_serverkeygen_refused_with_403(services) -> None:
+    token, _, _ = enrol(services)
+    other, _, _ = enrol(services, "bob@example.org")  # another user's hand-over is left alone
+    services.revocation.revoke_users([ALICE], "keyCompromise", "admin:test")
+    with services.db.transaction() as session:
+        left = session.execute(select(User.email).join(KeyHandover, KeyHandover.user_id == User.id)).scalars().all()
+    assert left == ["bob@example.org"]  # the sealed key of alice is deleted at once
+    with pytest.raises(Revoked) as refused:
+        services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    assert refused.value.http_status == 403
+    assert services.est.serverkeygen("bob@example.org", other, der_csr("bob@example.org")[0]).private_key_der
+    assert services.verify_audit().ok
+
+
+def test_revoking_the_encryption_certificate_deletes_its_waiting_key(services) -> None:
+    token, _, _ = enrol(services)
+    enc = next(c.serial for c in services.users.show(ALICE).certificates if c.kind == "encryption")
+    services.revocation.revoke_serial(enc, "keyCompromise", "admin:test")
+    assert count(services, KeyHandover) == 0
+    with pytest.raises(MailkmsError) as refused:
+        services.est.serverkeygen(ALICE, token, der_csr(ALICE)[0])
+    assert refused.value.http_status == 403
+
+
+def test_sealed_keys_are_deleted_when_their_hour_ends(services, clock) -> None:
+    enrol(services)
+    enrol(services, "bob@example.org")
+    assert services.est.purge() == 0 and count(services, KeyHandover) == 2
+    clock.advance(HANDOVER_WINDOW + dt.timedelta(seconds=1))
+    assert services.est.purge() == 2  # by the housekeeping that serve runs
+    assert count(services, KeyHandover) == 0
+
+    carol, _, _ = enrol(services, "carol@example.org")
+    clock.advance(HANDOVER_WINDOW + dt.timedelta(seconds=1))
+    with pytest.raises(NoKeyToCollect):  # or on the next access, though the refusal rolls back
+        services.est.serverkeygen("carol@example.org", carol, der_csr("carol@example.org")[0])
+    assert count(services, KeyHandover) == 0
 
 
 # --- re-enrolment: the renewal rules ---------------------------------------------------------------

@@ -40,7 +40,8 @@ async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: floa
 
 
 async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
-    """Anonymous refusals into the audit chain as counts; spent nonces out of the replay set."""
+    """Anonymous refusals into the audit chain as counts; spent nonces out of the replay set; sealed
+    EST keys out of the store once their hand-over hour has ended."""
     every = services.settings.limits.refusal_flush_seconds
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -50,6 +51,7 @@ async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
         try:
             await asyncio.to_thread(services.refusals.flush)
             await asyncio.to_thread(services.nonces.purge)
+            await asyncio.to_thread(services.est.purge)  # sealed EST keys whose hour has ended
         except Exception:
             log.exception("housekeeping failed; retrying")
 

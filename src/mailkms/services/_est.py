@@ -35,6 +35,7 @@ from mailkms.errors import (
     Malformed,
     NoKeyToCollect,
     NotCurrentCertificate,
+    Revoked,
     StaleRequest,
     TokenExpired,
     TokenInvalid,
@@ -152,6 +153,7 @@ class EST:
         mailbox, and a request for an encrypted key is refused (TLS-protected hand-over only)."""
         mailbox = _basic_mailbox(username)
         held = False  # a token of this mailbox, spent or not (so it stays one count per mailbox)
+        expired = False  # a sealed key past its hour was found
         try:
             now = self._clock.now()
             with self._db.transaction() as session:
@@ -165,6 +167,12 @@ class EST:
                         "DecryptKeyIdentifier / AsymmetricDecryptKeyIdentifier attribute"
                     )
                 _check_names(view, mailbox)
+                assert user is not None
+                if user.status == "revoked":
+                    raise Revoked(
+                        f"{mailbox} was revoked at {user.revoked_at:%Y-%m-%d %H:%M} UTC; the waiting key was "
+                        "discarded: enrolment by an administrator is required"
+                    )
                 if row.used_at is None:
                     if now > row.expires_at:
                         raise TokenExpired(f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC")
@@ -176,6 +184,7 @@ class EST:
                     select(KeyHandover).where(KeyHandover.token_id == row.id).with_for_update()
                 ).scalar_one_or_none()
                 if handover is None or now > handover.expires_at:
+                    expired = handover is not None
                     raise NoKeyToCollect(
                         f"the encryption key could be collected for {HANDOVER_WINDOW} after /simpleenroll; "
                         "it is kept only in the archive now: ask an administrator"
@@ -189,6 +198,10 @@ class EST:
                 cert_row = session.execute(
                     select(Certificate).where(Certificate.serial == handover.certificate_serial)
                 ).scalar_one()
+                if cert_row.revoked_at is not None:
+                    raise Revoked(
+                        f"the encryption certificate {cert_row.serial} was revoked; its key is not handed over"
+                    )
                 repeat = handover.collected_at is not None
                 handover.collected_at = now
                 self._audit.append(
@@ -196,8 +209,16 @@ class EST:
                 )
         except MailkmsError as exc:
             self._refused(mailbox if held else "-", "est.serverkeygen.refused", exc)
+            if expired:  # the refusal rolled back: delete the sealed key whose hour has ended now
+                self.purge()
             raise
         return ServerKey(key_der, x509.load_der_x509_certificate(cert_row.der))
+
+    def purge(self) -> int:
+        """Delete the sealed keys whose hand-over hour has ended (the archive copy stays)."""
+        with self._db.transaction() as session:
+            result = session.execute(delete(KeyHandover).where(KeyHandover.expires_at < self._clock.now()))
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- re-enrolment ------------------------------------------------------------------------------
     def simplereenroll(self, csr: bytes) -> x509.Certificate:

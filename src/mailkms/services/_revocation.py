@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._issuance import serial_hex
 from mailkms.services._users import normalise_mailbox
-from mailkms.store import Certificate, Database, PublishedCRL, Token, User
+from mailkms.store import Certificate, Database, KeyHandover, PublishedCRL, Token, User
 
 ISSUING_SCOPE = "issuing"
 STREAM_ROWS = 20_000
@@ -175,6 +175,8 @@ class Revocation:
     ) -> None:
         cert.revoked_at = now
         cert.revocation_reason = reason
+        # A server-made key still waiting for its EST hand-over dies with its certificate.
+        session.execute(delete(KeyHandover).where(KeyHandover.certificate_serial == cert.serial))
         self._audit.append(
             session, actor, "certificate.revoked", subject, serial=cert.serial, kind=cert.kind, reason=reason
         )
@@ -188,6 +190,8 @@ class Revocation:
             .where(Token.user_id == user.id, Token.used_at.is_(None), Token.revoked_at.is_(None))
             .values(revoked_at=now)
         )
+        # ... and so does every key of the user still waiting for its EST hand-over (spent tokens open them).
+        session.execute(delete(KeyHandover).where(KeyHandover.user_id == user.id))
         self._audit.append(session, actor, "user.revoked", user.email, reason=reason)
 
     def _flag_crl(self, session: Session, now: dt.datetime) -> None:
