@@ -131,13 +131,47 @@ def test_checkpoints_elsewhere_and_the_key_at_rest(chained: Services, tmp_path) 
     copy.write_text(chained.checkpoints.path.read_text())
     chained.checkpoints.path.unlink()
     rewrite_from(chained, 1, "{}")
-    assert chained.verify_audit().ok  # nothing to compare with at the configured place...
+    missing = chained.verify_audit().problems  # nothing to compare with at the configured place...
+    assert len(missing) == 1 and f"the checkpoints file {chained.checkpoints.path} is missing" in missing[0]
     code, out = cli_verify(chained, "--checkpoints", str(copy))
     assert code == 9 and out["checkpoints"] == 2  # ...but the copy kept elsewhere catches it
     key_file = chained.ca.paths.audit_key
     assert key_file.stat().st_mode & 0o777 == 0o600
     with pytest.raises(TypeError):  # encrypted under the CA passphrase, as the CA keys are
         serialization.load_pem_private_key(key_file.read_bytes(), None)
+
+
+def test_a_removed_or_emptied_checkpoints_file_is_a_problem_not_a_silent_pass(chained: Services) -> None:
+    path = chained.checkpoints.path
+    kept = path.read_text()
+    path.unlink()
+    last = chained.clock.now().isoformat()  # type: ignore[attr-defined]
+    code, out = cli_verify(chained)
+    assert code == 9 and out["checkpoints"] == 0
+    assert out["problems"] == [
+        f"the checkpoints file {path} is missing, but checkpoints were written to it (the last one of record "
+        f"{RECORDS} at {last}): restore it, or verify against a copy with --checkpoints"
+    ]
+    path.write_text("\n")
+    assert [p.split(",")[0] for p in chained.verify_audit().problems] == [f"the checkpoints file {path} is empty"]
+    path.write_text(kept.splitlines()[0] + "\n")  # the newer checkpoint cut off
+    assert chained.verify_audit().problems == (
+        f"the checkpoints file {path} ends at record 3, but a checkpoint of record {RECORDS} was written to it "
+        f"at {last} (checkpoints removed)",
+    )
+    path.write_text(kept)
+    assert chained.verify_audit().ok
+
+
+def test_a_data_folder_that_never_wrote_a_checkpoint_verifies_on_the_chain_alone(services: Services) -> None:
+    """Fresh from `init` (its records in the chain, the checkpoint key made), `serve` never run."""
+    assert services.ca.paths.audit_public_key.exists() and not services.checkpoints.path.exists()
+    with services.db.transaction() as session:
+        services.audit.append(session, "admin:test", "test.action", "user@example.org")
+    code, out = cli_verify(services)
+    assert code == 0 and out["checkpoints"] == 0 and out["records"] >= 1  # type: ignore[operator]
+    services.checkpoints.path.write_text("")  # an empty file nobody wrote to: nothing was lost either
+    assert services.verify_audit().ok
 
 
 def test_a_checkpoint_is_written_only_when_the_head_moved(chained: Services) -> None:

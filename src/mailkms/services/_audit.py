@@ -151,6 +151,7 @@ class AuditCheckpoints:
         self._signer = signer
         self._lock = threading.Lock()
         self._last: tuple[int, str] | None = None
+        self.marker = public_key_path.with_name("checkpoints.written")
 
     def head(self) -> tuple[int, str]:
         with self._db.transaction() as session:
@@ -175,7 +176,30 @@ class AuditCheckpoints:
             finally:
                 os.close(fd)
             self._last = (seq, digest)
+            self._write_marker(seq, now)
             return Checkpoint(seq, digest, now, key_id_of(key.public_key()))
+
+    def _write_marker(self, seq: int, now: dt.datetime) -> None:
+        marker = {"file": str(self.path.resolve()), "seq": seq, "at": now.isoformat()}
+        temporary = self.marker.with_name(self.marker.name + ".tmp")
+        temporary.write_text(json.dumps(marker) + "\n")
+        os.replace(temporary, self.marker)
+
+    def _expected(self, path: Path) -> tuple[int, str] | str | None:
+        """(seq, time) of the last checkpoint written to `path` by the marker; None when the marker
+        names no checkpoint in `path`; a problem text when the marker cannot be read."""
+        try:
+            marker = json.loads(self.marker.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return f"the checkpoint marker {self.marker} is unreadable: checkpoints were written, cannot tell where"
+        if not isinstance(marker, dict) or marker.get("file") != str(path.resolve()):
+            return None
+        try:
+            return int(marker["seq"]), str(marker["at"])
+        except (KeyError, TypeError, ValueError):
+            return f"the checkpoint marker {self.marker} is unreadable: checkpoints were written, cannot tell where"
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         try:
@@ -188,13 +212,26 @@ class AuditCheckpoints:
 
     def verify(self, session: Session, path: Path | None = None) -> tuple[int, list[str]]:
         """(checkpoints checked, problems): each line's signature, and that the chain in the store
-        still has, at each checkpointed sequence number, the checkpointed hash."""
+        still has, at each checkpointed sequence number, the checkpointed hash.
+
+        Beside the checkpoint key, a marker (`checkpoints.written`) names the file the last checkpoint
+        went to and its sequence number: a checkpoints file that is then missing, empty, or ends before
+        that record is a problem, not a silent pass. A data folder that never wrote a checkpoint (fresh
+        from `init`, `serve` never run) has no marker, and verifies on the chain alone."""
         path = path or self.path
-        if not path.exists():
-            return 0, []
-        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        expected = self._expected(path)
+        if isinstance(expected, str):
+            return 0, [expected]
+        text = path.read_text() if path.exists() else ""
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         if not lines:
-            return 0, []
+            if expected is None:
+                return 0, []
+            state = "missing" if not path.exists() else "empty"
+            return 0, [
+                f"the checkpoints file {path} is {state}, but checkpoints were written to it (the last one of "
+                f"record {expected[0]} at {expected[1]}): restore it, or verify against a copy with --checkpoints"
+            ]
         try:
             public = self.public_key()
         except ConfigError as exc:
@@ -212,6 +249,12 @@ class AuditCheckpoints:
             chunk = wanted[start : start + 500]
             rows = session.execute(select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.seq.in_(chunk)))
             hashes.update({int(seq): str(digest) for seq, digest in rows})
+        newest = max((cp.seq for _, cp in checked), default=-1)
+        if expected is not None and newest < expected[0]:
+            problems.append(
+                f"the checkpoints file {path} ends at record {max(newest, 0)}, but a checkpoint of record "
+                f"{expected[0]} was written to it at {expected[1]} (checkpoints removed)"
+            )
         for number, cp in checked:
             if cp.seq == 0:
                 continue
