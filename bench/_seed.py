@@ -51,7 +51,7 @@ def seed_users(
                 insert(Certificate),
                 [
                     {
-                        "serial": secrets.token_hex(16),
+                        "serial": format(secrets.randbits(127) | 1 << 126, "x"),  # as serial_hex stores them
                         "user_id": ids[f"{prefix}{i}@example.org"],
                         "kind": "signing",
                         "generation": 1,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
+import hashlib
 import json
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ import cryptography  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509 import ocsp  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
@@ -584,7 +586,7 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
 def bench_sweep(tmp: Path, quick: bool) -> Path | None:
     from mailkms.mail import reminder_sweep
 
-    n = 2000 if quick else 100_000
+    n = 2000 if quick else 1_000_000
     data = make_ca(tmp / "ca-sweep", KeyType.P256)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     span = dt.timedelta(days=366)
@@ -622,25 +624,32 @@ def bench_sweep(tmp: Path, quick: bool) -> Path | None:
             services.db.dispose()
             mails = first.due_sent + first.final_sent
             per_mail = t_first / mails if mails else 0.0
-            extrapolated = 10 * t_first if not quick else 500 * t_first
             ROWS.append(
                 Row(
-                    f"reminder sweep over {n:,} users (a day's share due: {mails:,} signed reminders queued), {store}",
+                    f"reminder sweep over {n:,} users, measured (a day's share due: {mails:,} signed reminders "
+                    f"queued), {store}",
                     f"{t_first:.2f} s; re-sweep with nothing new {t_second:.2f} s",
                     "—",
-                    "1M users ≤ 60 s",
-                    f"extrapolated to 1M ≈ {extrapolated:.0f} s: {met(extrapolated <= 60)}",
+                    "1M users ≤ 20 s",
+                    met(t_first <= 20 and n >= 1_000_000),
                 )
             )
             NOTES.append(
-                f"Sweep on {store}: seeding {n:,} users took {seeded:.1f} s; composing + signing + queueing costs "
-                f"about {per_mail * 1000:.1f} ms per reminder ({second.due_sent} sent by the re-sweep). The 1M figure "
-                f"is 10 × the {n:,} measurement (the sweep reads an index range, so it scales with the due users)."
+                f"Sweep on {store}: seeding {n:,} users took {seeded:.1f} s (not timed); composing + signing + "
+                f"queueing costs about {per_mail * 1000:.1f} ms per reminder ({second.due_sent} sent by the "
+                f"re-sweep). Load average after the sweep: {os.getloadavg()[0]:.2f}."
             )
         finally:
             if schema:
                 schema.drop()
     return sqlite_path
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {line.split(":")[0]: line.split(":")[1].strip() for line in status.splitlines() if ":" in line}
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 # --- 4. server RSS ---------------------------------------------------------------------------------------------
@@ -669,6 +678,7 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
     }
     with sqlite3.connect(sqlite_path) as conn:
         certs = conn.execute("SELECT count(*) FROM certificates").fetchone()[0]
+    n_ocsp = 200 if quick else 5000
     log = open(tmp / "rss-server.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mailkms"), "serve", "--port", str(port), "--http-port", "0"],
@@ -685,19 +695,45 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        for _ in range(20 if quick else 200):
-            httpx.get(f"https://localhost:{port}/metrics", verify=ctx, timeout=10)
+        # While serving: /metrics, and OCSP for certificates of the store (each a look-up, a
+        # signature and a cache entry), with RSS sampled throughout.
+        issuing = x509.load_pem_x509_certificate((data / "ca" / "issuing.crt.pem").read_bytes())
+        with sqlite3.connect(sqlite_path) as conn:
+            serials = [int(r[0], 16) for r in conn.execute("SELECT serial FROM certificates LIMIT ?", (n_ocsp,))]
+        name_hash = hashlib.sha1(issuing.subject.public_bytes()).digest()  # RFC 6960 CertID, as openssl sends it
+        key_hash = x509.SubjectKeyIdentifier.from_public_key(issuing.public_key()).digest  # SHA-1 of the BIT STRING
+        hwm = 0.0
+        answered = 0
+        with httpx.Client(verify=ctx, timeout=10) as client:
+            for i, serial in enumerate(serials):
+                req = (
+                    ocsp.OCSPRequestBuilder()
+                    .add_certificate_by_hash(name_hash, key_hash, serial, hashes.SHA1())
+                    .build()
+                    .public_bytes(serialization.Encoding.DER)
+                )
+                reply = client.post(
+                    f"https://localhost:{port}/ocsp", content=req, headers={"Content-Type": "application/ocsp-request"}
+                )
+                if reply.status_code == 200 and ocsp.load_der_ocsp_response(reply.content).response_status.value == 0:
+                    answered += 1
+                if i % 10 == 0:
+                    client.get(f"https://localhost:{port}/metrics")
+                if i % 200 == 0:
+                    hwm = max(hwm, _rss_mib(proc.pid)[1])
         time.sleep(4)  # the background reminder sweep runs over the whole store
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        fields = {line.split(":")[0]: line.split(":")[1].strip() for line in status.splitlines() if ":" in line}
-        rss = int(fields["VmRSS"].split()[0]) / 1024
-        hwm = int(fields["VmHWM"].split()[0]) / 1024
+        rss, peak = _rss_mib(proc.pid)
+        hwm = max(hwm, peak)
     finally:
         proc.terminate()
         proc.wait(20)
+    NOTES.append(
+        f"Server RSS: while it answered {len(serials):,} OCSP requests for certificates of the store "
+        f"({answered:,} successful answers) and {len(serials) // 10:,} /metrics, with its reminder sweep."
+    )
     ROWS.append(
         Row(
-            f"server RSS with {certs:,} certificate rows in the store (SQLite; after 200 /metrics and a sweep)",
+            f"server RSS with {certs:,} certificate rows in the store while serving OCSP and /metrics (SQLite)",
             f"{rss:.0f} MB (peak {hwm:.0f} MB)",
             "—",
             "1M certificates ≤ 300 MB",
@@ -706,7 +742,55 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
     )
 
 
-# --- 5. other areas' scripts -----------------------------------------------------------------------------------
+# --- 5. user import ---------------------------------------------------------------------------------------------
+def bench_import(tmp: Path, quick: bool) -> None:
+    """`mailkms user import` of 100,000 users as an administrator runs it: a real process, SQLite."""
+    n = 2000 if quick else 100_000
+    data = make_ca(tmp / "ca-import", KeyType.P256)
+    users = tmp / "import.csv"
+    users.write_text("email,name\n" + "".join(f"person{i}@example.org,Person {i}\n" for i in range(n)))
+    tokens = tmp / "import-tokens.csv"
+    env = {
+        **os.environ,
+        "MAILKMS_DATA": str(data),
+        "MAILKMS_DATABASE_URL": f"sqlite:///{tmp / 'import.db'}",
+        "MAILKMS_CA_PASSPHRASE": PASS,
+        "MAILKMS_SERVER__PUBLIC_URL": "http://kms.example.org/",
+    }
+    mailkms = str(Path(sys.executable).parent / "mailkms")
+    db = Database(env["MAILKMS_DATABASE_URL"])
+    db.migrate()  # not timed
+    db.dispose()
+    start = time.perf_counter()
+    done = subprocess.run(
+        [mailkms, "user", "import", str(users), "--tokens-out", str(tokens), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"user import exited {done.returncode}: {done.stderr[-300:]}")
+    added = json.loads(done.stdout)["added"]
+    progress = [line for line in done.stderr.splitlines() if line.startswith("import: ")]
+    with sqlite3.connect(tmp / "import.db") as conn:
+        stored = conn.execute("SELECT count(*) FROM users").fetchone()[0]
+    ROWS.append(
+        Row(
+            f"`mailkms user import` of {n:,} users (one token each, audited), SQLite, whole process",
+            f"{seconds:.1f} s = {fmt(rate(added, seconds))}",
+            "—",
+            "100,000 users with progress shown",
+            met(added == stored == n >= 100_000 and len(progress) >= 10),
+        )
+    )
+    NOTES.append(
+        f"user import: {added:,} added, {stored:,} rows in the store, {len(progress)} progress lines on stderr "
+        f"(a bar on a terminal); 500 users per transaction; load average {os.getloadavg()[0]:.2f}."
+    )
+
+
+# --- 6. other areas' scripts -----------------------------------------------------------------------------------
 def other_scripts(quick: bool, budget: float) -> list[str]:
     extra_out: list[str] = []
     for name in OTHER_SCRIPTS:
@@ -758,6 +842,7 @@ def main() -> int:
     sweep_db: list[Path | None] = [None]
     steps.append(("sweep", lambda: sweep_db.__setitem__(0, bench_sweep(tmp, args.quick))))
     steps.append(("rss", lambda: bench_rss(tmp, sweep_db[0], args.quick)))
+    steps.append(("import", lambda: bench_import(tmp, args.quick)))
     try:
         for name, step in steps:
             try:

@@ -32,6 +32,7 @@ def test_import_writes_tokens_only_to_a_new_private_file(data_dir: Path, tmp_pat
     assert done.returncode == 2, done.stderr  # one bad row: reported, the others are added
     report = json.loads(done.stdout)
     assert report["added"] == 3 and [f["email"] for f in report["failed"]] == ["not-an-address"]
+    assert "import: 4/4 users" in done.stderr  # progress without a terminal: plain lines, never a token
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     rows = list(csv.DictReader(out.open()))
     assert [r["email"] for r in rows] == ["ann@example.org", "bob@example.org", "carol@example.org"]

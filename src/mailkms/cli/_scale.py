@@ -21,7 +21,7 @@ from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
 from mailkms.config import data_dir_from_env, load_settings
 from mailkms.errors import MailkmsError, Malformed
-from mailkms.services import Services, UserState, UserView
+from mailkms.services import Services, UserState, UserView, normalise_mailbox
 
 err_console = Console(stderr=True)
 _DURATION = re.compile(r"^\s*(\d+)\s*([dhw])\s*$")
@@ -56,6 +56,17 @@ def progress_bar(description: str) -> Iterator[Progress]:
         transient=False,
     ) as progress:
         yield progress
+
+
+IMPORT_BATCH = 500  # users per transaction in `user import`
+IMPORT_PROGRESS_EVERY = 10_000  # without a terminal, a progress line on stderr this often
+
+
+def normalised_or_same(email: str) -> str:
+    try:
+        return normalise_mailbox(email)
+    except MailkmsError:
+        return email
 
 
 def _services() -> Services:
@@ -151,17 +162,25 @@ def register(app: typer.Typer) -> None:
                 writer = csv.writer(out)
                 writer.writerow(["email", "name", "token", "expires_at"])
                 task = progress.add_task("users", total=len(rows))
-                for email, name, group in rows:
-                    try:
-                        token = services.users.add(email, name, group, admin)
-                    except MailkmsError as exc:
-                        failures.append({"email": email, "error": exc.code, "detail": exc.detail})
-                    else:
-                        expires = services.clock.now() + dt.timedelta(days=ttl)
-                        writer.writerow([email.strip().lower(), name, token, expires.isoformat(timespec="seconds")])
-                        out.flush()
-                        added += 1
-                    progress.advance(task)
+                for start in range(0, len(rows), IMPORT_BATCH):
+                    batch = rows[start : start + IMPORT_BATCH]
+                    names = {normalised_or_same(email): name for email, name, _ in batch}
+                    # Tokens are written only after their batch is committed: the file never names a user
+                    # that is not in the store.
+                    expires = services.clock.now() + dt.timedelta(days=ttl)
+                    for email, outcome in services.users.add_many(batch, admin):
+                        if isinstance(outcome, MailkmsError):
+                            failures.append({"email": email, "error": outcome.code, "detail": outcome.detail})
+                        else:
+                            writer.writerow(
+                                [email, names.get(email, ""), outcome, expires.isoformat(timespec="seconds")]
+                            )
+                            added += 1
+                    out.flush()
+                    progress.advance(task, len(batch))
+                    done = start + len(batch)
+                    if not err_console.is_terminal and (done % IMPORT_PROGRESS_EVERY < len(batch) or done == len(rows)):
+                        print(f"import: {done:,}/{len(rows):,} users", file=sys.stderr, flush=True)
             data = {"added": added, "failed": failures, "tokens_file": str(tokens_out)}
             if as_json:
                 print(json.dumps(data, indent=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import event, select
+from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
@@ -65,14 +65,48 @@ class AuditLog:
 
     def append(self, session: Session, actor: str, action: str, subject: str, **details: object) -> AuditRecord:
         """Append in the caller's transaction; the head row lock orders concurrent writers."""
-        for key in details:
-            if any(word in key.lower() for word in _SECRET_WORDS) and not key.endswith("_id"):
-                raise ValueError(f"audit detail {key!r} looks like a secret; audit records never hold secrets")
+        head = self._locked_head(session)
+        record = self._next(session, head, actor, action, subject, details)
+        session.add(record)
+        session.flush()
+        return record
+
+    def append_many(
+        self, session: Session, actor: str, entries: Sequence[tuple[str, str, Mapping[str, object]]]
+    ) -> None:
+        """(action, subject, details) records in order, one head lock and one INSERT for all of them.
+
+        Each entry is still its own record in the chain; only the round trips are shared (bulk work).
+        """
+        if not entries:
+            return
+        head = self._locked_head(session)
+        rows = [self._next(session, head, actor, action, subject, details) for action, subject, details in entries]
+        session.execute(
+            insert(AuditRecord),
+            [
+                {c: getattr(r, c) for c in ("seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash")}
+                for r in rows
+            ],
+        )
+        session.flush()
+
+    @staticmethod
+    def _locked_head(session: Session) -> AuditHead:
         head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
         if head is None:
             head = AuditHead(id=1, seq=0, hash=GENESIS)
             session.add(head)
             session.flush()
+        return head
+
+    def _next(
+        self, session: Session, head: AuditHead, actor: str, action: str, subject: str, details: Mapping[str, object]
+    ) -> AuditRecord:
+        """The record after `head` (not yet added to the session); moves the head."""
+        for key in details:
+            if any(word in key.lower() for word in _SECRET_WORDS) and not key.endswith("_id"):
+                raise ValueError(f"audit detail {key!r} looks like a secret; audit records never hold secrets")
         seq = head.seq + 1
         at = self._clock.now()
         text = json.dumps(details, sort_keys=True, default=str, separators=(",", ":"))
@@ -80,10 +114,8 @@ class AuditLog:
         record = AuditRecord(
             seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=head.hash, hash=digest
         )
-        session.add(record)
         head.seq = seq
         head.hash = digest
-        session.flush()
         if self._observers:
             session.info.setdefault(_PENDING, []).append((self._observers, action, details))
         return record
