@@ -31,17 +31,18 @@ from mailkms.cli._serve import serve
 from mailkms.clock import FakeClock
 from mailkms.config import load_settings
 from mailkms.pki import crl_number, verify_message
-from mailkms.services import Services
+from mailkms.services import Services, ShareInput
 from mailkms.services._ca import (
     MAIL_SIGNER_RENEW_BEFORE,
     OCSP_RESPONDER_RENEW_BEFORE,
     ROOT_CRL_VALIDITY,
     TLS_RENEW_BEFORE,
 )
-from mailkms.store import Certificate, KeyHandover
+from mailkms.store import Certificate, KeyHandover, RecoveryHold
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL, START, make_csr, transport_pem
 
 HOUR = dt.timedelta(hours=1)
+BOOTSTRAP_PASSPHRASE = b"test-recovery-passphrase"  # what tests/conftest.py gives init_ca
 MARGIN = dt.timedelta(minutes=1)  # TLS and the root CRL fall due five minutes apart
 ROUND = 0.2  # seconds between the daily rounds here
 
@@ -247,6 +248,25 @@ def test_purges_and_the_issuing_crl_across_their_thresholds(live: tuple[Live, Fa
     rounds.wait("revocation", clock.now())
     fresh = x509.load_der_x509_crl(server.get("/crl/issuing.crl"))
     assert crl_number(fresh) == crl_number(crl) + 1 and fresh.last_update_utc >= crl.last_update_utc + refresh
+
+    # a held recovery (the keys waiting for their owner's recovery token) goes when the token dies
+    _enrol(services, "ray@example.org")
+    share = next((services.settings.data_dir / "recovery").glob("share-*-1-bootstrap.json"))
+    services.recovery.recover("ray@example.org", [ShareInput(share.read_bytes(), BOOTSTRAP_PASSPHRASE)], "admin:t")
+    with services.db.read_only() as session:
+        [held_until] = session.execute(select(RecoveryHold.expires_at)).scalars().all()
+    held_until = held_until.replace(tzinfo=dt.UTC) if held_until.tzinfo is None else held_until
+
+    def holds() -> int:
+        with services.db.read_only() as session:
+            return int(session.execute(select(func.count()).select_from(RecoveryHold)).scalar_one())
+
+    clock.set(held_until - dt.timedelta(minutes=1))
+    rounds.wait("daily", clock.now())
+    assert holds() == 1
+    clock.set(held_until + dt.timedelta(minutes=1))
+    rounds.wait("daily", clock.now())
+    assert holds() == 0
 
 
 def test_server_certificates_and_the_root_crl_are_renewed_while_serving(live: tuple[Live, FakeClock, Rounds]) -> None:
