@@ -45,8 +45,10 @@ KEY_SOUND_REASONS = frozenset(
 def revoked_signature_problem(result: RevocationResult, signed_at: dt.datetime | None) -> str | None:
     """Why a signature by a revoked certificate is not to be trusted, or None when it still counts:
     revoked for a reason that keeps the key sound, after the time the message says it was signed."""
-    if result.status is not RevocationStatus.REVOKED or result.revoked_at is None:
+    if result.status is not RevocationStatus.REVOKED:
         return None
+    if result.revoked_at is None:  # a checker that knows no date: nothing to weigh the signing time against
+        return f"the signer's certificate has been {result.detail}."
     when = f"{result.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
     if result.reason not in KEY_SOUND_REASONS:
         why = "its key was compromised" if result.reason is x509.ReasonFlags.key_compromise else "no reason given"

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from mailkms.pki import RevocationStatus, check_crl, crl_urls, revoked_signature_problem
+from mailkms.pki import RevocationResult, RevocationStatus, check_crl, crl_urls, revoked_signature_problem
 from tests.smime_support import NOW, SmimePKI
 
 
@@ -99,3 +99,5 @@ def test_other_reasons_keep_signatures_made_before_the_revocation(pki: SmimePKI,
     assert "does not say when" in (revoked_signature_problem(result, None) or "")
     good = check_crl(make_crl(pki, [], NOW), cert, pki.issuing, NOW)
     assert revoked_signature_problem(good, None) is None
+    undated = RevocationResult(RevocationStatus.REVOKED, "revoked (says another checker)", None, "", reason)
+    assert "revoked (says another checker)" in (revoked_signature_problem(undated, at - dt.timedelta(days=9)) or "")
