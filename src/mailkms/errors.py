@@ -166,6 +166,11 @@ class ReplayedNonce(BadNonce):
     title = "The nonce has already been used (replayed request)"
 
 
+class NonceRequired(BadNonce):
+    code = "nonce-required"
+    title = "The request must carry a fresh nonce from this server"
+
+
 class StaleNonce(BadNonce):
     code = "nonce-stale"
     title = "The nonce has expired; fetch a fresh one"

@@ -189,3 +189,28 @@ def test_on_a_terminal_init_shows_the_passphrase_once(tmp_path: Path) -> None:
     assert len(shown) >= 32
     assert not (data / "recovery" / "bootstrap-passphrase").exists()
     assert shown not in "".join(p.read_text(errors="replace") for p in data.rglob("*") if p.is_file())
+
+
+def test_an_init_that_fails_half_way_leaves_nothing_in_the_way_of_a_retry(tmp_path: Path) -> None:
+    """init stops at its last step (the audit checkpoint key: DATA/audit is a file in the way), after
+    the CA keys, the bootstrap share and its passphrase file were written. None of them may stay: a
+    stale passphrase file or share would block the retry ("already exists") or pair with nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    blocker = data / "audit"
+    blocker.write_text("in the way\n")
+    out = tmp_path / "officer-usb" / "recovery-passphrase"
+    out.parent.mkdir()
+    env = base_env(data)
+    for extra in ([], ["--recovery-passphrase-out", str(out)]):
+        done = mailkms([*INIT, *extra], env)
+        assert done.returncode == 78, done.stdout + done.stderr
+        assert "what it had written was removed" in done.stderr and "Traceback" not in done.stderr
+        assert sorted(p.name for p in data.iterdir()) == ["audit"]  # only what was there before
+        assert blocker.read_text() == "in the way\n"
+        assert list(out.parent.iterdir()) == []
+    blocker.unlink()
+    done = mailkms([*INIT, "--recovery-passphrase-out", str(out)], env)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600 and (data / "recovery").is_dir()
+    assert (data / "audit" / "checkpoint.key.pem").exists() and (data / "ca" / "root.crt.pem").exists()

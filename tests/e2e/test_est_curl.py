@@ -131,17 +131,33 @@ class World:
     def openssl(self, *args: str, stdin: bytes | None = None) -> bytes:
         return run([*self.clock, "openssl", *args], stdin=stdin)
 
-    def request(self, name: str, mailbox: str, key: Path | None = None) -> Path:
-        """`openssl req` for the EST client's key (made here when `key` does not exist yet)."""
-        subject = f"/CN={mailbox}/emailAddress={mailbox}"
+    def request(self, name: str, mailbox: str, key: Path | None = None, nonce: str | None = None) -> Path:
+        """`openssl req` for the EST client's key (made here when `key` does not exist yet); with
+        `nonce`, the server's nonce as the challengePassword attribute (`-subj` would drop it)."""
         der = self.tmp / f"{name}.der"
         key = key or self.tmp / f"{name}.key"
         if not key.exists():
             self.openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key))
-        self.openssl("req", "-new", "-key", str(key), "-subj", subject, "-outform", "DER", "-out", str(der))
+        if nonce is None:
+            subject = ["-subj", f"/CN={mailbox}/emailAddress={mailbox}"]
+        else:
+            config = self.tmp / f"{name}.cnf"
+            config.write_text(
+                "[req]\nprompt = no\ndistinguished_name = dn\nattributes = attrs\n"
+                f"[dn]\nCN = {mailbox}\nemailAddress = {mailbox}\n[attrs]\nchallengePassword = {nonce}\n"
+            )
+            subject = ["-config", str(config)]
+        self.openssl("req", "-new", "-key", str(key), *subject, "-outform", "DER", "-out", str(der))
         b64 = self.tmp / f"{name}.b64"
         b64.write_bytes(self.openssl("base64", "-in", str(der)))
         return b64
+
+    def renewal_request(self, name: str, mailbox: str, key: Path) -> Path:
+        """A bare renewal as an EST client makes it: a fresh nonce (`curl /api/v1/nonce`) in the
+        challengePassword of a request for the current key."""
+        reply = self.get("/api/v1/nonce")
+        assert reply.status == 204, reply.text
+        return self.request(name, mailbox, key, reply.headers["replay-nonce"])
 
     def rekey_request(self, name: str, signer: Path, key: Path, request: Path) -> Path:
         """`openssl cms -sign` of the new key's DER request with the current certificate and key."""
@@ -282,7 +298,9 @@ def test_simpleenroll_and_serverkeygen_give_a_clean_pair(world: World) -> None:
     assert again.status == 401 and again.headers["www-authenticate"].startswith("Basic")
     assert "already been used" in again.text
     # not due: renewal is refused by policy
-    reply = world.post(f"{EST}/simplereenroll", world.request("alice-re", "alice@example.org", world.tmp / "alice.key"))
+    reply = world.post(
+        f"{EST}/simplereenroll", world.renewal_request("alice-re", "alice@example.org", world.tmp / "alice.key")
+    )
     assert reply.status == 403 and "not yet due" in reply.text
 
 
@@ -321,7 +339,10 @@ def test_refusals_have_the_rfc_status_codes_and_spend_nothing(world: World) -> N
     assert early.status == 403 and "simpleenroll" in early.text
     assert world.post(f"{EST}/simplereenroll", good, "text/plain").status == 415
     assert world.post(f"{EST}/simplereenroll", world.tmp / "not-base64.b64").status == 400
-    assert world.post(f"{EST}/simplereenroll", good).status == 403  # dave has no certificate yet
+    assert world.post(f"{EST}/simplereenroll", good).status == 403  # no nonce
+    no_cert = world.renewal_request("dave-re", "dave@example.org", world.tmp / "dave.key")
+    reply = world.post(f"{EST}/simplereenroll", no_cert)
+    assert reply.status == 403 and "no certificate to renew" in reply.text
     # none of that spent dave's token
     enrol(world, "dave")
 
@@ -336,8 +357,11 @@ def test_renewal_a_year_later_by_the_current_key(world: World) -> None:
     world.stop()
     world.start(YEAR_LATER)
 
-    # renew: a request for the current key, signed by it
-    renew = world.request("bob-re", "bob@example.org", world.tmp / "bob.key")
+    # renew: a request for the current key, signed by it, the server's nonce inside
+    captured = world.request("bob-old", "bob@example.org", world.tmp / "bob.key")  # the bare form of old
+    reply = world.post(f"{EST}/simplereenroll", captured)
+    assert reply.status == 403 and "challengePassword" in reply.text and "nonce-required" in reply.text
+    renew = world.renewal_request("bob-re", "bob@example.org", world.tmp / "bob.key")
     reply = world.post(f"{EST}/simplereenroll", renew)
     assert reply.status == 200, reply.text
     [renewed] = world.certs(reply, "bob-renewed")
@@ -346,7 +370,10 @@ def test_renewal_a_year_later_by_the_current_key(world: World) -> None:
     )
     assert world.pubkey_of_cert(renewed) == world.pubkey_of_key(world.tmp / "bob.key")
     world.judge(renewed, "smimesign")
-    repeat = world.post(f"{EST}/simplereenroll", renew)  # a lost reply: the same certificate, nothing new
+    replayed = world.post(f"{EST}/simplereenroll", renew)  # captured and sent again: refused
+    assert replayed.status == 403 and "replayed" in replayed.text and "nonce-reused" in replayed.text
+    again = world.renewal_request("bob-again", "bob@example.org", world.tmp / "bob.key")
+    repeat = world.post(f"{EST}/simplereenroll", again)  # a lost reply: the same certificate, nothing new
     assert repeat.status == 200 and world.certs(repeat, "bob-repeat")[0].read_bytes() == renewed.read_bytes()
 
     # the new encryption key comes by e-mail, enveloped to the current encryption certificate
@@ -400,5 +427,6 @@ def test_renewal_a_year_later_by_the_current_key(world: World) -> None:
     # 20 months after enrolment: expired, re-enrolment by an administrator is required
     world.stop()
     world.start(EXPIRED)
-    reply = world.post(f"{EST}/simplereenroll", world.request("erin-re", "erin@example.org", world.tmp / "erin.key"))
+    renew = world.renewal_request("erin-re", "erin@example.org", world.tmp / "erin.key")
+    reply = world.post(f"{EST}/simplereenroll", renew)
     assert reply.status == 403 and "enrol you again" in reply.text

@@ -11,17 +11,22 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy import func, select
 
 from mailkms.errors import (
     BadCSR,
+    BadNonce,
     EncryptedKeyUnsupported,
     MailkmsError,
     NoKeyToCollect,
+    NonceRequired,
     NotCurrentCertificate,
     NotDue,
     ReenrolmentRequired,
+    ReplayedNonce,
     Revoked,
+    StaleNonce,
     StaleRequest,
     TokenInvalid,
     TokenUsed,
@@ -36,6 +41,7 @@ from mailkms.pki import (
     mailboxes_of,
     open_with_secret,
     same_public_key,
+    signature_hash_for,
 )
 from mailkms.services import HANDOVER_WINDOW, token_hash
 from mailkms.store import ArchivedKey, Certificate, KeyHandover, OutboxMessage, User
@@ -176,27 +182,72 @@ def test_sealed_keys_are_deleted_when_their_hour_ends(services, clock) -> None:
 
 
 # --- re-enrolment: the renewal rules ---------------------------------------------------------------
-def reenrol_csr(key: PrivateKey) -> bytes:
-    return der_csr(ALICE, key)[0]
+def reenrol_csr(key: PrivateKey, nonce: str | None = None, mailbox: str = ALICE) -> bytes:
+    """A bare renewal request; with `nonce`, that nonce as its challengePassword (without, rekey's inner CSR)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, mailbox)])
+    )
+    if nonce is not None:
+        builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, nonce.encode())
+    return builder.sign(key, signature_hash_for(key)).public_bytes(serialization.Encoding.DER)
+
+
+def renew_csr(services, key: PrivateKey, mailbox: str = ALICE) -> bytes:  # type: ignore[no-untyped-def]
+    """What an EST client sends: a fresh nonce from the server in the challengePassword."""
+    return reenrol_csr(key, services.nonces.new(), mailbox)
 
 
 def test_simplereenroll_renews_when_due_once_and_repeats_answer_the_same(services, clock) -> None:
     _, key, first = enrol(services)
     clock.advance(6 * MONTH)
     with pytest.raises(NotDue):
-        services.est.simplereenroll(reenrol_csr(key))
+        services.est.simplereenroll(renew_csr(services, key))
     with pytest.raises(NotCurrentCertificate):  # proof by another key
-        services.est.simplereenroll(reenrol_csr(generate_key(KeyType.RSA2048)))
+        services.est.simplereenroll(renew_csr(services, generate_key(KeyType.RSA2048)))
     clock.advance(6 * MONTH)  # past the 12-month reminder point
-    renewed = services.est.simplereenroll(reenrol_csr(key))
+    renewed = services.est.simplereenroll(renew_csr(services, key))
     assert renewed.serial_number != first.serial_number
     assert same_public_key(renewed.public_key(), key.public_key())  # type: ignore[arg-type]
     assert services.users.show(ALICE).generation == 2
     with services.db.transaction() as session:  # the encryption pair goes by mail, as for every renewal
         assert session.execute(select(OutboxMessage.purpose)).scalars().all() == ["delivery:renewal"]
-    repeat = services.est.simplereenroll(reenrol_csr(key))
+    repeat = services.est.simplereenroll(renew_csr(services, key))  # a lost reply: asked again, a new nonce
     assert repeat.serial_number == renewed.serial_number
     assert services.users.show(ALICE).generation == 2
+    assert services.verify_audit().ok
+
+
+def test_a_captured_bare_renewal_request_replayed_is_refused(services, clock) -> None:
+    """Issue 12 §10: the request's own signature proves the key but not freshness; the server's nonce
+    in its challengePassword does, spent once. Replayed at once: nonce-reused; a year later, when the
+    renewed pair is due again and would otherwise be renewed without the user: nonce-stale."""
+    _, key, _ = enrol(services)
+    clock.advance(12 * MONTH)
+    spent = services.nonces.spent()
+    with pytest.raises(NonceRequired, match="challengePassword"):  # the old bare form: no nonce
+        services.est.simplereenroll(reenrol_csr(key))
+    with pytest.raises(BadNonce, match="unknown"):  # a nonce this server never made
+        services.est.simplereenroll(reenrol_csr(key, "A" * 55))
+    other = reenrol_csr(generate_key(KeyType.RSA2048), services.nonces.new())
+    with pytest.raises(NotCurrentCertificate):  # no proof: the nonce is not spent either
+        services.est.simplereenroll(other)
+    assert services.nonces.spent() == spent  # refusals before the proof write nothing
+
+    captured = renew_csr(services, key)
+    renewed = services.est.simplereenroll(captured)  # the first request works
+    assert services.users.show(ALICE).generation == 2
+    assert services.nonces.spent() == spent + 1
+    with pytest.raises(ReplayedNonce, match="replayed"):
+        services.est.simplereenroll(captured)
+    clock.advance(12 * MONTH)  # generation 2 is due now: the replay would renew it without Alice
+    with pytest.raises(StaleNonce):
+        services.est.simplereenroll(captured)
+    assert services.users.show(ALICE).generation == 2
+    with services.db.transaction() as session:
+        assert session.execute(select(OutboxMessage.purpose)).scalars().all() == ["delivery:renewal"]
+    again = services.est.simplereenroll(renew_csr(services, key))  # Alice herself, with a fresh nonce
+    assert again.serial_number != renewed.serial_number
+    assert services.users.show(ALICE).generation == 3
     assert services.verify_audit().ok
 
 
@@ -210,15 +261,20 @@ def test_simplereenroll_refuses_expired_and_revoked(services, clock) -> None:
             cert.revoked_at = clock.now()
     clock.advance(13 * MONTH)
     with pytest.raises(Revoked):
-        services.est.simplereenroll(der_csr("bob@example.org", bob_key)[0])
+        services.est.simplereenroll(renew_csr(services, bob_key, "bob@example.org"))
     clock.advance(6 * MONTH)
     with pytest.raises(ReenrolmentRequired):
-        services.est.simplereenroll(reenrol_csr(key))
+        services.est.simplereenroll(renew_csr(services, key))
 
 
 def test_simplereenroll_needs_a_mailbox_in_the_request(services, clock) -> None:
     _, key, _ = enrol(services)
-    bare = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    bare = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, services.nonces.new().encode())
+        .sign(key, hashes.SHA256())
+    )
     with pytest.raises(BadCSR, match="subject"):
         services.est.simplereenroll(bare.public_bytes(serialization.Encoding.DER))
 

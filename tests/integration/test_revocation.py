@@ -384,14 +384,34 @@ def test_bad_revocation_requests_are_refused_and_change_nothing(services) -> Non
     assert entry is not None and len(entry.extensions) == 0  # no reason: the extension is omitted (BR 7.2.2)
 
 
-def test_expired_certificates_drop_off_the_crl(services, clock) -> None:
+def test_expired_certificates_drop_off_the_crl_except_compromised_keys(services, clock) -> None:
+    """Once a certificate expires its entry leaves the CRL, except after keyCompromise: a signature
+    the thief makes later, claiming a signing time inside the validity, is still found revoked."""
+    from mailkms.client._mail import CRLChecker
+    from mailkms.pki import RevocationStatus, revoked_signature_problem
+
     ivan = Enrolled(services, "ivan@example.org")
+    judy = Enrolled(services, "judy@example.org")
     services.revocation.revoke_users([ivan.mailbox], "cessationOfOperation", "admin:test")
-    assert services.revocation.latest.entries == 2  # type: ignore[union-attr]
+    services.revocation.revoke_users([judy.mailbox], "keyCompromise", "admin:test")
+    assert services.revocation.latest.entries == 4  # type: ignore[union-attr]
+    number = services.revocation.latest.number  # type: ignore[union-attr]
     clock.advance(dt.timedelta(days=19 * 31))
     view = services.revocation.publish_crl()
-    assert view is not None and view.entries == 0  # due (older than crl_refresh_hours) and empty
-    assert view.number == 2  # the first came with the revocation
+    assert view is not None and view.number == number + 1  # due (older than crl_refresh_hours)
+    crl = x509.load_der_x509_crl(view.der)
+    assert {e.serial_number for e in crl} == {c.serial_number for c in judy.certs}  # ivan's left
+    verdict = pkilint(
+        "lint_crl", ["-t", "CRL", "-p", "BR", "-s", "WARNING"], crl.public_bytes(serialization.Encoding.PEM)
+    )
+    assert verdict.exit_code == 0, verdict
+    checker = CRLChecker(lambda url: view.der)
+    issuer = services.ca.issuing.certificate
+    assert checker.check(ivan.signing, issuer, clock.now()).status is RevocationStatus.GOOD
+    late = checker.check(judy.signing, issuer, clock.now())
+    assert late.status is RevocationStatus.REVOKED and late.reason is x509.ReasonFlags.key_compromise
+    claimed = judy.signing.not_valid_before_utc + dt.timedelta(hours=1)  # before the revocation
+    assert "compromised" in (revoked_signature_problem(late, claimed) or "")
 
 
 def test_crl_numbers_increase_and_concurrent_revocations_share_crls(services) -> None:

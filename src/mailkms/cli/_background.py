@@ -81,12 +81,14 @@ async def revocation_loop(services: Services, stop: asyncio.Event) -> None:
     revocation = services.revocation
     while not stop.is_set():
         try:
+            now = services.clock.now()
             await asyncio.to_thread(services.ocsp.sync)
             await asyncio.to_thread(revocation.refresh_latest)
             if await asyncio.to_thread(revocation.crl_due):
                 view = await asyncio.to_thread(revocation.publish_crl)
                 if view is not None:
                     log.info("published CRL %d with %d entries", view.number, view.entries)
+            log.debug("revocation round at %s", now, extra={"at": now})
         except Exception:
             log.exception("revocation round failed; retrying")
         await _wait(stop, services.settings.revocation.poll_seconds)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +94,36 @@ def _warn(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _undone_on_failure(data_dir: Path, outside: Path | None) -> Iterator[None]:
+    """If init stops half-way, remove every file and folder it made (a half CA, the bootstrap share,
+    its passphrase file, here or at --recovery-passphrase-out): none of them is of any use alone, and
+    each would block or confuse the next `mailkms init`. What was there before is left alone."""
+    existed = data_dir.exists()
+    before = set(data_dir.rglob("*")) if existed else set()
+    outside_existed = outside is not None and outside.exists()
+    try:
+        yield
+    except BaseException as exc:
+        made = [p for p in data_dir.rglob("*") if p not in before] if data_dir.exists() else []
+        for path in sorted(made, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        if outside is not None and not outside_existed:
+            with contextlib.suppress(OSError):
+                outside.unlink()
+        if not existed:
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()
+        if isinstance(exc, OSError):
+            where = f" {exc.filename}" if exc.filename else ""
+            raise ConfigError(
+                f"init could not write{where} ({exc.strerror or exc}); what it had written was removed: "
+                "fix that and run it again"
+            ) from None
+        raise
+
+
 @app.command()
 def init(
     hostname: Annotated[str, typer.Option(help="the name in the server's TLS certificate")] = "localhost",
@@ -148,48 +180,49 @@ def init(
                 "give --recovery-passphrase-out FILE or MAILKMS_RECOVERY_PASSPHRASE"
             )
 
-        data_dir.mkdir(parents=True, exist_ok=True)
-        config_path = data_dir / CONFIG_FILE
-        if not config_path.exists():  # 0600: it can hold the SMTP password
-            text = CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url)
-            if production:
-                text = text.replace("\nproduction = false ", "\nproduction = true  ", 1)
-            write_secret_once(config_path, text.encode())
-        if not settings.ca_passphrase:
-            _warn(
-                f"WARNING: the CA passphrase is generated and kept in {paths.passphrase_file}, beside the CA keys:\n"
-                "  any copy of the data folder (a backup, a snapshot) is a full compromise of the CA.\n"
-                "  Fine for trying mailkms (`make serve`). For production give the passphrase by\n"
-                f"  {PASSPHRASE_SOURCES}, and run with --production (README: Security)."
-            )
+        with _undone_on_failure(data_dir, recovery_passphrase_out):  # a retry finds nothing in its way
+            data_dir.mkdir(parents=True, exist_ok=True)
+            config_path = data_dir / CONFIG_FILE
+            if not config_path.exists():  # 0600: it can hold the SMTP password
+                text = CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url)
+                if production:
+                    text = text.replace("\nproduction = false ", "\nproduction = true  ", 1)
+                write_secret_once(config_path, text.encode())
+            if not settings.ca_passphrase:
+                _warn(
+                    f"WARNING: the CA passphrase is generated and kept in {paths.passphrase_file}, beside the CA keys:\n"
+                    "  any copy of the data folder (a backup, a snapshot) is a full compromise of the CA.\n"
+                    "  Fine for trying mailkms (`make serve`). For production give the passphrase by\n"
+                    f"  {PASSPHRASE_SOURCES}, and run with --production (README: Security)."
+                )
 
-        recovery_passphrase = given or new_bootstrap_passphrase()
-        written: Path | None = None
-        if given is None and recovery_passphrase_out is not None:
-            written = write_secret_once(recovery_passphrase_out, (recovery_passphrase + "\n").encode())
-        elif given is None and not to_terminal:
-            written = write_secret_once(
-                paths.recovery_dir / BOOTSTRAP_PASSPHRASE_FILE, (recovery_passphrase + "\n").encode()
+            recovery_passphrase = given or new_bootstrap_passphrase()
+            written: Path | None = None
+            if given is None and recovery_passphrase_out is not None:
+                written = write_secret_once(recovery_passphrase_out, (recovery_passphrase + "\n").encode())
+            elif given is None and not to_terminal:
+                written = write_secret_once(
+                    paths.recovery_dir / BOOTSTRAP_PASSPHRASE_FILE, (recovery_passphrase + "\n").encode()
+                )
+                _warn(
+                    f"WARNING: stdout is not a terminal, so the bootstrap recovery passphrase was written to {written},\n"
+                    "  beside its share: any copy of the data folder opens every archived key. Move both off this\n"
+                    "  machine now and appoint officers (mailkms recovery init); `mailkms doctor` reminds you.\n"
+                    "  Next time: --recovery-passphrase-out FILE, MAILKMS_RECOVERY_PASSPHRASE, or a terminal."
+                )
+            result = init_ca(
+                paths,
+                passphrase_env=settings.ca_passphrase,
+                key_type=settings.ca.key_type,
+                organization=settings.ca.organization,
+                country=settings.ca.country,
+                urls=public_urls(settings),
+                hostnames=tls_hostnames(settings.server.hostname, settings.server.extra_tls_names),
+                mail_from=settings.server.effective_mail_from,
+                clock=SystemClock(),
+                recovery_passphrase=recovery_passphrase,
+                production=production,
             )
-            _warn(
-                f"WARNING: stdout is not a terminal, so the bootstrap recovery passphrase was written to {written},\n"
-                "  beside its share: any copy of the data folder opens every archived key. Move both off this\n"
-                "  machine now and appoint officers (mailkms recovery init); `mailkms doctor` reminds you.\n"
-                "  Next time: --recovery-passphrase-out FILE, MAILKMS_RECOVERY_PASSPHRASE, or a terminal."
-            )
-        result = init_ca(
-            paths,
-            passphrase_env=settings.ca_passphrase,
-            key_type=settings.ca.key_type,
-            organization=settings.ca.organization,
-            country=settings.ca.country,
-            urls=public_urls(settings),
-            hostnames=tls_hostnames(settings.server.hostname, settings.server.extra_tls_names),
-            mail_from=settings.server.effective_mail_from,
-            clock=SystemClock(),
-            recovery_passphrase=recovery_passphrase,
-            production=production,
-        )
         data: dict[str, object] = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
         if result.recovery_share:

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterator
 
 import uvicorn
@@ -49,9 +50,13 @@ async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
         if stop.is_set():
             return  # serve() writes the last counts after the servers stopped
         try:
+            now = services.clock.now()
             await asyncio.to_thread(services.refusals.flush)
-            await asyncio.to_thread(services.nonces.purge)
-            await asyncio.to_thread(services.est.purge)  # sealed EST keys whose hour has ended
+            nonces = await asyncio.to_thread(services.nonces.purge)
+            keys = await asyncio.to_thread(services.est.purge)  # sealed EST keys whose hour has ended
+            log.debug(
+                "housekeeping at %s: %d spent nonces, %d sealed keys purged", now, nonces, keys, extra={"at": now}
+            )
         except Exception:
             log.exception("housekeeping failed; retrying")
 
@@ -68,26 +73,41 @@ def _limits(services: Services) -> dict[str, object]:
     }
 
 
-async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Callable[[], None]) -> None:
+async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Callable[[], None], every: float) -> None:
+    """Daily (every `every` seconds): server certificates and the root CRL, judged on the services'
+    clock; a renewed TLS certificate is loaded into the running server for new handshakes."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=IDENTITY_CHECK_EVERY.total_seconds())
+            await asyncio.wait_for(stop.wait(), timeout=every)
         if stop.is_set():
             return
         try:
+            now = services.clock.now()
             renewed = await asyncio.to_thread(services.ensure_server_identities)
             if "tls" in renewed:
                 reload_tls()
             if renewed:
                 log.info("renewed server identities: %s", ", ".join(renewed))
-            await asyncio.to_thread(services.recovery.purge)  # held recoveries whose token died
+            purged = await asyncio.to_thread(services.recovery.purge)  # held recoveries whose token died
+            log.debug(
+                "daily maintenance at %s: renewed %s, %s recoveries purged", now, renewed, purged, extra={"at": now}
+            )
         except Exception:
             log.exception("daily maintenance failed")
 
 
 async def serve(
-    services: Services, *, bind: str, https_port: int, http_port: int, outbox_interval: float | None = None
+    services: Services,
+    *,
+    bind: str,
+    https_port: int,
+    http_port: int,
+    outbox_interval: float | None = None,
+    maintenance_every: float = IDENTITY_CHECK_EVERY.total_seconds(),
+    stop: asyncio.Event | None = None,
 ) -> None:
+    """Until SIGINT/SIGTERM (in the main thread) or until `stop` is set (tests run it in-process,
+    on an injected clock, with a short `maintenance_every`)."""
     settings = services.settings
     renewed = services.ensure_server_identities()
     if renewed:
@@ -96,7 +116,7 @@ async def serve(
     if published is not None:
         log.info("published CRL %d with %d entries", published.number, published.entries)
     services.revocation.refresh_latest()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     sink: MailSink | None = None
     if settings.smtp.mode == "sink":
         sink = MailSink(settings.data_dir / "mailboxes", "127.0.0.1", settings.smtp.sink_port)
@@ -166,8 +186,13 @@ async def serve(
         for server in servers:
             server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stop)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _stop)
+
+    async def _stopper() -> None:
+        await stop.wait()
+        _stop()
 
     def reload_tls() -> None:
         # A running server takes the renewed certificate for new handshakes: same SSLContext, new chain.
@@ -179,7 +204,8 @@ async def serve(
         asyncio.create_task(
             _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
         ),
-        asyncio.create_task(_daily_loop(services, stop, reload_tls)),
+        asyncio.create_task(_daily_loop(services, stop, reload_tls, maintenance_every)),
+        asyncio.create_task(_stopper()),
         asyncio.create_task(_housekeeping_loop(services, stop)),
         *_background.start(services, stop),
     ]

@@ -53,6 +53,7 @@ from mailkms.pki import (
     mailboxes_of,
     normalise_fingerprint,
     read_pkcs12,
+    revoked_signature_problem,
     same_public_key,
     sign_detached,
     sign_opaque_message,
@@ -143,6 +144,11 @@ class SignatureReport:
             )
             if self.revocation.status is RevocationStatus.UNKNOWN:
                 out.append("Note: whether the certificate has been revoked could not be checked.")
+            elif self.revocation.status is RevocationStatus.REVOKED:
+                out.append(
+                    "Note: the certificate was revoked after the time the message says it was signed, for a "
+                    "reason that leaves its key sound; the signature counts as of that time."
+                )
         else:
             out.append("NOT TRUSTED: " + " ".join(self.problems))
         return out
@@ -157,6 +163,7 @@ class SignatureReport:
             "signed_at": self.signed_at.isoformat() if self.signed_at else None,
             "revocation": self.revocation.status.value,
             "revocation_detail": self.revocation.detail,
+            "revocation_reason": self.revocation.reason.name if self.revocation.reason else None,
             "sender": self.sender,
             "problems": self.problems,
         }
@@ -354,8 +361,9 @@ class SecureMail:
             revocation = self._revocation.check(signer, issuing, now)
         else:
             revocation = RevocationResult(RevocationStatus.UNKNOWN, "revocation not checked (no trusted issuer)")
-        if revocation.status is RevocationStatus.REVOKED:
-            problems.append(f"the signer's certificate has been {revocation.detail}.")
+        revoked = revoked_signature_problem(revocation, signed_at)  # keyCompromise: whatever time is claimed
+        if revoked is not None:
+            problems.append(revoked[0].upper() + revoked[1:])
         return SignatureReport(
             trusted=not problems,
             signer=", ".join(mailboxes) or signer.subject.rfc4514_string(),

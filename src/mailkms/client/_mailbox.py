@@ -134,6 +134,11 @@ def parse_imap_url(text: str) -> ImapURL:
     return ImapURL(scheme, unquote(parts.username), parts.hostname, port or _PORTS[scheme], _check_folder(folder))
 
 
+def same_folder(a: str, b: str) -> bool:
+    """IMAP folder names are compared as written, except INBOX, which is INBOX in any case (RFC 3501 §5.1)."""
+    return a == b or a.upper() == b.upper() == "INBOX"
+
+
 def _check_folder(name: str) -> str:
     if not name.isascii() or not name.isprintable() or not name.strip():
         raise BadMailboxURL(f"the folder name {name!r} must be printable ASCII")
@@ -161,8 +166,11 @@ class ImapSettings:
 
     def __post_init__(self) -> None:
         _check_folder(self.done_folder)
-        if self.done_folder == self.url.folder:
-            raise BadMailboxURL("the folder installed deliveries are moved into must differ from the one read")
+        if same_folder(self.done_folder, self.url.folder):
+            raise BadMailboxURL(
+                f"the folder installed deliveries are moved into ({self.done_folder!r}) must differ from the one"
+                f" read ({self.url.folder!r}); INBOX is one folder in any case"
+            )
         if self.pin:
             object.__setattr__(self, "pin", normalise_pin(self.pin))
 
@@ -332,7 +340,15 @@ def _login(settings: ImapSettings) -> imaplib.IMAP4:
                     f"the IMAP server {where} offers no STARTTLS; mailkms-client never sends a password"
                     " without TLS (use imaps:// if the server has it)"
                 )
-            conn.starttls(ssl_context=context)
+            try:
+                conn.starttls(ssl_context=context)
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:  # the server answered NO or BAD: not the login's fault
+                raise MailboxError(
+                    f"the IMAP server {where} refused STARTTLS ({_server_text([exc.args[0] if exc.args else ''])});"
+                    " mailkms-client never sends a password without TLS (use imaps:// if the server has it)"
+                ) from None
         else:
             conn = imaplib.IMAP4_SSL(url.host, url.port, ssl_context=context, timeout=TIMEOUT)
         if settings.pin:

@@ -20,7 +20,15 @@ from mailkms.pki._crl import (
     parse_reason,
     reason_name,
 )
-from mailkms.pki._crlcheck import RevocationResult, RevocationStatus, check_crl, crl_urls, load_crl
+from mailkms.pki._crlcheck import (
+    KEY_SOUND_REASONS,
+    RevocationResult,
+    RevocationStatus,
+    check_crl,
+    crl_urls,
+    load_crl,
+    revoked_signature_problem,
+)
 from mailkms.pki._csr import CheckedCSR, check_csr
 from mailkms.pki._custody import (
     SEAL_SCRYPT_N,
@@ -145,6 +153,7 @@ __all__ = [
     "HASH_NAMES",
     "INTERNAL_ERROR_RESPONSE",
     "KEK_BYTES",
+    "KEY_SOUND_REASONS",
     "MALFORMED_RESPONSE",
     "MAX_SUBSCRIBER_DAYS",
     "SEAL_SCRYPT_N",
@@ -243,6 +252,7 @@ __all__ = [
     "read_smime",
     "reason_name",
     "reminder_point",
+    "revoked_signature_problem",
     "same_public_key",
     "seal_held_keys",
     "seal_secret",

@@ -23,6 +23,8 @@ from mailkms.errors import BadBase64, BadCSR
 # the client names (id-aa-decryptKeyID, id-aa-asymmDecryptKeyID).
 DECRYPT_KEY_ID = "1.2.840.113549.1.9.16.2.37"
 ASYMMETRIC_DECRYPT_KEY_ID = "1.2.840.113549.1.9.16.2.54"
+# PKCS#9 challengePassword: a bare re-enrolment request carries the server's nonce in it.
+CHALLENGE_PASSWORD = "1.2.840.113549.1.9.7"
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 PKCS8 = "application/pkcs8"
 _LINE = 64  # `openssl base64 -d` reads lines of at most 64 characters
@@ -54,6 +56,7 @@ class RequestView:
 
     mailboxes: tuple[str, ...]  # subject emailAddress, a CN holding '@', SAN rfc822Name; as written
     wants_encrypted_key: bool  # a DecryptKeyIdentifier or AsymmetricDecryptKeyIdentifier attribute
+    challenge_password: str | None = None  # the challengePassword attribute (PKCS#9), if exactly one value
 
 
 def inspect_csr(der: bytes) -> RequestView:
@@ -71,10 +74,14 @@ def inspect_csr(der: bytes) -> RequestView:
                 if kind == "email_address" or (kind == "common_name" and "@" in value):
                     names.append(value)
         encrypted = False
+        challenge: str | None = None
         for attribute in info["attributes"]:
             oid = attribute["type"].dotted
             if oid in (DECRYPT_KEY_ID, ASYMMETRIC_DECRYPT_KEY_ID):
                 encrypted = True
+            elif oid == CHALLENGE_PASSWORD:
+                values = attribute["values"].native
+                challenge = str(values[0]) if len(values) == 1 else None
             elif attribute["type"].native == "extension_request":
                 for extensions in attribute["values"]:
                     for extension in extensions:
@@ -85,7 +92,7 @@ def inspect_csr(der: bytes) -> RequestView:
                                 names.append(str(general_name.native))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise BadCSR(f"not a PKCS#10 certificate request in DER ({exc.__class__.__name__})") from None
-    return RequestView(tuple(names), encrypted)
+    return RequestView(tuple(names), encrypted, challenge)
 
 
 def serverkeygen_response(key_der: bytes, certs_only_der: bytes) -> tuple[str, bytes]:

@@ -98,7 +98,7 @@ class Services:
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
-            est=EST(db, ca, issuer, renewal, settings, clock, audit, refusals),
+            est=EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals),
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
             revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
             ocsp=ocsp,

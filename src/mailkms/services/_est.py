@@ -34,6 +34,7 @@ from mailkms.errors import (
     MailkmsError,
     Malformed,
     NoKeyToCollect,
+    NonceRequired,
     NotCurrentCertificate,
     Revoked,
     StaleRequest,
@@ -57,6 +58,7 @@ from mailkms.services._ca import CAContext
 from mailkms.services._enrolment import HELD_A_TOKEN
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
+from mailkms.services._nonces import Nonces
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
 from mailkms.services._tokens import find_token, redeem_token
@@ -87,6 +89,7 @@ class EST:
         ca: CAContext,
         issuer: PairIssuer,
         renewal: Renewal,
+        nonces: Nonces,
         settings: Settings,
         clock: Clock,
         audit: AuditLog,
@@ -97,6 +100,7 @@ class EST:
         self._ca = ca
         self._issuer = issuer
         self._renewal = renewal
+        self._nonces = nonces
         self._settings = settings
         self._clock = clock
         self._audit = audit
@@ -223,18 +227,29 @@ class EST:
     # -- re-enrolment ------------------------------------------------------------------------------
     def simplereenroll(self, csr: bytes) -> x509.Certificate:
         """Renew with the current key: a PKCS#10 for the key of the current signing certificate,
-        whose own signature proves possession of that key (RFC 7030 §4.2.2 "renew")."""
+        whose own signature proves possession of that key (RFC 7030 §4.2.2 "renew"). Its
+        challengePassword must be a fresh nonce of this server (`GET /api/v1/nonce`), spent here
+        once the signature has proven the key: a captured request replayed later is refused."""
         mailbox = "unknown"
         try:
             checked = check_csr(csr)
-            mailboxes = {m.lower() for m in inspect_csr(csr).mailboxes}
+            view = inspect_csr(csr)
+            mailboxes = {m.lower() for m in view.mailboxes}
             if len(mailboxes) != 1:
                 raise BadCSR(
                     "name your mailbox in the request's subject, as the current certificate does (RFC 7030 §4.2.2)"
                 )
             mailbox = normalise_mailbox(mailboxes.pop())
+            if not view.challenge_password:
+                raise NonceRequired(
+                    "a renewal request must carry a fresh server nonce as its challengePassword attribute "
+                    "(the Replay-Nonce header of GET /api/v1/nonce), or come inside a CMS SignedData "
+                    "(application/pkcs7-mime) with a current signingTime"
+                )
+            self._nonces.issued_at(view.challenge_password)  # forged or stale: refused without a write
             with self._db.transaction() as session:
                 proof = self._certificate_for_key(session, mailbox, checked.public_key)
+            self._nonces.consume(view.challenge_password)  # the one write; a replay is refused here
         except MailkmsError as exc:
             self._refused("-", "renewal.refused", exc)  # nothing proven yet: the mailbox is only claimed
             raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ from mailkms.store import Certificate, Database, KeyHandover, PublishedCRL, Toke
 
 ISSUING_SCOPE = "issuing"
 STREAM_ROWS = 20_000
+KEY_COMPROMISE = "keyCompromise"  # as stored in certificates.revocation_reason
 
 
 def parse_serial(text: str) -> str:
@@ -280,7 +281,12 @@ class Revocation:
         reasons = SUBSCRIBER_REASONS
         rows = session.execute(
             select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-            .where(Certificate.revoked_at.is_not(None), Certificate.not_after >= this_update)
+            .where(
+                Certificate.revoked_at.is_not(None),
+                # entries leave the CRL once the certificate expires, except for a compromised key: a
+                # signature it makes later, with a signing time claimed in the validity, stays refused
+                or_(Certificate.not_after >= this_update, Certificate.revocation_reason == KEY_COMPROMISE),
+            )
             .execution_options(yield_per=STREAM_ROWS)
         )
         for serial, revoked_at, reason in rows:
