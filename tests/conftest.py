@@ -151,7 +151,7 @@ def services(settings, clock):  # type: ignore[no-untyped-def]
 
     svc = Services.build(settings, clock)
     yield svc
-    svc.db.dispose()
+    svc.close()
 
 
 @pytest.fixture(scope="session")

@@ -254,6 +254,20 @@ class PoolConfig(_Frozen):
     refill_seconds: float = Field(default=2.0, gt=0)
 
 
+class IssuanceConfig(_Frozen):
+    """Group commit and signer processes (`[issuance]`): certificates are signed by worker processes
+    that hold the issuing CA key (loaded once each), and stored by one writer per process that commits
+    the requests waiting at that moment in one transaction (each certificate still its own audit
+    record). Nobody is answered before the transaction holding their certificate has committed."""
+
+    batch_size: int = Field(default=256, ge=1, le=10000, description="units of work per transaction at most")
+    max_wait_ms: float = Field(
+        default=0.0, ge=0, le=1000, description="how long the writer lingers for more work once one arrived"
+    )
+    signer_processes: int = Field(default=2, ge=0, le=64, description="worker processes that sign; 0 = in process")
+    signer_chunk: int = Field(default=32, ge=1, le=1024, description="certificates sent to a signer process at once")
+
+
 class RevocationConfig(_Frozen):
     """CRL and OCSP timing (BR 4.9.7, 4.9.10): published well inside their limits."""
 
@@ -368,6 +382,7 @@ class Settings(BaseSettings):
     outbox: OutboxConfig = OutboxConfig()
     reminders: RemindersConfig = RemindersConfig()
     pool: PoolConfig = PoolConfig()
+    issuance: IssuanceConfig = IssuanceConfig()
     revocation: RevocationConfig = RevocationConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -551,6 +566,12 @@ admins = []                         # e.g. ["pki-admins@example.org"]: daily sum
 [pool]
 size = 32                           # pre-generated encryption keys (0 = off, generate inline)
 refill_batch = 8
+
+[issuance]
+batch_size = 256                    # group commit: certificates stored in one transaction at most
+max_wait_ms = 0                     # the writer lingers this long for more work (0: batches form under load)
+signer_processes = 2                # processes that hold the issuing CA key and sign (0 = in the server process)
+signer_chunk = 32                   # certificates handed to a signer process at once
 
 [revocation]
 crl_validity_days = 7               # nextUpdate of the CRL (BR limit 10)

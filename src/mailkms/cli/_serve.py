@@ -234,4 +234,4 @@ async def serve(
             services.refusals.flush()  # the counts of the last period reach the audit chain too
         except Exception:
             log.exception("could not write the last refusal counts")
-        services.db.dispose()
+        services.close()

@@ -1,5 +1,6 @@
 """The pure PKI core: profiles, CSR checks, issuing, CMS, signed requests. No I/O, no clock."""
 
+from mailkms.pki._batchsign import SignJob, SignOutcome, generate_key_der, init_signer, sign_chunk
 from mailkms.pki._chain import has_email_protection, issued_by, mailboxes_of, verify_email_chain
 from mailkms.pki._cms import (
     VerifiedSignedData,
@@ -188,6 +189,8 @@ __all__ = [
     "SealedSecretError",
     "SealedShare",
     "ShareHeader",
+    "SignJob",
+    "SignOutcome",
     "SignedRequest",
     "SoftSigner",
     "Validity",
@@ -215,7 +218,9 @@ __all__ = [
     "envelope",
     "fingerprint_sha256",
     "generate_key",
+    "generate_key_der",
     "has_email_protection",
+    "init_signer",
     "inspect_csr",
     "is_delivery",
     "issued_by",
@@ -263,6 +268,7 @@ __all__ = [
     "sha256_hex",
     "share_digest",
     "sign_checkpoint",
+    "sign_chunk",
     "sign_detached",
     "sign_opaque",
     "sign_opaque_message",

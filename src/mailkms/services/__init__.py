@@ -1,6 +1,7 @@
 """Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
 
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._directory import Directory, DirectoryEntry
@@ -28,6 +29,8 @@ from mailkms.services._refusals import Refusals, is_recorded
 from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Renewal, RenewalAccepted
 from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
+from mailkms.services._signers import SignerPool
+from mailkms.services._signing import CertificateIssuance
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
@@ -39,18 +42,21 @@ __all__ = [
     "AuditCheckpoints",
     "AuditLog",
     "AuditReport",
+    "Batcher",
     "CAContext",
     "CAPaths",
     "CRLView",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
+    "CertificateIssuance",
     "Composer",
     "Directory",
     "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
     "Finding",
+    "GroupCommit",
     "InitResult",
     "KeyPool",
     "KeySource",
@@ -74,6 +80,7 @@ __all__ = [
     "ServerKey",
     "Services",
     "ShareInput",
+    "SignerPool",
     "SweepReport",
     "UserAdmin",
     "UserState",

@@ -39,9 +39,13 @@ def record_hash(seq: int, at: dt.datetime, actor: str, action: str, subject: str
 
 AuditObserver = Callable[[str, Mapping[str, object]], None]
 _PENDING = "mailkms_audit_pending"  # (observers, action, details) to tell after commit
+_HEAD = "mailkms_audit_head"  # the head row, locked by this transaction's first append
 
 
 def _after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint released: the transaction (and its lock on the head) goes on
+    session.info.pop(_HEAD, None)
     pending = session.info.pop(_PENDING, None)
     if not pending:
         return
@@ -51,11 +55,30 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_rollback(session: Session) -> None:
+    session.info.pop(_HEAD, None)
     session.info.pop(_PENDING, None)
+
+
+def _after_soft_rollback(session: Session, _previous: object) -> None:
+    session.info.pop(_HEAD, None)  # a savepoint rolled back: read the head again (still locked)
 
 
 event.listen(Session, "after_commit", _after_commit)
 event.listen(Session, "after_rollback", _after_rollback)
+event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+
+
+def audit_mark(session: Session) -> int:
+    """Where this transaction's records-to-announce stand (before a savepoint)."""
+    return len(session.info.get(_PENDING, ()))
+
+
+def audit_rewind(session: Session, mark: int) -> None:
+    """A savepoint rolled back: its records are gone, so are their announcements and the cached head."""
+    session.info.pop(_HEAD, None)
+    pending = session.info.get(_PENDING)
+    if pending is not None:
+        del pending[mark:]
 
 
 class AuditLog:
@@ -64,11 +87,12 @@ class AuditLog:
         self._observers = tuple(observers)  # told of each record once its transaction has committed
 
     def append(self, session: Session, actor: str, action: str, subject: str, **details: object) -> AuditRecord:
-        """Append in the caller's transaction; the head row lock orders concurrent writers."""
+        """Append in the caller's transaction; the head row lock orders concurrent writers. The
+        lock is taken once per transaction: a batch of appends (group commit) reads the head once,
+        and the records are flushed with the caller's next statement or commit."""
         head = self._locked_head(session)
         record = self._next(session, head, actor, action, subject, details)
         session.add(record)
-        session.flush()
         return record
 
     def append_many(
@@ -93,11 +117,16 @@ class AuditLog:
 
     @staticmethod
     def _locked_head(session: Session) -> AuditHead:
+        """The head row, locked by this transaction's first append and kept for the rest of it."""
+        head: AuditHead | None = session.info.get(_HEAD)
+        if head is not None:
+            return head
         head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
         if head is None:
             head = AuditHead(id=1, seq=0, hash=GENESIS)
             session.add(head)
             session.flush()
+        session.info[_HEAD] = head
         return head
 
     def _next(

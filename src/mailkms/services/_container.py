@@ -15,6 +15,7 @@ from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
@@ -28,6 +29,8 @@ from mailkms.services._recovery import Recovery
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
 from mailkms.services._revocation import Revocation
+from mailkms.services._signers import SignerPool
+from mailkms.services._signing import CertificateIssuance
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
 
@@ -64,6 +67,9 @@ class Services:
     checkpoints: AuditCheckpoints
     pool_keyring: PoolKeyring
     refusals: Refusals
+    commits: GroupCommit
+    signers: SignerPool
+    issuance: CertificateIssuance
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -80,11 +86,14 @@ class Services:
         pool = None
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
-        issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
+        batching = settings.issuance
+        signers = SignerPool(ca.issuing, ca.urls, batching.signer_processes, batching.signer_chunk)
+        issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         refusals = Refusals(db, audit, clock)
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)
         ocsp = OCSPResponder(db, ca, settings, clock)
+        commits = GroupCommit(db, batching.batch_size, batching.max_wait_ms / 1000)
         return cls(
             settings=settings,
             clock=clock,
@@ -108,7 +117,15 @@ class Services:
             ),
             pool_keyring=keyring,
             refusals=refusals,
+            commits=commits,
+            signers=signers,
+            issuance=CertificateIssuance(signers, commits, settings, clock, audit),
         )
+
+    def close(self) -> None:
+        """Stop the signer processes and the writer thread, then the database's connections."""
+        self.issuance.close()
+        self.db.dispose()
 
     def ensure_server_identities(self) -> list[str]:
         names = tls_hostnames(self.settings.server.hostname, self.settings.server.extra_tls_names)

@@ -62,7 +62,8 @@ class Enrolment:
         try:
             checked = check_csr(csr)
             transport = load_transport_certificate(transport_pem)
-            with self._db.transaction() as session:
+            key = self._issuer.key_for_token(self._db, mailbox, token)  # made with no lock held
+            with self._issuer.keep_unused(key) as served, self._db.transaction() as session:
                 user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
                 row = redeem_token(session, user, token, self._clock.now())
                 redeemed = True
@@ -72,8 +73,16 @@ class Enrolment:
                 # a recovery token brings the user's whole key history, held sealed since `mailkms recover`
                 history = take_recovery_hold(session, row, token) if kind == "recovery" else []
                 pair = self._issuer.issue_pair(
-                    session, user, kind, checked.public_key, transport, actor=mailbox, extra_keys=history
+                    session,
+                    user,
+                    kind,
+                    checked.public_key,
+                    transport,
+                    actor=mailbox,
+                    extra_keys=history,
+                    encryption_key=key,
                 )
+                served.append(pair)
         except MailkmsError as exc:
             self._refused(mailbox, exc, redeemed)
             raise

@@ -117,7 +117,9 @@ class EST:
         redeemed = False
         try:
             now = self._clock.now()
-            with self._db.transaction() as session:  # a refusal rolls back: the token stays unspent
+            key = self._issuer.key_for_token(self._db, mailbox, token)  # made with no lock held
+            # a refusal rolls back: the token stays unspent (and the key made in advance goes to the pool)
+            with self._issuer.keep_unused(key) as served, self._db.transaction() as session:
                 session.execute(delete(KeyHandover).where(KeyHandover.expires_at < now))
                 user = _user(session, mailbox)
                 row = redeem_token(session, user, token, now)  # authentication first
@@ -128,8 +130,9 @@ class EST:
                 self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose, via="est")
                 kind = "recovery" if row.purpose == "recovery" else "enrolment"
                 pair, enc_der = self._issuer.issue_pair_undelivered(
-                    session, user, kind, checked.public_key, actor=mailbox
+                    session, user, kind, checked.public_key, actor=mailbox, encryption_key=key
                 )
+                served.append(pair)
                 serial = serial_hex(pair.encryption.serial_number)
                 session.add(
                     KeyHandover(

@@ -3,12 +3,13 @@ archived, both certificates and the key delivered by e-mail. One transaction, on
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,11 +35,25 @@ from mailkms.pki import (
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._recovery import archive_recipient
-from mailkms.store import ArchivedKey, Certificate, IssuanceRequest, OutboxMessage, User
+from mailkms.services._tokens import token_looks_usable
+from mailkms.store import ArchivedKey, Certificate, Database, IssuanceRequest, OutboxMessage, User
 
 
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
+
+
+def certificate_row(cert: x509.Certificate, user_id: int | None, kind: str, generation: int) -> Certificate:
+    """The store's row of an issued certificate."""
+    return Certificate(
+        serial=serial_hex(cert.serial_number),
+        user_id=user_id,
+        kind=kind,
+        generation=generation,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        der=cert.public_bytes(serialization.Encoding.DER),
+    )
 
 
 @dataclass(frozen=True)
@@ -52,16 +67,68 @@ class IssuedPair:
 class KeySource(Protocol):
     def take(self, session: Session, key_type: KeyType) -> PrivateKey | None: ...
 
+    def available(self, key_type: KeyType) -> bool: ...
+
+    def store(self, ders: Sequence[bytes]) -> int: ...
+
+
+class KeyMaker(Protocol):
+    def make_key(self, key_type: KeyType) -> PrivateKey: ...
+
 
 class PairIssuer:
     def __init__(
-        self, ca: CAContext, settings: Settings, clock: Clock, audit: AuditLog, keys: KeySource | None = None
+        self,
+        ca: CAContext,
+        settings: Settings,
+        clock: Clock,
+        audit: AuditLog,
+        keys: KeySource | None = None,
+        maker: KeyMaker | None = None,
     ) -> None:
         self._ca = ca
         self._settings = settings
         self._clock = clock
         self._audit = audit
         self.keys = keys  # the key pool, when configured
+        self._maker = maker  # the signer processes: keys made on both cores
+
+    def _make_key(self) -> PrivateKey:
+        key_type = self._settings.policy.encryption_key_type
+        return self._maker.make_key(key_type) if self._maker is not None else generate_key(key_type)
+
+    def key_in_advance(self) -> PrivateKey | None:
+        """The encryption key for a request about to be served, made before its transaction opens
+        (so no lock is held while it is made, and in a signer process: on both cores). None when
+        the pool has keys: one is then taken inside the transaction, as before."""
+        if self.keys is not None and self.keys.available(self._settings.policy.encryption_key_type):
+            return None
+        return self._make_key()
+
+    def key_for_token(self, db: Database, mailbox: str, token: str) -> PrivateKey | None:
+        """`key_in_advance` for a request authenticated by a one-time token, only when the token
+        looks usable: a wrong token costs no key."""
+        with db.read_only() as session:
+            usable = token_looks_usable(session, mailbox, token, self._clock.now())
+        return self.key_in_advance() if usable else None
+
+    def unused(self, key: PrivateKey | None) -> None:
+        """A key made in advance for a request that was refused or a repeat: into the pool, if any."""
+        if key is not None and self.keys is not None:
+            self.keys.store([private_key_der(key)])
+
+    @contextlib.contextmanager
+    def keep_unused(self, key: PrivateKey | None) -> Iterator[list[Any]]:
+        """Around a request served with `key` made in advance: the block appends its result; a
+        refusal, or a result that issued nothing (`already_issued`), gives the key to the pool."""
+        served: list[Any] = []
+        try:
+            yield served
+        except BaseException:
+            self.unused(key)
+            raise
+        if not served or getattr(served[0], "already_issued", False):
+            self.unused(key)
 
     def issue_pair(
         self,
@@ -72,9 +139,11 @@ class PairIssuer:
         key_recipient: x509.Certificate,
         actor: str,
         extra_keys: Sequence[tuple[str, bytes]] = (),
+        encryption_key: PrivateKey | None = None,
     ) -> IssuedPair:
-        """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add."""
-        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor)
+        """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add.
+        encryption_key: made in advance (`key_in_advance`); else one from the pool, else made now."""
+        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor, encryption_key)
         keys = [(serial_hex(pair.encryption.serial_number), enc_der, key_recipient)]
         keys += [(serial, der, key_recipient) for serial, der in extra_keys]
         _, reminder_months = self._settings.policy.for_group(user.group)
@@ -95,15 +164,27 @@ class PairIssuer:
         return pair
 
     def issue_pair_undelivered(
-        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+        self,
+        session: Session,
+        user: User,
+        kind: str,
+        signing_key: PublicKey,
+        actor: str,
+        encryption_key: PrivateKey | None = None,
     ) -> tuple[IssuedPair, bytes]:
         """The same pair, archived the same way, but no delivery mail: the caller hands the
         encryption key (returned as PKCS#8 DER) over itself (EST serverkeygen)."""
-        pair, _, enc_der = self._issue(session, user, kind, signing_key, actor)
+        pair, _, enc_der = self._issue(session, user, kind, signing_key, actor, encryption_key)
         return pair, enc_der
 
     def _issue(
-        self, session: Session, user: User, kind: str, signing_key: PublicKey, actor: str
+        self,
+        session: Session,
+        user: User,
+        kind: str,
+        signing_key: PublicKey,
+        actor: str,
+        encryption_key: PrivateKey | None = None,
     ) -> tuple[IssuedPair, IssuanceRequest, bytes]:
         now = self._clock.now()
         policy = self._settings.policy
@@ -120,10 +201,13 @@ class PairIssuer:
         signing = issuer.issue(
             issuer.prepare_subscriber(CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types)
         )
-        enc_key = self.keys.take(session, policy.encryption_key_type) if self.keys else None
+        enc_key = encryption_key
+        if enc_key is None and self.keys is not None:
+            enc_key = self.keys.take(session, policy.encryption_key_type)
+        if enc_key is None or enc_key is encryption_key:
+            metrics.POOL_FALLBACK.inc()  # not from the pool
         if enc_key is None:
-            metrics.POOL_FALLBACK.inc()
-            enc_key = generate_key(policy.encryption_key_type)
+            enc_key = self._make_key()  # the pool ran dry since key_in_advance looked
         encryption = issuer.issue(
             issuer.prepare_subscriber(
                 CertKind.ENCRYPTION, user.email, enc_key.public_key(), validity, (policy.encryption_key_type,)
@@ -131,17 +215,7 @@ class PairIssuer:
         )
         enc_der = private_key_der(enc_key)
         for cert, cert_kind in ((signing, "signing"), (encryption, "encryption")):
-            session.add(
-                Certificate(
-                    serial=serial_hex(cert.serial_number),
-                    user_id=user.id,
-                    kind=cert_kind,
-                    generation=generation,
-                    not_before=cert.not_valid_before_utc,
-                    not_after=cert.not_valid_after_utc,
-                    der=cert.public_bytes(serialization.Encoding.DER),
-                )
-            )
+            session.add(certificate_row(cert, user.id, cert_kind, generation))
             self._audit.append(
                 session,
                 actor,

@@ -195,6 +195,12 @@ class KeyPool:
             metrics.POOL_TAKEN.inc()
             return key
 
+    def available(self, key_type: KeyType) -> bool:
+        """Whether a key of this type waits (a read that takes no lock; `take` may still find none)."""
+        with self._db.read_only() as session:
+            query = select(PooledKey.id).where(PooledKey.key_type == key_type.value).limit(1)
+            return session.execute(query).first() is not None
+
     # -- filling ---------------------------------------------------------------------------------------------
     def size(self) -> int:
         with self._db.transaction() as session:

@@ -25,7 +25,7 @@ from mailkms.errors import (
     UnknownIssuer,
     URLMismatch,
 )
-from mailkms.pki import SignedRequest, check_csr, issued_by, verify_request
+from mailkms.pki import PrivateKey, SignedRequest, check_csr, issued_by, verify_request
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._issuance import PairIssuer, serial_hex
@@ -98,9 +98,13 @@ class Renewal:
             csr_text = request.payload.get("csr")
             if not isinstance(csr_text, str):
                 raise BadJWS("the payload has no csr")
-            with self._db.transaction() as session:
-                cert, user = self._certificate_owner(session, request, proven)
-                return self._renew(session, cert, user, csr_text.encode())
+            key = self._issuer.key_in_advance()  # the signer proved their key: no lock held meanwhile
+            with self._issuer.keep_unused(key) as served:
+                with self._db.transaction() as session:
+                    cert, user = self._certificate_owner(session, request, proven)
+                    served.append(self._renew(session, cert, user, csr_text.encode(), key))
+            accepted: RenewalAccepted = served[0]
+            return accepted
         except IntegrityError:
             # Another request for the same generation won the race: answer with its result.
             return self._after_race(proven[0])
@@ -115,17 +119,23 @@ class Renewal:
         try:
             if not issued_by(certificate, self._ca.issuing.certificate):
                 raise UnknownIssuer("the signing certificate was not issued by this CA")
-            with self._db.transaction() as session:
-                cert, user = _known_signing(session, certificate)
-                proven.append(user.email)
-                return self._renew(session, cert, user, csr)
+            key = self._issuer.key_in_advance()
+            with self._issuer.keep_unused(key) as served:
+                with self._db.transaction() as session:
+                    cert, user = _known_signing(session, certificate)
+                    proven.append(user.email)
+                    served.append(self._renew(session, cert, user, csr, key))
+            accepted: RenewalAccepted = served[0]
+            return accepted
         except IntegrityError:
             return self._after_race(proven[0])
         except MailkmsError as exc:
             self._refused(proven, "renewal.refused", exc, via="est")
             raise
 
-    def _renew(self, session: Session, cert: Certificate, user: User, csr: bytes) -> RenewalAccepted:
+    def _renew(
+        self, session: Session, cert: Certificate, user: User, csr: bytes, key: PrivateKey | None = None
+    ) -> RenewalAccepted:
         """The renewal rules: revoked, repeat, not current, expired, not due; then a new pair."""
         if user.status == "revoked" or cert.revoked_at is not None:
             raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
@@ -150,7 +160,9 @@ class Renewal:
         assert enc is not None
         recipient = x509.load_der_x509_certificate(enc.der)
         self._audit.append(session, user.email, "renewal.received", user.email, serial=cert.serial)
-        pair = self._issuer.issue_pair(session, user, "renewal", checked.public_key, recipient, actor=user.email)
+        pair = self._issuer.issue_pair(
+            session, user, "renewal", checked.public_key, recipient, actor=user.email, encryption_key=key
+        )
         return RenewalAccepted(pair.request_id, pair.generation, False, user.email)
 
     def _after_race(self, mailbox: str) -> RenewalAccepted:

@@ -62,3 +62,14 @@ def redeem_token(session: Session, user: User | None, token: str, now: dt.dateti
         raise TokenExpired(f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; ask for a new one")
     row.used_at = now
     return row
+
+
+def token_looks_usable(session: Session, mailbox: str, token: str, now: dt.datetime) -> bool:
+    """A read without locks: whether `token` is an unspent, current token of `mailbox`. Only to
+    decide whether to do costly work before the transaction that redeems it (and decides)."""
+    row = session.execute(
+        select(Token)
+        .join(User, User.id == Token.user_id)
+        .where(Token.token_hash == token_hash(token), User.email == mailbox)
+    ).scalar_one_or_none()
+    return row is not None and row.used_at is None and row.revoked_at is None and now <= row.expires_at

@@ -1,0 +1,76 @@
+"""Signing certificates from CSRs at the speed of the cores: signed by the signer processes,
+stored by group commit, one audit record each. A caller is answered only once its certificate is
+committed; concurrent callers share transactions, never records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cryptography import x509
+from sqlalchemy.orm import Session
+
+from mailkms.clock import Clock
+from mailkms.config import Settings
+from mailkms.pki import CertKind, SignJob, subscriber_validity
+from mailkms.services._audit import AuditLog
+from mailkms.services._batching import GroupCommit
+from mailkms.services._issuance import certificate_row, serial_hex
+from mailkms.services._signers import SignerPool
+from mailkms.services._users import normalise_mailbox
+
+
+class CertificateIssuance:
+    def __init__(
+        self, signers: SignerPool, commits: GroupCommit, settings: Settings, clock: Clock, audit: AuditLog
+    ) -> None:
+        self._signers = signers
+        self._commits = commits
+        self._settings = settings
+        self._clock = clock
+        self._audit = audit
+
+    def _job(self, csr: bytes, mailbox: str) -> SignJob:
+        policy = self._settings.policy
+        validity = subscriber_validity(self._clock.now(), policy.lifetime_months)
+        return SignJob(
+            CertKind.SIGNING.value,
+            normalise_mailbox(mailbox),
+            validity.not_before,
+            validity.not_after,
+            tuple(k.value for k in policy.signing_key_types),
+            csr=csr,
+        )
+
+    def issue_signing(self, csr: bytes, mailbox: str, actor: str) -> x509.Certificate:
+        """A signing certificate for the CSR's key, naming `mailbox` (the CSR may name no other):
+        checked and signed by a signer process, stored and audited; returned once durable."""
+        job = self._job(csr, mailbox)
+        cert = self._signers.sign([job])[0]
+        self._commits.run(lambda session: self._record(session, [(job.mailbox, cert)], actor), isolated=False)
+        return cert
+
+    def issue_signing_many(self, requests: Sequence[tuple[bytes, str]], actor: str) -> list[x509.Certificate]:
+        """Many (CSR, mailbox) at once: all or none (one refused request refuses the call)."""
+        jobs = [self._job(csr, mailbox) for csr, mailbox in requests]
+        certs = self._signers.sign(jobs)
+        pairs = [(job.mailbox, cert) for job, cert in zip(jobs, certs, strict=True)]
+        self._commits.run(lambda session: self._record(session, pairs, actor), isolated=False)
+        return certs
+
+    def _record(self, session: Session, issued: Sequence[tuple[str, x509.Certificate]], actor: str) -> None:
+        for mailbox, cert in issued:
+            serial = serial_hex(cert.serial_number)
+            session.add(certificate_row(cert, None, "signing", 0))
+            self._audit.append(
+                session,
+                actor,
+                "certificate.issued",
+                mailbox,
+                serial=serial,
+                kind="signing",
+                not_after=cert.not_valid_after_utc.isoformat(),
+            )
+
+    def close(self) -> None:
+        self._signers.close()
+        self._commits.close()
