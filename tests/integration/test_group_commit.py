@@ -220,3 +220,37 @@ def test_a_killed_issuing_process_answered_nothing_it_had_not_stored(
         assert count >= len(answered)  # stored but not yet answered is allowed (the answer was lost)
     finally:
         db.dispose()
+
+
+def _signer_pids() -> list[int]:
+    """This process's children started by multiprocessing's spawn (the signer processes)."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == me and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_signer_process_is_replaced(fast_services: Services) -> None:
+    requests = csrs(3, "k")
+    fast_services.signers.start()
+    fast_services.issuance.issue_signing(*requests[0], "admin:test")
+    pids = _signer_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(0.5)
+    try:  # the request in flight when a signer dies may fail (never answered as issued) ...
+        fast_services.issuance.issue_signing(*requests[1], "admin:test")
+    except Exception as exc:  # BrokenProcessPool, by design
+        assert "process" in str(exc).lower()
+    cert = fast_services.issuance.issue_signing(*requests[2], "admin:test")  # ... the next one is served
+    assert serial_hex(cert.serial_number) in stored(fast_services.db)
+    assert pids[0] not in _signer_pids()
+    assert fast_services.verify_audit().ok

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -149,4 +150,4 @@ class SignerPool:
 
 
 def _noop(_: int) -> None:
-    return None
+    time.sleep(0.2)  # busy long enough that each start-up task is given to a process of its own
