@@ -122,6 +122,9 @@ class CAConfig(_Frozen):
     # Production: the CA passphrase must come from a file descriptor, a systemd credential or the
     # environment, never from DATA/ca/passphrase; `init` writes no bootstrap passphrase file.
     production: bool = False
+    # CRL partitions (README, Revocation): each new certificate's CDP names the partition it was
+    # issued into, at most this many certificates each, so no CRL ever lists more. 0: one CRL.
+    crl_partition_size: int = Field(default=0, ge=0, le=10_000_000)
 
     @field_validator("key_type")
     @classmethod
@@ -269,6 +272,9 @@ class RevocationConfig(_Frozen):
     )
     ocsp_cache_size: int = Field(default=200_000, ge=100, description="and at most this many answers")
     ocsp_sign_threads: int = Field(default=2, ge=1, le=32, description="threads that look up and sign OCSP answers")
+    crl_workers: int = Field(
+        default=1, ge=0, le=8, description="processes that build CRLs for `serve` (0: in the server's own threads)"
+    )
     ocsp_sign_queue: int = Field(
         default=64, ge=0, description="requests waiting for a signing thread; beyond that OCSP answers tryLater"
     )
@@ -515,6 +521,7 @@ key_type = "rsa3072"                # rsa3072, rsa4096, p256, p384
 organization = "mailkms"
 # country = "DE"
 production = false                  # true: the CA passphrase never from DATA/ca/passphrase (README, Security)
+crl_partition_size = 0              # e.g. 100000: new certificates go into CRL partitions of at most this many (README, Revocation)
 
 [audit]
 checkpoints_file = ""               # signed checkpoints of the audit chain; default DATA/audit/checkpoints.jsonl
@@ -560,6 +567,7 @@ ocsp_refresh_hours = 24             # cached OCSP answers are re-signed after th
 ocsp_cache_bytes = 67108864         # signed answers kept in memory (64 MiB, LRU); never-issued serials take none
 ocsp_sign_threads = 2               # OCSP look-ups and signatures run on their own threads ...
 ocsp_sign_queue = 64                # ... with this many waiting at most; more get tryLater at once
+crl_workers = 1                     # processes that build the CRLs for `serve` (0 = in its own threads)
 
 [metrics]
 listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports

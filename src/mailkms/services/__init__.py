@@ -3,6 +3,7 @@
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
@@ -35,13 +36,17 @@ __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
     "EST",
     "HANDOVER_WINDOW",
+    "ISSUING_SCOPE",
     "PASSPHRASE_SOURCES",
     "AuditCheckpoints",
     "AuditLog",
     "AuditReport",
     "CAContext",
     "CAPaths",
+    "CRLJob",
+    "CRLPartitions",
     "CRLView",
+    "CRLWorkers",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
@@ -87,6 +92,7 @@ __all__ = [
     "normalise_mailbox",
     "open_database",
     "parse_serial",
+    "partition_scope",
     "passphrase_source",
     "public_urls",
     "queue_message",

@@ -16,6 +16,7 @@ from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
@@ -80,7 +81,10 @@ class Services:
         pool = None
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
-        issuer = PairIssuer(ca, settings, clock, audit, keys=pool)
+        partitions = CRLPartitions(
+            ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
+        )
+        issuer = PairIssuer(ca, settings, clock, audit, keys=pool, partitions=partitions)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         refusals = Refusals(db, audit, clock)
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)

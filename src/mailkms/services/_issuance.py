@@ -33,6 +33,7 @@ from mailkms.pki import (
 )
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
+from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._recovery import archive_recipient
 from mailkms.store import ArchivedKey, Certificate, IssuanceRequest, OutboxMessage, User
 
@@ -55,13 +56,20 @@ class KeySource(Protocol):
 
 class PairIssuer:
     def __init__(
-        self, ca: CAContext, settings: Settings, clock: Clock, audit: AuditLog, keys: KeySource | None = None
+        self,
+        ca: CAContext,
+        settings: Settings,
+        clock: Clock,
+        audit: AuditLog,
+        keys: KeySource | None = None,
+        partitions: CRLPartitions | None = None,
     ) -> None:
         self._ca = ca
         self._settings = settings
         self._clock = clock
         self._audit = audit
         self.keys = keys  # the key pool, when configured
+        self.partitions = partitions  # CRL partitions, when configured
 
     def issue_pair(
         self,
@@ -117,8 +125,11 @@ class PairIssuer:
 
         validity = subscriber_validity(now, lifetime)
         issuer = self._ca.issuer
+        partitions = [self.partitions.take(session) if self.partitions else None for _ in range(2)]
         signing = issuer.issue(
-            issuer.prepare_subscriber(CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types)
+            issuer.prepare_subscriber(
+                CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types, partitions[0]
+            )
         )
         enc_key = self.keys.take(session, policy.encryption_key_type) if self.keys else None
         if enc_key is None:
@@ -126,13 +137,22 @@ class PairIssuer:
             enc_key = generate_key(policy.encryption_key_type)
         encryption = issuer.issue(
             issuer.prepare_subscriber(
-                CertKind.ENCRYPTION, user.email, enc_key.public_key(), validity, (policy.encryption_key_type,)
+                CertKind.ENCRYPTION,
+                user.email,
+                enc_key.public_key(),
+                validity,
+                (policy.encryption_key_type,),
+                partitions[1],
             )
         )
         enc_der = private_key_der(enc_key)
-        for cert, cert_kind in ((signing, "signing"), (encryption, "encryption")):
+        for cert, cert_kind, partition in (
+            (signing, "signing", partitions[0]),
+            (encryption, "encryption", partitions[1]),
+        ):
             session.add(
                 Certificate(
+                    crl_partition=partition,
                     serial=serial_hex(cert.serial_number),
                     user_id=user.id,
                     kind=cert_kind,
