@@ -192,10 +192,20 @@ class Revocation:
     def _flag_crl(self, session: Session, now: dt.datetime) -> None:
         # Always write the row: that waits for a publisher holding it, so a revocation that
         # commits after the publisher read the entries flags the CRL again rather than being lost.
+        self._insert_issuing_row(session)
         session.execute(
             update(PublishedCRL)
             .where(PublishedCRL.scope == ISSUING_SCOPE)
             .values(dirty_since=func.coalesce(PublishedCRL.dirty_since, now), revision=PublishedCRL.revision + 1)
+        )
+
+    def _insert_issuing_row(self, session: Session) -> None:
+        """The whole-CA row, which revocations flag (the migration makes it; an emptied store may not have it)."""
+        insert: Any = postgresql.insert if self._db.engine.dialect.name == "postgresql" else sqlite.insert
+        session.execute(
+            insert(PublishedCRL)
+            .values(scope=ISSUING_SCOPE, number=0, entries=0, assigned=0, revision=0)
+            .on_conflict_do_nothing(index_elements=["scope"])
         )
 
     def _after_revocation(self, reports: Sequence[RevocationReport], publish: bool, actor: str) -> None:
@@ -296,17 +306,11 @@ class Revocation:
         return CRLView(job.number, job.this_update, job.next_update, built.entries, built.der, job.scope)
 
     def _ensure_issuing_row(self) -> None:
-        """The whole-CA row (the migration makes it; an emptied store may not have it)."""
         with self._db.read_only() as session:
             if session.get(PublishedCRL, ISSUING_SCOPE) is not None:
                 return
         with self._db.transaction() as session:
-            insert: Any = postgresql.insert if self._db.engine.dialect.name == "postgresql" else sqlite.insert
-            session.execute(
-                insert(PublishedCRL)
-                .values(scope=ISSUING_SCOPE, number=0, entries=0, assigned=0, revision=0)
-                .on_conflict_do_nothing(index_elements=["scope"])
-            )
+            self._insert_issuing_row(session)
 
     def _stale(self, row: PublishedCRL, now: dt.datetime) -> bool:
         if row.der is None or row.this_update is None:
