@@ -57,6 +57,7 @@ SEED = 20240601
 REASONS = ("keyCompromise", "superseded")  # index 1 for every 10th entry
 YEAR = 365 * 24 * 3600
 CHILD_TIMEOUT = 600  # a hung child must not hang `make bench`
+PARTITION = 100_000  # [ca] crl_partition_size for the end-to-end CRL rows
 
 
 T0 = time.monotonic()
@@ -215,21 +216,61 @@ def child_crl_core(args: dict[str, object]) -> dict[str, float]:
     return {"seconds": seconds, "baseline_mib": baseline, "with_entries_mib": with_entries}
 
 
+def worker_hwm_mib(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
 def child_crl_store(args: dict[str, object]) -> dict[str, float]:
+    """`publish_crl(force=True)` as `serve` runs it: CRLs built by `workers` processes (0: in this one)."""
     from mailkms.clock import SystemClock
     from mailkms.config import load_settings
-    from mailkms.services import Services
+    from mailkms.services import CRLWorkers, Services
 
-    settings = load_settings(Path(str(args["data"])), database_url=str(args["url"]), pool={"size": 0})
+    workers = int(str(args["workers"]))
+    settings = load_settings(
+        Path(str(args["data"])),
+        database_url=str(args["url"]),
+        pool={"size": 0},
+        ca={"crl_partition_size": int(str(args["partition"]))},
+        revocation={"crl_workers": workers},
+    )
     services = Services.build(settings, SystemClock())
+    pool = CRLWorkers(settings.effective_database_url, services.ca, workers) if workers else None
+    if pool is not None:
+        services.revocation.builder = pool
+        worker_pids = pool.start()  # the workers are up (and have opened the key) before timing
     baseline = hwm_mib()
     start = time.perf_counter()
-    view = services.revocation.publish_crl("bench", force=True)
+    services.revocation.publish_crl("bench", force=True)
     seconds = time.perf_counter() - start
-    assert view is not None
-    Path(str(args["out"])).write_bytes(view.der)
+    services.revocation.refresh_latest()
+    workers_mib = worker_hwm_mib(worker_pids) if pool is not None else 0.0
+    parent_mib = hwm_mib()
+    crls = 0
+    entries = 0
+    with open(str(args["out"]), "wb") as out:  # every partition's CRL, length-prefixed, for the parent's check
+        for scope in sorted(services.revocation._views):
+            view = services.revocation._views[scope]
+            out.write(len(view.der).to_bytes(4, "big") + view.der)
+            crls += 1
+            entries += view.entries
+    if pool is not None:
+        pool.close()
     services.db.dispose()
-    return {"seconds": seconds, "baseline_mib": baseline, "entries": view.entries}
+    return {
+        "seconds": seconds,
+        "baseline_mib": baseline,
+        "parent_mib": parent_mib,
+        "workers_mib": workers_mib,
+        "tree_mib": parent_mib + workers_mib,
+        "entries": entries,
+        "crls": crls,
+    }
 
 
 # --- CRL ---------------------------------------------------------------------------------------------
@@ -276,8 +317,9 @@ def check_crl(crl: x509.CertificateRevocationList, n: int, issuer: x509.Certific
         raise RuntimeError(f"{who}: CRL has {len(crl)} entries (wanted {n}) or a bad signature")
 
 
-def seed_revoked(url_path: Path, n: int, base: int) -> None:
-    """N revoked certificate rows, bulk-inserted with sqlite3 (the ORM would take minutes at 1M)."""
+def seed_revoked(url_path: Path, n: int, base: int, partition: int = 0) -> None:
+    """N revoked certificate rows, bulk-inserted with sqlite3 (the ORM would take minutes at 1M); with
+    `partition`, in partitions of that many as issuance assigns them, each with its published_crls row."""
     from mailkms.store import Database
 
     db = Database(f"sqlite:///{url_path}")
@@ -285,18 +327,26 @@ def seed_revoked(url_path: Path, n: int, base: int) -> None:
     db.dispose()
     not_before, not_after = sql_time(base - YEAR), sql_time(base + YEAR)
     rows = (
-        (format(serial, "x"), None, "signing", 0, not_before, not_after, b"dummy", sql_time(at), reason)
-        for serial, at, reason in revocations(n, base)
-    )
+        (format(serial, "x"), None, "signing", 0, not_before, not_after, b"dummy", sql_time(at), reason,
+         i // partition + 1 if partition else None)
+        for i, (serial, at, reason) in enumerate(revocations(n, base))
+    )  # fmt: skip
     with sqlite3.connect(url_path) as conn:
         # Random serials land all over the unique index: a big page cache keeps 1M rows under a minute.
         conn.execute("PRAGMA cache_size = -1048576")
         conn.execute("PRAGMA synchronous = OFF")
         conn.executemany(
             "INSERT INTO certificates (serial, user_id, kind, generation, not_before, not_after, der,"
-            " revoked_at, revocation_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " revoked_at, revocation_reason, crl_partition) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        if partition:
+            parts = range(1, (n + partition - 1) // partition + 1)
+            conn.executemany(
+                "INSERT INTO published_crls (scope, number, entries, partition, assigned, revision)"
+                " VALUES (?, 0, 0, ?, ?, 0)",
+                [(f"issuing-{p}", p, min(partition, n - (p - 1) * partition)) for p in parts],
+            )
     conn.close()
 
 
@@ -312,7 +362,8 @@ def mailkms_init(data: Path) -> None:
 
 def bench_crl(tmp: Path, data: Path, quick: bool) -> None:
     sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
-    store_sizes = (10_000,) if quick else (100_000, 1_000_000)
+    store_sizes = (10_000,) if quick else (1_000_000,)
+    partition = 2_000 if quick else PARTITION
     base = int(time.time()) - 60
     key, cert_path = make_ca(tmp / "crl-ca", "mailkms bench CRL CA")
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -354,30 +405,54 @@ def bench_crl(tmp: Path, data: Path, quick: bool) -> None:
         work = tmp / f"crl-store-{n}"
         work.mkdir()
         db_path = work / "store.db"
-        log(f"seeding {n:,} revoked rows into SQLite")
+        log(f"seeding {n:,} revoked rows into SQLite, partitions of {partition:,}")
         started = time.perf_counter()
-        seed_revoked(db_path, n, base)
+        seed_revoked(db_path, n, base, partition)
         seeded = time.perf_counter() - started
-        log(f"publish_crl(force=True), {n:,} entries")
-        out = work / "mailkms.der"
-        e2e = python_child("crl-store", {"data": str(data), "url": f"sqlite:///{db_path}", "out": str(out)}, work)
-        check_crl(x509.load_der_x509_crl(out.read_bytes()), n, issuing, "mailkms publish_crl")
         peer = peers.get(n)
         if peer is None:  # the --quick sizes differ; never compare against another N
             log(f"openssl ca -gencrl, {n:,} entries")
             peer, _ = openssl_gencrl(work / "openssl", key, cert_path, n, base)
-        secs = e2e.report["seconds"]
-        row(
-            f"CRL with {label(n)} revoked entries, end to end from SQLite (`publish_crl(force=True)`), s / peak RSS",
-            f"{secs:.2f} s / {e2e.peak_mib:.0f} MiB",
-            f"openssl ca -gencrl {peer.seconds:.2f} s / {peer.peak_mib:.0f} MiB",
-            goal,
-            secs <= peer.seconds and e2e.peak_mib <= peer.peak_mib / 2,
-        )
-        print(
-            f"CRL end to end {label(n)}: seeding the rows took {seeded:.1f} s (not timed); the child held "
-            f"{e2e.report['baseline_mib']:.0f} MiB before publishing (interpreter, SQLAlchemy, CA keys)."
-        )
+        for workers in (1, 2):
+            log(f"publish_crl(force=True), {n:,} entries, {workers} worker process(es)")
+            out = work / "mailkms.crls"
+            load_before = os.getloadavg()[0]
+            e2e = python_child(
+                "crl-store",
+                {"data": str(data), "url": f"sqlite:///{db_path}", "out": str(out), "partition": partition,
+                 "workers": workers},
+                work,
+            )  # fmt: skip
+            blob, total, crls = out.read_bytes(), 0, 0
+            while blob:
+                size = int.from_bytes(blob[:4], "big")
+                crl = x509.load_der_x509_crl(blob[4 : 4 + size])
+                blob = blob[4 + size :]
+                if not crl.is_signature_valid(issuing.public_key()):  # type: ignore[arg-type]
+                    raise RuntimeError("mailkms publish_crl: a CRL with a bad signature")
+                if len(crl) > partition:
+                    raise RuntimeError(f"mailkms publish_crl: a partition CRL with {len(crl)} entries")
+                total += len(crl)
+                crls += 1
+            if total != n:
+                raise RuntimeError(f"mailkms publish_crl: {total} entries in {crls} CRLs, wanted {n}")
+            secs = e2e.report["seconds"]
+            tree = e2e.report["tree_mib"]
+            row(
+                f"CRL with {label(n)} revoked entries, end to end from SQLite, {crls - 1} partition CRLs of ≤ "
+                f"{label(partition)} (`publish_crl(force=True)`, {workers} worker process{'es' if workers > 1 else ''};"
+                f" load {load_before:.1f}), s / peak RSS of server + workers",
+                f"{secs:.2f} s / {tree:.0f} MiB",
+                f"openssl ca -gencrl {peer.seconds:.2f} s / {peer.peak_mib:.0f} MiB (one CRL)",
+                "≤ openssl's time and ≤ 300 MB",
+                secs <= peer.seconds and tree * 1.048576 <= 300,
+            )
+            print(
+                f"CRL end to end {label(n)}, {workers} worker(s): seeding the rows took {seeded:.1f} s (not timed); "
+                f"the server process held {e2e.report['baseline_mib']:.0f} MiB before publishing and "
+                f"{e2e.report['parent_mib']:.0f} MiB at its peak, the workers {e2e.report['workers_mib']:.0f} MiB "
+                f"at theirs (summed); every CRL checked: signature, ≤ {partition:,} entries, {total:,} in all."
+            )
         shutil.rmtree(work)
 
 

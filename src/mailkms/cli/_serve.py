@@ -95,6 +95,7 @@ async def serve(
     workers: CRLWorkers | None = None
     if settings.revocation.crl_workers:  # CRLs are built beside the server, not under its GIL
         workers = CRLWorkers(settings.effective_database_url, services.ca, settings.revocation.crl_workers)
+        workers.start()
         services.revocation.builder = workers
     published = services.revocation.publish_crl()  # only if none yet, revocations wait, or it is due
     if published is not None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import multiprocessing
+import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import String, select, type_coerce
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -76,17 +78,22 @@ class _Counter:
 
 
 def revoked_entries(session: Session, partition: int | None, this_update: dt.datetime) -> Iterator[RevokedEntry]:
-    """The partition's revoked, unexpired certificates, streamed (the index on (crl_partition, revoked_at))."""
+    """The partition's revoked, unexpired certificates, streamed from the covering partial index.
+
+    Read through Core with the time as the driver gives it (SQLite: text, parsed by fromisoformat;
+    PostgreSQL: a datetime): the ORM's per-row type processing was a third of a 100k build. A naive
+    time is UTC (the store writes UTC; cryptography reads naive times as UTC).
+    """
     reasons = SUBSCRIBER_REASONS
     in_scope = Certificate.crl_partition.is_(None) if partition is None else Certificate.crl_partition == partition
-    rows = session.execute(
-        select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-        .where(in_scope, Certificate.revoked_at.is_not(None), Certificate.not_after >= this_update)
-        .execution_options(yield_per=STREAM_ROWS)
-    )
+    query = select(
+        Certificate.serial, type_coerce(Certificate.revoked_at, String()), Certificate.revocation_reason
+    ).where(in_scope, Certificate.revoked_at.is_not(None), Certificate.not_after >= this_update)
+    parse = dt.datetime.fromisoformat
+    rows = session.connection().execution_options(yield_per=STREAM_ROWS).execute(query)
     for serial, revoked_at, reason in rows:
-        assert revoked_at is not None  # the WHERE clause
-        yield RevokedEntry(int(serial, 16), revoked_at, reasons.get(reason) if reason else None)
+        at: dt.datetime = revoked_at if isinstance(revoked_at, dt.datetime) else parse(revoked_at)
+        yield RevokedEntry(int(serial, 16), at, reasons.get(reason) if reason else None)
 
 
 def build_scope(session: Session, signer: CASigner, job: CRLJob) -> BuiltCRL:
@@ -186,6 +193,11 @@ def _init_worker(database_url: str, cert_pem: bytes, key_path: str, passphrase: 
     _worker = (Database(database_url), SoftSigner(x509.load_pem_x509_certificate(cert_pem), key))
 
 
+def _started() -> int:
+    time.sleep(0.2)  # long enough that each of the first jobs lands on a worker of its own
+    return os.getpid()
+
+
 def _build_in_worker(job: CRLJob) -> BuiltCRL:
     assert _worker is not None, "the CRL worker was not initialised"
     db, signer = _worker
@@ -205,6 +217,16 @@ class CRLWorkers:
             initializer=_init_worker,
             initargs=(database_url, cert_pem, str(ca.paths.issuing_key), ca.at_rest_passphrase),
         )
+
+    def start(self, timeout: float = 60.0) -> list[int]:
+        """Start every worker now (each opens the key once) rather than at the first build; their pids."""
+        executor: Any = self._executor
+        wanted = executor._max_workers
+        answered: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(answered) < wanted and time.monotonic() < deadline:  # until each has answered once
+            answered |= {f.result() for f in [executor.submit(_started) for _ in range(wanted)]}
+        return sorted(answered)
 
     def __call__(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
         """The jobs on every worker at once; results in order, each as soon as it and those before it are done."""

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -84,7 +85,17 @@ class Certificate(Base):
     crl_partition: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the whole-CA CRL
     __table_args__ = (
         Index("ix_certificates_user_kind_gen", "user_id", "kind", "generation"),
-        Index("ix_certificates_partition_revoked", "crl_partition", "revoked_at"),
+        # A CRL build reads only this (revoked rows only, every column it needs): small and index-only.
+        Index(
+            "ix_certificates_crl",
+            "crl_partition",
+            "not_after",
+            "serial",
+            "revoked_at",
+            "revocation_reason",
+            sqlite_where=text("revoked_at IS NOT NULL"),
+            postgresql_where=text("revoked_at IS NOT NULL"),
+        ),
         Index("ix_certificates_revoked", "revoked_at"),
         Index("ix_certificates_revoked_not_after", "revoked_at", "not_after"),
     )
