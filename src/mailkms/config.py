@@ -257,6 +257,21 @@ class PoolConfig(_Frozen):
     refill_seconds: float = Field(default=2.0, gt=0)
 
 
+def _host_port(value: str, key: str) -> str:
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f'{key} must be "host:port", e.g. "127.0.0.1:9464"')
+    return value
+
+
+def _address(value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class RevocationConfig(_Frozen):
     """CRL and OCSP timing (BR 4.9.7, 4.9.10): published well inside their limits."""
 
@@ -279,6 +294,19 @@ class RevocationConfig(_Frozen):
         default=64, ge=0, description="requests waiting for a signing thread; beyond that OCSP answers tryLater"
     )
     poll_seconds: float = Field(default=2.0, gt=0, description="how often a node looks for new revocations")
+    ocsp_listen: str = Field(
+        default="", description='"host:port" of an OCSP-only listener served by ocsp_processes processes ("": none)'
+    )
+    ocsp_processes: int = Field(default=2, ge=1, le=64, description="processes of the OCSP-only listener")
+
+    @field_validator("ocsp_listen")
+    @classmethod
+    def _ocsp_host_port(cls, value: str) -> str:
+        return _host_port(value, "ocsp_listen")
+
+    @property
+    def ocsp_address(self) -> tuple[str, int] | None:
+        return _address(self.ocsp_listen)
 
     @model_validator(mode="after")
     def _refresh_inside_validity(self) -> RevocationConfig:
@@ -301,18 +329,11 @@ class MetricsConfig(_Frozen):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError('listen must be "host:port", e.g. "127.0.0.1:9464"')
-        return value
+        return _host_port(value, "listen")
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
-        if not self.listen:
-            return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return _address(self.listen)
 
     def bearer_token(self) -> str:
         """The configured token ("" = none); token_file wins over token."""
@@ -568,6 +589,8 @@ ocsp_cache_bytes = 67108864         # signed answers kept in memory (64 MiB, LRU
 ocsp_sign_threads = 2               # OCSP look-ups and signatures run on their own threads ...
 ocsp_sign_queue = 64                # ... with this many waiting at most; more get tryLater at once
 crl_workers = 1                     # processes that build the CRLs for `serve` (0 = in its own threads)
+ocsp_listen = ""                    # e.g. "0.0.0.0:8081": an OCSP-only listener (README, Scale and operations) ...
+ocsp_processes = 2                  # ... served by this many processes on that one port (SO_REUSEPORT)
 
 [metrics]
 listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports

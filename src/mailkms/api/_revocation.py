@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mailkms import metrics
 from mailkms.errors import CRLNotFound, Internal
 from mailkms.pki import MALFORMED_RESPONSE, TRY_LATER_RESPONSE, crl_number
-from mailkms.services import CRLView, OCSPAnswer, Services, partition_scope
+from mailkms.services import CRLView, OCSPAnswer, OCSPResponder, Services, partition_scope
 
 PKIX_CRL = "application/pkix-crl"
 PEM_FILE = "application/x-pem-file"
@@ -122,9 +122,12 @@ class OCSPEndpoint:
     busy and their queue is full the answer is `tryLater` at once. Everything else passes on to `app`.
     """
 
-    def __init__(self, app: ASGIApp, services: Services) -> None:
+    def __init__(self, app: ASGIApp, services: Services | None = None, responder: OCSPResponder | None = None) -> None:
         self._app = app
-        self._ocsp = services.ocsp
+        found = responder or (services.ocsp if services is not None else None)
+        if found is None:
+            raise Internal("OCSPEndpoint needs the services or a responder")
+        self._ocsp = found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from mailkms.api import create_app, create_http_app, create_metrics_app
+from mailkms.api import OCSPListeners, create_app, create_http_app, create_metrics_app
 from mailkms.cli import _background
 from mailkms.mail import FAILURE_KINDS, MailSink, OutboxWorker, sender_for
 from mailkms.services import CRLWorkers, Services
@@ -97,6 +97,15 @@ async def serve(
         workers = CRLWorkers(settings.effective_database_url, services.ca, settings.revocation.crl_workers)
         workers.start()
         services.revocation.builder = workers
+    listeners: OCSPListeners | None = None
+    if settings.revocation.ocsp_address is not None:
+        listeners = OCSPListeners(settings, services.ca.at_rest_passphrase)
+        listeners.start()
+        log.info(
+            "OCSP-only listener on %s in %d processes",
+            settings.revocation.ocsp_listen,
+            settings.revocation.ocsp_processes,
+        )
     published = services.revocation.publish_crl()  # only if none yet, revocations wait, or it is due
     if published is not None:
         log.info("published CRL %d with %d entries", published.number, published.entries)
@@ -207,6 +216,8 @@ async def serve(
         services.ocsp.close()
         if workers is not None:
             workers.close()
+        if listeners is not None:
+            listeners.stop()
         try:  # the head at every stop, signed, outside the store
             services.write_audit_checkpoint()
         except Exception:

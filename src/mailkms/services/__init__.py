@@ -12,7 +12,7 @@ from mailkms.services._issuance import KeySource, PairIssuer, queue_message, ser
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
-from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
+from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
@@ -55,6 +55,7 @@ __all__ = [
     "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
+    "FileResponderKeys",
     "Finding",
     "InitResult",
     "KeyPool",
@@ -74,6 +75,7 @@ __all__ = [
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
+    "ResponderKeys",
     "Revocation",
     "RevocationReport",
     "ServerKey",
