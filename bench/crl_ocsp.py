@@ -227,6 +227,8 @@ def worker_hwm_mib(pids: list[int]) -> float:
 
 def child_crl_store(args: dict[str, object]) -> dict[str, float]:
     """`publish_crl(force=True)` as `serve` runs it: CRLs built by `workers` processes (0: in this one)."""
+    from sqlalchemy import select
+
     from mailkms.clock import SystemClock
     from mailkms.config import load_settings
     from mailkms.services import CRLWorkers, Services
@@ -253,9 +255,14 @@ def child_crl_store(args: dict[str, object]) -> dict[str, float]:
     parent_mib = hwm_mib()
     crls = 0
     entries = 0
+    from mailkms.store import PublishedCRL
+
+    with services.db.read_only() as session:
+        scopes = list(session.execute(select(PublishedCRL.scope)).scalars())
     with open(str(args["out"]), "wb") as out:  # every partition's CRL, length-prefixed, for the parent's check
-        for scope in sorted(services.revocation._views):
-            view = services.revocation._views[scope]
+        for scope in scopes:
+            view = services.revocation.current_crl(-1, scope)
+            assert view is not None
             out.write(len(view.der).to_bytes(4, "big") + view.der)
             crls += 1
             entries += view.entries
