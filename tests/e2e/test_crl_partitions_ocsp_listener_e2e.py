@@ -97,6 +97,11 @@ def test_partition_crls_and_the_ocsp_listener_on_a_real_server(tmp_path: Path) -
             crl = work / f"{name}.crl"
             crl.write_bytes(x509.load_der_x509_crl(got.content).public_bytes(serialization.Encoding.PEM))
             verdict = _verify(certs[name], crl, issuer, root)
+            if not want_ok:  # the admin CLI exports the same partition CRL; an unknown partition is exit 4
+                number = path.rsplit("/", 1)[1].removesuffix(".crl")
+                exported = dep.admin("crl", "export", "--pem", "--partition", number).out
+                assert exported.encode() == crl.read_bytes()
+                assert dep.admin("crl", "export", "--partition", "99", check=False).code == 4
             if want_ok:
                 assert verdict.returncode == 0, verdict.stdout + verdict.stderr
             else:
