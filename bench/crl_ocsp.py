@@ -5,19 +5,24 @@
 CRL: the same N revoked entries (random 159-bit serials, 9 in 10 keyCompromise, 1 in 10
 superseded, revocation times spread over a year) go three ways, each in a child process of its
 own so that its peak RSS (the child's ru_maxrss from wait4) is that measurement's alone:
-  - `mailkms.pki.build_crl` signed with an RSA-3072 CA key (the core: entries already in memory);
-  - `Revocation.publish_crl(force=True)` on a SQLite store seeded with N revoked rows (end to end:
-    read, build, sign, store, audit);
-  - `openssl ca -gencrl` with the same CA key and the same entries in its index.txt.
-Both CRLs are loaded back and must hold N entries with a valid signature.
+  - `mailkms.pki.build_crl` signed with an RSA-3072 CA key (the core: one CRL, entries already in
+    memory);
+  - `Revocation.publish_crl(force=True)` on a SQLite store seeded with N revoked rows in CRL
+    partitions of PARTITION (`[ca] crl_partition_size`), built as `serve` builds them: by 1, then 2,
+    `CRLWorkers` processes (end to end: read, build, sign, store, audit, every partition re-signed).
+    Its peak is the server process's VmHWM plus each worker's (summed: an upper bound of the tree);
+  - `openssl ca -gencrl` with the same CA key and the same entries in its index.txt (one CRL).
+Every CRL is loaded back: valid signature, N entries in all (and no partition above PARTITION).
 
-OCSP: a real `mailkms serve` (RSA-3072 CA, delegated RSA-2048 responder, plain-http app) and an
+OCSP: a real `mailkms serve` (RSA-3072 CA, delegated RSA-2048 responder; its plain-http port, one
+process, and its OCSP-only listener, `--ocsp-processes` processes on one port) and an
 `openssl ocsp -multi 2` responder on an RSA-3072 CA, each knowing the same certificates (1 in 10
 revoked), driven by the same load generator: a separate process with a fixed number of
 connections POSTing single-CertID SHA-1 requests for a fixed time; a response counts when it is
 HTTP 200 and parses as SUCCESSFUL. openssl ocsp speaks HTTP/1.0 and closes after each answer, so
 mailkms is measured both with keep-alive and with one connection per request. The machine has
-2 cores: the load generator and the server share them (the rows say so).
+2 cores: the load generator and the server share them (the rows say so, with the load average).
+A few of the listener's answers (good and revoked) are judged by `openssl ocsp -respin`.
 
 Rows are printed as `| figure | mailkms | peer | goal | met |` (bench/run.py collects them);
 other lines are notes. `--quick` shrinks every loop to seconds (a smoke run, figures meaningless).
