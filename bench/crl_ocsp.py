@@ -8,8 +8,8 @@ own so that its peak RSS (the child's ru_maxrss from wait4) is that measurement'
   - `mailkms.pki.build_crl` signed with an RSA-3072 CA key (the core: one CRL, entries already in
     memory);
   - `Revocation.publish_crl(force=True)` on a SQLite store seeded with N revoked rows in CRL
-    partitions of PARTITION (`[ca] crl_partition_size`), built as `serve` builds them: by 1, then 2,
-    `CRLWorkers` processes (end to end: read, build, sign, store, audit, every partition re-signed).
+    partitions of PARTITION (`[ca] crl_partition_size`), built as `serve` builds them: by 1 (or
+    `--crl-workers 1,2`: 1, then 2) `CRLWorkers` processes (end to end: read, build, sign, store, audit, every partition re-signed).
     Its peak is the server process's VmHWM plus each worker's (summed: an upper bound of the tree);
   - `openssl ca -gencrl` with the same CA key and the same entries in its index.txt (one CRL).
 Every CRL is loaded back: valid signature, N entries in all (and no partition above PARTITION).
@@ -372,7 +372,7 @@ def mailkms_init(data: Path) -> None:
     )
 
 
-def bench_crl(tmp: Path, data: Path, quick: bool) -> None:
+def bench_crl(tmp: Path, data: Path, quick: bool, crl_workers: tuple[int, ...] = (1,)) -> None:
     sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
     store_sizes = (10_000,) if quick else (1_000_000,)
     partition = 2_000 if quick else PARTITION
@@ -425,7 +425,7 @@ def bench_crl(tmp: Path, data: Path, quick: bool) -> None:
         if peer is None:  # the --quick sizes differ; never compare against another N
             log(f"openssl ca -gencrl, {n:,} entries")
             peer, _ = openssl_gencrl(work / "openssl", key, cert_path, n, base)
-        for workers in (1, 2):
+        for workers in crl_workers:
             log(f"publish_crl(force=True), {n:,} entries, {workers} worker process(es)")
             out = work / "mailkms.crls"
             load_before = os.getloadavg()[0]
@@ -921,6 +921,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="concurrent OCSP connections")
     parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
     parser.add_argument("--ocsp-processes", type=int, default=2, help="processes of the OCSP-only listener")
+    parser.add_argument(
+        "--crl-workers", default="1", help="comma-separated CRL worker counts for the end-to-end rows (e.g. 1,2)"
+    )
     parser.add_argument("--skip-crl", action="store_true")
     parser.add_argument("--skip-ocsp", action="store_true")
     args = parser.parse_args()
@@ -932,7 +935,7 @@ def main() -> int:
         log("mailkms init (RSA-3072 CA)")
         mailkms_init(data)
         if not args.skip_crl:
-            bench_crl(tmp, data, args.quick)
+            bench_crl(tmp, data, args.quick, tuple(int(w) for w in args.crl_workers.split(",")))
         if not args.skip_ocsp:
             bench_ocsp(tmp, data, args.quick, seconds, args.connections, args.clients, args.ocsp_processes)
     finally:

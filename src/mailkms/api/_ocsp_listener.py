@@ -174,7 +174,7 @@ class _OCSPConnection(asyncio.Protocol):
             data = self._slots.popleft()[0]
             assert data is not None and self._transport is not None
             self._transport.write(data)
-            if _CLOSE in data[: data.index(b"\r\n\r\n")]:  # this answer's own head says so
+            if _CLOSE in data[: data.index(b"\r\n\r\n") + 2]:  # this answer's own head says so
                 self._closing = True
                 self._transport.close()
         if not self._slots and not self._closing:
@@ -249,7 +249,7 @@ async def _serve_one(settings: Settings, passphrase: bytes, host: str, port: int
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await loop.create_server(lambda: _OCSPConnection(listener), sock=_socket(host, port))
+    server = await loop.create_server(lambda: _OCSPConnection(listener), sock=_socket(host, port), backlog=2048)
     poll = asyncio.create_task(_poll(responder, keys, settings.revocation.poll_seconds, stop))
     try:
         await stop.wait()
