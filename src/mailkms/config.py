@@ -122,6 +122,9 @@ class CAConfig(_Frozen):
     # Production: the CA passphrase must come from a file descriptor, a systemd credential or the
     # environment, never from DATA/ca/passphrase; `init` writes no bootstrap passphrase file.
     production: bool = False
+    # CRL partitions (README, Revocation): each new certificate's CDP names the partition it was
+    # issued into, at most this many certificates each, so no CRL ever lists more. 0: one CRL.
+    crl_partition_size: int = Field(default=0, ge=0, le=10_000_000)
 
     @field_validator("key_type")
     @classmethod
@@ -268,6 +271,21 @@ class IssuanceConfig(_Frozen):
     signer_chunk: int = Field(default=32, ge=1, le=1024, description="certificates sent to a signer process at once")
 
 
+def _host_port(value: str, key: str) -> str:
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f'{key} must be "host:port", e.g. "127.0.0.1:9464"')
+    return value
+
+
+def _address(value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class RevocationConfig(_Frozen):
     """CRL and OCSP timing (BR 4.9.7, 4.9.10): published well inside their limits."""
 
@@ -283,10 +301,26 @@ class RevocationConfig(_Frozen):
     )
     ocsp_cache_size: int = Field(default=200_000, ge=100, description="and at most this many answers")
     ocsp_sign_threads: int = Field(default=2, ge=1, le=32, description="threads that look up and sign OCSP answers")
+    crl_workers: int = Field(
+        default=1, ge=0, le=8, description="processes that build CRLs for `serve` (0: in the server's own threads)"
+    )
     ocsp_sign_queue: int = Field(
         default=64, ge=0, description="requests waiting for a signing thread; beyond that OCSP answers tryLater"
     )
     poll_seconds: float = Field(default=2.0, gt=0, description="how often a node looks for new revocations")
+    ocsp_listen: str = Field(
+        default="", description='"host:port" of an OCSP-only listener served by ocsp_processes processes ("": none)'
+    )
+    ocsp_processes: int = Field(default=2, ge=1, le=64, description="processes of the OCSP-only listener")
+
+    @field_validator("ocsp_listen")
+    @classmethod
+    def _ocsp_host_port(cls, value: str) -> str:
+        return _host_port(value, "ocsp_listen")
+
+    @property
+    def ocsp_address(self) -> tuple[str, int] | None:
+        return _address(self.ocsp_listen)
 
     @model_validator(mode="after")
     def _refresh_inside_validity(self) -> RevocationConfig:
@@ -309,18 +343,11 @@ class MetricsConfig(_Frozen):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError('listen must be "host:port", e.g. "127.0.0.1:9464"')
-        return value
+        return _host_port(value, "listen")
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
-        if not self.listen:
-            return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return _address(self.listen)
 
     def bearer_token(self) -> str:
         """The configured token ("" = none); token_file wins over token."""
@@ -530,6 +557,7 @@ key_type = "rsa3072"                # rsa3072, rsa4096, p256, p384
 organization = "mailkms"
 # country = "DE"
 production = false                  # true: the CA passphrase never from DATA/ca/passphrase (README, Security)
+crl_partition_size = 0              # e.g. 100000: new certificates go into CRL partitions of at most this many (README, Revocation)
 
 [audit]
 checkpoints_file = ""               # signed checkpoints of the audit chain; default DATA/audit/checkpoints.jsonl
@@ -581,6 +609,9 @@ ocsp_refresh_hours = 24             # cached OCSP answers are re-signed after th
 ocsp_cache_bytes = 67108864         # signed answers kept in memory (64 MiB, LRU); never-issued serials take none
 ocsp_sign_threads = 2               # OCSP look-ups and signatures run on their own threads ...
 ocsp_sign_queue = 64                # ... with this many waiting at most; more get tryLater at once
+crl_workers = 1                     # processes that build the CRLs for `serve` (0 = in its own threads)
+ocsp_listen = ""                    # e.g. "0.0.0.0:8081": an OCSP-only listener (README, Scale and operations) ...
+ocsp_processes = 2                  # ... served by this many processes on that one port (SO_REUSEPORT)
 
 [metrics]
 listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports

@@ -217,6 +217,11 @@ class CertificateNotFound(NotFound):
     title = "No certificate with that serial number was issued by this CA"
 
 
+class CRLNotFound(NotFound):
+    code = "crl-not-found"
+    title = "No such CRL partition"
+
+
 class AlreadyRevoked(Conflict):
     code = "already-revoked"
     title = "Already revoked"

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailkms import metrics
-from mailkms.errors import Internal
+from mailkms.errors import CRLNotFound, Internal
 from mailkms.pki import MALFORMED_RESPONSE, TRY_LATER_RESPONSE, crl_number
-from mailkms.services import CRLView, OCSPAnswer, Services
+from mailkms.services import CRLView, OCSPAnswer, OCSPResponder, Services, partition_scope
 
 PKIX_CRL = "application/pkix-crl"
 PEM_FILE = "application/x-pem-file"
@@ -62,6 +62,19 @@ def revocation_router(services: Services) -> APIRouter:
         if view is None:
             raise Internal("no CRL has been published yet")
         return view
+
+    @router.get(
+        "/crl/issuing/{partition}.crl",
+        response_class=Response,
+        summary="CRL of one partition of the issuing CA's certificates (the URL in their CDP; DER, or PEM as above)",
+        responses={200: {"content": {PKIX_CRL: {}, PEM_FILE: {}}}, 404: {}},
+    )
+    async def partition_crl(partition: int, request: Request) -> Response:
+        scope = partition_scope(partition)
+        view = revocation.latest_of(scope) or await asyncio.to_thread(revocation.refresh_scope, scope)
+        if view is None:
+            raise CRLNotFound(f"there is no CRL partition {partition}")
+        return _crl_response(view.der, view.number, format_datetime(view.this_update, usegmt=True), _wants_pem(request))
 
     @router.get(
         "/crl/issuing.crl",
@@ -109,9 +122,12 @@ class OCSPEndpoint:
     busy and their queue is full the answer is `tryLater` at once. Everything else passes on to `app`.
     """
 
-    def __init__(self, app: ASGIApp, services: Services) -> None:
+    def __init__(self, app: ASGIApp, services: Services | None = None, responder: OCSPResponder | None = None) -> None:
         self._app = app
-        self._ocsp = services.ocsp
+        found = responder or (services.ocsp if services is not None else None)
+        if found is None:
+            raise Internal("OCSPEndpoint needs the services or a responder")
+        self._ocsp = found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""

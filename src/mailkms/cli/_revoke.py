@@ -15,9 +15,9 @@ from rich.console import Console
 from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
 from mailkms.config import data_dir_from_env, load_settings
-from mailkms.errors import Malformed
+from mailkms.errors import CRLNotFound, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
-from mailkms.services import Services
+from mailkms.services import Services, partition_scope
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
@@ -114,10 +114,19 @@ def register(app: typer.Typer) -> None:
     @crl_app.command("export")
     def crl_export(
         pem: Annotated[bool, typer.Option("--pem", help="PEM instead of DER")] = False,
+        partition: Annotated[
+            int | None, typer.Option("--partition", help="the CRL of partition N (/crl/issuing/N.crl)")
+        ] = None,
     ) -> None:
         """Write the current CRL to standard output (DER, or PEM with --pem)."""
         with exit_on_error():
-            view = _services().revocation.refresh_latest()
+            revocation = _services().revocation
+            if partition is not None:
+                view = revocation.refresh_scope(partition_scope(partition))
+                if view is None:
+                    raise CRLNotFound(f"there is no CRL partition {partition}")
+            else:
+                view = revocation.refresh_latest()
             if view is None:
                 raise Malformed("no CRL has been published yet: run `mailkms crl generate`")
             if pem:

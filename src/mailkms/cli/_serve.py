@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from mailkms.api import create_app, create_http_app, create_metrics_app
+from mailkms.api import OCSPListeners, create_app, create_http_app, create_metrics_app
 from mailkms.cli import _background
 from mailkms.mail import FAILURE_KINDS, MailSink, OutboxWorker, sender_for
-from mailkms.services import Services
+from mailkms.services import CRLWorkers, Services
 
 log = logging.getLogger("mailkms.serve")
 
@@ -112,6 +112,20 @@ async def serve(
     renewed = services.ensure_server_identities()
     if renewed:
         log.info("renewed server identities at start: %s", ", ".join(renewed))
+    workers: CRLWorkers | None = None
+    if settings.revocation.crl_workers:  # CRLs are built beside the server, not under its GIL
+        workers = CRLWorkers(settings.effective_database_url, services.ca, settings.revocation.crl_workers)
+        workers.start()
+        services.revocation.builder = workers
+    listeners: OCSPListeners | None = None
+    if settings.revocation.ocsp_address is not None:
+        listeners = OCSPListeners(settings, services.ca.at_rest_passphrase)
+        listeners.start()
+        log.info(
+            "OCSP-only listener on %s in %d processes",
+            settings.revocation.ocsp_listen,
+            settings.revocation.ocsp_processes,
+        )
     published = services.revocation.publish_crl()  # only if none yet, revocations wait, or it is due
     if published is not None:
         log.info("published CRL %d with %d entries", published.number, published.entries)
@@ -226,6 +240,10 @@ async def serve(
         if sink is not None:
             sink.stop()
         services.ocsp.close()
+        if workers is not None:
+            workers.close()
+        if listeners is not None:
+            listeners.stop()
         try:  # the head at every stop, signed, outside the store
             services.write_audit_checkpoint()
         except Exception:

@@ -74,8 +74,14 @@ def build_crl(
     this_update: dt.datetime,
     next_update: dt.datetime,
     max_validity: dt.timedelta = BR_MAX_CRL_VALIDITY,
+    distribution_point: str | None = None,
 ) -> x509.CertificateRevocationList:
-    """A v2 CRL with CRLNumber and AKI (both required by pkilint), signed by `signer`."""
+    """A v2 CRL with CRLNumber and AKI (both required by pkilint), signed by `signer`.
+
+    With `distribution_point` the CRL is scoped (RFC 5280 §5.2.5): a critical
+    issuingDistributionPoint naming that URL, onlyContainsUserCerts. It then covers exactly the
+    certificates whose CDP names the same URL (openssl: error 44 "different CRL scope" for others).
+    """
     if number < 0 or number >= 1 << 159:
         raise Malformed("CRL number out of range (RFC 5280: at most 20 octets)")
     if not this_update < next_update <= this_update + max_validity:
@@ -91,22 +97,38 @@ def build_crl(
     ]
     ca = signer.certificate
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+        x509.Extension(
+            x509.AuthorityKeyIdentifier.oid,
+            False,
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+        ),
+    ]
+    if distribution_point is not None:
+        extensions.append(x509.Extension(x509.IssuingDistributionPoint.oid, True, scope(distribution_point)))
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=ca.subject,
         last_update=this_update.replace(microsecond=0),
         next_update=next_update.replace(microsecond=0),
-        extensions=[
-            x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
-            x509.Extension(
-                x509.AuthorityKeyIdentifier.oid,
-                False,
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-            ),
-        ],
+        extensions=extensions,
         revoked_certificates=revoked,
     )
     key = signer.private_key
     return builder.sign(key, signature_hash_for(key))
+
+
+def scope(url: str) -> x509.IssuingDistributionPoint:
+    """The IDP of a partition CRL: its own URL (equal to the CDP of its certificates), user certs only."""
+    return x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)],
+        relative_name=None,
+        only_contains_user_certs=True,
+        only_contains_ca_certs=False,
+        only_some_reasons=None,
+        indirect_crl=False,
+        only_contains_attribute_certs=False,
+    )
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int:

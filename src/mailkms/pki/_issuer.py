@@ -73,6 +73,7 @@ class Issuer:
         public_key: PublicKey,
         validity: Validity,
         allowed_keys: Sequence[KeyType],
+        crl_partition: int | None = None,
     ) -> PreparedCertificate:
         key_type = key_type_of(public_key)
         if key_type not in allowed_keys:
@@ -82,7 +83,9 @@ class Issuer:
         if validity.not_after > ca_not_after:
             raise Internal("the issuing CA expires before this certificate would; renew the issuing CA")
         serial = random_serial()
-        extensions = subscriber_extensions(kind, mailbox, public_key, self._signer.certificate, self.urls)
+        extensions = subscriber_extensions(
+            kind, mailbox, public_key, self._signer.certificate, self.urls, crl_partition
+        )
         builder = _builder(
             mailbox_name(mailbox),
             self._signer.certificate.subject,

@@ -44,6 +44,14 @@ class PublicURLs:
     def issuing_crl(self) -> str:
         return self._join("crl/issuing.crl")
 
+    def crl_partition(self, partition: int) -> str:
+        """The CRL of one partition of the issuing CA's certificates (RFC 5280 §5.2.5 scope)."""
+        return self._join(f"crl/issuing/{partition}.crl")
+
+    def issuing_crl_for(self, partition: int | None) -> str:
+        """The CDP of a certificate in `partition`; None is the whole-CA CRL of before partitioning."""
+        return self.issuing_crl if partition is None else self.crl_partition(partition)
+
     @property
     def root_crl(self) -> str:
         return self._join("crl/root.crl")
@@ -113,9 +121,16 @@ Extension = tuple[x509.ExtensionType, bool]
 
 
 def subscriber_extensions(
-    kind: CertKind, mailbox: str, public_key: PublicKey, issuer: x509.Certificate, urls: PublicURLs
+    kind: CertKind,
+    mailbox: str,
+    public_key: PublicKey,
+    issuer: x509.Certificate,
+    urls: PublicURLs,
+    crl_partition: int | None = None,
 ) -> list[Extension]:
-    """Signing, encryption and the server's mail signer: S/MIME BR strict, mailbox-validated."""
+    """Signing, encryption and the server's mail signer: S/MIME BR strict, mailbox-validated.
+
+    The CDP names the certificate's CRL partition, or the issuing CA's CRL when it has none."""
     key_type = key_type_of(public_key)
     if kind in (CertKind.SIGNING, CertKind.MAIL_SIGNER):
         key_usage = _ku(digital_signature=True)
@@ -129,7 +144,7 @@ def subscriber_extensions(
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False),
         (x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), False),
         (_policies(), False),
-        (_cdp(urls.issuing_crl), False),
+        (_cdp(urls.issuing_crl_for(crl_partition)), False),
         (
             x509.AuthorityInformationAccess(
                 [

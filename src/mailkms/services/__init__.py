@@ -4,6 +4,7 @@ from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, ver
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
@@ -12,7 +13,7 @@ from mailkms.services._issuance import KeySource, PairIssuer, queue_message, ser
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
-from mailkms.services._ocsp import OCSPAnswer, OCSPResponder
+from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
@@ -38,6 +39,7 @@ __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
     "EST",
     "HANDOVER_WINDOW",
+    "ISSUING_SCOPE",
     "PASSPHRASE_SOURCES",
     "AuditCheckpoints",
     "AuditLog",
@@ -45,7 +47,10 @@ __all__ = [
     "Batcher",
     "CAContext",
     "CAPaths",
+    "CRLJob",
+    "CRLPartitions",
     "CRLView",
+    "CRLWorkers",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
@@ -55,6 +60,7 @@ __all__ = [
     "DirectoryEntry",
     "Enrolment",
     "EnrolmentAccepted",
+    "FileResponderKeys",
     "Finding",
     "GroupCommit",
     "InitResult",
@@ -75,6 +81,7 @@ __all__ = [
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
+    "ResponderKeys",
     "Revocation",
     "RevocationReport",
     "ServerKey",
@@ -94,6 +101,7 @@ __all__ = [
     "normalise_mailbox",
     "open_database",
     "parse_serial",
+    "partition_scope",
     "passphrase_source",
     "public_urls",
     "queue_message",

@@ -266,6 +266,10 @@ class CAContext:
             ctx.root_crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
         return ctx
 
+    @property
+    def issuing_certificate(self) -> x509.Certificate:
+        return self.issuing.certificate
+
     def require_ocsp_responder(self) -> SoftSigner:
         if self.ocsp_responder is None:
             raise Internal("the server has no OCSP responder certificate")

@@ -17,6 +17,7 @@ from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
@@ -88,7 +89,10 @@ class Services:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
         batching = settings.issuance
         signers = SignerPool(ca.issuing, ca.urls, batching.signer_processes, batching.signer_chunk)
-        issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers)
+        partitions = CRLPartitions(
+            ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
+        )
+        issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers, partitions=partitions)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
         refusals = Refusals(db, audit, clock)
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)

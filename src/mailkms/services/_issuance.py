@@ -34,6 +34,7 @@ from mailkms.pki import (
 )
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
+from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._recovery import archive_recipient
 from mailkms.services._tokens import token_looks_usable
 from mailkms.store import ArchivedKey, Certificate, Database, IssuanceRequest, OutboxMessage, User
@@ -43,9 +44,12 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
-def certificate_row(cert: x509.Certificate, user_id: int | None, kind: str, generation: int) -> Certificate:
-    """The store's row of an issued certificate."""
+def certificate_row(
+    cert: x509.Certificate, user_id: int | None, kind: str, generation: int, crl_partition: int | None = None
+) -> Certificate:
+    """The store's row of an issued certificate (its CRL partition: the one its CDP names, if any)."""
     return Certificate(
+        crl_partition=crl_partition,
         serial=serial_hex(cert.serial_number),
         user_id=user_id,
         kind=kind,
@@ -85,6 +89,7 @@ class PairIssuer:
         audit: AuditLog,
         keys: KeySource | None = None,
         maker: KeyMaker | None = None,
+        partitions: CRLPartitions | None = None,
     ) -> None:
         self._ca = ca
         self._settings = settings
@@ -92,6 +97,7 @@ class PairIssuer:
         self._audit = audit
         self.keys = keys  # the key pool, when configured
         self._maker = maker  # the signer processes: keys made on both cores
+        self.partitions = partitions  # CRL partitions, when configured
 
     def _make_key(self) -> PrivateKey:
         key_type = self._settings.policy.encryption_key_type
@@ -198,8 +204,11 @@ class PairIssuer:
 
         validity = subscriber_validity(now, lifetime)
         issuer = self._ca.issuer
+        partitions = [self.partitions.take(session) if self.partitions else None for _ in range(2)]
         signing = issuer.issue(
-            issuer.prepare_subscriber(CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types)
+            issuer.prepare_subscriber(
+                CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types, partitions[0]
+            )
         )
         enc_key = encryption_key
         if enc_key is None and self.keys is not None:
@@ -210,12 +219,20 @@ class PairIssuer:
             enc_key = self._make_key()  # the pool ran dry since key_in_advance looked
         encryption = issuer.issue(
             issuer.prepare_subscriber(
-                CertKind.ENCRYPTION, user.email, enc_key.public_key(), validity, (policy.encryption_key_type,)
+                CertKind.ENCRYPTION,
+                user.email,
+                enc_key.public_key(),
+                validity,
+                (policy.encryption_key_type,),
+                partitions[1],
             )
         )
         enc_der = private_key_der(enc_key)
-        for cert, cert_kind in ((signing, "signing"), (encryption, "encryption")):
-            session.add(certificate_row(cert, user.id, cert_kind, generation))
+        for cert, cert_kind, partition in (
+            (signing, "signing", partitions[0]),
+            (encryption, "encryption", partitions[1]),
+        ):
+            session.add(certificate_row(cert, user.id, cert_kind, generation, partition))
             self._audit.append(
                 session,
                 actor,

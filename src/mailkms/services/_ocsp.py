@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from sqlalchemy import select
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import Malformed
+from mailkms.errors import Internal, Malformed
 from mailkms.pki import (
     HASH_NAMES,
     MALFORMED_RESPONSE,
@@ -39,11 +40,13 @@ from mailkms.pki import (
     CertState,
     CertStatus,
     OCSPQuery,
+    SoftSigner,
     issuer_hashes,
+    load_private_key,
     parse_request,
     sign_response,
 )
-from mailkms.services._ca import CAContext
+from mailkms.services._ca import CAPaths
 from mailkms.services._issuance import serial_hex
 from mailkms.store import Certificate, Database
 
@@ -69,8 +72,48 @@ class _Signed:
     responder: x509.Certificate
 
 
+class ResponderKeys(Protocol):
+    """What an OCSP responder signs with: the CA's CAContext in `serve`, files in an OCSP-only process."""
+
+    @property
+    def issuing_certificate(self) -> x509.Certificate: ...
+
+    def require_ocsp_responder(self) -> CASigner: ...
+
+
+class FileResponderKeys:
+    """The delegated responder's certificate and key from DATA/ocsp (no CA key), re-read when `serve`
+    renews them: `refresh` compares the certificate file's mtime."""
+
+    def __init__(self, paths: CAPaths, passphrase: bytes) -> None:
+        self._paths = paths
+        self._passphrase = passphrase
+        self.issuing_certificate = x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
+        self._stamp = -1
+        self._signer: SoftSigner | None = None
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Load the responder again if its certificate file changed; True when it did."""
+        try:
+            stamp = self._paths.ocsp_cert.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if stamp == self._stamp:
+            return False
+        cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
+        key = load_private_key(self._paths.ocsp_key.read_bytes(), self._passphrase)
+        self._signer, self._stamp = SoftSigner(cert, key), stamp
+        return True
+
+    def require_ocsp_responder(self) -> SoftSigner:
+        if self._signer is None:
+            raise Internal("the server has no OCSP responder certificate")
+        return self._signer
+
+
 class OCSPResponder:
-    def __init__(self, db: Database, ca: CAContext, settings: Settings, clock: Clock) -> None:
+    def __init__(self, db: Database, ca: ResponderKeys, settings: Settings, clock: Clock) -> None:
         self._db = db
         self._ca = ca
         self._cfg = settings.revocation
@@ -88,7 +131,7 @@ class OCSPResponder:
 
     def _issuer_hashes(self, responder: CASigner) -> dict[str, tuple[bytes, bytes]]:
         if self._hashes is None:
-            self._hashes = issuer_hashes(self._ca.issuing.certificate, responder.certificate)
+            self._hashes = issuer_hashes(self._ca.issuing_certificate, responder.certificate)
         return self._hashes
 
     def answer_cached(self, request_der: bytes) -> OCSPAnswer | None:

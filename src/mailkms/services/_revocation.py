@@ -10,28 +10,26 @@ notAfter (RFC 5280 §3.3 allows it; the S/MIME BR only ask that they stay until 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.errors import AlreadyRevoked, CertificateNotFound, MailkmsError, Malformed, UserNotFound
-from mailkms.pki import SUBSCRIBER_REASONS, RevokedEntry, build_crl, parse_reason, reason_name
+from mailkms.pki import parse_reason, reason_name
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
+from mailkms.services._crl_partitions import ISSUING_SCOPE, BuiltCRL, CRLJob, build_scope, partition_scope
 from mailkms.services._issuance import serial_hex
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import Certificate, Database, KeyHandover, PublishedCRL, Token, User
-
-ISSUING_SCOPE = "issuing"
-STREAM_ROWS = 20_000
-KEY_COMPROMISE = "keyCompromise"  # as stored in certificates.revocation_reason
 
 
 def parse_serial(text: str) -> str:
@@ -62,16 +60,13 @@ class CRLView:
     next_update: dt.datetime
     entries: int
     der: bytes
+    scope: str = ISSUING_SCOPE
 
 
-class _Counter:
-    def __init__(self) -> None:
-        self.count = 0
+CRLBuilder = Callable[[Sequence[CRLJob]], Iterator[tuple[CRLJob, BuiltCRL]]]
 
-    def through(self, items: Iterator[RevokedEntry]) -> Iterator[RevokedEntry]:
-        for item in items:
-            self.count += 1
-            yield item
+
+PARTITION_VIEWS = 4  # partition CRLs a process keeps in memory to serve
 
 
 class Revocation:
@@ -90,7 +85,14 @@ class Revocation:
         self._clock = clock
         self._audit = audit
         self._on_revoked = list(on_revoked)
-        self._latest: CRLView | None = None
+        # The CRLs this process serves without I/O: the whole-CA one, and the partitions asked for
+        # lately (at most PARTITION_VIEWS: with 1M revoked the partitions' DER is ~40 MB in all);
+        # `_numbers` is the newest number of every scope this process has seen published.
+        self._views: OrderedDict[str, CRLView] = OrderedDict()
+        self._numbers: dict[str, int] = {}
+        self._views_lock = threading.Lock()
+        # Builds CRLs from jobs: here, in this process's thread, or in `CRLWorkers` (serve sets it).
+        self.builder: CRLBuilder = self._build_here
 
     # --- revoking ------------------------------------------------------------------------------
     def revoke_users(
@@ -198,10 +200,20 @@ class Revocation:
     def _flag_crl(self, session: Session, now: dt.datetime) -> None:
         # Always write the row: that waits for a publisher holding it, so a revocation that
         # commits after the publisher read the entries flags the CRL again rather than being lost.
+        self._insert_issuing_row(session)
         session.execute(
             update(PublishedCRL)
             .where(PublishedCRL.scope == ISSUING_SCOPE)
-            .values(dirty_since=func.coalesce(PublishedCRL.dirty_since, now))
+            .values(dirty_since=func.coalesce(PublishedCRL.dirty_since, now), revision=PublishedCRL.revision + 1)
+        )
+
+    def _insert_issuing_row(self, session: Session) -> None:
+        """The whole-CA row, which revocations flag (the migration makes it; an emptied store may not have it)."""
+        insert: Any = postgresql.insert if self._db.engine.dialect.name == "postgresql" else sqlite.insert
+        session.execute(
+            insert(PublishedCRL)
+            .values(scope=ISSUING_SCOPE, number=0, entries=0, assigned=0, revision=0)
+            .on_conflict_do_nothing(index_elements=["scope"])
         )
 
     def _after_revocation(self, reports: Sequence[RevocationReport], publish: bool, actor: str) -> None:
@@ -211,110 +223,176 @@ class Revocation:
         if publish:
             self.publish_crl(actor)
 
-    # --- the CRL -------------------------------------------------------------------------------
+    # --- the CRLs ------------------------------------------------------------------------------
     def publish_crl(self, actor: str = "system", *, force: bool = False) -> CRLView | None:
-        """A new CRL if revocations wait for one, the current one is due for refresh, or `force`.
+        """New CRLs for the scopes that need one: those with revocations waiting (their partitions
+        only), those due for refresh, those never signed; every scope with `force`.
 
-        Returns None when nothing was due (another node or an earlier call already published).
+        The decision and the build read a snapshot (no write lock while building); each CRL is then
+        stored in a short transaction of its own, only if its number is still free (two nodes never
+        publish one number twice). Returns the whole-CA CRL's view if it was published, else the
+        last one published, or None when nothing was due (another node or an earlier call did it).
         """
+        this_update = self._clock.now().replace(microsecond=0)
+        next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
+        self._ensure_issuing_row()
+        with self._db.read_only() as session:
+            rows = list(session.execute(select(PublishedCRL).order_by(PublishedCRL.partition)).scalars())
+            flagged = next(r for r in rows if r.scope == ISSUING_SCOPE)
+            revision, dirty_since = flagged.revision, flagged.dirty_since
+            wanted = {r.scope for r in rows if force or self._stale(r, this_update)}
+            if dirty_since is not None:  # the partitions of what was revoked since (None: the whole-CA CRL)
+                touched = session.execute(
+                    select(Certificate.crl_partition).where(Certificate.revoked_at >= dirty_since).distinct()
+                ).scalars()
+                wanted |= {partition_scope(p) for p in touched}
+            partitioned = any(r.partition is not None for r in rows)
+            jobs = [
+                CRLJob(
+                    r.scope, r.partition, r.number + 1, this_update, next_update, self._idp(r.partition, partitioned)
+                )
+                for r in rows
+                if r.scope in wanted
+            ]
+        if not jobs and dirty_since is None:
+            return None
+        last: CRLView | None = None  # not a list: with 1M revoked the partitions' DER is ~40 MB
+        whole: CRLView | None = None
+        complete = True
+        for job, built in self.builder(jobs):
+            view = self._store(job, built, actor)
+            if view is None:
+                complete = False  # another publisher took this number: leave the flag for the next round
+                continue
+            self._remember(view)
+            last, whole = view, view if view.scope == ISSUING_SCOPE else whole
+        if complete and dirty_since is not None:
+            with self._db.transaction() as session:  # unless a revocation came meanwhile
+                session.execute(
+                    update(PublishedCRL)
+                    .where(PublishedCRL.scope == ISSUING_SCOPE, PublishedCRL.revision == revision)
+                    .values(dirty_since=None)
+                )
+        return whole or last
+
+    def _idp(self, partition: int | None, partitioned: bool) -> str | None:
+        if partition is not None:
+            return self._ca.urls.crl_partition(partition)
+        return self._ca.urls.issuing_crl if partitioned else None  # scoped once partitions exist
+
+    def _build_here(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
+        for job in jobs:
+            with self._db.read_only() as session:
+                yield job, build_scope(session, self._ca.issuing, job)
+
+    def _store(self, job: CRLJob, built: BuiltCRL, actor: str) -> CRLView | None:
         with self._db.transaction() as session:
-            row = self._locked_row(session)
-            now = self._clock.now()
-            if not force and not self._due(row, now):
-                return None
-            this_update = now.replace(microsecond=0)
-            counted = _Counter()  # the rows stream into the builder; no second list of a million entries
-            crl = build_crl(
-                self._ca.issuing,
-                counted.through(self._entries(session, this_update)),
-                number=row.number + 1,
-                this_update=this_update,
-                next_update=this_update + dt.timedelta(days=self._cfg.crl_validity_days),
+            stored = session.execute(
+                update(PublishedCRL)
+                .where(PublishedCRL.scope == job.scope, PublishedCRL.number == job.number - 1)
+                .values(
+                    number=job.number,
+                    this_update=job.this_update,
+                    next_update=job.next_update,
+                    entries=built.entries,
+                    der=built.der,
+                )
             )
-            der = crl.public_bytes(serialization.Encoding.DER)
-            row.number += 1
-            row.this_update = this_update
-            row.next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
-            row.entries = counted.count
-            row.der = der
-            row.dirty_since = None
+            if stored.rowcount != 1:  # type: ignore[attr-defined]
+                return None
             self._audit.append(
                 session,
                 actor,
                 "crl.published",
-                ISSUING_SCOPE,
-                number=row.number,
-                entries=row.entries,
-                next_update=row.next_update.isoformat(),
-                bytes=len(der),
+                job.scope,
+                number=job.number,
+                entries=built.entries,
+                next_update=job.next_update.isoformat(),
+                bytes=len(built.der),
             )
-            view = CRLView(row.number, this_update, row.next_update, row.entries, der)
-        if self._latest is None or view.number > self._latest.number:
-            self._latest = view
-        return view
+        return CRLView(job.number, job.this_update, job.next_update, built.entries, built.der, job.scope)
 
-    def _locked_row(self, session: Session) -> PublishedCRL:
-        """The scope's row, locked; made if missing (the migration makes it; an emptied store may not have it)."""
-        query = select(PublishedCRL).where(PublishedCRL.scope == ISSUING_SCOPE).with_for_update()
-        row = session.execute(query).scalar_one_or_none()
-        if row is None:
-            insert: Any = postgresql.insert if self._db.engine.dialect.name == "postgresql" else sqlite.insert
-            session.execute(
-                insert(PublishedCRL)
-                .values(scope=ISSUING_SCOPE, number=0, entries=0)
-                .on_conflict_do_nothing(index_elements=["scope"])
-            )
-            row = session.execute(query).scalar_one()
-        return row
+    def _ensure_issuing_row(self) -> None:
+        with self._db.read_only() as session:
+            if session.get(PublishedCRL, ISSUING_SCOPE) is not None:
+                return
+        with self._db.transaction() as session:
+            self._insert_issuing_row(session)
 
-    def _due(self, row: PublishedCRL, now: dt.datetime) -> bool:
-        if row.der is None or row.this_update is None or row.dirty_since is not None:
+    def _stale(self, row: PublishedCRL, now: dt.datetime) -> bool:
+        if row.der is None or row.this_update is None:
             return True
         return now - row.this_update >= dt.timedelta(hours=self._cfg.crl_refresh_hours)
 
     def crl_due(self) -> bool:
-        with self._db.transaction() as session:
-            row = session.execute(select(PublishedCRL).where(PublishedCRL.scope == ISSUING_SCOPE)).scalar_one_or_none()
-            return row is None or self._due(row, self._clock.now())
+        now = self._clock.now()
+        with self._db.read_only() as session:
+            rows = list(session.execute(select(PublishedCRL)).scalars())
+        flagged = [r for r in rows if r.scope == ISSUING_SCOPE]
+        if not flagged or flagged[0].dirty_since is not None:
+            return True
+        return any(self._stale(r, now) for r in rows)
 
-    def _entries(self, session: Session, this_update: dt.datetime) -> Iterator[RevokedEntry]:
-        reasons = SUBSCRIBER_REASONS
-        rows = session.execute(
-            select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-            .where(
-                Certificate.revoked_at.is_not(None),
-                # entries leave the CRL once the certificate expires, except for a compromised key: a
-                # signature it makes later, with a signing time claimed in the validity, stays refused
-                or_(Certificate.not_after >= this_update, Certificate.revocation_reason == KEY_COMPROMISE),
-            )
-            .execution_options(yield_per=STREAM_ROWS)
-        )
-        for serial, revoked_at, reason in rows:
-            assert revoked_at is not None  # the WHERE clause
-            yield RevokedEntry(int(serial, 16), revoked_at, reasons.get(reason) if reason else None)
-
-    def current_crl(self, known_number: int = -1) -> CRLView | None:
-        """The published CRL, or None if there is none yet or it is still `known_number`."""
-        with self._db.transaction() as session:
+    def current_crl(self, known_number: int = -1, scope: str = ISSUING_SCOPE) -> CRLView | None:
+        """The published CRL of `scope`, or None if there is none yet or it is still `known_number`."""
+        with self._db.read_only() as session:
             number = session.execute(
-                select(PublishedCRL.number).where(PublishedCRL.scope == ISSUING_SCOPE)
+                select(PublishedCRL.number).where(PublishedCRL.scope == scope)
             ).scalar_one_or_none()
             if number is None or number == known_number:
                 return None
-            row = session.execute(select(PublishedCRL).where(PublishedCRL.scope == ISSUING_SCOPE)).scalar_one()
+            row = session.execute(select(PublishedCRL).where(PublishedCRL.scope == scope)).scalar_one()
             if row.der is None or row.this_update is None or row.next_update is None:
                 return None
-            return CRLView(row.number, row.this_update, row.next_update, row.entries, row.der)
+            return CRLView(row.number, row.this_update, row.next_update, row.entries, row.der, scope)
+
+    def _remember(self, view: CRLView) -> None:
+        with self._views_lock:
+            if view.number < self._numbers.get(view.scope, -1):
+                return
+            self._numbers[view.scope] = view.number
+            self._views[view.scope] = view
+            self._views.move_to_end(view.scope)
+            partitions = [s for s in self._views if s != ISSUING_SCOPE]
+            for scope in partitions[: max(0, len(partitions) - PARTITION_VIEWS)]:  # least recently used first
+                del self._views[scope]
 
     @property
     def latest(self) -> CRLView | None:
-        """The newest CRL this process knows (what the HTTP endpoint serves, no I/O)."""
-        return self._latest
+        """The newest whole-CA CRL this process knows (what the HTTP endpoint serves, no I/O)."""
+        return self._views.get(ISSUING_SCOPE)
+
+    def latest_of(self, scope: str) -> CRLView | None:
+        """A partition's CRL if this process holds it (None: ask `refresh_scope`)."""
+        with self._views_lock:
+            view = self._views.get(scope)
+            if view is not None:
+                self._views.move_to_end(scope)
+            return view
 
     def refresh_latest(self) -> CRLView | None:
-        """Load the published CRL if another process (or node) published a newer one."""
-        known = self._latest.number if self._latest is not None else -1
-        fresh = self.current_crl(known)
-        if fresh is not None and (self._latest is None or fresh.number > self._latest.number):
-            self._latest = fresh
-        return self._latest
+        """Notice every CRL another process (or node) published since this one last looked: the whole-CA
+        one is loaded, a newer partition only drops the copy held here (loaded again when asked for)."""
+        with self._db.read_only() as session:
+            numbers = {
+                scope: number for scope, number in session.execute(select(PublishedCRL.scope, PublishedCRL.number))
+            }
+        for scope, number in numbers.items():
+            known = self._numbers.get(scope, -1)
+            if number <= known:
+                continue
+            if scope == ISSUING_SCOPE:
+                fresh = self.current_crl(known, scope)
+                if fresh is not None:
+                    self._remember(fresh)
+                continue
+            with self._views_lock:
+                self._views.pop(scope, None)
+        return self.latest
+
+    def refresh_scope(self, scope: str) -> CRLView | None:
+        """One scope from the store (a partition this process does not hold)."""
+        fresh = self.current_crl(-1, scope)
+        if fresh is not None:
+            self._remember(fresh)
+        return fresh

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -81,8 +82,20 @@ class Certificate(Base):
     der: Mapped[bytes] = mapped_column(LargeBinary)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    crl_partition: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the whole-CA CRL
     __table_args__ = (
         Index("ix_certificates_user_kind_gen", "user_id", "kind", "generation"),
+        # A CRL build reads only this (revoked rows only, every column it needs): small and index-only.
+        Index(
+            "ix_certificates_crl",
+            "crl_partition",
+            "not_after",
+            "serial",
+            "revoked_at",
+            "revocation_reason",
+            sqlite_where=text("revoked_at IS NOT NULL"),
+            postgresql_where=text("revoked_at IS NOT NULL"),
+        ),
         Index("ix_certificates_revoked", "revoked_at"),
         Index("ix_certificates_revoked_not_after", "revoked_at", "not_after"),
     )
@@ -177,3 +190,9 @@ class PublishedCRL(Base):
     entries: Mapped[int] = mapped_column(Integer, default=0)
     der: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     dirty_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # "issuing" (the whole-CA CRL of certificates without a partition, and the row revocations flag)
+    # or "issuing-N" for partition N, which counts the certificates `assigned` to it.
+    partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    assigned: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # bumped by each revocation
+    __table_args__ = (Index("ix_published_crls_partition", "partition", unique=True),)
