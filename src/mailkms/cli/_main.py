@@ -15,6 +15,7 @@ from rich.table import Table
 
 from mailkms import logs
 from mailkms.cli import _scale
+from mailkms.cli._admins import register as _register_admins
 from mailkms.cli._exit import exit_on_error
 from mailkms.cli._outbox import register as _register_outbox
 from mailkms.cli._recovery import register as _register_recovery
@@ -472,6 +473,7 @@ _scale.register(app)
 _register_recovery(app)
 _register_revocation(app)
 _register_outbox(app)
+_register_admins(app)
 
 
 def main() -> None:

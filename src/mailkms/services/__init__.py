@@ -1,6 +1,16 @@
 """Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
 
-from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._admins import (
+    ROLE_PERMISSIONS,
+    AdminAccounts,
+    AdminView,
+    ConsoleSession,
+    Permission,
+    Principal,
+    Role,
+    parse_role,
+)
+from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._directory import Directory, DirectoryEntry
@@ -29,14 +39,18 @@ from mailkms.services._reminders import Composer, ReminderSweep, SweepReport
 from mailkms.services._renewal import Renewal, RenewalAccepted
 from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
 from mailkms.services._tokens import new_token, token_hash
-from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
+from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
 __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
     "EST",
     "HANDOVER_WINDOW",
     "PASSPHRASE_SOURCES",
+    "ROLE_PERMISSIONS",
+    "AdminAccounts",
+    "AdminView",
     "AuditCheckpoints",
+    "AuditEntry",
     "AuditLog",
     "AuditReport",
     "CAContext",
@@ -46,6 +60,7 @@ __all__ = [
     "CeremonyView",
     "CertDates",
     "Composer",
+    "ConsoleSession",
     "Directory",
     "DirectoryEntry",
     "Enrolment",
@@ -62,7 +77,9 @@ __all__ = [
     "OutboxListing",
     "OutboxQueue",
     "PairIssuer",
+    "Permission",
     "PoolKeyring",
+    "Principal",
     "Recovery",
     "RecoveryResult",
     "Refusals",
@@ -71,11 +88,13 @@ __all__ = [
     "RenewalAccepted",
     "Revocation",
     "RevocationReport",
+    "Role",
     "ServerKey",
     "Services",
     "ShareInput",
     "SweepReport",
     "UserAdmin",
+    "UserPage",
     "UserState",
     "UserView",
     "generate_ders",
@@ -86,11 +105,13 @@ __all__ = [
     "new_token",
     "normalise_mailbox",
     "open_database",
+    "parse_role",
     "parse_serial",
     "passphrase_source",
     "public_urls",
     "queue_message",
     "renewal_state",
+    "search_records",
     "serial_hex",
     "tls_hostnames",
     "token_hash",

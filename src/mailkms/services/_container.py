@@ -14,7 +14,8 @@ from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
-from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._admins import AdminAccounts
+from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
@@ -64,6 +65,7 @@ class Services:
     checkpoints: AuditCheckpoints
     pool_keyring: PoolKeyring
     refusals: Refusals
+    admins: AdminAccounts
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -108,6 +110,7 @@ class Services:
             ),
             pool_keyring=keyring,
             refusals=refusals,
+            admins=AdminAccounts(db, settings, clock, audit, keyring),
         )
 
     def ensure_server_identities(self) -> list[str]:
@@ -158,6 +161,21 @@ class Services:
             chain = verify_chain(session)
             count, problems = self.checkpoints.verify(session, checkpoints_file)
         return AuditReport(chain.records, chain.problems + tuple(problems), count)
+
+    def audit_records(
+        self,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        action: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[AuditEntry]:
+        """Audit records newest first, filtered (the console's and the admin API's audit view)."""
+        with self.db.read_only() as session:
+            return search_records(
+                session, actor=actor, subject=subject, action=action, before_seq=before_seq, limit=limit
+            )
 
     def write_audit_checkpoint(self, *, force: bool = False) -> bool:
         """Sign and append the chain's head to the checkpoints file (if it moved); True when written."""

@@ -6,13 +6,13 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, false, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.errors import Conflict, Malformed, ReservedMailbox, UserExists, UserNotFound
-from mailkms.pki import reminder_point
+from mailkms.pki import add_months, reminder_point
 from mailkms.services._audit import AuditLog
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._tokens import issue_token
@@ -82,6 +82,29 @@ class UserView:
                 for c in self.certificates
             ],
         }
+
+
+@dataclass(frozen=True)
+class UserPage:
+    """One page of users in e-mail order, and how many match the filters in all."""
+
+    users: tuple[UserView, ...]
+    total: int
+    offset: int
+    limit: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "offset": self.offset,
+            "limit": self.limit,
+            "users": [u.to_dict() for u in self.users],
+        }
+
+
+# A reminder point is notBefore + N calendar months; month ends clamp (31 Jan + 1 = 28 Feb), so which
+# notBefore values are past it is decided exactly, in Python, only inside this window after the cut.
+_CLAMP_WINDOW = dt.timedelta(days=4)
 
 
 def current_signing(session: Session, user: User) -> Certificate | None:
@@ -169,6 +192,83 @@ class UserAdmin:
             views = [self._view(session, u, with_certs=False) for u in users]
         return [v for v in views if states is None or v.state in states]
 
+    def page(
+        self,
+        *,
+        state: UserState | None = None,
+        due_within_days: int | None = None,
+        query: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> UserPage:
+        """Server-side paging and filtering (state, certificates expiring within N days, text in the
+        mailbox or name) on indexed columns; the states agree with `renewal_state`."""
+        if offset < 0 or not 1 <= limit <= 500:
+            raise Malformed("offset must be >= 0 and limit 1..500")
+        if due_within_days is not None and due_within_days < 0:
+            raise Malformed("due within days must be >= 0")
+        now = self._clock.now()
+        with self._db.read_only() as session:
+            cert = aliased(Certificate)
+            base = select(User.id).outerjoin(
+                cert, and_(cert.user_id == User.id, cert.kind == "signing", cert.generation == User.generation)
+            )
+            conds: list[ColumnElement[bool]] = []
+            if query:
+                like = f"%{query.strip().lower()}%"
+                conds.append(or_(User.email.like(like), func.lower(User.display_name).like(like)))
+            live = and_(User.status != "revoked", cert.id.is_not(None), cert.not_after >= now)
+            if state is not None:
+                conds.append(self._state_condition(session, state, cert, live, now))
+            if due_within_days is not None:
+                conds.append(and_(live, cert.not_after <= now + dt.timedelta(days=due_within_days)))
+            filtered = base.where(*conds)
+            total = session.execute(select(func.count()).select_from(filtered.subquery())).scalar_one()
+            ids = list(
+                session.execute(
+                    select(User)
+                    .where(User.id.in_(filtered.scalar_subquery()))
+                    .order_by(User.email)
+                    .offset(offset)
+                    .limit(limit)
+                ).scalars()
+            )
+            views = tuple(self._view(session, u, with_certs=False) for u in ids)
+        return UserPage(views, int(total), offset, limit)
+
+    def _state_condition(
+        self, session: Session, state: UserState, cert: type[Certificate], live: ColumnElement[bool], now: dt.datetime
+    ) -> ColumnElement[bool]:
+        revoked = User.status == "revoked"
+        if state is UserState.REVOKED:
+            return revoked
+        if state is UserState.REGISTERED:
+            return and_(~revoked, cert.id.is_(None))
+        if state is UserState.EXPIRED:
+            return and_(~revoked, cert.not_after < now)
+        due = self._due_condition(session, cert, now)
+        return and_(live, due) if state is UserState.DUE else and_(live, ~due)
+
+    def _due_condition(self, session: Session, cert: type[Certificate], now: dt.datetime) -> ColumnElement[bool]:
+        """notBefore + the group's reminder months <= now, per policy group."""
+        policy = self._settings.policy
+        groups = list(policy.groups)
+        parts: list[ColumnElement[bool]] = []
+        for group in [None, *groups]:
+            _, months = policy.for_group(group)
+            in_group = User.group.in_(groups) if group is None else User.group == group
+            if group is None:
+                in_group = or_(User.group.is_(None), ~in_group)
+            cut = add_months(now, -months) - _CLAMP_WINDOW
+            window = session.execute(
+                select(User.id, cert.not_before)
+                .join(cert, and_(cert.user_id == User.id, cert.kind == "signing", cert.generation == User.generation))
+                .where(in_group, cert.not_before > cut, cert.not_before <= cut + 2 * _CLAMP_WINDOW)
+            ).all()
+            exact = [uid for uid, nb in window if reminder_point(nb, months) <= now]
+            parts.append(and_(in_group, or_(cert.not_before <= cut, User.id.in_(exact) if exact else false())))
+        return or_(*parts)
+
     def _user(self, session: Session, mailbox: str) -> User:
         user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
         if user is None:
@@ -203,4 +303,4 @@ class UserAdmin:
         )
 
 
-__all__ = ["Conflict", "UserAdmin", "UserView", "normalise_mailbox", "state_of"]
+__all__ = ["Conflict", "UserAdmin", "UserPage", "UserView", "normalise_mailbox", "state_of"]

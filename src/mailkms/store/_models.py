@@ -55,6 +55,7 @@ class User(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)  # pairs issued so far
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (Index("ix_users_status", "status"),)
 
 
 class Token(Base):
