@@ -55,6 +55,7 @@ def admin_add(
         int | None, typer.Option("--password-fd", min=0, help="read the password from this file descriptor")
     ] = None,
     prompt: Annotated[bool, typer.Option("--prompt", help="read the password from the terminal")] = False,
+    totp: Annotated[bool, typer.Option("--totp", help="enrol the TOTP second factor now (as `admin totp`)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Add an administrator. Without --password-fd/--prompt a one-time initial password is printed, once."""
@@ -67,7 +68,12 @@ def admin_add(
         if given is None:
             data["password"] = password
             text += f"\ninitial password (shown once):\n{password}"
-        text += f"\nnext: mailkms admin totp {name}   (the console wants a one-time code too)"
+        if totp:
+            uri = services.admins.enrol_totp(name, ADMIN)
+            data["otpauth_uri"] = uri
+            text += f"\nTOTP (shown once; scan or paste it into an authenticator app):\n{uri}"
+        else:
+            text += f"\nnext: mailkms admin totp {name}   (the console wants a one-time code too)"
         _emit(data, as_json, text)
 
 

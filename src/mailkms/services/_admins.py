@@ -147,7 +147,7 @@ class AdminAccounts:
         self._audit = audit
         self._keyring = keyring
         self._hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 low-memory defaults
-        self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
+        self._dummy: str | None = None  # made on the first log-in for an unknown name, not per process
 
     # --- accounts ----------------------------------------------------------------------------------
     def add(self, name: str, role: Role, password: str | None, actor: str) -> str:
@@ -237,6 +237,8 @@ class AdminAccounts:
                 select(Administrator).where(Administrator.name == name).with_for_update()
             ).scalar_one_or_none()
             if admin is None or admin.disabled_at is not None:
+                if self._dummy is None:
+                    self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
                 self._verify(self._dummy, password)  # the same time as for a real account
                 self._audit.append(session, "anonymous", "admin.login.failed", name[:64], why="unknown")
                 failure = LoginFailed()

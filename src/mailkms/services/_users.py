@@ -6,7 +6,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, and_, false, func, or_, select
+from sqlalchemy import ColumnElement, and_, false, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from mailkms.clock import Clock
@@ -256,9 +256,9 @@ class UserAdmin:
         parts: list[ColumnElement[bool]] = []
         for group in [None, *groups]:
             _, months = policy.for_group(group)
-            in_group = User.group.in_(groups) if group is None else User.group == group
-            if group is None:
-                in_group = or_(User.group.is_(None), ~in_group)
+            # No NULL in the test (three-valued logic would make NOT(due) unknown for users without a group).
+            named = func.coalesce(User.group, "")
+            in_group = (named.not_in(groups) if groups else true()) if group is None else named == group
             cut = add_months(now, -months) - _CLAMP_WINDOW
             window = session.execute(
                 select(User.id, cert.not_before)
