@@ -585,4 +585,10 @@ rate_per_minute = 120               # per client IP and endpoint group (token, s
 rate_burst = 60
 trusted_proxies = []                # reverse proxies whose X-Forwarded-For names the client
 refusal_flush_seconds = 300         # anonymous refusals are audited as one count per code and period
+
+[admin]                             # the web console (/admin/) and the admin API (/api/v1/admin)
+session_minutes = 15                # a console session ends this long after log-in
+max_failed_logins = 5               # failed log-ins in a row before the account locks
+lockout_minutes = 15
+page_size = 50                      # users per page
 """

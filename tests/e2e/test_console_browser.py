@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 import pytest
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import ClientHome, Deployment, init_deployment, openssl
 from tests.smime_support import require_tools
@@ -64,7 +65,7 @@ def _login(page, dep: Deployment, name: str, password: str, totp: pyotp.TOTP, *,
         page.get_by_label("One-time code").fill(totp.now())
         page.get_by_role("button", name="Log in").click()
     page.wait_for_url(f"{dep.url}/admin/users")
-    assert page.get_by_role("heading", name="Users").is_visible()
+    expect(page.get_by_role("heading", name="Users")).to_be_visible()
 
 
 def _ocsp(dep: Deployment, work: Path, cert: Path) -> str:
@@ -137,7 +138,7 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
 
         phase("enrolled")
         page.goto(f"{dep.url}/admin/users?state=ACTIVE")
-        assert page.get_by_role("link", name=ALICE).is_visible()
+        expect(page.get_by_role("link", name=ALICE)).to_be_visible()
         page.screenshot(path=str(shots / "users.png"), full_page=True)
         page.get_by_role("link", name=ALICE).click()
         assert "ACTIVE" in page.locator(".facts").inner_text()
@@ -154,7 +155,7 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         au_page = auditor.new_page()
         _login(au_page, dep, "aldo", au_password, au_totp, keyboard=True)
         au_page.goto(f"{dep.url}/admin/users/{ALICE}")
-        assert au_page.get_by_role("heading", name=ALICE).is_visible()
+        expect(au_page.get_by_role("heading", name=ALICE)).to_be_visible()
         assert au_page.get_by_role("link", name=re.compile("Revoke")).count() == 0
         assert au_page.get_by_role("link", name="Add user").count() == 0
         au_csrf = au_page.locator("input[name=csrf]").first.get_attribute("value")
@@ -172,7 +173,7 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         page.screenshot(path=str(shots / "revoke.png"), full_page=True)
         page.get_by_label(f"Yes, revoke {ALICE}").check()
         page.get_by_role("button", name="Revoke").click()
-        assert page.get_by_role("heading", name=f"{ALICE} is revoked").is_visible()
+        expect(page.get_by_role("heading", name=f"{ALICE} is revoked")).to_be_visible()
         assert "keyCompromise" in _ocsp(dep, tmp_path, signing) or "Reason" in _ocsp(dep, tmp_path, signing)
 
         phase("revoked, OCSP says so")
