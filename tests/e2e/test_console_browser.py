@@ -68,6 +68,16 @@ def _login(page, dep: Deployment, name: str, password: str, totp: pyotp.TOTP, *,
     expect(page.get_by_role("heading", name="Users")).to_be_visible()
 
 
+def _serious(page, what: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """axe-core (pinned inside axe-playwright-python) on the page: serious and critical findings."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    violations = Axe().run(page).response["violations"]
+    return [
+        f"{what}: {v['id']} ({v['impact']}): {v['help']}" for v in violations if v["impact"] in ("serious", "critical")
+    ]
+
+
 def _ocsp(dep: Deployment, work: Path, cert: Path) -> str:
     chain = dep.admin("ca", "chain").out
     blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", chain, re.S)
@@ -98,6 +108,7 @@ def _screenshots(tmp_path: Path) -> Path:
 def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     shots = _screenshots(tmp_path)
     started = time.monotonic()
+    a11y: list[str] = []
 
     def phase(what: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {what}")
@@ -113,17 +124,20 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         page = operator.new_page()
         page.goto(f"{dep.url}/admin/login")
         page.screenshot(path=str(shots / "login.png"), full_page=True)
+        a11y += _serious(page, "login")
         _login(page, dep, "olga", op_password, op_totp)
         cookie = next(c for c in operator.cookies() if c["name"] == "mailkms_admin")
         assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
         page.get_by_role("link", name="Add user").click()
         assert page.evaluate(UNLABELLED) == []
+        a11y += _serious(page, "add user")
         page.get_by_label("E-mail address").fill(ALICE)
         page.get_by_label("Display name").fill("Alice Example")
         page.get_by_role("button", name="Add user").click()
         token = page.locator("#token").inner_text().strip()
         page.screenshot(path=str(shots / "token.png"), full_page=True)
+        a11y += _serious(page, "token")
         assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", token)
 
         phase("logged in, user added")
@@ -140,10 +154,12 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         page.goto(f"{dep.url}/admin/users?state=ACTIVE")
         expect(page.get_by_role("link", name=ALICE)).to_be_visible()
         page.screenshot(path=str(shots / "users.png"), full_page=True)
+        a11y += _serious(page, "users")
         page.get_by_role("link", name=ALICE).click()
         assert "ACTIVE" in page.locator(".facts").inner_text()
         assert page.locator("table").first.locator("tbody tr").count() == 2  # signing + encryption
         page.screenshot(path=str(shots / "user.png"), full_page=True)
+        a11y += _serious(page, "user")
 
         # a form without its CSRF token is refused by the server
         forged = page.request.post(f"{dep.url}/admin/users", form={"email": "mallory@example.org"})
@@ -171,6 +187,7 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         assert page.evaluate(UNLABELLED) == []
         page.get_by_label("Reason").select_option("keyCompromise")
         page.screenshot(path=str(shots / "revoke.png"), full_page=True)
+        a11y += _serious(page, "revoke")
         page.get_by_label(f"Yes, revoke {ALICE}").check()
         page.get_by_role("button", name="Revoke").click()
         expect(page.get_by_role("heading", name=f"{ALICE} is revoked")).to_be_visible()
@@ -181,13 +198,16 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         text = page.locator("main").inner_text()
         assert "user.added" in text and "user.revoked" in text and "certificate.revoked" in text
         page.screenshot(path=str(shots / "audit.png"), full_page=True)
+        a11y += _serious(page, "audit")
         page.goto(f"{dep.url}/admin/outbox?all=true")
         assert ALICE in page.locator("main").inner_text()
         page.screenshot(path=str(shots / "outbox.png"), full_page=True)
+        a11y += _serious(page, "outbox")
         page.goto(f"{dep.url}/admin/audit/verify")
         assert "intact" in page.locator("main").inner_text()
         operator.close()
         auditor.close()
+        assert a11y == [], "axe-core: serious findings\n" + "\n".join(a11y)
     finally:
         dep.stop()
     print(f"screenshots: {shots} ({time.monotonic() - started:.0f} s)")

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from mailkms.api import create_app
-from mailkms.errors import AccountLocked, AdminAuthRequired, LoginFailed, RoleForbidden
+from mailkms.errors import AccountLocked, AdminAuthRequired, ConfigError, LoginFailed, RoleForbidden
 from mailkms.services import Permission, Principal, Role
 from mailkms.store import Administrator, AdminToken
 
@@ -78,6 +78,13 @@ def test_password_totp_lockout_and_secrets_at_rest(services, clock) -> None:
         services.admins.authenticate_token(token)
     with pytest.raises(LoginFailed):
         services.admins.login("alice", PASSWORD, totp.at(clock.now() + dt.timedelta(seconds=30)))
+    # a sealed TOTP secret is bound to its administrator: copied onto another row it does not open
+    _, bob_totp = _admin(services, "bob", Role.AUDITOR)
+    with services.db.transaction() as db_session:
+        rows = {a.name: a for a in db_session.execute(select(Administrator)).scalars()}
+        rows["bob"].totp_sealed = rows["alice"].totp_sealed
+    with pytest.raises(ConfigError):
+        services.admins.login("bob", PASSWORD, bob_totp.at(clock.now()))
     actions = [r.action for r in services.audit_records(subject="alice", limit=100)]
     assert {"admin.added", "admin.totp.enrolled", "admin.login", "admin.login.failed", "admin.disabled"} <= set(actions)
     assert services.verify_audit().ok

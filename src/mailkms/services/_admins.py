@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -364,7 +365,10 @@ class _Cipher:
         version, key_id, nonce_hex, body = sealed.split(b":", 3)
         if version != _SEALED_VERSION or key_id.decode() != self._key_id:
             raise ConfigError("a TOTP secret was sealed under another key")
-        return self._aead.decrypt(bytes.fromhex(nonce_hex.decode()), body, self._aad(name)).decode()
+        try:
+            return self._aead.decrypt(bytes.fromhex(nonce_hex.decode()), body, self._aad(name)).decode()
+        except InvalidTag:  # altered, or copied from another administrator's row
+            raise ConfigError(f"the stored TOTP secret of {name} does not open; enrol it again") from None
 
 
 __all__ = [
