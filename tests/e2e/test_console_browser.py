@@ -203,6 +203,11 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
         assert ALICE in page.locator("main").inner_text()
         page.screenshot(path=str(shots / "outbox.png"), full_page=True)
         a11y += _serious(page, "outbox")
+        page.goto(f"{dep.url}/admin/dashboard")
+        expect(page.locator("svg#expiring rect.bar")).to_have_count(78)
+        assert page.locator('svg#enrolments rect.bar[data-count="1"]').count() == 1  # alice, today
+        page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+        a11y += _serious(page, "dashboard")
         page.goto(f"{dep.url}/admin/audit/verify")
         assert "intact" in page.locator("main").inner_text()
         operator.close()

@@ -137,6 +137,10 @@ def test_admin_api_roles_paging_and_audit(services, clock) -> None:
     shown = client.get("/api/v1/admin/users/u1@example.org", headers=au).json()
     assert shown["state"] == "REVOKED"
     assert {h["action"] for h in shown["history"]} >= {"user.added", "user.revoked"}
+    assert client.post("/api/v1/admin/users/u1@example.org/reenroll", headers=au).status_code == 403
+    again = client.post("/api/v1/admin/users/u1@example.org/reenroll", headers=op)
+    assert again.status_code == 201 and again.json()["token"] != added.json()["token"]
+    assert services.audit_records(actor="admin:olga", action="token.issued", limit=1)[0].subject == "u1@example.org"
     revoked = client.get("/api/v1/admin/users", headers=au, params={"state": "REVOKED"}).json()
     assert [u["email"] for u in revoked["users"]] == ["u1@example.org"]
 
@@ -220,3 +224,68 @@ def test_console_csrf_roles_and_headers(services, clock) -> None:
     audit = au.get("/admin/audit", params={"actor": "admin:olga"})
     assert "user.revoked" in audit.text and "carol@example.org" in audit.text
     assert "intact" in au.get("/admin/audit/verify").text
+    assert au.post("/admin/users/bob@example.org/reenroll", data={"csrf": au_csrf}).status_code == 403
+    assert op.post("/admin/users/bob@example.org/reenroll", data={}).status_code == 403  # no CSRF token
+    fresh = op.post("/admin/users/bob@example.org/reenroll", data={"csrf": csrf})
+    assert fresh.status_code == 200 and "A new token for bob@example.org" in fresh.text
+
+
+def _bars(html: str, chart: str) -> list[int]:
+    svg = re.search(rf'<svg class="chart" id="{chart}".*?</svg>', html, re.S)
+    assert svg is not None, chart
+    return [int(n) for n in re.findall(r'data-count="(\d+)"', svg.group(0))]
+
+
+def test_dashboard_charts_count_what_the_store_holds(services, clock) -> None:
+    from mailkms.errors import BadNonce
+    from mailkms.store import Certificate, IssuanceRequest, User
+
+    now = clock.now()
+    with services.db.transaction() as session:
+        for i, (weeks, status, generation) in enumerate(
+            [(0, "enrolled", 1), (0, "enrolled", 1), (10, "enrolled", 1), (10, "revoked", 1), (20, "enrolled", 2)]
+        ):
+            user = User(
+                email=f"d{i}@example.org", display_name="", status=status, generation=generation, created_at=now
+            )
+            session.add(user)
+            session.flush()
+            # the row is generation 1: for the last user that is an old pair, not the current one
+            not_after = now + dt.timedelta(weeks=weeks, hours=1)
+            session.add(
+                Certificate(
+                    serial=f"{i + 1:032x}",
+                    user_id=user.id,
+                    kind="signing",
+                    generation=1,
+                    not_before=now - dt.timedelta(days=30),
+                    not_after=not_after,
+                    der=b"-",
+                )
+            )
+            for back in (0, 0, 5) if i == 0 else ():
+                session.add(
+                    IssuanceRequest(
+                        id=f"r{back}{len(session.new)}",
+                        user_id=user.id,
+                        kind="renewal",
+                        generation=10 + len(session.new),
+                        created_at=now - dt.timedelta(days=back),
+                    )
+                )
+    services.refusals.identified("d0@example.org", "renewal.refused", "d0@example.org", BadNonce())
+    for _ in range(3):
+        services.refusals.anonymous("enrolment.refused", BadNonce())
+    services.refusals.flush()
+
+    _, totp = _admin(services, "aldo", Role.AUDITOR)
+    client = TestClient(create_app(services), base_url="https://testserver")
+    _login(client, "aldo", totp, now)
+    html = client.get("/admin/dashboard").text
+    expiring = _bars(html, "expiring")
+    assert len(expiring) == 78 and expiring[0] == 2 and expiring[10] == 1 and sum(expiring) == 3
+    renewals = _bars(html, "renewals")
+    assert len(renewals) == 30 and renewals[-1] == 2 and renewals[-6] == 1 and sum(renewals) == 3
+    refusals = _bars(html, "refusals")
+    assert refusals[-1] == 4 and sum(refusals) == 4
+    assert "Certificates expiring per week" in html and "<script" not in html

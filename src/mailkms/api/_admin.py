@@ -95,6 +95,17 @@ def admin_router(services: Services) -> APIRouter:
             email=body.email.strip().lower(), token=token, expires_in_days=services.settings.policy.token_ttl_days
         )
 
+    @router.post(
+        "/users/{email}/reenroll", status_code=201, response_model=AdminUserAdded, summary="A new one-time token"
+    )
+    def reenroll(admin: Admin, email: str) -> AdminUserAdded:
+        """For a user whose certificates expired, were revoked or were lost; replaces an unused token."""
+        admin.require(Permission.USERS)
+        token = services.users.reenroll(email, admin.actor)
+        return AdminUserAdded(
+            email=email.strip().lower(), token=token, expires_in_days=services.settings.policy.token_ttl_days
+        )
+
     @router.post("/users/{email}/revoke", response_model=AdminRevoked, summary="Revoke a user's certificates")
     def revoke(admin: Admin, email: str, body: AdminRevoke) -> AdminRevoked:
         admin.require(Permission.USERS)

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from mailkms.api._admin import parse_state
+from mailkms.api._charts import bar_chart
 from mailkms.errors import AdminAuthRequired, CSRFRefused, MailkmsError, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
 from mailkms.services import ConsoleSession, Permission, Services
@@ -94,7 +95,42 @@ def console_router(services: Services) -> APIRouter:
 
     @router.get("/")
     def home() -> RedirectResponse:
-        return RedirectResponse("/admin/users", status_code=303, headers=SECURITY_HEADERS)
+        return RedirectResponse("/admin/dashboard", status_code=303, headers=SECURITY_HEADERS)
+
+    @router.get("/dashboard")
+    def dashboard(request: Request) -> Response:
+        session = current(request)
+        board = services.dashboard
+        waiting, oldest = services.outbox.depth()
+        charts = [
+            bar_chart(
+                "expiring",
+                "Certificates expiring per week, the next 18 months",
+                board.expiring_per_week(78),
+                label="week of",
+                every=13,
+            ),
+            bar_chart(
+                "renewals", "Renewals per day, the last 30 days", board.issued_per_day("renewal"), label="day", every=7
+            ),
+            bar_chart(
+                "enrolments",
+                "Enrolments per day, the last 30 days",
+                board.issued_per_day("enrolment"),
+                label="day",
+                every=7,
+                color="#1a7f37",
+            ),
+            bar_chart(
+                "refusals",
+                "Refused requests per day, the last 30 days",
+                board.refusals_per_day(),
+                label="day",
+                every=7,
+                color="#b3261e",
+            ),
+        ]
+        return page(session, "dashboard.html", charts=charts, waiting=waiting, oldest=oldest)
 
     @router.get("/login")
     def login_form() -> HTMLResponse:
@@ -194,6 +230,22 @@ def console_router(services: Services) -> APIRouter:
         view = services.users.show(email)
         history = services.audit_records(subject=view.email, limit=100)
         return page(session, "user.html", user=view, history=history)
+
+    @router.post("/users/{email}/reenroll")
+    def reenroll(request: Request, email: str, csrf: Annotated[str | None, Form()] = None) -> Response:
+        session = checked(request, csrf)
+        session.principal.require(Permission.USERS)
+        token = services.users.reenroll(email, session.principal.actor)
+        return render(
+            "token.html",
+            me=session.principal,
+            csrf=session.csrf,
+            may_write=True,
+            email=services.users.show(email).email,
+            token=token,
+            ttl=settings.policy.token_ttl_days,
+            reenrol=True,
+        )
 
     @router.get("/users/{email}/revoke")
     def revoke_confirm(request: Request, email: str) -> Response:

@@ -13,6 +13,7 @@ from mailkms.services._admins import (
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
+from mailkms.services._dashboard import Dashboard, Series
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
@@ -61,6 +62,7 @@ __all__ = [
     "CertDates",
     "Composer",
     "ConsoleSession",
+    "Dashboard",
     "Directory",
     "DirectoryEntry",
     "Enrolment",
@@ -89,6 +91,7 @@ __all__ = [
     "Revocation",
     "RevocationReport",
     "Role",
+    "Series",
     "ServerKey",
     "Services",
     "ShareInput",

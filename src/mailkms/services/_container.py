@@ -17,6 +17,7 @@ from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._admins import AdminAccounts
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._dashboard import Dashboard
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
@@ -66,6 +67,7 @@ class Services:
     pool_keyring: PoolKeyring
     refusals: Refusals
     admins: AdminAccounts
+    dashboard: Dashboard
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -111,6 +113,7 @@ class Services:
             pool_keyring=keyring,
             refusals=refusals,
             admins=AdminAccounts(db, settings, clock, audit, keyring),
+            dashboard=Dashboard(db, clock),
         )
 
     def ensure_server_identities(self) -> list[str]:
