@@ -11,10 +11,9 @@ from typing import Annotated
 import typer
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.cli._remote import local_services
 from mailkms.errors import Malformed
-from mailkms.services import Role, Services, parse_role
+from mailkms.services import Role, parse_role
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
@@ -22,8 +21,7 @@ ROLES = ", ".join(r.value for r in Role)
 admin_app = typer.Typer(help="Administrators of the web console and the admin API.", no_args_is_help=True)
 
 
-def _services() -> Services:
-    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+_services = local_services
 
 
 def _read_password(fd: int | None, prompt: bool) -> str | None:
