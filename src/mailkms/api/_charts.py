@@ -43,7 +43,7 @@ def bar_chart(chart_id: str, title: str, series: Series, *, label: str, every: i
             f'<rect class="bar" x="{x + 1:.1f}" y="{PAD_TOP + plot_h - h:.1f}" width="{max(step - 2, 1):.1f}" '
             f'height="{h:.1f}" fill="{color}" data-count="{count}"><title>{escape(label)} {_day(start)}: {count}</title></rect>'
         )
-        if i % every == 0:
+        if i % every == 0 and i + every // 2 < n:  # no tick label cut at the right edge
             parts.append(
                 f'<text x="{x + 1:.1f}" y="{HEIGHT - 6}" font-size="10" fill="#57606a">{start:%Y-%m-%d}</text>'
             )
