@@ -156,6 +156,10 @@ class AuditRecord(Base):
     details: Mapped[str] = mapped_column(Text)  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (
+        Index("ix_audit_log_subject_seq", "subject", "seq"),
+        Index("ix_audit_log_actor_seq", "actor", "seq"),
+    )
 
 
 class AuditHead(Base):

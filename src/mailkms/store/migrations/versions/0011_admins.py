@@ -58,9 +58,14 @@ def upgrade() -> None:
     op.create_index("ix_admin_sessions_expires_at", "admin_sessions", ["expires_at"])
     # The console's user list filters on it (certificates' kind/not_before/not_after are indexed since 0005).
     op.create_index("ix_users_status", "users", ["status"])
+    # The console's and the admin API's audit filters, newest first (a user's history, an admin's acts).
+    op.create_index("ix_audit_log_subject_seq", "audit_log", ["subject", "seq"])
+    op.create_index("ix_audit_log_actor_seq", "audit_log", ["actor", "seq"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_log_actor_seq", "audit_log")
+    op.drop_index("ix_audit_log_subject_seq", "audit_log")
     op.drop_index("ix_users_status", "users")
     op.drop_index("ix_admin_sessions_expires_at", "admin_sessions")
     op.drop_table("admin_sessions")
