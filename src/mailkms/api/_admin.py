@@ -64,10 +64,10 @@ def admin_router(services: Services) -> APIRouter:
         admin: Admin,
         state: Annotated[str | None, Query(description="REGISTERED, ACTIVE, DUE, EXPIRED or REVOKED")] = None,
         due_within_days: Annotated[
-            int | None, Query(ge=0, description="valid certificates expiring within N days")
+            int | None, Query(ge=0, le=36_600, description="valid certificates expiring within N days")
         ] = None,
         q: Annotated[str | None, Query(max_length=320, description="text in the mailbox or the name")] = None,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
         limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     ) -> dict[str, object]:
         admin.require(Permission.READ)
@@ -130,7 +130,9 @@ def admin_router(services: Services) -> APIRouter:
         actor: str | None = None,
         user: str | None = None,
         action: Annotated[str | None, Query(description="an action or its prefix (user., certificate.)")] = None,
-        before: Annotated[int | None, Query(ge=1, description="records before this seq (the next page)")] = None,
+        before: Annotated[
+            int | None, Query(ge=1, le=2**62, description="records before this seq (the next page)")
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, object]:
         admin.require(Permission.READ)

@@ -173,7 +173,7 @@ def console_router(services: Services) -> APIRouter:
         state: str | None = None,
         due: Annotated[int | None, Query(ge=0, le=3650)] = None,
         q: Annotated[str | None, Query(max_length=320)] = None,
-        page_no: Annotated[int, Query(alias="page", ge=1)] = 1,
+        page_no: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1,
     ) -> Response:
         session = current(request)
         size = settings.admin.page_size
@@ -286,7 +286,7 @@ def console_router(services: Services) -> APIRouter:
         actor: str | None = None,
         user: str | None = None,
         action: str | None = None,
-        before: Annotated[int | None, Query(ge=1)] = None,
+        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     ) -> Response:
         session = current(request)
         records = services.audit_records(

@@ -106,6 +106,8 @@ class UserPage:
 # A reminder point is notBefore + N calendar months; month ends clamp (31 Jan + 1 = 28 Feb), so which
 # notBefore values are past it is decided exactly, in Python, only inside this window after the cut.
 _CLAMP_WINDOW = dt.timedelta(days=4)
+MAX_OFFSET = 10**9
+MAX_DAYS = 36_600  # a century: certificates live at most 825 days
 
 
 def current_signing(session: Session, user: User) -> Certificate | None:
@@ -204,10 +206,10 @@ class UserAdmin:
     ) -> UserPage:
         """Server-side paging and filtering (state, certificates expiring within N days, text in the
         mailbox or name) on indexed columns; the states agree with `renewal_state`."""
-        if offset < 0 or not 1 <= limit <= 500:
-            raise Malformed("offset must be >= 0 and limit 1..500")
-        if due_within_days is not None and due_within_days < 0:
-            raise Malformed("due within days must be >= 0")
+        if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= 500:
+            raise Malformed(f"offset must be 0..{MAX_OFFSET} and limit 1..500")
+        if due_within_days is not None and not 0 <= due_within_days <= MAX_DAYS:
+            raise Malformed(f"due within days must be 0..{MAX_DAYS}")
         now = self._clock.now()
         with self._db.read_only() as session:
             cert = aliased(Certificate)
