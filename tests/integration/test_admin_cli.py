@@ -3,14 +3,17 @@ descriptor, TOTP and API tokens shown once and usable, the documented exit codes
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
 
 import pyotp
+import pytest
 from typer.testing import CliRunner
 
 from mailkms.cli._main import app
+from mailkms.errors import AdminAuthRequired, LoginFailed
 from mailkms.services import Principal, Role
 
 
@@ -46,6 +49,14 @@ def test_admin_commands(services, cli_env, tmp_path: Path, clock) -> None:  # ty
         ("olga", "operator", True),
     ]
     assert runner.invoke(app, ["admin", "add", "olga", "--role", "auditor"]).exit_code == 5
+    new = _json(runner.invoke(app, ["admin", "password", "olga", "--json"]))["password"]
+    assert new != added["password"] and len(new) >= 20
+    clock.advance(dt.timedelta(seconds=60))
+    with pytest.raises(LoginFailed):  # the old one no longer opens
+        services.admins.login("olga", added["password"], pyotp.TOTP(secret).at(clock.now()))
+    assert services.admins.login("olga", new, pyotp.TOTP(secret).at(clock.now())).principal.name == "olga"
+    with pytest.raises(AdminAuthRequired):  # the session from before the change has ended
+        services.admins.session(session.cookie)
     assert runner.invoke(app, ["admin", "add", "bert", "--role", "king"]).exit_code == 2
     assert runner.invoke(app, ["admin", "disable", "nobody"]).exit_code == 4
     assert _json(runner.invoke(app, ["admin", "disable", "aldo", "--json"])) == {"name": "aldo", "disabled": True}

@@ -75,6 +75,27 @@ def admin_add(
         _emit(data, as_json, text)
 
 
+@admin_app.command("password")
+def admin_password(
+    name: str,
+    password_fd: Annotated[
+        int | None, typer.Option("--password-fd", min=0, help="read the password from this file descriptor")
+    ] = None,
+    prompt: Annotated[bool, typer.Option("--prompt", help="read the password from the terminal")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a new password (printed once when generated); unlocks the account and ends its sessions."""
+    with exit_on_error(as_json):
+        given = _read_password(password_fd, prompt)
+        password = _services().admins.set_password(name, given, ADMIN)
+        data: dict[str, object] = {"name": name}
+        text = f"new password for {name}"
+        if given is None:
+            data["password"] = password
+            text += f" (shown once):\n{password}"
+        _emit(data, as_json, text)
+
+
 @admin_app.command("list")
 def admin_list(as_json: JsonOpt = False) -> None:
     """Administrators with their role, second factor and state."""

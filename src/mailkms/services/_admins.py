@@ -155,9 +155,7 @@ class AdminAccounts:
         """A new administrator; returns the initial password (the given one, or a generated one)."""
         if not _NAME.match(name):
             raise Malformed("an administrator's name is 2-64 characters: a-z first, then a-z 0-9 . _ -")
-        chosen = password if password is not None else new_password()
-        if len(chosen) < MIN_PASSWORD:
-            raise Malformed(f"the password must have at least {MIN_PASSWORD} characters")
+        chosen = self._checked_password(password)
         hashed = self._hasher.hash(chosen)
         with self._db.transaction() as session:
             if session.execute(select(Administrator.id).where(Administrator.name == name)).first():
@@ -168,6 +166,26 @@ class AdminAccounts:
                 )
             )
             self._audit.append(session, actor, "admin.added", name, role=role.value)
+        return chosen
+
+    def set_password(self, name: str, password: str | None, actor: str) -> str:
+        """A new password (the given one, or a generated one, returned); clears a lock-out and ends
+        the administrator's console sessions."""
+        chosen = self._checked_password(password)
+        hashed = self._hasher.hash(chosen)
+        with self._db.transaction() as session:
+            admin = self._admin(session, name)
+            admin.password_hash = hashed
+            admin.failed_logins = 0
+            admin.locked_until = None
+            session.execute(delete(AdminSession).where(AdminSession.admin_id == admin.id))
+            self._audit.append(session, actor, "admin.password.set", name)
+        return chosen
+
+    def _checked_password(self, password: str | None) -> str:
+        chosen = password if password is not None else new_password()
+        if len(chosen) < MIN_PASSWORD:
+            raise Malformed(f"the password must have at least {MIN_PASSWORD} characters")
         return chosen
 
     def list(self) -> list[AdminView]:
