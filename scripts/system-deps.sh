@@ -18,6 +18,8 @@ command -v notify-send >/dev/null || need+=(libnotify-bin)
 command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v desktop-file-validate >/dev/null || need+=(desktop-file-utils)
+# the web console's browser tests: Debian's headless Chromium, driven by Playwright (no browser download)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 mapfile -t need < <(printf "%s\n" "${need[@]}" | sort -u)
 if [ "$(id -u)" != 0 ]; then

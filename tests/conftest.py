@@ -154,6 +154,18 @@ def services(settings, clock):  # type: ignore[no-untyped-def]
     svc.close()
 
 
+@pytest.fixture
+def cli_env(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    """The environment the in-process admin CLI (typer's CliRunner) reads: this test's store and CA."""
+    for name, value in {
+        "MAILKMS_DATA": str(settings.data_dir),
+        "MAILKMS_DATABASE_URL": settings.effective_database_url,
+        "MAILKMS_CA_PASSPHRASE": CA_PASSPHRASE,
+        "MAILKMS_SERVER__HOSTNAME": "localhost",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture(scope="session")
 def smime_pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A small real PKI (root, issuing CA, identities on demand) for the S/MIME tests."""

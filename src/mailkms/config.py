@@ -394,6 +394,15 @@ class LimitsConfig(_Frozen):
     )
 
 
+class AdminConfig(_Frozen):
+    """The web console and the admin API (`[admin]`): sessions, log-in lock-out, paging."""
+
+    session_minutes: int = Field(default=15, ge=1, le=720, description="a console session ends this long after log-in")
+    max_failed_logins: int = Field(default=5, ge=1, description="failed log-ins in a row before the account locks")
+    lockout_minutes: int = Field(default=15, ge=1, description="how long a locked account stays locked")
+    page_size: int = Field(default=50, ge=1, le=500, description="users per page in the console and the API")
+
+
 class Settings(BaseSettings):
     """Everything a server process needs to know; frozen after validation."""
 
@@ -414,6 +423,7 @@ class Settings(BaseSettings):
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -627,4 +637,10 @@ rate_per_minute = 120               # per client IP and endpoint group (token, s
 rate_burst = 60
 trusted_proxies = []                # reverse proxies whose X-Forwarded-For names the client
 refusal_flush_seconds = 300         # anonymous refusals are audited as one count per code and period
+
+[admin]                             # the web console (/admin/) and the admin API (/api/v1/admin)
+session_minutes = 15                # a console session ends this long after log-in
+max_failed_logins = 5               # failed log-ins in a row before the account locks
+lockout_minutes = 15
+page_size = 50                      # users per page
 """

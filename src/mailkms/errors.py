@@ -477,3 +477,41 @@ class MethodNotAllowed(Malformed):
     code = "method-not-allowed"
     title = "The method is not allowed on this path"
     http_status = 405
+
+
+# --- administrators (console and admin API) ---------------------------------------------------
+class AdminNotFound(NotFound):
+    code = "admin-not-found"
+    title = "No such administrator"
+
+
+class AdminExists(Conflict):
+    code = "admin-exists"
+    title = "The administrator already exists"
+
+
+class LoginFailed(Unauthorized):
+    """Wrong name, password or second factor: which one is not said."""
+
+    code = "login-failed"
+    title = "The name, password or one-time code is wrong"
+
+
+class AccountLocked(Unauthorized):
+    code = "account-locked"
+    title = "Too many failed log-ins; the account is locked for a while"
+
+
+class AdminAuthRequired(Unauthorized):
+    code = "admin-auth-required"
+    title = "An administrator's API token (Authorization: Bearer) or console session is required"
+
+
+class RoleForbidden(PolicyRefused):
+    code = "role-forbidden"
+    title = "The administrator's role does not allow this"
+
+
+class CSRFRefused(PolicyRefused):
+    code = "csrf-refused"
+    title = "The form's CSRF token is missing or wrong"

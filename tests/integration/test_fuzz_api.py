@@ -80,18 +80,15 @@ def check_answer(method: str, path: str, status: int, headers: Any, body: bytes)
 
 
 # --- from the OpenAPI -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
-def test_the_openapi_fuzzed(fuzz_services: Services, mode: GenerationMode) -> None:
-    """Every operation in /openapi.json, EXAMPLES cases each: schema-valid ones, then ones that break it."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzz_services))
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 15, [op.label for op in operations]
-    calls: dict[str, int] = {}
-    started = time.monotonic()
+def fuzz_operations(
+    operations: list[Any], mode: GenerationMode, *, examples: int = EXAMPLES, headers: dict[str, str] | None = None
+) -> list[tuple[str, int]]:
+    """Every operation fuzzed, `examples` cases each, each answer checked; (operation, status) per call."""
+    calls: list[tuple[str, int]] = []
     for operation in operations:
 
         @settings(
-            max_examples=EXAMPLES,
+            max_examples=examples,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             derandomize=True,
@@ -99,8 +96,8 @@ def test_the_openapi_fuzzed(fuzz_services: Services, mode: GenerationMode) -> No
         )
         @given(case=operation.as_strategy(generation_mode=mode))
         def fuzz(case: Any) -> None:
-            response = case.call()
-            calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
+            response = case.call(headers=headers)
+            calls.append((case.operation.label, response.status_code))
             check_answer(
                 case.method.upper(), case.formatted_path, response.status_code, response.headers, response.content
             )
@@ -110,6 +107,19 @@ def test_the_openapi_fuzzed(fuzz_services: Services, mode: GenerationMode) -> No
         except Unsatisfiable:
             # An operation with nothing to break (no parameters, no body) has no negative cases.
             assert mode is GenerationMode.NEGATIVE, operation.label
+    return calls
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+def test_the_openapi_fuzzed(fuzz_services: Services, mode: GenerationMode) -> None:
+    """Every operation in /openapi.json, EXAMPLES cases each: schema-valid ones, then ones that break it."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzz_services))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 15, [op.label for op in operations]
+    started = time.monotonic()
+    calls: dict[str, int] = {}
+    for label, _status in fuzz_operations(operations, mode):
+        calls[label] = calls.get(label, 0) + 1
     print(
         f"schemathesis {mode.value}: {sum(calls.values())} calls on {len(calls)} operations in {time.monotonic() - started:.1f} s"
     )

@@ -13,7 +13,6 @@ from mailkms.cli._main import app
 from mailkms.clock import SystemClock
 from mailkms.errors import Conflict, NotFound
 from mailkms.mail import OutboxWorker
-from tests.conftest import CA_PASSPHRASE
 from tests.outbox_support import queue_mails
 
 
@@ -70,17 +69,6 @@ def test_listing_and_retry(services, clock) -> None:  # type: ignore[no-untyped-
     assert everything.waiting == 0 and [e.state for e in everything.entries] == ["sent"] * 3
     assert all(e.last_error_kind is None and e.next_attempt_at is None for e in everything.entries)
     assert services.verify_audit().ok
-
-
-@pytest.fixture
-def cli_env(settings, monkeypatch):  # type: ignore[no-untyped-def]
-    for name, value in {
-        "MAILKMS_DATA": str(settings.data_dir),
-        "MAILKMS_DATABASE_URL": settings.effective_database_url,
-        "MAILKMS_CA_PASSPHRASE": CA_PASSPHRASE,
-        "MAILKMS_SERVER__HOSTNAME": "localhost",
-    }.items():
-        monkeypatch.setenv(name, value)
 
 
 def test_the_command_line(services, cli_env) -> None:  # type: ignore[no-untyped-def]

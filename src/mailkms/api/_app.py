@@ -2,43 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailkms.api import _observability
+from mailkms.api._admin import admin_router
+from mailkms.api._console import console_router, error_page
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._limits import Limits
 from mailkms.api._problems import (
     http_error_handler,
     mailkms_error_handler,
+    problem_responses,
     unexpected_error_handler,
     validation_error_handler,
 )
 from mailkms.api._revocation import OCSPEndpoint, revocation_router
-from mailkms.api._schemas import Accepted, EnrolmentRequest, Problem, ServerInfo, SignedRequestBody, StatusAnswer
+from mailkms.api._schemas import Accepted, EnrolmentRequest, ServerInfo, SignedRequestBody, StatusAnswer
 from mailkms.errors import MailkmsError
 from mailkms.pki import fingerprint_sha256
 from mailkms.services import RenewalAccepted, Services
 
 PEM_CHAIN = "application/pem-certificate-chain"
 PKIX_CERT = "application/pkix-cert"
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "malformed"},
-    401: {"model": Problem, "description": "not authenticated"},
-    403: {"model": Problem, "description": "refused by policy"},
-    404: {"model": Problem, "description": "not found"},
-    413: {"model": Problem, "description": "body-too-large"},
-    429: {"model": Problem, "description": "rate-limited (see Retry-After)"},
-}
+_ERRORS = problem_responses(
+    {
+        400: "malformed",
+        401: "not authenticated",
+        403: "refused by policy",
+        404: "not found",
+        413: "body-too-large",
+        429: "rate-limited (see Retry-After)",
+    }
+)
+
+
+async def _error_handler(request: Request, exc: Exception) -> Response:
+    """Problem documents, except on the console's pages (the same status, as a page)."""
+    if isinstance(exc, MailkmsError) and request.url.path.startswith("/admin/"):
+        return error_page(request, exc)
+    return await mailkms_error_handler(request, exc)
 
 
 def _install_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(MailkmsError, mailkms_error_handler)
+    app.add_exception_handler(MailkmsError, _error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
@@ -154,6 +164,8 @@ def create_app(services: Services) -> FastAPI:
         return StatusAnswer(mailbox=mailbox, state=state.value)
 
     app.include_router(api)
+    app.include_router(admin_router(services))
+    app.include_router(console_router(services))
     app.include_router(directory_router(services))
     _observability.install(app, services)
     app.add_middleware(OCSPEndpoint, services=services)  # OCSP skips the rest

@@ -47,6 +47,7 @@ _GROUPS: dict[str, str] = {
     "/api/v1/resync": "signed",
     "/api/v1/status": "signed",
     EST_PREFIX + "simplereenroll": "signed",
+    "/admin/login": "login",  # password guessing across accounts (each account also locks itself)
 }
 
 

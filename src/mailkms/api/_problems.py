@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,13 @@ from mailkms.services import is_recorded
 log = logging.getLogger("mailkms.api")
 
 PROBLEM_JSON = "application/problem+json"
+
+
+def problem_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses`: each status a problem document, with what it means on those paths."""
+    from mailkms.api._schemas import Problem
+
+    return {status: {"model": Problem, "description": text} for status, text in descriptions.items()}
 
 
 def problem_response(exc: MailkmsError) -> JSONResponse:

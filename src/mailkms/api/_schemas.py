@@ -51,3 +51,44 @@ class Problem(BaseModel):
 class StatusAnswer(BaseModel):
     mailbox: str
     state: str = Field(description="ACTIVE, DUE, EXPIRED, REVOKED")
+
+
+class AdminUserAdd(BaseModel):
+    email: str = Field(description="the user's mailbox")
+    name: str = Field(default="", description="display name")
+    group: str | None = Field(default=None, description="policy group ([policy.groups])")
+
+
+class AdminUserAdded(BaseModel):
+    email: str
+    token: str = Field(description="the one-time enrolment token: shown once, never stored")
+    expires_in_days: int
+
+
+class AdminRevoke(BaseModel):
+    reason: str | None = Field(
+        default=None,
+        description="RFC 5280 reason allowed by the S/MIME BR: keyCompromise, affiliationChanged, superseded, "
+        "cessationOfOperation, privilegeWithdrawn; omit for none",
+    )
+
+
+class AdminRevoked(BaseModel):
+    email: str
+    serials: list[str]
+    reason: str | None
+    revoked_at: str
+    crl_number: int | None
+
+
+class AdminWhoAmI(BaseModel):
+    name: str
+    role: str
+    permissions: list[str]
+
+
+class AuditVerifyAnswer(BaseModel):
+    ok: bool
+    records: int
+    checkpoints: int
+    problems: list[str]

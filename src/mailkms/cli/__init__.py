@@ -23,6 +23,10 @@ SERVER_MODULES = {
     "httptools": "httptools",
     "uvloop": "uvloop",
     "starlette": "starlette",
+    "argon2": "argon2-cffi",
+    "pyotp": "pyotp",
+    "jinja2": "jinja2",
+    "multipart": "python-multipart",
 }
 
 SERVER_MISSING_EXIT = 78  # EX_CONFIG: the installation, not the input, is wrong

@@ -17,9 +17,11 @@ from rich.table import Table
 
 from mailkms import logs
 from mailkms.cli import _scale
+from mailkms.cli._admins import register as _register_admins
 from mailkms.cli._exit import exit_on_error
 from mailkms.cli._outbox import register as _register_outbox
 from mailkms.cli._recovery import register as _register_recovery
+from mailkms.cli._remote import REMOTE_COMMANDS, Remote, local_services, remote, set_remote
 from mailkms.cli._revoke import register as _register_revocation
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
@@ -28,6 +30,7 @@ from mailkms.pki import KeyType, check_admin_passphrase, fingerprint_sha256
 from mailkms.services import (
     BOOTSTRAP_PASSPHRASE_FILE,
     PASSPHRASE_SOURCES,
+    AuditReport,
     CAPaths,
     Services,
     UserState,
@@ -75,12 +78,48 @@ ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
 console = Console()
 
 
+REMOTE_TOP = {"user", "revoke", "audit"}
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="MAILKMS_REMOTE_URL",
+            help=f"work against this server's admin API (https://HOST:8443) instead of the local data folder: "
+            f"{REMOTE_COMMANDS}",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="MAILKMS_ADMIN_TOKEN", help="the API token (`mailkms admin token NAME`)"),
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option("--ca-file", envvar="MAILKMS_REMOTE_CA_FILE", help="trust this CA (PEM) for the server's TLS"),
+    ] = None,
+) -> None:
+    if server is None:
+        set_remote(None)
+        return
+    with exit_on_error():
+        if not token:
+            raise Malformed("--server needs an API token: --token or MAILKMS_ADMIN_TOKEN (`mailkms admin token NAME`)")
+        if ctx.invoked_subcommand not in REMOTE_TOP:
+            raise Malformed(
+                f"`mailkms {ctx.invoked_subcommand}` runs on the server only; with --server: {REMOTE_COMMANDS}"
+            )
+        set_remote(Remote(server, token, ca_file))
+
+
 def _settings(passphrase_fd: int | None = None, **overrides: object) -> Settings:
     return load_settings(data_dir_from_env(), passphrase_fd=passphrase_fd, **overrides)
 
 
-def _services() -> Services:
-    return Services.build(_settings(), SystemClock())
+_services = local_services
 
 
 def _emit(data: object, as_json: bool, text: str) -> None:
@@ -302,9 +341,13 @@ def user_add(
 ) -> None:
     """Register a user; prints their one-time enrolment token, once."""
     with exit_on_error(as_json):
-        services = _services()
-        token = services.users.add(email, name, group, ADMIN)
-        ttl = services.settings.policy.token_ttl_days
+        if (far := remote()) is not None:
+            added = far.call("POST", "/users", body={"email": email, "name": name, "group": group})
+            token, ttl = added["token"], added["expires_in_days"]
+        else:
+            services = _services()
+            token = services.users.add(email, name, group, ADMIN)
+            ttl = services.settings.policy.token_ttl_days
         _emit(
             {"email": email.strip().lower(), "token": token, "expires_in_days": ttl},
             as_json,
@@ -316,9 +359,13 @@ def user_add(
 def user_reenroll(email: str, as_json: JsonOpt = False) -> None:
     """A new one-time token for a user whose certificates expired, were revoked or were lost."""
     with exit_on_error(as_json):
-        services = _services()
-        token = services.users.reenroll(email, ADMIN)
-        ttl = services.settings.policy.token_ttl_days
+        if (far := remote()) is not None:
+            again = far.call("POST", far.user_path(email) + "/reenroll")
+            token, ttl = again["token"], again["expires_in_days"]
+        else:
+            services = _services()
+            token = services.users.reenroll(email, ADMIN)
+            ttl = services.settings.policy.token_ttl_days
         _emit(
             {"email": email.strip().lower(), "token": token, "expires_in_days": ttl},
             as_json,
@@ -344,6 +391,14 @@ def user_list(
                 states.add(UserState.DUE)
             if expired:
                 states.add(UserState.EXPIRED)
+        if (far := remote()) is not None:
+            rows = _remote_users(far, states, expiring_within)
+            if as_json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for row in rows:
+                    print(f"{row['email']:40} {row['state']:10} {row['expires_at'] or '-'}")
+            return
         services = _services()
         views = services.users.list(states)
         if expiring_within is not None:
@@ -368,6 +423,13 @@ def user_list(
 def user_show(email: str, as_json: JsonOpt = False) -> None:
     """One user: state, certificates, dates."""
     with exit_on_error(as_json):
+        if (far := remote()) is not None:
+            shown = far.call("GET", far.user_path(email))
+            shown.pop("history", None)
+            print(
+                json.dumps(shown, indent=2) if as_json else f"{shown['email']} {shown['name']}  state: {shown['state']}"
+            )
+            return
         view = _services().users.show(email)
         if as_json:
             print(json.dumps(view.to_dict(), indent=2))
@@ -390,6 +452,21 @@ def user_show(email: str, as_json: JsonOpt = False) -> None:
                 f"{c.revoked_at:%Y-%m-%d} {c.revocation_reason}" if c.revoked_at else "",
             )
         console.print(table)
+
+
+def _remote_users(far: Remote, states: set[UserState] | None, expiring_within: str | None) -> list[dict[str, Any]]:
+    """Every matching user, page by page, from the admin API."""
+    days = _scale.parse_duration(expiring_within).days if expiring_within is not None else None
+    rows: list[dict[str, Any]] = []
+    for state in sorted(states) if states else [None]:
+        offset = 0
+        while True:
+            page = far.call("GET", "/users", state=state, due_within_days=days, offset=offset, limit=500)
+            rows += page["users"]
+            offset += len(page["users"])
+            if not page["users"] or offset >= page["total"]:
+                break
+    return sorted(rows, key=lambda row: row["email"])
 
 
 # --- CA ----------------------------------------------------------------------------------------
@@ -431,7 +508,13 @@ def audit_verify(
     """Check the hash chain and its signed checkpoints: reports every edited, removed or reordered
     record, and a chain rewritten with recomputed hashes."""
     with exit_on_error(as_json):
-        report = _services().verify_audit(checkpoints)
+        if (far := remote()) is not None:
+            if checkpoints is not None:
+                raise Malformed("--checkpoints names a file on this machine; with --server the server checks its own")
+            answer = far.call("GET", "/audit/verify")
+            report = AuditReport(answer["records"], tuple(answer["problems"]), answer["checkpoints"])
+        else:
+            report = _services().verify_audit(checkpoints)
         _emit(
             {
                 "ok": report.ok,
@@ -505,6 +588,7 @@ _scale.register(app)
 _register_recovery(app)
 _register_revocation(app)
 _register_outbox(app)
+_register_admins(app)
 
 
 def main() -> None:

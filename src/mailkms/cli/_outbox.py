@@ -12,10 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.cli._remote import local_services
 from mailkms.errors import Malformed
-from mailkms.services import OutboxEntry, OutboxListing, Services
+from mailkms.services import OutboxEntry, OutboxListing
 
 
 def _console() -> Console:
@@ -24,8 +23,7 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=220)
 
 
-def _services() -> Services:
-    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+_services = local_services
 
 
 def _when(value: dt.datetime | None, now: dt.datetime) -> str:

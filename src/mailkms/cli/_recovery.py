@@ -21,11 +21,10 @@ import typer
 from cryptography import x509
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.cli._remote import local_services
 from mailkms.errors import MailkmsError, Malformed
 from mailkms.pki import read_share
-from mailkms.services import NewOfficer, Services, ShareInput
+from mailkms.services import NewOfficer, ShareInput
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 SharesOpt = Annotated[
@@ -45,8 +44,7 @@ def _actor() -> str:
     return f"admin:{os.environ.get('USER', 'unknown')}"
 
 
-def _services() -> Services:
-    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+_services = local_services
 
 
 def _emit(data: object, as_json: bool, text: str) -> None:

@@ -13,11 +13,10 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.cli._remote import local_services, remote
 from mailkms.errors import CRLNotFound, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
-from mailkms.services import Services, partition_scope
+from mailkms.services import partition_scope
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
@@ -27,8 +26,7 @@ crl_app = typer.Typer(help="The issuing CA's CRL.", no_args_is_help=True)
 console = Console(stderr=True)
 
 
-def _services() -> Services:
-    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+_services = local_services
 
 
 def register(app: typer.Typer) -> None:
@@ -51,6 +49,19 @@ def register(app: typer.Typer) -> None:
                 raise Malformed("name users (EMAIL ...) or one certificate (--serial S), not both")
             if not emails and not serial:
                 raise Malformed("name the users to revoke (EMAIL ...) or one certificate (--serial S)")
+            if (far := remote()) is not None:
+                if serial:
+                    raise Malformed("with --server, name users (EMAIL ...); --serial runs on the server's machine")
+                answers = [
+                    far.call("POST", far.user_path(e) + "/revoke", body={"reason": reason}) for e in emails or []
+                ]
+                out = [{**a, "subject": a["email"], "user_revoked": True} for a in answers]
+                if as_json:
+                    print(json.dumps({"revoked": out, "crl_number": answers[-1]["crl_number"]}, indent=2))
+                else:
+                    for a in answers:
+                        print(f"revoked {a['email']}: {len(a['serials'])} certificate(s)")
+                return
             services = _services()
             if serial:
                 reports = [services.revocation.revoke_serial(serial, reason, ADMIN)]

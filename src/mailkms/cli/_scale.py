@@ -18,10 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.cli._remote import local_services
 from mailkms.errors import MailkmsError, Malformed
-from mailkms.services import Services, UserState, UserView, normalise_mailbox
+from mailkms.services import UserState, UserView, normalise_mailbox
 
 err_console = Console(stderr=True)
 _DURATION = re.compile(r"^\s*(\d+)\s*([dhw])\s*$")
@@ -69,8 +68,7 @@ def normalised_or_same(email: str) -> str:
         return email
 
 
-def _services() -> Services:
-    return Services.build(load_settings(data_dir_from_env()), SystemClock())
+_services = local_services
 
 
 def _open_secret_file(path: Path) -> int:

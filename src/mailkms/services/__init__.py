@@ -1,10 +1,21 @@
 """Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
 
-from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._admins import (
+    ROLE_PERMISSIONS,
+    AdminAccounts,
+    AdminView,
+    ConsoleSession,
+    Permission,
+    Principal,
+    Role,
+    parse_role,
+)
+from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
+from mailkms.services._dashboard import Dashboard, Series
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
@@ -33,7 +44,7 @@ from mailkms.services._revocation import CRLView, Revocation, RevocationReport, 
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
 from mailkms.services._tokens import new_token, token_hash
-from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
+from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
 __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
@@ -41,7 +52,11 @@ __all__ = [
     "HANDOVER_WINDOW",
     "ISSUING_SCOPE",
     "PASSPHRASE_SOURCES",
+    "ROLE_PERMISSIONS",
+    "AdminAccounts",
+    "AdminView",
     "AuditCheckpoints",
+    "AuditEntry",
     "AuditLog",
     "AuditReport",
     "Batcher",
@@ -56,6 +71,8 @@ __all__ = [
     "CertDates",
     "CertificateIssuance",
     "Composer",
+    "ConsoleSession",
+    "Dashboard",
     "Directory",
     "DirectoryEntry",
     "Enrolment",
@@ -74,7 +91,9 @@ __all__ = [
     "OutboxListing",
     "OutboxQueue",
     "PairIssuer",
+    "Permission",
     "PoolKeyring",
+    "Principal",
     "Recovery",
     "RecoveryResult",
     "Refusals",
@@ -84,12 +103,15 @@ __all__ = [
     "ResponderKeys",
     "Revocation",
     "RevocationReport",
+    "Role",
+    "Series",
     "ServerKey",
     "Services",
     "ShareInput",
     "SignerPool",
     "SweepReport",
     "UserAdmin",
+    "UserPage",
     "UserState",
     "UserView",
     "generate_ders",
@@ -100,12 +122,14 @@ __all__ = [
     "new_token",
     "normalise_mailbox",
     "open_database",
+    "parse_role",
     "parse_serial",
     "partition_scope",
     "passphrase_source",
     "public_urls",
     "queue_message",
     "renewal_state",
+    "search_records",
     "serial_hex",
     "tls_hostnames",
     "token_hash",

@@ -190,6 +190,48 @@ def verify_chain(session: Session) -> AuditReport:
     return AuditReport(count, tuple(problems))
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: dt.datetime
+    actor: str
+    action: str
+    subject: str
+    details: str  # canonical JSON
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "action": self.action,
+            "subject": self.subject,
+            "details": json.loads(self.details),
+        }
+
+
+def search_records(
+    session: Session,
+    *,
+    actor: str | None = None,
+    subject: str | None = None,
+    action: str | None = None,
+    before_seq: int | None = None,
+    limit: int = 50,
+) -> list[AuditEntry]:
+    """Newest first, keyset-paged on seq (`before_seq`); `action` matches a prefix (user. -> user.*)."""
+    query = select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(max(1, min(limit, 500)))
+    if actor:
+        query = query.where(AuditRecord.actor == actor)
+    if subject:
+        query = query.where(AuditRecord.subject == subject)
+    if action:
+        query = query.where(AuditRecord.action.startswith(action, autoescape=True))
+    if before_seq is not None:
+        query = query.where(AuditRecord.seq < before_seq)
+    return [AuditEntry(r.seq, r.at, r.actor, r.action, r.subject, r.details) for r in session.execute(query).scalars()]
+
+
 # --- signed checkpoints of the head, kept outside the database ----------------------------------------
 class AuditCheckpoints:
     """Whoever can write the database can rewrite the chain and recompute every hash and the head.

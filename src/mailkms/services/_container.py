@@ -14,10 +14,12 @@ from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
-from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
+from mailkms.services._admins import AdminAccounts
+from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
 from mailkms.services._crl_partitions import CRLPartitions
+from mailkms.services._dashboard import Dashboard
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
@@ -71,6 +73,8 @@ class Services:
     commits: GroupCommit
     signers: SignerPool
     issuance: CertificateIssuance
+    admins: AdminAccounts
+    dashboard: Dashboard
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -124,6 +128,8 @@ class Services:
             commits=commits,
             signers=signers,
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
+            admins=AdminAccounts(db, settings, clock, audit, keyring),
+            dashboard=Dashboard(db, clock),
         )
 
     def close(self) -> None:
@@ -179,6 +185,21 @@ class Services:
             chain = verify_chain(session)
             count, problems = self.checkpoints.verify(session, checkpoints_file)
         return AuditReport(chain.records, chain.problems + tuple(problems), count)
+
+    def audit_records(
+        self,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        action: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[AuditEntry]:
+        """Audit records newest first, filtered (the console's and the admin API's audit view)."""
+        with self.db.read_only() as session:
+            return search_records(
+                session, actor=actor, subject=subject, action=action, before_seq=before_seq, limit=limit
+            )
 
     def write_audit_checkpoint(self, *, force: bool = False) -> bool:
         """Sign and append the chain's head to the checkpoints file (if it moved); True when written."""

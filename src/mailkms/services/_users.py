@@ -6,14 +6,15 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, false, func, insert, or_, select, true
+from sqlalchemy.orm import Session, aliased
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.errors import Conflict, MailkmsError, Malformed, ReservedMailbox, UserExists, UserNotFound
-from mailkms.pki import reminder_point
+from mailkms.pki import add_months, reminder_point
 from mailkms.services._audit import AuditLog
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._tokens import issue_token, new_token, token_hash
@@ -83,6 +84,31 @@ class UserView:
                 for c in self.certificates
             ],
         }
+
+
+@dataclass(frozen=True)
+class UserPage:
+    """One page of users in e-mail order, and how many match the filters in all."""
+
+    users: tuple[UserView, ...]
+    total: int
+    offset: int
+    limit: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "offset": self.offset,
+            "limit": self.limit,
+            "users": [u.to_dict() for u in self.users],
+        }
+
+
+# A reminder point is notBefore + N calendar months; month ends clamp (31 Jan + 1 = 28 Feb), so which
+# notBefore values are past it is decided exactly, in Python, only inside this window after the cut.
+_CLAMP_WINDOW = dt.timedelta(days=4)
+MAX_OFFSET = 10**9
+MAX_DAYS = 36_600  # a century: certificates live at most 825 days
 
 
 def current_signing(session: Session, user: User) -> Certificate | None:
@@ -250,6 +276,79 @@ class UserAdmin:
             views = [self._view(session, u, with_certs=False) for u in users]
         return [v for v in views if states is None or v.state in states]
 
+    def page(
+        self,
+        *,
+        state: UserState | None = None,
+        due_within_days: int | None = None,
+        query: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> UserPage:
+        """Server-side paging and filtering (state, certificates expiring within N days, text in the
+        mailbox or name) on indexed columns; the states agree with `renewal_state`."""
+        if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= 500:
+            raise Malformed(f"offset must be 0..{MAX_OFFSET} and limit 1..500")
+        if due_within_days is not None and not 0 <= due_within_days <= MAX_DAYS:
+            raise Malformed(f"due within days must be 0..{MAX_DAYS}")
+        now = self._clock.now()
+        with self._db.read_only() as session:
+            cert = aliased(Certificate)
+            joined = and_(cert.user_id == User.id, cert.kind == "signing", cert.generation == User.generation)
+            conds: list[ColumnElement[bool]] = []
+            if query:
+                like = f"%{query.strip().lower()}%"
+                conds.append(or_(User.email.like(like), func.lower(User.display_name).like(like)))
+            live = and_(User.status != "revoked", cert.id.is_not(None), cert.not_after >= now)
+            if state is not None:
+                conds.append(self._state_condition(session, state, cert, live, now))
+            if due_within_days is not None:
+                conds.append(and_(live, cert.not_after <= now + dt.timedelta(days=due_within_days)))
+            needs_cert = state is not None or due_within_days is not None
+
+            def filtered(what: Any) -> Any:
+                query_ = select(what)
+                return (query_.outerjoin(cert, joined) if needs_cert else query_).where(*conds)
+
+            total = session.execute(filtered(func.count(User.id))).scalar_one()
+            # In e-mail order (the unique index): the database stops after offset + limit matches.
+            ids = list(session.execute(filtered(User).order_by(User.email).offset(offset).limit(limit)).scalars())
+            views = tuple(self._view(session, u, with_certs=False) for u in ids)
+        return UserPage(views, int(total), offset, limit)
+
+    def _state_condition(
+        self, session: Session, state: UserState, cert: type[Certificate], live: ColumnElement[bool], now: dt.datetime
+    ) -> ColumnElement[bool]:
+        revoked = User.status == "revoked"
+        if state is UserState.REVOKED:
+            return revoked
+        if state is UserState.REGISTERED:
+            return and_(~revoked, cert.id.is_(None))
+        if state is UserState.EXPIRED:
+            return and_(~revoked, cert.not_after < now)
+        due = self._due_condition(session, cert, now)
+        return and_(live, due) if state is UserState.DUE else and_(live, ~due)
+
+    def _due_condition(self, session: Session, cert: type[Certificate], now: dt.datetime) -> ColumnElement[bool]:
+        """notBefore + the group's reminder months <= now, per policy group."""
+        policy = self._settings.policy
+        groups = list(policy.groups)
+        parts: list[ColumnElement[bool]] = []
+        for group in [None, *groups]:
+            _, months = policy.for_group(group)
+            # No NULL in the test (three-valued logic would make NOT(due) unknown for users without a group).
+            named = func.coalesce(User.group, "")
+            in_group = (named.not_in(groups) if groups else true()) if group is None else named == group
+            cut = add_months(now, -months) - _CLAMP_WINDOW
+            window = session.execute(
+                select(User.id, cert.not_before)
+                .join(cert, and_(cert.user_id == User.id, cert.kind == "signing", cert.generation == User.generation))
+                .where(in_group, cert.not_before > cut, cert.not_before <= cut + 2 * _CLAMP_WINDOW)
+            ).all()
+            exact = [uid for uid, nb in window if reminder_point(nb, months) <= now]
+            parts.append(and_(in_group, or_(cert.not_before <= cut, User.id.in_(exact) if exact else false())))
+        return or_(*parts)
+
     def _user(self, session: Session, mailbox: str) -> User:
         user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
         if user is None:
@@ -284,4 +383,4 @@ class UserAdmin:
         )
 
 
-__all__ = ["Conflict", "UserAdmin", "UserView", "normalise_mailbox", "state_of"]
+__all__ = ["Conflict", "UserAdmin", "UserPage", "UserView", "normalise_mailbox", "state_of"]

@@ -1,5 +1,6 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
+from mailkms.store._admins import Administrator, AdminSession, AdminToken
 from mailkms.store._db import Database, make_engine, migrate
 from mailkms.store._est import KeyHandover
 from mailkms.store._models import (
@@ -21,6 +22,9 @@ from mailkms.store._server_keys import NONCE_KEY, ServerKey
 
 __all__ = [
     "NONCE_KEY",
+    "AdminSession",
+    "AdminToken",
+    "Administrator",
     "ArchivedKey",
     "AuditHead",
     "AuditRecord",

@@ -56,6 +56,7 @@ class User(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)  # pairs issued so far
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (Index("ix_users_status", "status"),)
 
 
 class Token(Base):
@@ -168,6 +169,10 @@ class AuditRecord(Base):
     details: Mapped[str] = mapped_column(Text)  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (
+        Index("ix_audit_log_subject_seq", "subject", "seq"),
+        Index("ix_audit_log_actor_seq", "actor", "seq"),
+    )
 
 
 class AuditHead(Base):
