@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailkms.api import _observability
+from mailkms.api._cmp import cmp_router
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
 from mailkms.api._limits import Limits
@@ -83,6 +84,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(publication_router(services))
     app.include_router(revocation_router(services))
     app.include_router(est_router(services))
+    if services.settings.cmp.enabled:
+        app.include_router(cmp_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
     settings = services.settings

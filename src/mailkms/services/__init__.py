@@ -2,6 +2,7 @@
 
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
+from mailkms.services._cmp import CMP
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
@@ -33,6 +34,7 @@ from mailkms.services._users import UserAdmin, UserView, normalise_mailbox
 
 __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
+    "CMP",
     "EST",
     "HANDOVER_WINDOW",
     "PASSPHRASE_SOURCES",

@@ -16,6 +16,7 @@ from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._audit import AuditCheckpoints, AuditLog, AuditReport, verify_chain
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._cmp import CMP
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
@@ -28,6 +29,7 @@ from mailkms.services._recovery import Recovery
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
 from mailkms.services._revocation import Revocation
+from mailkms.services._tokens import TokenSealer
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
 
@@ -64,6 +66,7 @@ class Services:
     checkpoints: AuditCheckpoints
     pool_keyring: PoolKeyring
     refusals: Refusals
+    cmp: CMP
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -85,22 +88,25 @@ class Services:
         refusals = Refusals(db, audit, clock)
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)
         ocsp = OCSPResponder(db, ca, settings, clock)
+        sealer = TokenSealer(keyring)
+        est = EST(db, ca, issuer, renewal, settings, clock, audit, refusals)
+        revocation = Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget])
         return cls(
             settings=settings,
             clock=clock,
             db=db,
             ca=ca,
             audit=audit,
-            users=UserAdmin(db, settings, clock, audit),
+            users=UserAdmin(db, settings, clock, audit, sealer),
             enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals),
             nonces=nonces,
             renewal=renewal,
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
-            est=EST(db, ca, issuer, renewal, settings, clock, audit, refusals),
+            est=est,
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
-            revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
+            revocation=revocation,
             ocsp=ocsp,
             outbox=OutboxQueue(db, clock, audit),
             checkpoints=AuditCheckpoints(
@@ -108,6 +114,7 @@ class Services:
             ),
             pool_keyring=keyring,
             refusals=refusals,
+            cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
         )
 
     def ensure_server_identities(self) -> list[str]:

@@ -15,7 +15,7 @@ from mailkms.errors import Conflict, Malformed, ReservedMailbox, UserExists, Use
 from mailkms.pki import reminder_point
 from mailkms.services._audit import AuditLog
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
-from mailkms.services._tokens import issue_token
+from mailkms.services._tokens import TokenSealer, issue_token
 from mailkms.store import Certificate, Database, User
 
 # RFC 5321 dot-atom local part (no leading, trailing or double dot; at most 64 characters) and a
@@ -113,8 +113,11 @@ def state_of(
 
 
 class UserAdmin:
-    def __init__(self, db: Database, settings: Settings, clock: Clock, audit: AuditLog) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, clock: Clock, audit: AuditLog, sealer: TokenSealer | None = None
+    ) -> None:
         self._db = db
+        self._sealer = sealer
         self._settings = settings
         self._clock = clock
         self._audit = audit
@@ -134,6 +137,7 @@ class UserAdmin:
         if group is not None and group not in self._settings.policy.groups:
             raise Malformed(f"unknown group {group!r}; groups are configured under [policy.groups]")
         now = self._clock.now()
+        self._prepare_sealer()
         with self._db.transaction() as session:
             if session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none():
                 raise UserExists(f"{mailbox} is already registered; use `mailkms user reenroll` for a new token")
@@ -142,7 +146,7 @@ class UserAdmin:
             )
             session.add(user)
             session.flush()
-            token = issue_token(session, user, "enrol", now, self._ttl)
+            token = issue_token(session, user, "enrol", now, self._ttl, self._sealer)
             self._audit.append(session, actor, "user.added", mailbox, group=group)
             self._audit.append(session, actor, "token.issued", mailbox, purpose="enrol", expires_in_days=self._ttl.days)
         return token
@@ -151,13 +155,19 @@ class UserAdmin:
         """A new one-time token for an expired, revoked or lost user; archived keys stay archived."""
         mailbox = normalise_mailbox(email)
         now = self._clock.now()
+        self._prepare_sealer()
         with self._db.transaction() as session:
             user = self._user(session, mailbox)
-            token = issue_token(session, user, "reenrol", now, self._ttl)
+            token = issue_token(session, user, "reenrol", now, self._ttl, self._sealer)
             self._audit.append(
                 session, actor, "token.issued", mailbox, purpose="reenrol", expires_in_days=self._ttl.days
             )
         return token
+
+    def _prepare_sealer(self) -> None:
+        """Tokens are sealed for CMP when it is on and the CA passphrase opens the wrapping key."""
+        if self._sealer is not None and self._settings.cmp.enabled:
+            self._sealer.prepare()
 
     def show(self, email: str) -> UserView:
         with self._db.transaction() as session:
