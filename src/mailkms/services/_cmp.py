@@ -145,8 +145,12 @@ class CMP:
             if request.body == "certConf":
                 return self._confirm(request, secret, proven)
             if request.body == "pollReq":
-                raise BadCMPMessage("nothing is pending: every answer of this server is immediate")
-            raise BadCMPMessage(f"{request.body} is not served here (ir, cr, kur, rr, certConf)")
+                raise BadCMPMessage(
+                    "nothing is pending: every answer of this server is immediate", fail=CMPFailInfo.BAD_REQUEST
+                )
+            raise BadCMPMessage(
+                f"{request.body} is not served here (ir, cr, kur, rr, certConf)", fail=CMPFailInfo.BAD_REQUEST
+            )
         except MailkmsError as exc:
             if proven:
                 self._refusals.identified(proven[0], "cmp.refused", proven[0], exc, body=request.body)

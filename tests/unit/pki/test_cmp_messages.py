@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,31 +27,11 @@ from mailkms.pki import (
     verify_cmp_mac,
     verify_cmp_signature,
 )
-from tests.smime_support import require_tools
+from tests.cmp_support import openssl_request
 from tests.testca import START, ca_of, key_of
 
 MAILBOX = "alice@example.org"
 NOW = START + dt.timedelta(days=1)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def openssl_request(tmp: Path, *args: str) -> bytes:
-    """What `openssl cmp` sends: written with -reqout, the connection itself is refused."""
-    require_tools("openssl", package="openssl")
-    out = tmp / f"req-{os.urandom(4).hex()}.der"
-    subprocess.run(
-        ["openssl", "cmp", "-server", f"127.0.0.1:{_closed_port()}", "-path", "cmp", "-reqout", str(out), *args],
-        capture_output=True,
-        timeout=60,
-        cwd=tmp,
-    )
-    assert out.exists(), "openssl cmp wrote no request"
-    return out.read_bytes()
 
 
 def _pem(tmp: Path, name: str, data: bytes) -> Path:
