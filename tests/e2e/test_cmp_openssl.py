@@ -183,6 +183,19 @@ def test_cmp_with_openssl(world: World) -> None:
     assert replay.returncode != 0
     assert "transactionIdInUse" in said(replay) or "badSenderNonce" in said(replay), said(replay)
 
+    # -- the certConf again: its transaction is closed ----------------------------------------------------
+    confirm = httpx.post(
+        f"{dep.url}/.well-known/cmp/p/smime",
+        content=(tmp / "certconf.der").read_bytes(),
+        headers={"Content-Type": "application/pkixcmp"},
+        verify=ssl.create_default_context(cafile=str(world.root)),
+    )
+    assert confirm.status_code == 200
+    parsed = subprocess.run(
+        ["openssl", "asn1parse", "-inform", "DER", "-i"], input=confirm.content, capture_output=True, timeout=30
+    )
+    assert b"cmp-unknown-transaction" in parsed.stdout, parsed.stdout
+
     # -- the token is spent (and its sealed copy erased at certConf): a new ir with it is refused ------------
     spent = enrol(world, "alice@example.org", token, world.key("other.key"), tmp / "other.pem")
     assert spent.returncode != 0 and "badMessageCheck" in said(spent), said(spent)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 
 from mailkms.api._cmp import status_of
 from mailkms.pki import CMPFailInfo, KeyType, PrivateKey, generate_key, same_public_key
+from mailkms.pki import parse_cmp_request as parse_answer
 from mailkms.store import KeyHandover, OutboxMessage, Token
 from tests.cmp_support import answer_of, issued_certificate, openssl_request, write_cert, write_key
 
@@ -168,3 +169,32 @@ def test_what_is_not_a_pkimessage_gets_a_signed_error(services, body: bytes) -> 
     answer = handle(services, body)
     assert answer_of(answer)[1] == [int(CMPFailInfo.BAD_DATA_FORMAT)]
     assert verify_cmp_signature(parse_cmp_request(answer)) == services.ca.issuing.certificate
+
+
+def test_cr_and_implicit_confirm_close_at_once_and_purge_drops_unusable_sealed_tokens(
+    services, clock, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from mailkms.store import CMPTransaction
+
+    token = services.users.add(ALICE, "", None, "admin:test")
+    key_file = write_key(tmp_path / "cr.key", generate_key(KeyType.P256))
+    request = openssl_request(
+        tmp_path, "-cmd", "cr", "-ref", ALICE, "-secret", f"pass:{token}", "-newkey", str(key_file),
+        "-subject", f"/CN={ALICE}", "-recipient", "/CN=mailkms", "-implicit_confirm", "-certout", str(tmp_path / "c.pem"),
+        at=clock.now(),
+    )  # fmt: skip
+    answer = handle(services, request)
+    assert answer_of(answer)[0] == "cp"
+    assert parse_answer(answer).implicit_confirm  # granted: no certConf expected
+    with services.db.transaction() as session:
+        assert session.execute(select(CMPTransaction)).scalar_one().closed_at is not None
+        assert session.execute(select(Token)).scalar_one().cmp_secret is None  # erased with the transaction
+
+    services.users.add(BOB, "", None, "admin:test")  # never used: sealed until it expires
+    assert services.cmp.purge() == 0
+    with services.db.transaction() as session:
+        assert session.execute(select(func.count()).where(Token.cmp_secret.is_not(None))).scalar_one() == 1
+    clock.advance(dt.timedelta(days=8))
+    assert services.cmp.purge() >= 1
+    with services.db.transaction() as session:
+        assert session.execute(select(func.count()).where(Token.cmp_secret.is_not(None))).scalar_one() == 0

@@ -41,7 +41,8 @@ async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: floa
 
 async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
     """Anonymous refusals into the audit chain as counts; spent nonces out of the replay set; sealed
-    EST keys out of the store once their hand-over hour has ended."""
+    EST keys out of the store once their hand-over hour has ended; CMP's seen nonces, closed
+    transactions and the sealed copies of tokens that can no longer be used."""
     every = services.settings.limits.refusal_flush_seconds
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -52,6 +53,7 @@ async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
             await asyncio.to_thread(services.refusals.flush)
             await asyncio.to_thread(services.nonces.purge)
             await asyncio.to_thread(services.est.purge)  # sealed EST keys whose hour has ended
+            await asyncio.to_thread(services.cmp.purge)  # CMP nonces, old transactions, sealed tokens no one can use
         except Exception:
             log.exception("housekeeping failed; retrying")
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -241,6 +241,9 @@ class CMP:
                 reply = CMPReply(request, self._signer, now, token.encode())
                 transaction.certificate_serial = serial_hex(pair.signing.serial_number)
                 transaction.server_nonce = reply.nonce.hex()
+                if request.implicit_confirm:  # granted (echoed in the answer): no certConf will come
+                    transaction.closed_at = now
+                    row.cmp_secret = None
                 self._audit.append(
                     session, mailbox, "cmp.issued", mailbox, serial=transaction.certificate_serial, body=request.body
                 )
@@ -297,6 +300,8 @@ class CMP:
             assert row is not None
             row.certificate_serial = serial_hex(cert.serial_number)
             row.server_nonce = reply.nonce.hex()
+            if request.implicit_confirm:
+                row.closed_at = self._clock.now()
             self._audit.append(session, user.email, "cmp.issued", user.email, serial=row.certificate_serial, body="kur")
         return reply.certificate(wanted.cert_req_id, cert, self._ca.chain)
 
@@ -392,12 +397,33 @@ class CMP:
         return None
 
     def purge(self) -> int:
-        """Forget the senderNonces and the transactions whose time is over."""
+        """Forget the senderNonces past their window, transactions a day past their end, and the
+        sealed copies of tokens that can no longer open a transaction (expired, replaced, or spent
+        with no CMP transaction waiting for its certConf). Returns the rows changed."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            gone = session.execute(delete(CMPNonce).where(CMPNonce.expires_at < now)).rowcount or 0  # type: ignore[attr-defined]
-            session.execute(delete(CMPTransaction).where(CMPTransaction.expires_at < now - dt.timedelta(days=1)))
-            return int(gone)
+            changed = _count(session.execute(delete(CMPNonce).where(CMPNonce.expires_at < now)))
+            changed += _count(
+                session.execute(delete(CMPTransaction).where(CMPTransaction.expires_at < now - dt.timedelta(days=1)))
+            )
+            waiting = select(CMPTransaction.token_id).where(
+                CMPTransaction.token_id.is_not(None),
+                CMPTransaction.closed_at.is_(None),
+                CMPTransaction.expires_at >= now,
+            )
+            unusable = or_(Token.expires_at < now, Token.revoked_at.is_not(None), Token.used_at.is_not(None))
+            changed += _count(
+                session.execute(
+                    update(Token)
+                    .where(Token.cmp_secret.is_not(None), unusable, Token.id.not_in(waiting))
+                    .values(cmp_secret=None)
+                )
+            )
+            return changed
+
+
+def _count(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 __all__ = ["CMP", "StatusOf"]

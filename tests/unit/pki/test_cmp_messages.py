@@ -213,3 +213,44 @@ def test_openssl_kur_and_rr_are_signed_by_the_holder(tmp_path: Path, key_file: P
     rr.extra_certs[0] = ca.issue(CertKind.SIGNING, key_of(KeyType.P256, 9))
     with pytest.raises(BadCMPProtection):
         verify_cmp_signature(rr)
+
+
+def test_pbmac1_protection_is_checked_as_rfc_9481_computes_it(tmp_path: Path, key_file: Path) -> None:
+    """OpenSSL 3.0 sends PasswordBasedMac only: a PBMAC1 request is made here, its MAC computed
+    with hashlib (PBKDF2-HMAC-SHA256, then HMAC-SHA256 over the ProtectedPart)."""
+    import hashlib
+    import hmac
+
+    from pyasn1.codec.der import decoder, encoder
+    from pyasn1.type import univ
+    from pyasn1_alt_modules import rfc8018, rfc9480
+
+    message, _ = decoder.decode(_ir(tmp_path, key_file), asn1Spec=rfc9480.PKIMessage())
+    salt = os.urandom(16)
+    pbkdf2 = rfc8018.PBKDF2_params()
+    pbkdf2["salt"]["specified"] = salt
+    pbkdf2["iterationCount"] = 1000
+    pbkdf2["keyLength"] = 32
+    pbkdf2["prf"]["algorithm"] = rfc8018.id_hmacWithSHA256
+    pbkdf2["prf"]["parameters"] = encoder.encode(univ.Null(""))
+    params = rfc8018.PBMAC1_params()
+    params["keyDerivationFunc"]["algorithm"] = rfc8018.id_PBKDF2
+    params["keyDerivationFunc"]["parameters"] = encoder.encode(pbkdf2)
+    params["messageAuthScheme"]["algorithm"] = rfc8018.id_hmacWithSHA256
+    algorithm = message["header"]["protectionAlg"]
+    algorithm["algorithm"] = rfc8018.id_PBMAC1
+    algorithm["parameters"] = encoder.encode(params)
+    part = rfc9480.ProtectedPart()
+    part["header"], part["body"] = message["header"], message["body"]
+    key = hashlib.pbkdf2_hmac("sha256", b"TOKEN-123", salt, 1000, 32)
+    tag = hmac.new(key, encoder.encode(part), "sha256").digest()
+    message["protection"] = message["protection"].clone(univ.BitString.fromOctetString(tag))
+    request = parse_cmp_request(encoder.encode(message))
+    assert request.protection is CMPProtection.MAC
+    verify_cmp_mac(request, b"TOKEN-123")
+    with pytest.raises(BadCMPProtection):
+        verify_cmp_mac(request, b"TOKEN-124")
+    # the answer is PBMAC1 too, with a salt of its own
+    answer = parse_cmp_request(CMPReply(request, _signer(), NOW, b"TOKEN-123").confirmed())
+    assert answer.message["header"]["protectionAlg"]["algorithm"] == rfc8018.id_PBMAC1
+    verify_cmp_mac(answer, b"TOKEN-123")
