@@ -198,3 +198,46 @@ def test_cr_and_implicit_confirm_close_at_once_and_purge_drops_unusable_sealed_t
     assert services.cmp.purge() >= 1
     with services.db.transaction() as session:
         assert session.execute(select(func.count()).where(Token.cmp_secret.is_not(None))).scalar_one() == 0
+
+
+def test_with_cmp_off_tokens_are_not_sealed_and_nothing_listens(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    from mailkms.api import create_app
+    from mailkms.services import Services
+
+    assert "/.well-known/cmp" in create_app(services).openapi()["paths"]  # on by default
+
+    off = settings.model_copy(update={"cmp": settings.cmp.model_copy(update={"enabled": False})})
+    without = Services.build(off, clock)
+    try:
+        without.users.add(ALICE, "", None, "admin:test")
+        with without.db.transaction() as session:
+            assert session.execute(select(Token)).scalar_one().cmp_secret is None
+        paths = create_app(without).openapi()["paths"]
+        assert "/.well-known/cmp" not in paths and "/.well-known/est/simpleenroll" in paths
+    finally:
+        without.db.dispose()
+
+
+def test_a_mangled_openssl_request_always_gets_a_cmp_error(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bytes of a real ir changed, cut or repeated: never an exception, always an error message."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    token = services.users.add(ALICE, "", None, "admin:test")
+    original = ir(tmp_path, clock.now(), ALICE, token, generate_key(KeyType.P256))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+    @given(
+        at=st.integers(min_value=0, max_value=len(original) - 1),
+        value=st.integers(min_value=0, max_value=255),
+        cut=st.integers(min_value=0, max_value=8),
+    )
+    def mangle(at: int, value: int, cut: int) -> None:
+        data = bytearray(original)
+        data[at] = value if data[at] != value else value ^ 0x01
+        mangled = bytes(data[: len(data) - cut])
+        body, bits, text = answer_of(handle(services, mangled))
+        assert body == "error" and len(bits) == 1 and "urn:mailkms:problem:" in text, (body, bits, text)
+
+    mangle()
+    assert services.users.show(ALICE).generation == 0  # nothing was issued for a mangled request

@@ -4,7 +4,8 @@
 Every refusal the CMP layer can express is a CMP error message (PKIStatusInfo rejection with a
 failInfo bit) with HTTP 200, as RFC 9483 §6.1 wants, so clients report it as a CMP error. This
 module is the one mapping from mailkms errors to failInfo bits. Only what is not CMP at all gets an
-HTTP refusal: a wrong content type (415) or an oversized body (413).
+HTTP refusal (a problem document, as the rest of the API): a wrong content type (415) or an
+oversized body (413).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse
 
 from mailkms.api._est import read_body
-from mailkms.api._problems import count_refusal
+from mailkms.api._problems import count_refusal, problem_response
 from mailkms.errors import (
     AlreadyRevoked,
     BadCMPMessage,
@@ -94,7 +94,7 @@ def cmp_router(services: Services) -> APIRouter:
         except MailkmsError as exc:
             count_refusal(request, exc)
             log.info("CMP refused %s: %s", request.url.path, exc.code)
-            return PlainTextResponse(f"{exc.detail}\n({exc.problem_type()})\n", status_code=exc.http_status)
+            return problem_response(exc)
         answer = await run_in_threadpool(cmp.handle, body, status_of)
         return Response(answer, media_type=PKIXCMP, headers={"Cache-Control": "no-store"})
 

@@ -9,10 +9,12 @@ the services' business.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import hmac
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from pyasn1.error import PyAsn1Error
 from pyasn1.type import univ, useful
 from pyasn1_alt_modules import rfc5280, rfc8018, rfc9480
 
-from mailkms.errors import BadCMPMessage, BadCMPProtection, BadKey, BadPOP
+from mailkms.errors import BadCMPMessage, BadCMPProtection, BadKey, BadPOP, MailkmsError
 from mailkms.pki._keys import PrivateKey, PublicKey, key_type_of
 
 PBM = univ.ObjectIdentifier("1.2.840.113533.7.66.13")  # PasswordBasedMac (RFC 4211 §4.4)
@@ -214,6 +216,17 @@ def parse_request(data: bytes) -> CMPRequest:
     )
 
 
+@contextlib.contextmanager
+def _readable(what: str) -> Iterator[None]:
+    """A body structure that pyasn1 or `cryptography` cannot read is a malformed message."""
+    try:
+        yield
+    except (PyAsn1Error, ValueError, TypeError, KeyError, IndexError) as exc:
+        if isinstance(exc, MailkmsError):
+            raise
+        raise BadCMPMessage(f"the {what} cannot be read ({exc.__class__.__name__})") from None
+
+
 def _protected_part(header: Any, body: Any) -> bytes:
     part = rfc9480.ProtectedPart()
     part["header"] = header
@@ -362,33 +375,36 @@ def _mailboxes(template: Any) -> tuple[str, ...]:
 
 def cert_requests(request: CMPRequest) -> list[CertRequest]:
     """The CRMF requests of an ir/cr/kur, each with its signature POP checked (RFC 4211 §4.1)."""
-    if request.body not in ("ir", "cr", "kur"):
-        raise BadCMPMessage(f"a {request.body} carries no certificate request")
-    messages = request.message["body"][request.body]
-    if len(messages) != 1:
-        raise BadCMPMessage("send exactly one certificate request per message (RFC 9483 §4.1.1)")
-    found: list[CertRequest] = []
-    for msg in messages:
-        cert_req = msg["certReq"]
-        template = cert_req["certTemplate"]
-        if not template["publicKey"].isValue:
-            raise BadCMPMessage(
-                "the template has no public key: this server does not generate signing keys",
-                fail=FailInfo.BAD_CERT_TEMPLATE,
-            )
-        spki = rfc5280.SubjectPublicKeyInfo()
-        spki["algorithm"] = template["publicKey"]["algorithm"]
-        spki["subjectPublicKey"] = template["publicKey"]["subjectPublicKey"]
-        try:
-            key = serialization.load_der_public_key(encoder.encode(spki))
-        except (ValueError, UnsupportedAlgorithm):
-            raise BadCMPMessage("the template's public key cannot be read", fail=FailInfo.BAD_CERT_TEMPLATE) from None
-        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            raise BadKey("only RSA and ECDSA keys are accepted")
-        key_type_of(key)
-        _check_pop(msg["popo"], cert_req, key)
-        found.append(CertRequest(int(cert_req["certReqId"]), key, _mailboxes(template)))
-    return found
+    with _readable("certificate request"):
+        if request.body not in ("ir", "cr", "kur"):
+            raise BadCMPMessage(f"a {request.body} carries no certificate request")
+        messages = request.message["body"][request.body]
+        if len(messages) != 1:
+            raise BadCMPMessage("send exactly one certificate request per message (RFC 9483 §4.1.1)")
+        found: list[CertRequest] = []
+        for msg in messages:
+            cert_req = msg["certReq"]
+            template = cert_req["certTemplate"]
+            if not template["publicKey"].isValue:
+                raise BadCMPMessage(
+                    "the template has no public key: this server does not generate signing keys",
+                    fail=FailInfo.BAD_CERT_TEMPLATE,
+                )
+            spki = rfc5280.SubjectPublicKeyInfo()
+            spki["algorithm"] = template["publicKey"]["algorithm"]
+            spki["subjectPublicKey"] = template["publicKey"]["subjectPublicKey"]
+            try:
+                key = serialization.load_der_public_key(encoder.encode(spki))
+            except (ValueError, UnsupportedAlgorithm):
+                raise BadCMPMessage(
+                    "the template's public key cannot be read", fail=FailInfo.BAD_CERT_TEMPLATE
+                ) from None
+            if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+                raise BadKey("only RSA and ECDSA keys are accepted")
+            key_type_of(key)
+            _check_pop(msg["popo"], cert_req, key)
+            found.append(CertRequest(int(cert_req["certReqId"]), key, _mailboxes(template)))
+        return found
 
 
 def _check_pop(popo: Any, cert_req: Any, key: PublicKey) -> None:
@@ -408,33 +424,35 @@ def _verify_pop(key: PublicKey, oid: str, signature: bytes, cert_req: Any) -> No
 
 
 def revocation_requests(request: CMPRequest) -> list[RevocationRequest]:
-    body = request.message["body"]["rr"]
-    if len(body) != 1:
-        raise BadCMPMessage("send exactly one revocation request per message (RFC 9483 §4.2)")
-    found: list[RevocationRequest] = []
-    for details in body:
-        template = details["certDetails"]
-        if not template["serialNumber"].isValue:
-            raise BadCMPMessage("the revocation request names no serial number", fail=FailInfo.BAD_CERT_ID)
-        issuer = _name_der(template["issuer"]["rdnSequence"]) if template["issuer"].isValue else None
-        reason: int | None = None
-        if details["crlEntryDetails"].isValue:
-            for ext in details["crlEntryDetails"]:
-                if ext["extnID"] == rfc5280.id_ce_cRLReasons:
-                    code, _ = decoder.decode(ext["extnValue"], asn1Spec=rfc5280.CRLReason())
-                    reason = int(code)
-        found.append(RevocationRequest(int(template["serialNumber"]), issuer, reason))
-    return found
+    with _readable("revocation request"):
+        body = request.message["body"]["rr"]
+        if len(body) != 1:
+            raise BadCMPMessage("send exactly one revocation request per message (RFC 9483 §4.2)")
+        found: list[RevocationRequest] = []
+        for details in body:
+            template = details["certDetails"]
+            if not template["serialNumber"].isValue:
+                raise BadCMPMessage("the revocation request names no serial number", fail=FailInfo.BAD_CERT_ID)
+            issuer = _name_der(template["issuer"]["rdnSequence"]) if template["issuer"].isValue else None
+            reason: int | None = None
+            if details["crlEntryDetails"].isValue:
+                for ext in details["crlEntryDetails"]:
+                    if ext["extnID"] == rfc5280.id_ce_cRLReasons:
+                        code, _ = decoder.decode(ext["extnValue"], asn1Spec=rfc5280.CRLReason())
+                        reason = int(code)
+            found.append(RevocationRequest(int(template["serialNumber"]), issuer, reason))
+        return found
 
 
 def cert_confirms(request: CMPRequest) -> list[CertConfirm]:
-    found: list[CertConfirm] = []
-    for status in request.message["body"]["certConf"]:
-        info = status["statusInfo"]
-        accepted = not info.isValue or int(info["status"]) in (0, 1)
-        hash_oid = str(status["hashAlg"]["algorithm"]) if status["hashAlg"].isValue else None
-        found.append(CertConfirm(int(status["certReqId"]), bytes(status["certHash"]), hash_oid, accepted))
-    return found
+    with _readable("certConf"):
+        found: list[CertConfirm] = []
+        for status in request.message["body"]["certConf"]:
+            info = status["statusInfo"]
+            accepted = not info.isValue or int(info["status"]) in (0, 1)
+            hash_oid = str(status["hashAlg"]["algorithm"]) if status["hashAlg"].isValue else None
+            found.append(CertConfirm(int(status["certReqId"]), bytes(status["certHash"]), hash_oid, accepted))
+        return found
 
 
 def cert_hash(cert: x509.Certificate, hash_oid: str | None) -> bytes:

@@ -146,7 +146,7 @@ class UserAdmin:
             )
             session.add(user)
             session.flush()
-            token = issue_token(session, user, "enrol", now, self._ttl, self._sealer)
+            token = issue_token(session, user, "enrol", now, self._ttl, self._cmp_sealer)
             self._audit.append(session, actor, "user.added", mailbox, group=group)
             self._audit.append(session, actor, "token.issued", mailbox, purpose="enrol", expires_in_days=self._ttl.days)
         return token
@@ -158,16 +158,20 @@ class UserAdmin:
         self._prepare_sealer()
         with self._db.transaction() as session:
             user = self._user(session, mailbox)
-            token = issue_token(session, user, "reenrol", now, self._ttl, self._sealer)
+            token = issue_token(session, user, "reenrol", now, self._ttl, self._cmp_sealer)
             self._audit.append(
                 session, actor, "token.issued", mailbox, purpose="reenrol", expires_in_days=self._ttl.days
             )
         return token
 
+    @property
+    def _cmp_sealer(self) -> TokenSealer | None:
+        """Tokens are sealed for CMP only while it is on (`cmp.enabled`)."""
+        return self._sealer if self._settings.cmp.enabled else None
+
     def _prepare_sealer(self) -> None:
-        """Tokens are sealed for CMP when it is on and the CA passphrase opens the wrapping key."""
-        if self._sealer is not None and self._settings.cmp.enabled:
-            self._sealer.prepare()
+        if self._cmp_sealer is not None:
+            self._cmp_sealer.prepare()
 
     def show(self, email: str) -> UserView:
         with self._db.transaction() as session:
