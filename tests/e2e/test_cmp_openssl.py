@@ -163,6 +163,24 @@ def test_cmp_with_openssl(world: World) -> None:
     )
     assert keygen.status_code == 200 and b"application/pkcs8" in keygen.content, keygen.text
 
+    # -- a certificate the client rejects (its -out_trusted does not lead to our root) is revoked ------------
+    stranger_key = world.key("stranger.key")
+    run(["openssl", "req", "-x509", "-new", "-key", str(stranger_key), "-subj", "/CN=Stranger CA", "-days", "30",
+         "-out", str(tmp / "stranger.pem")])  # fmt: skip
+    bob_token = dep.add_user("bob@example.org")
+    rejected = enrol(
+        world,
+        "bob@example.org",
+        bob_token,
+        world.key("bob.key"),
+        tmp / "bob.pem",
+        "-out_trusted",
+        str(tmp / "stranger.pem"),
+    )
+    assert rejected.returncode != 0, said(rejected)
+    shown = dep.admin("user", "show", "bob@example.org", "--json").json()
+    assert isinstance(shown, dict) and shown["state"] == "REVOKED", shown
+
     # -- the same ir again (replay): transactionID in use -------------------------------------------------
     replay = world.cmp(
         "-cmd",

@@ -347,6 +347,7 @@ class CMP:
     # -- certConf ----------------------------------------------------------------------------------------
     def _confirm(self, request: CMPRequest, secret: list[str], proven: list[str]) -> bytes:
         now = self._clock.now()
+        rejected: str | None = None
         with self._db.transaction() as session:
             row = session.get(CMPTransaction, request.transaction_id.hex(), with_for_update=True)
             if row is None or row.closed_at is not None or row.certificate_serial is None or now > row.expires_at:
@@ -373,12 +374,17 @@ class CMP:
                     )
                 what = "cmp.confirmed" if confirm.accepted else "cmp.rejected-by-client"
                 self._audit.append(session, user.email, what, user.email, serial=row.certificate_serial)
+                if not confirm.accepted:
+                    rejected = row.certificate_serial
             row.closed_at = now
             if row.token_id is not None:  # the transaction is over: the token need not be kept sealed
                 spent = session.get(Token, row.token_id)
                 if spent is not None:
                     spent.cmp_secret = None
-            return CMPReply(request, self._signer, now, token.encode() if token else None).confirmed()
+            answer = CMPReply(request, self._signer, now, token.encode() if token else None).confirmed()
+        if rejected is not None:  # RFC 9483 §4.1.1: a certificate the EE rejects is revoked
+            self._revocation.revoke_serial(rejected, "cessationOfOperation", actor=user.email)
+        return answer
 
     def _confirm_protection(self, session: Session, row: CMPTransaction, request: CMPRequest) -> str | None:
         """A certConf is protected as its transaction was: the same token's MAC, or the same signer."""
