@@ -207,8 +207,11 @@ class CMP:
             created_at=now,
             expires_at=now + dt.timedelta(seconds=self._settings.cmp.transaction_seconds),
         )
-        session.add(row)
-        session.flush()
+        try:
+            with session.begin_nested():  # two requests with one transactionID at once: one wins
+                session.add(row)
+        except IntegrityError:
+            raise CMPTransactionInUse() from None
         return row
 
     # -- ir / cr: enrolment with the token ------------------------------------------------------------
