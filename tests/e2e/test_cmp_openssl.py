@@ -132,8 +132,13 @@ def test_cmp_with_openssl(world: World) -> None:
     assert not cert_path.exists()
 
     # -- ir with the token; certConf/pkiConf; the request is kept for the replay below -------------------
-    done = enrol(world, "alice@example.org", token, key, cert_path, "-reqout", "ir.der,certconf.der")
+    done = enrol(
+        world, "alice@example.org", token, key, cert_path, "-reqout", "ir.der,certconf.der", "-cacertsout", "ca.pem"
+    )
     assert done.returncode == 0, said(done)
+    assert x509.load_pem_x509_certificates((tmp / "ca.pem").read_bytes()) == [  # caPubs: the trust anchor
+        x509.load_pem_x509_certificate(world.root.read_bytes())
+    ]
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.RFC822Name) == ["alice@example.org"]

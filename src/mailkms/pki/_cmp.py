@@ -601,11 +601,23 @@ class Reply:
                 message["extraCerts"].append(_cmp_cert(cert))
         return bytes(encoder.encode(message))
 
-    def certificate(self, cert_req_id: int, cert: x509.Certificate, chain: tuple[x509.Certificate, ...]) -> bytes:
-        """ip / cp / kup with the issued certificate; the chain in extraCerts (RFC 9483 §4.1.1)."""
+    def certificate(
+        self,
+        cert_req_id: int,
+        cert: x509.Certificate,
+        chain: tuple[x509.Certificate, ...],
+        ca_pubs: tuple[x509.Certificate, ...] = (),
+    ) -> bytes:
+        """ip / cp / kup with the issued certificate; the chain in extraCerts (RFC 9483 §4.1.1);
+        `ca_pubs` (the trust anchor) only in a MAC-protected answer, where the secret vouches for it."""
         kind = {"ir": "ip", "cr": "cp", "kur": "kup"}[self._request.body]
         body = rfc9480.PKIBody()
         rep = body[kind]
+        if ca_pubs and self._secret is not None and self._request.protection is Protection.MAC:
+            for anchor in ca_pubs:
+                entry = rep["caPubs"].getComponentType().clone()
+                _fill_certificate(entry, anchor)
+                rep["caPubs"].append(entry)
         response = rep["response"].getComponentType().clone()
         response["certReqId"] = cert_req_id
         response["status"] = _status_info(Status(0))

@@ -250,7 +250,7 @@ class CMP:
                 self._audit.append(
                     session, mailbox, "cmp.issued", mailbox, serial=transaction.certificate_serial, body=request.body
                 )
-                return reply.certificate(wanted.cert_req_id, pair.signing, self._ca.chain)
+                return reply.certificate(wanted.cert_req_id, pair.signing, self._ca.chain, (self._ca.root,))
         except MailkmsError as exc:
             if isinstance(exc, HELD_A_TOKEN) and not proven:
                 proven.append(mailbox)  # a real token of this mailbox, spent or expired

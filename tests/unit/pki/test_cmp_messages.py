@@ -119,7 +119,11 @@ def test_mac_answer_verifies_with_the_same_secret_and_carries_the_certificate(tm
     request = parse_cmp_request(_ir(tmp_path, key_file))
     cert = ca.issue(CertKind.SIGNING, key_of(KeyType.P256, 7))
     reply = CMPReply(request, _signer(), NOW, b"TOKEN-123")
-    answer = parse_cmp_request(reply.certificate(0, cert, (ca.issuing, ca.root)))
+    answer = parse_cmp_request(reply.certificate(0, cert, (ca.issuing, ca.root), (ca.root,)))
+    ca_pubs = answer.message["body"]["ip"]["caPubs"]
+    from pyasn1.codec.der import encoder as der
+
+    assert len(ca_pubs) == 1 and bytes(der.encode(ca_pubs[0])) == ca.root.public_bytes(serialization.Encoding.DER)
     assert answer.body == "ip" and answer.protection is CMPProtection.MAC
     assert answer.transaction_id == request.transaction_id
     assert answer.recip_nonce == request.sender_nonce and answer.sender_nonce == reply.nonce
