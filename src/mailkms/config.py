@@ -370,6 +370,16 @@ class AuditConfig(_Frozen):
     checkpoint_seconds: float = Field(default=3600.0, gt=0, le=3600.0, description="at least hourly")
 
 
+class CMPConfig(_Frozen):
+    """CMP (RFC 9483) at /.well-known/cmp. Tokens made while it is on are also kept sealed under
+    the key pool's wrapping key, since CMP's MAC is computed from the token itself."""
+
+    enabled: bool = True
+    transaction_seconds: float = Field(
+        default=600.0, ge=30, le=86400, description="an ir/cr/kur waits this long for its certConf"
+    )
+
+
 class LimitsConfig(_Frozen):
     """What one client, one request and one connection may cost the server (`[limits]`).
 
@@ -424,6 +434,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
+    cmp: CMPConfig = CMPConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -627,6 +638,10 @@ ocsp_processes = 2                  # ... served by this many processes on that 
 listen = ""                         # e.g. "127.0.0.1:9464": /metrics only there, not on the API ports
 token = ""                          # require "Authorization: Bearer <token>" (better MAILKMS_METRICS__TOKEN or token_file)
 # token_file = "/etc/mailkms/metrics-token"
+
+[cmp]
+enabled = true                      # CMP at /.well-known/cmp; tokens are then also sealed for its MAC
+transaction_seconds = 600           # an ir/cr/kur waits this long for its certConf
 
 [limits]
 max_body_bytes = 65536              # larger request bodies get 413 before they are read

@@ -436,6 +436,34 @@ class NoKeyToCollect(PolicyRefused):
     title = "No server-generated key is waiting for these credentials"
 
 
+# --- CMP (RFC 4210/9480, RFC 9483) ---------------------------------------------------------------
+# A refusal may name the PKIFailureInfo bit it stands for (`fail=` in extra); the CMP surface maps
+# the others by class (api/_cmp.py).
+class BadCMPMessage(Malformed):
+    code = "bad-cmp-message"
+    title = "The CMP message is malformed or asks for something this server does not do"
+
+
+class BadCMPProtection(Unauthorized):
+    code = "bad-cmp-protection"
+    title = "The CMP message's protection (MAC or signature) does not verify"
+
+
+class BadPOP(Malformed):
+    code = "bad-pop"
+    title = "The proof of possession of the requested key does not verify"
+
+
+class CMPTransactionInUse(Conflict):
+    code = "cmp-transaction-in-use"
+    title = "This CMP transactionID was used before; start a new transaction"
+
+
+class CMPUnknownTransaction(Conflict):
+    code = "cmp-unknown-transaction"
+    title = "No open CMP transaction has this transactionID, or its nonces do not match"
+
+
 # --- secure e-mail (S/MIME) -------------------------------------------------------------------
 class NotSigned(BadMessage):
     code = "not-signed"

@@ -30,6 +30,7 @@ INTERNAL_TEXT = ("Traceback", 'File "', "site-packages", "/work/", "/tmp/", "Err
 EST = "/.well-known/est/"
 # EST bodies are base64 text of DER (RFC 8951): sent as text, as the documented schema says.
 schemathesis.serializer.alias(["application/pkcs10", "application/pkcs7-mime"], "text/plain")
+schemathesis.serializer.alias(["application/pkixcmp"], "application/octet-stream")  # CMP: DER bodies
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_the_openapi_fuzzed(fuzz_services: Services, mode: GenerationMode) -> No
         assert len(calls) >= 8, calls
 
 
-# --- what the OpenAPI does not say: OCSP, CRL and EST by hand ----------------------------------------------------
+# --- what the OpenAPI does not say: OCSP, CRL, EST and CMP by hand ----------------------------------------------------
 _PATHS = st.sampled_from(
     [
         "/ocsp",
@@ -144,6 +145,8 @@ _PATHS = st.sampled_from(
         EST + "serverkeygen",
         EST + "nothing",
         "/.well-known/est",
+        "/.well-known/cmp",
+        "/.well-known/cmp/p/smime",
     ]
 ) | st.builds(lambda tail: "/ocsp/" + tail, st.text(alphabet="ABCDEFabcdef0123456789+/=%", max_size=80))
 _MEDIA = st.sampled_from(
@@ -152,6 +155,7 @@ _MEDIA = st.sampled_from(
         "application/pkcs7-mime",
         "application/pkcs7-mime; smime-type=CMC-request",
         "application/ocsp-request",
+        "application/pkixcmp",
         "application/json",
         "text/plain",
         "",

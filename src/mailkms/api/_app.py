@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailkms.api import _observability
 from mailkms.api._admin import admin_router
+from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
@@ -93,6 +94,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(publication_router(services))
     app.include_router(revocation_router(services))
     app.include_router(est_router(services))
+    if services.settings.cmp.enabled:
+        app.include_router(cmp_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
     settings = services.settings

@@ -73,16 +73,17 @@ def _credentials(request: Request) -> Credentials:
     return username, password
 
 
-async def _body(request: Request) -> bytes:
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise BodyTooLarge(f"EST requests are at most {MAX_BODY} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"{what} requests are at most {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
-            raise BodyTooLarge(f"EST requests are at most {MAX_BODY} bytes")
+        if size > limit:
+            raise BodyTooLarge(f"{what} requests are at most {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -94,7 +95,7 @@ async def _handle(request: Request, *, basic: bool, accepts: tuple[str, ...], wo
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media not in accepts:
             raise UnsupportedMediaType(f"{request.url.path} takes {' or '.join(accepts)}, not {media or 'nothing'}")
-        der = decode_body(await _body(request))
+        der = decode_body(await read_body(request, MAX_BODY, "EST"))
         return await run_in_threadpool(work, credentials, der, media)
     except MailkmsError as exc:
         return _refusal(request, exc, basic)

@@ -48,6 +48,7 @@ _GROUPS: dict[str, str] = {
     "/api/v1/status": "signed",
     EST_PREFIX + "simplereenroll": "signed",
     "/admin/login": "login",  # password guessing across accounts (each account also locks itself)
+    "/.well-known/cmp": "token",  # CMP: MAC by the token or signature; one group, the stricter one
 }
 
 
@@ -55,6 +56,8 @@ def rate_group(path: str) -> str | None:
     group = _GROUPS.get(path)
     if group is None and path.startswith(EST_PREFIX):
         return "est"
+    if group is None and path.startswith("/.well-known/cmp/"):
+        return "token"
     return group
 
 

@@ -42,7 +42,8 @@ async def _outbox_loop(worker: OutboxWorker, stop: asyncio.Event, interval: floa
 
 async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
     """Anonymous refusals into the audit chain as counts; spent nonces out of the replay set; sealed
-    EST keys out of the store once their hand-over hour has ended."""
+    EST keys out of the store once their hand-over hour has ended; CMP's seen nonces, closed
+    transactions and the sealed copies of tokens that can no longer be used."""
     every = services.settings.limits.refusal_flush_seconds
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -57,6 +58,7 @@ async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
             log.debug(
                 "housekeeping at %s: %d spent nonces, %d sealed keys purged", now, nonces, keys, extra={"at": now}
             )
+            await asyncio.to_thread(services.cmp.purge)  # CMP nonces, old transactions, sealed tokens no one can use
         except Exception:
             log.exception("housekeeping failed; retrying")
 

@@ -13,6 +13,7 @@ from mailkms.services._admins import (
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
+from mailkms.services._cmp import CMP
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
 from mailkms.services._dashboard import Dashboard, Series
@@ -48,6 +49,7 @@ from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mai
 
 __all__ = [
     "BOOTSTRAP_PASSPHRASE_FILE",
+    "CMP",
     "EST",
     "HANDOVER_WINDOW",
     "ISSUING_SCOPE",

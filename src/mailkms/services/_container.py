@@ -18,6 +18,7 @@ from mailkms.services._admins import AdminAccounts
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
+from mailkms.services._cmp import CMP
 from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._dashboard import Dashboard
 from mailkms.services._directory import Directory
@@ -34,6 +35,7 @@ from mailkms.services._renewal import Renewal
 from mailkms.services._revocation import Revocation
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
+from mailkms.services._tokens import TokenSealer
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
 
@@ -75,6 +77,7 @@ class Services:
     issuance: CertificateIssuance
     admins: AdminAccounts
     dashboard: Dashboard
+    cmp: CMP
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -102,22 +105,25 @@ class Services:
         renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)
         ocsp = OCSPResponder(db, ca, settings, clock)
         commits = GroupCommit(db, batching.batch_size, batching.max_wait_ms / 1000)
+        sealer = TokenSealer(keyring)
+        est = EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals)
+        revocation = Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget])
         return cls(
             settings=settings,
             clock=clock,
             db=db,
             ca=ca,
             audit=audit,
-            users=UserAdmin(db, settings, clock, audit),
+            users=UserAdmin(db, settings, clock, audit, sealer),
             enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals),
             nonces=nonces,
             renewal=renewal,
             issuer=issuer,
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
-            est=EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals),
+            est=est,
             recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
-            revocation=Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget]),
+            revocation=revocation,
             ocsp=ocsp,
             outbox=OutboxQueue(db, clock, audit),
             checkpoints=AuditCheckpoints(
@@ -130,6 +136,7 @@ class Services:
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
             admins=AdminAccounts(db, settings, clock, audit, keyring),
             dashboard=Dashboard(db, clock),
+            cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
         )
 
     def close(self) -> None:

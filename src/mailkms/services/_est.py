@@ -42,6 +42,7 @@ from mailkms.errors import (
     TokenInvalid,
 )
 from mailkms.pki import (
+    PrivateKey,
     PublicKey,
     RequestView,
     certs_only,
@@ -56,14 +57,14 @@ from mailkms.pki import (
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._enrolment import HELD_A_TOKEN
-from mailkms.services._issuance import PairIssuer, serial_hex
+from mailkms.services._issuance import IssuedPair, PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
 from mailkms.services._nonces import Nonces
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
 from mailkms.services._tokens import find_token, redeem_token
 from mailkms.services._users import current_signing, normalise_mailbox, state_of
-from mailkms.store import Certificate, Database, IssuanceRequest, KeyHandover, User
+from mailkms.store import Certificate, Database, IssuanceRequest, KeyHandover, Token, User
 
 HANDOVER_WINDOW = dt.timedelta(hours=1)
 
@@ -127,31 +128,49 @@ class EST:
                 assert user is not None
                 checked = check_csr(csr)
                 _check_names(inspect_csr(csr), mailbox)
-                self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose, via="est")
-                kind = "recovery" if row.purpose == "recovery" else "enrolment"
-                pair, enc_der = self._issuer.issue_pair_undelivered(
-                    session, user, kind, checked.public_key, actor=mailbox, encryption_key=key
+                pair = self.issue_with_token(
+                    session, user, row, token, checked.public_key, via="est", encryption_key=key
                 )
                 served.append(pair)
-                serial = serial_hex(pair.encryption.serial_number)
-                session.add(
-                    KeyHandover(
-                        user_id=user.id,
-                        token_id=row.id,
-                        certificate_serial=serial,
-                        sealed=seal_with_secret(token, enc_der, _handover_context(mailbox, serial)),
-                        created_at=now,
-                        expires_at=now + HANDOVER_WINDOW,
-                    )
-                )
-                self._audit.append(
-                    session, "system", "est.key-waiting", mailbox, serial=serial, until=(now + HANDOVER_WINDOW)
-                )
         except MailkmsError as exc:
             held = redeemed or isinstance(exc, HELD_A_TOKEN)
             self._refused(mailbox if held else "-", "enrolment.refused", exc, identified=redeemed)
             raise
         return pair.signing
+
+    def issue_with_token(
+        self,
+        session: Session,
+        user: User,
+        row: Token,
+        token: str,
+        signing_key: PublicKey,
+        via: str,
+        encryption_key: PrivateKey | None = None,
+    ) -> IssuedPair:
+        """The pair for a redeemed token (`row`), in the caller's transaction: the signing
+        certificate for `signing_key`; the encryption key sealed under the token for serverkeygen
+        (EST simpleenroll, and CMP ir/cr, whose encryption key is collected the same way)."""
+        now = self._clock.now()
+        mailbox = user.email
+        self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose, via=via)
+        kind = "recovery" if row.purpose == "recovery" else "enrolment"
+        pair, enc_der = self._issuer.issue_pair_undelivered(
+            session, user, kind, signing_key, actor=mailbox, encryption_key=encryption_key
+        )
+        serial = serial_hex(pair.encryption.serial_number)
+        session.add(
+            KeyHandover(
+                user_id=user.id,
+                token_id=row.id,
+                certificate_serial=serial,
+                sealed=seal_with_secret(token, enc_der, _handover_context(mailbox, serial)),
+                created_at=now,
+                expires_at=now + HANDOVER_WINDOW,
+            )
+        )
+        self._audit.append(session, "system", "est.key-waiting", mailbox, serial=serial, until=(now + HANDOVER_WINDOW))
+        return pair
 
     def serverkeygen(self, username: str, token: str, csr: bytes) -> ServerKey:
         """Hand over the encryption key that simpleenroll made with the same token.
@@ -309,17 +328,7 @@ class EST:
 
     def _renewed(self, proof: x509.Certificate, csr: bytes) -> x509.Certificate:
         accepted = self._renewal.renew_proven(proof, csr)
-        with self._db.transaction() as session:
-            user = _user(session, accepted.mailbox)
-            assert user is not None
-            row = session.execute(
-                select(Certificate).where(
-                    Certificate.user_id == user.id,
-                    Certificate.kind == "signing",
-                    Certificate.generation == accepted.generation,
-                )
-            ).scalar_one()
-            return x509.load_der_x509_certificate(row.der)
+        return self._renewal.signing_certificate(accepted)
 
     def _refused(self, mailbox: str, action: str, exc: MailkmsError, identified: bool = False) -> None:
         """Once the credentials were accepted: audited on their own (the failed transaction rolled

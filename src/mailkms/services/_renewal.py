@@ -25,7 +25,7 @@ from mailkms.errors import (
     UnknownIssuer,
     URLMismatch,
 )
-from mailkms.pki import PrivateKey, SignedRequest, check_csr, issued_by, verify_request
+from mailkms.pki import CheckedCSR, PrivateKey, SignedRequest, check_csr, issued_by, verify_request
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._issuance import PairIssuer, serial_hex
@@ -112,9 +112,10 @@ class Renewal:
             self._refused(proven, "renewal.refused", exc)
             raise
 
-    def renew_proven(self, certificate: x509.Certificate, csr: bytes) -> RenewalAccepted:
+    def renew_proven(self, certificate: x509.Certificate, csr: bytes | CheckedCSR, via: str = "est") -> RenewalAccepted:
         """Renewal for a requester who proved by other means than a JWS that they hold the key of
-        `certificate` (EST simplereenroll). The same rules and the same issuance as `renew`."""
+        `certificate` (EST simplereenroll, CMP kur). The same rules and the same issuance as `renew`;
+        `csr` is a PKCS#10, or the key and names of a request already checked (CMP's CRMF)."""
         proven: list[str] = []
         try:
             if not issued_by(certificate, self._ca.issuing.certificate):
@@ -130,11 +131,11 @@ class Renewal:
         except IntegrityError:
             return self._after_race(proven[0])
         except MailkmsError as exc:
-            self._refused(proven, "renewal.refused", exc, via="est")
+            self._refused(proven, "renewal.refused", exc, via=via)
             raise
 
     def _renew(
-        self, session: Session, cert: Certificate, user: User, csr: bytes, key: PrivateKey | None = None
+        self, session: Session, cert: Certificate, user: User, csr: bytes | CheckedCSR, key: PrivateKey | None = None
     ) -> RenewalAccepted:
         """The renewal rules: revoked, repeat, not current, expired, not due; then a new pair."""
         if user.status == "revoked" or cert.revoked_at is not None:
@@ -153,7 +154,7 @@ class Renewal:
             )
         if state is not UserState.DUE:
             raise NotDue("your certificates are not yet due for renewal")
-        checked = check_csr(csr)
+        checked = csr if isinstance(csr, CheckedCSR) else check_csr(csr)
         if any(normalise_mailbox(e) != user.email for e in checked.claimed_emails):
             raise BadCSR("the certificate request names another mailbox")
         enc = current_encryption(session, user)
@@ -164,6 +165,19 @@ class Renewal:
             session, user, "renewal", checked.public_key, recipient, actor=user.email, encryption_key=key
         )
         return RenewalAccepted(pair.request_id, pair.generation, False, user.email)
+
+    def signing_certificate(self, accepted: RenewalAccepted) -> x509.Certificate:
+        """The signing certificate of the generation a renewal answered with."""
+        with self._db.read_only() as session:
+            user = session.execute(select(User).where(User.email == accepted.mailbox)).scalar_one()
+            row = session.execute(
+                select(Certificate).where(
+                    Certificate.user_id == user.id,
+                    Certificate.kind == "signing",
+                    Certificate.generation == accepted.generation,
+                )
+            ).scalar_one()
+            return x509.load_der_x509_certificate(row.der)
 
     def _after_race(self, mailbox: str) -> RenewalAccepted:
         with self._db.transaction() as session:

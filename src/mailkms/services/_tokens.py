@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import os
 import secrets
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailkms.errors import TokenExpired, TokenInvalid, TokenReplaced, TokenUsed, TokenWrongMailbox
+from mailkms.services._keypool import PoolKeyring
 from mailkms.store import Token, User
 
 TOKEN_BYTES = 20  # 160 bits
@@ -25,15 +28,71 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 
-def issue_token(session: Session, user: User, purpose: str, now: dt.datetime, ttl: dt.timedelta) -> str:
-    """Make a token for `user`; earlier unused tokens of the user stop working."""
+class TokenSealer:
+    """Keeps a token recoverable for CMP, whose MAC (RFC 9483 §3.2) the server must compute from
+    the token itself: AES-256-GCM under the key pool's wrapping key (random, inside a scrypt
+    envelope of the CA passphrase, opened once per process), bound to the token's hash."""
+
+    def __init__(self, keyring: PoolKeyring) -> None:
+        self._keyring = keyring
+
+    def prepare(self) -> bool:
+        """Open (or make) the wrapping key; call it outside any transaction (it may write)."""
+        return self._keyring.open() is not None
+
+    @staticmethod
+    def _aad(digest: str, key_id: str) -> bytes:
+        return f"mailkms-cmp-token:{digest}:{key_id}".encode()
+
+    def seal(self, token: str, session: Session | None = None) -> bytes | None:
+        opened = self._keyring.open(create=False, session=session)
+        if opened is None:
+            return None
+        key_id, aead = opened
+        nonce = os.urandom(12)
+        return (
+            key_id.encode() + b"|" + nonce + aead.encrypt(nonce, token.encode(), self._aad(token_hash(token), key_id))
+        )
+
+    def open(self, row: Token, session: Session | None = None) -> str | None:
+        """The token of `row`, or None when it was not sealed or this node cannot open it."""
+        if row.cmp_secret is None:
+            return None
+        opened = self._keyring.open(create=False, session=session)
+        key_id, sep, rest = row.cmp_secret.partition(b"|")
+        if opened is None or not sep or key_id.decode(errors="replace") != opened[0]:
+            return None
+        try:
+            token = opened[1].decrypt(rest[:12], rest[12:], self._aad(row.token_hash, opened[0])).decode()
+        except (InvalidTag, UnicodeDecodeError):
+            return None
+        return token if token_hash(token) == row.token_hash else None
+
+
+def issue_token(
+    session: Session,
+    user: User,
+    purpose: str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+    sealer: TokenSealer | None = None,
+) -> str:
+    """Make a token for `user`; earlier unused tokens of the user stop working. With `sealer`, the
+    token is also kept sealed for CMP (call `sealer.prepare()` before the transaction)."""
     for old in session.execute(
         select(Token).where(Token.user_id == user.id, Token.used_at.is_(None), Token.revoked_at.is_(None))
     ).scalars():
         old.revoked_at = now
     token = new_token()
     session.add(
-        Token(user_id=user.id, token_hash=token_hash(token), purpose=purpose, created_at=now, expires_at=now + ttl)
+        Token(
+            user_id=user.id,
+            token_hash=token_hash(token),
+            purpose=purpose,
+            created_at=now,
+            expires_at=now + ttl,
+            cmp_secret=sealer.seal(token, session) if sealer is not None else None,
+        )
     )
     session.flush()
     return token

@@ -17,7 +17,7 @@ from mailkms.errors import Conflict, MailkmsError, Malformed, ReservedMailbox, U
 from mailkms.pki import add_months, reminder_point
 from mailkms.services._audit import AuditLog
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
-from mailkms.services._tokens import issue_token, new_token, token_hash
+from mailkms.services._tokens import TokenSealer, issue_token, new_token, token_hash
 from mailkms.store import Certificate, Database, Token, User
 
 # RFC 5321 dot-atom local part (no leading, trailing or double dot; at most 64 characters) and a
@@ -140,8 +140,11 @@ def state_of(
 
 
 class UserAdmin:
-    def __init__(self, db: Database, settings: Settings, clock: Clock, audit: AuditLog) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, clock: Clock, audit: AuditLog, sealer: TokenSealer | None = None
+    ) -> None:
         self._db = db
+        self._sealer = sealer
         self._settings = settings
         self._clock = clock
         self._audit = audit
@@ -153,6 +156,7 @@ class UserAdmin:
     def add(self, email: str, display_name: str, group: str | None, actor: str) -> str:
         """Register a user and return their one-time enrolment token (shown once)."""
         mailbox = self._admissible(email, group)
+        self._prepare_sealer()
         with self._db.transaction() as session:
             if session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none():
                 raise UserExists(f"{mailbox} is already registered; use `mailkms user reenroll` for a new token")
@@ -171,6 +175,7 @@ class UserAdmin:
                 admissible.append((index, self._admissible(email, group), name, group))
             except MailkmsError as exc:
                 results.append((email, exc))
+        self._prepare_sealer()
         with self._db.transaction() as session:
             wanted = [mailbox for _, mailbox, _, _ in admissible]
             taken = (
@@ -210,6 +215,7 @@ class UserAdmin:
             ).all()
         )
         tokens = {mailbox: new_token() for mailbox, _, _ in users}
+        sealer = self._cmp_sealer
         session.execute(
             insert(Token),
             [
@@ -219,6 +225,7 @@ class UserAdmin:
                     "purpose": "enrol",
                     "created_at": now,
                     "expires_at": now + self._ttl,
+                    "cmp_secret": sealer.seal(t, session) if sealer is not None else None,
                 }
                 for m, t in tokens.items()
             ],
@@ -249,7 +256,7 @@ class UserAdmin:
         )
         session.add(user)
         session.flush()
-        token = issue_token(session, user, "enrol", now, self._ttl)
+        token = issue_token(session, user, "enrol", now, self._ttl, self._cmp_sealer)
         self._audit.append(session, actor, "user.added", mailbox, group=group)
         self._audit.append(session, actor, "token.issued", mailbox, purpose="enrol", expires_in_days=self._ttl.days)
         return token
@@ -258,13 +265,23 @@ class UserAdmin:
         """A new one-time token for an expired, revoked or lost user; archived keys stay archived."""
         mailbox = normalise_mailbox(email)
         now = self._clock.now()
+        self._prepare_sealer()
         with self._db.transaction() as session:
             user = self._user(session, mailbox)
-            token = issue_token(session, user, "reenrol", now, self._ttl)
+            token = issue_token(session, user, "reenrol", now, self._ttl, self._cmp_sealer)
             self._audit.append(
                 session, actor, "token.issued", mailbox, purpose="reenrol", expires_in_days=self._ttl.days
             )
         return token
+
+    @property
+    def _cmp_sealer(self) -> TokenSealer | None:
+        """Tokens are sealed for CMP only while it is on (`cmp.enabled`)."""
+        return self._sealer if self._settings.cmp.enabled else None
+
+    def _prepare_sealer(self) -> None:
+        if self._cmp_sealer is not None:
+            self._cmp_sealer.prepare()
 
     def show(self, email: str) -> UserView:
         with self._db.transaction() as session:

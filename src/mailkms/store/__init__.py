@@ -1,6 +1,7 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
 from mailkms.store._admins import Administrator, AdminSession, AdminToken
+from mailkms.store._cmp import CMPNonce, CMPTransaction
 from mailkms.store._db import Database, make_engine, migrate
 from mailkms.store._est import KeyHandover
 from mailkms.store._models import (
@@ -29,6 +30,8 @@ __all__ = [
     "AuditHead",
     "AuditRecord",
     "Base",
+    "CMPNonce",
+    "CMPTransaction",
     "Certificate",
     "Database",
     "IssuanceRequest",

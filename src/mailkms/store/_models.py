@@ -69,6 +69,10 @@ class Token(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The token itself, AES-256-GCM under the key pool's wrapping key (a random key inside a scrypt
+    # envelope of the CA passphrase): CMP's MAC protection is keyed by the token (RFC 9483 §3.2),
+    # so the server must be able to compute it. Erased when the CMP transaction closes.
+    cmp_secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class Certificate(Base):
