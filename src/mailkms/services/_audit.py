@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from mailkms.clock import Clock
 from mailkms.errors import ConfigError
 from mailkms.pki import Checkpoint, CheckpointInvalid, key_id_of, sign_checkpoint, verify_checkpoint
+from mailkms.services._files import write_atomically
 from mailkms.store import AuditHead, AuditRecord, Database
 
 GENESIS = "0" * 64
@@ -284,9 +285,7 @@ class AuditCheckpoints:
 
     def _write_marker(self, seq: int, now: dt.datetime) -> None:
         marker = {"file": str(self.path.resolve()), "seq": seq, "at": now.isoformat()}
-        temporary = self.marker.with_name(self.marker.name + ".tmp")
-        temporary.write_text(json.dumps(marker) + "\n")
-        os.replace(temporary, self.marker)
+        write_atomically(self.marker, (json.dumps(marker) + "\n").encode())
 
     def _expected(self, path: Path) -> tuple[int, str] | str | None:
         """(seq, time) of the last checkpoint written to `path` by the marker; None when the marker

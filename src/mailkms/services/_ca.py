@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from mailkms.pki import (
     make_tls_server,
     subscriber_validity,
 )
+from mailkms.services._files import write_atomically
 from mailkms.services._recovery import init_bootstrap_ceremony
 
 TLS_RENEW_BEFORE = dt.timedelta(days=30)
@@ -115,17 +115,6 @@ class CAPaths:
         return self.root_cert.exists() and self.issuing_cert.exists()
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -161,7 +150,7 @@ def ca_passphrase(paths: CAPaths, from_env: str, create: bool, production: bool 
     if not create:
         raise ConfigError(f"no CA passphrase: give it by {PASSPHRASE_SOURCES}, or keep DATA/ca/passphrase")
     value = secrets.token_urlsafe(32).encode()
-    _write(paths.passphrase_file, value + b"\n", 0o600)
+    write_atomically(paths.passphrase_file, value + b"\n", 0o600)
     return value
 
 
@@ -195,10 +184,10 @@ def init_ca(
     issuing_key = generate_key(key_type)
     root_signer = SoftSigner(root, root_key)
     issuing = make_issuing_ca(root_signer, issuing_key, organization, country, urls, now)
-    _write(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
-    _write(paths.issuing_key, encrypt_private_key(issuing_key, passphrase), 0o600)
-    _write(paths.root_cert, _pem(root))
-    _write(paths.issuing_cert, _pem(issuing))
+    write_atomically(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
+    write_atomically(paths.issuing_key, encrypt_private_key(issuing_key, passphrase), 0o600)
+    write_atomically(paths.root_cert, _pem(root))
+    write_atomically(paths.issuing_cert, _pem(issuing))
 
     # The archive is enveloped to a recovery key whose private half is wrapped under a KEK held
     # only as shares: here a 1-of-1 bootstrap ceremony, until `mailkms recovery init` names officers.
@@ -304,11 +293,11 @@ class CAContext:
             made = generate_key(KeyType.P256)
             assert isinstance(made, ec.EllipticCurvePrivateKey)
             key = made
-            _write(path, encrypt_private_key(key, self._passphrase), 0o600)
+            write_atomically(path, encrypt_private_key(key, self._passphrase), 0o600)
             public = key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            _write(self.paths.audit_public_key, public)
+            write_atomically(self.paths.audit_public_key, public)
         self._audit_key = key
         return key
 
@@ -334,8 +323,8 @@ class CAContext:
         if tls is None or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE or _tls_names(tls) != set(hostnames):
             key = generate_key(KeyType.P256)
             cert = make_tls_server(self._root_signer(), key.public_key(), hostnames, now)
-            _write(self.paths.tls_key, encrypt_private_key(key, self._passphrase), 0o600)
-            _write(self.paths.tls_cert, _pem(cert))
+            write_atomically(self.paths.tls_key, encrypt_private_key(key, self._passphrase), 0o600)
+            write_atomically(self.paths.tls_cert, _pem(cert))
             self.tls_cert = cert
             renewed.append("tls")
         signer = self.mail_signer
@@ -352,8 +341,8 @@ class CAContext:
                 CertKind.MAIL_SIGNER, mail_from.lower(), key.public_key(), validity, list(KeyType)
             )
             cert = self.issuer.issue(prepared)
-            _write(self.paths.mail_key, encrypt_private_key(key, self._passphrase), 0o600)
-            _write(self.paths.mail_cert, _pem(cert))
+            write_atomically(self.paths.mail_key, encrypt_private_key(key, self._passphrase), 0o600)
+            write_atomically(self.paths.mail_cert, _pem(cert))
             self.mail_signer = SoftSigner(cert, key)
             renewed.append("mail-signer")
         return renewed
@@ -369,8 +358,8 @@ class CAContext:
         # Same family as the CA, so a relying party that verifies the CA verifies the responder.
         key = generate_key(KeyType.RSA2048 if key_type_of(self.issuing.private_key).is_rsa else KeyType.P256)
         cert = self.issuer.issue(self.issuer.prepare_ocsp_responder(key.public_key(), now))
-        _write(self.paths.ocsp_key, encrypt_private_key(key, self._passphrase), 0o600)
-        _write(self.paths.ocsp_cert, _pem(cert))
+        write_atomically(self.paths.ocsp_key, encrypt_private_key(key, self._passphrase), 0o600)
+        write_atomically(self.paths.ocsp_cert, _pem(cert))
         self.ocsp_responder = SoftSigner(cert, key)
         renewed.append("ocsp-responder")
 
@@ -390,7 +379,7 @@ class CAContext:
             next_update=this_update + validity,
             max_validity=BR_MAX_ARL_VALIDITY,
         )
-        _write(self.paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
+        write_atomically(self.paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
         self.root_crl = crl
         renewed.append("root-crl")
 

@@ -1,0 +1,27 @@
+"""Files the server writes beside its store (keys, certificates, CRLs, markers)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Readers see the old file or the new one, never part of one; each writer has a temporary
+    file of its own (mkstemp: O_EXCL, 0600 until chmod), so two nodes renewing the same file on a
+    shared data folder cannot truncate each other's half-written copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
