@@ -70,7 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=60, help="enrolments measured per protocol")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="6 enrolments per protocol (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.users = 6
     with tempfile.TemporaryDirectory(prefix="mailkms-bench-cmp-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "data"

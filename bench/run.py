@@ -64,7 +64,7 @@ from mailkms.store import Certificate, Database, User  # noqa: E402
 
 PG_URL = os.environ.get("MAILKMS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASS = os.environ.setdefault("MAILKMS_BENCH_PASS", "bench-passphrase-" + uuid.uuid4().hex)  # inherited by workers
-OTHER_SCRIPTS = ("crl_ocsp.py", "smime.py", "est.py", "admin.py")
+OTHER_SCRIPTS = ("crl_ocsp.py", "smime.py", "est.py", "admin.py", "cmp.py")
 DJANGO_VENV = ROOT / "bench" / ".venv-django-ca"
 
 
