@@ -674,6 +674,35 @@ def _rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def _descendants(pid: int) -> list[int]:
+    """The process and every process below it (CRL workers, signer processes, OCSP listeners)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _tree_rss_mib(pid: int) -> tuple[float, int]:
+    """Summed VmRSS of a process and its descendants (MiB), and how many processes that is."""
+    total, count = 0.0, 0
+    for member in _descendants(pid):
+        try:
+            total += _rss_mib(member)[0]
+            count += 1
+        except (OSError, KeyError):
+            continue  # gone meanwhile, or a zombie
+    return total, count
+
+
 # --- 4. server RSS ---------------------------------------------------------------------------------------------
 def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
     if sqlite_path is None:
@@ -725,6 +754,7 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
         name_hash = hashlib.sha1(issuing.subject.public_bytes()).digest()  # RFC 6960 CertID, as openssl sends it
         key_hash = x509.SubjectKeyIdentifier.from_public_key(issuing.public_key()).digest  # SHA-1 of the BIT STRING
         hwm = 0.0
+        tree_peak, tree_count = 0.0, 1
         answered = 0
         with httpx.Client(verify=ctx, timeout=10) as client:
             for i, serial in enumerate(serials):
@@ -743,9 +773,15 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
                     client.get(f"https://localhost:{port}/metrics")
                 if i % 200 == 0:
                     hwm = max(hwm, _rss_mib(proc.pid)[1])
+                    tree, members = _tree_rss_mib(proc.pid)
+                    if tree > tree_peak:
+                        tree_peak, tree_count = tree, members
         time.sleep(4)  # the background reminder sweep runs over the whole store
         rss, peak = _rss_mib(proc.pid)
         hwm = max(hwm, peak)
+        tree, members = _tree_rss_mib(proc.pid)
+        if tree > tree_peak:
+            tree_peak, tree_count = tree, members
     finally:
         proc.terminate()
         proc.wait(20)
@@ -756,10 +792,11 @@ def bench_rss(tmp: Path, sqlite_path: Path | None, quick: bool) -> None:
     ROWS.append(
         Row(
             f"server RSS with {certs:,} certificate rows in the store while serving OCSP and /metrics (SQLite)",
-            f"{rss:.0f} MB (peak {hwm:.0f} MB)",
+            f"server process {rss:.0f} MB (peak {hwm:.0f} MB); with its {tree_count - 1} worker processes "
+            f"{tree_peak:.0f} MB summed at the highest sample",
             "—",
             "1M certificates ≤ 300 MB",
-            met(hwm <= 300) + " (the server never loads the whole store; 1M rows change the DB size, not RSS)",
+            met(tree_peak <= 300) + " (judged on the sum over the process tree; the store is never loaded whole)",
         )
     )
 
