@@ -23,6 +23,7 @@ import concurrent.futures
 import datetime as dt
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -203,7 +204,9 @@ def _init_worker(database_url: str, cert_pem: bytes, key_path: str, passphrase: 
 
 
 def _started() -> int:
-    time.sleep(0.2)  # long enough that each of the first jobs lands on a worker of its own
+    # long enough that each of the first jobs lands on a worker of its own. A timed wait, not time.sleep: under libfaketime with a large offset (the e2e
+    # tests) clock_nanosleep on an absolute deadline fails with EINVAL and kills the worker.
+    threading.Event().wait(0.2)
     return os.getpid()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -150,4 +149,6 @@ class SignerPool:
 
 
 def _noop(_: int) -> None:
-    time.sleep(0.2)  # busy long enough that each start-up task is given to a process of its own
+    # busy long enough that each start-up task is given to a process of its own. A timed wait, not time.sleep: under libfaketime with a large offset (the e2e
+    # tests) clock_nanosleep on an absolute deadline fails with EINVAL and kills the worker.
+    threading.Event().wait(0.2)
