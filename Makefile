@@ -46,8 +46,10 @@ admin: install
 client: install
 	@$(BIN)/mailkms-client $(ARGS)
 
+# Bytecode is cached even where the environment says not to (PYTHONDONTWRITEBYTECODE): the end-to-end
+# tests start hundreds of mailkms processes, and each would compile every module it imports again.
 test: install system-deps
-	$(BIN)/pytest -q
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests bench

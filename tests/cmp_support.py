@@ -12,7 +12,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailkms.pki import PrivateKey, parse_cmp_request
+from mailkms.pki import PrivateKey
+from mailkms.pki._cmp import parse_request as parse_cmp_request
 from tests.smime_support import require_tools
 
 

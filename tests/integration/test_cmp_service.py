@@ -15,8 +15,9 @@ from pyasn1_alt_modules import rfc9480
 from sqlalchemy import func, select, update
 
 from mailkms.api._cmp import status_of
-from mailkms.pki import CMPFailInfo, KeyType, PrivateKey, generate_key, same_public_key
-from mailkms.pki import parse_cmp_request as parse_answer
+from mailkms.pki import KeyType, PrivateKey, generate_key, same_public_key
+from mailkms.pki._cmp import FailInfo as CMPFailInfo
+from mailkms.pki._cmp import parse_request as parse_answer
 from mailkms.store import KeyHandover, OutboxMessage, Token
 from tests.cmp_support import answer_of, issued_certificate, openssl_request, write_cert, write_key
 
@@ -164,7 +165,8 @@ def test_rr_revokes_the_holders_own_certificate_only(services, clock, tmp_path) 
 
 @pytest.mark.parametrize("body", [b"", b"\x30\x00", b"not DER at all"])
 def test_what_is_not_a_pkimessage_gets_a_signed_error(services, body: bytes) -> None:  # type: ignore[no-untyped-def]
-    from mailkms.pki import parse_cmp_request, verify_cmp_signature
+    from mailkms.pki._cmp import parse_request as parse_cmp_request
+    from mailkms.pki._cmp import verify_signature as verify_cmp_signature
 
     answer = handle(services, body)
     assert answer_of(answer)[1] == [int(CMPFailInfo.BAD_DATA_FORMAT)]

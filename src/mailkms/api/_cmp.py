@@ -40,7 +40,8 @@ from mailkms.errors import (
     UnknownIssuer,
     UnsupportedMediaType,
 )
-from mailkms.pki import CMPFailInfo, CMPStatus
+from mailkms.pki._cmp import FailInfo as CMPFailInfo
+from mailkms.pki._cmp import Status as CMPStatus
 from mailkms.services import Services
 
 log = logging.getLogger("mailkms.api.cmp")

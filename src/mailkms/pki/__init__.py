@@ -2,46 +2,6 @@
 
 from mailkms.pki._batchsign import SignJob, SignOutcome, generate_key_der, init_signer, sign_chunk
 from mailkms.pki._chain import has_email_protection, issued_by, mailboxes_of, verify_email_chain
-from mailkms.pki._cmp import (
-    CertConfirm,
-    CertRequest,
-    CMPRequest,
-    RevocationRequest,
-    cert_confirms,
-    cert_hash,
-    cert_requests,
-    revocation_requests,
-)
-from mailkms.pki._cmp import (
-    FailInfo as CMPFailInfo,
-)
-from mailkms.pki._cmp import (
-    MacParameters as CMPMacParameters,
-)
-from mailkms.pki._cmp import (
-    Protection as CMPProtection,
-)
-from mailkms.pki._cmp import (
-    Reply as CMPReply,
-)
-from mailkms.pki._cmp import (
-    Signer as CMPSigner,
-)
-from mailkms.pki._cmp import (
-    Status as CMPStatus,
-)
-from mailkms.pki._cmp import (
-    error_without_request as cmp_error_without_request,
-)
-from mailkms.pki._cmp import (
-    parse_request as parse_cmp_request,
-)
-from mailkms.pki._cmp import (
-    verify_mac as verify_cmp_mac,
-)
-from mailkms.pki._cmp import (
-    verify_signature as verify_cmp_signature,
-)
 from mailkms.pki._cms import (
     VerifiedSignedData,
     certs_only,
@@ -203,16 +163,7 @@ __all__ = [
     "UNAUTHORIZED_RESPONSE",
     "Bundle",
     "CASigner",
-    "CMPFailInfo",
-    "CMPMacParameters",
-    "CMPProtection",
-    "CMPReply",
-    "CMPRequest",
-    "CMPSigner",
-    "CMPStatus",
-    "CertConfirm",
     "CertKind",
-    "CertRequest",
     "CertState",
     "CertStatus",
     "CheckedCSR",
@@ -231,7 +182,6 @@ __all__ = [
     "PublicKey",
     "PublicURLs",
     "RequestView",
-    "RevocationRequest",
     "RevocationResult",
     "RevocationStatus",
     "RevokedEntry",
@@ -250,16 +200,12 @@ __all__ = [
     "build_crl",
     "build_delivery",
     "build_pkcs12",
-    "cert_confirms",
-    "cert_hash",
-    "cert_requests",
     "certs_only",
     "check_admin_passphrase",
     "check_crl",
     "check_csr",
     "check_officer_name",
     "check_officer_passphrase",
-    "cmp_error_without_request",
     "crl_number",
     "crl_urls",
     "decode_body",
@@ -298,7 +244,6 @@ __all__ = [
     "open_secret",
     "open_share",
     "open_with_secret",
-    "parse_cmp_request",
     "parse_message",
     "parse_reason",
     "parse_request",
@@ -312,7 +257,6 @@ __all__ = [
     "read_smime",
     "reason_name",
     "reminder_point",
-    "revocation_requests",
     "revoked_signature_problem",
     "same_public_key",
     "seal_held_keys",
@@ -334,8 +278,6 @@ __all__ = [
     "subscriber_validity",
     "unwrap_recovery_key",
     "verify_checkpoint",
-    "verify_cmp_mac",
-    "verify_cmp_signature",
     "verify_email_chain",
     "verify_message",
     "verify_request",

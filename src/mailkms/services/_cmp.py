@@ -49,24 +49,17 @@ from mailkms.errors import (
     TokenInvalid,
     UnknownIssuer,
 )
-from mailkms.pki import (
-    CheckedCSR,
-    CMPFailInfo,
-    CMPProtection,
-    CMPReply,
-    CMPRequest,
-    CMPSigner,
-    CMPStatus,
-    cert_confirms,
-    cert_hash,
-    cert_requests,
-    cmp_error_without_request,
-    issued_by,
-    parse_cmp_request,
-    revocation_requests,
-    verify_cmp_mac,
-    verify_cmp_signature,
-)
+from mailkms.pki import CheckedCSR, issued_by
+from mailkms.pki._cmp import CMPRequest, cert_confirms, cert_hash, cert_requests, revocation_requests
+from mailkms.pki._cmp import FailInfo as CMPFailInfo
+from mailkms.pki._cmp import Protection as CMPProtection
+from mailkms.pki._cmp import Reply as CMPReply
+from mailkms.pki._cmp import Signer as CMPSigner
+from mailkms.pki._cmp import Status as CMPStatus
+from mailkms.pki._cmp import error_without_request as cmp_error_without_request
+from mailkms.pki._cmp import parse_request as parse_cmp_request
+from mailkms.pki._cmp import verify_mac as verify_cmp_mac
+from mailkms.pki._cmp import verify_signature as verify_cmp_signature
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
 from mailkms.services._enrolment import HELD_A_TOKEN

@@ -12,21 +12,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mailkms.errors import BadCMPMessage, BadCMPProtection, BadPOP
-from mailkms.pki import (
-    CertKind,
-    CMPFailInfo,
-    CMPProtection,
-    CMPReply,
-    CMPSigner,
-    CMPStatus,
-    KeyType,
-    cert_requests,
-    cmp_error_without_request,
-    parse_cmp_request,
-    revocation_requests,
-    verify_cmp_mac,
-    verify_cmp_signature,
-)
+from mailkms.pki import CertKind, KeyType
+from mailkms.pki._cmp import FailInfo as CMPFailInfo
+from mailkms.pki._cmp import Protection as CMPProtection
+from mailkms.pki._cmp import Reply as CMPReply
+from mailkms.pki._cmp import Signer as CMPSigner
+from mailkms.pki._cmp import Status as CMPStatus
+from mailkms.pki._cmp import cert_requests, revocation_requests
+from mailkms.pki._cmp import error_without_request as cmp_error_without_request
+from mailkms.pki._cmp import parse_request as parse_cmp_request
+from mailkms.pki._cmp import verify_mac as verify_cmp_mac
+from mailkms.pki._cmp import verify_signature as verify_cmp_signature
 from tests.cmp_support import openssl_request
 from tests.testca import START, ca_of, key_of
 
