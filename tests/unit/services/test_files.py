@@ -52,7 +52,7 @@ def test_two_writers_and_a_reader_only_ever_see_a_whole_file(tmp_path: Path) -> 
 
 def test_the_mode_is_set_before_a_byte_is_written(tmp_path: Path) -> None:
     key = tmp_path / "ca" / "issuing.key.pem"
-    write_atomically(key, b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n", 0o600)
+    write_atomically(key, b"first secret bytes\n", 0o600)
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     write_atomically(key, b"again\n", 0o600)
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_bytes() == b"again\n"
