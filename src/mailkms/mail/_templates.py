@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.policy import SMTP
 from pathlib import Path
 from string import Template
 
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from mailkms.clock import Clock
-from mailkms.pki import PrivateKey, signature_hash_for
+from mailkms.pki import PrivateKey, signature_hash_for, wire_bytes
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -81,7 +80,7 @@ def signed_alternative(
     inner.attach(MIMEText(rendered.text, "plain", "utf-8"))
     inner.attach(MIMEText(rendered.html, "html", "utf-8"))
     del inner["MIME-Version"]
-    signed_part = inner.as_bytes(policy=SMTP)  # CRLF, base64 bodies: nothing in transit can change them
+    signed_part = wire_bytes(inner)  # CRLF, base64 bodies: nothing in transit can change them
     builder = pkcs7.PKCS7SignatureBuilder().set_data(signed_part).add_signer(signer, key, signature_hash_for(key))
     for cert in chain:
         builder = builder.add_certificate(cert)

@@ -54,6 +54,7 @@ from mailkms.pki._delivery import (
     is_delivery,
     open_delivery,
     parse_message,
+    wire_bytes,
 )
 from mailkms.pki._est import (
     RequestView,
@@ -283,5 +284,6 @@ __all__ = [
     "verify_request",
     "verify_signed_data",
     "wipe",
+    "wire_bytes",
     "wrap_recovery_key",
 ]

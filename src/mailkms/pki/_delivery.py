@@ -94,6 +94,20 @@ class Manifest:
 
 _FIELDS = frozenset(Manifest.__dataclass_fields__)
 
+# Bytes for the wire from MIME entities built with email.mime whose headers mailkms makes itself
+# (Content-Type, Content-Transfer-Encoding, Content-Disposition with our own file names): the
+# compat32 generator with CRLF line ends. It writes the same bytes as `email.policy.SMTP` for
+# such entities (tests/unit/pki/test_wire.py compares them) at a fifth of the cost: the SMTP
+# policy parses every header again through the header registry before folding it (a third of a
+# renewal's time went to that). Not for headers carrying addresses or a Message-ID: compat32
+# folds a value too long for one line differently (before it, leaving a trailing space).
+WIRE_POLICY = email.policy.compat32.clone(linesep="\r\n")
+
+
+def wire_bytes(entity: Message) -> bytes:
+    """A MIME entity made by mailkms (Content-* headers only) as CRLF bytes."""
+    return entity.as_bytes(policy=WIRE_POLICY)
+
 
 @dataclass(frozen=True)
 class EnvelopedKey:
@@ -152,7 +166,7 @@ def build_delivery(
         part = _attachment(envelope(key_der, [recipient]), "application", "pkcs7-mime", f"key-{serial}.p7m")
         part.set_param("smime-type", "enveloped-data")
         inner.attach(part)
-    content = inner.as_bytes(policy=email.policy.SMTP)
+    content = wire_bytes(inner)
     signed = sign_opaque(content, signer_cert, signer_key, signer_chain)
 
     outer = MIMEApplication(signed, "pkcs7-mime", name="smime.p7m")
