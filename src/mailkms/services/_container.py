@@ -100,13 +100,14 @@ class Services:
             ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
         )
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers, partitions=partitions)
-        nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds))
-        refusals = Refusals(db, audit, clock)
-        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals)
-        ocsp = OCSPResponder(db, ca, settings, clock)
+        # one writer per process: issuance, enrolment, renewal, EST and nonces share its batches
         commits = GroupCommit(db, batching.batch_size, batching.max_wait_ms / 1000)
+        nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds), commits)
+        refusals = Refusals(db, audit, clock)
+        renewal = Renewal(db, ca, issuer, nonces, settings, clock, audit, refusals, commits)
+        ocsp = OCSPResponder(db, ca, settings, clock)
         sealer = TokenSealer(keyring)
-        est = EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals)
+        est = EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals, commits)
         revocation = Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget])
         return cls(
             settings=settings,
@@ -115,7 +116,7 @@ class Services:
             ca=ca,
             audit=audit,
             users=UserAdmin(db, settings, clock, audit, sealer),
-            enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals),
+            enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals, commits),
             nonces=nonces,
             renewal=renewal,
             issuer=issuer,

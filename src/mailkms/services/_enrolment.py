@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.errors import BadKey, BadMessage, MailkmsError, TokenExpired, TokenInvalid, TokenReplaced, TokenUsed
 from mailkms.pki import check_csr
 from mailkms.services._audit import AuditLog
-from mailkms.services._issuance import PairIssuer
+from mailkms.services._batching import GroupCommit
+from mailkms.services._issuance import IssuedPair, PairIssuer
 from mailkms.services._recovery import take_recovery_hold
 from mailkms.services._refusals import Refusals
 from mailkms.services._tokens import redeem_token
@@ -47,9 +49,17 @@ HELD_A_TOKEN = (TokenUsed, TokenReplaced, TokenExpired)
 
 class Enrolment:
     def __init__(
-        self, db: Database, issuer: PairIssuer, clock: Clock, audit: AuditLog, mail_from: str, refusals: Refusals
+        self,
+        db: Database,
+        issuer: PairIssuer,
+        clock: Clock,
+        audit: AuditLog,
+        mail_from: str,
+        refusals: Refusals,
+        commits: GroupCommit | None = None,
     ) -> None:
         self._db = db
+        self._commits = commits or GroupCommit(db, 1)  # batched with other requests, answered once durable
         self._refusals = refusals
         self._issuer = issuer
         self._clock = clock
@@ -58,21 +68,22 @@ class Enrolment:
 
     def enrol(self, email: str, token: str, csr: bytes, transport_pem: str) -> EnrolmentAccepted:
         mailbox = normalise_mailbox(email)
-        redeemed = False
+        redeemed: list[bool] = []  # set by the unit of work once the token is accepted
         try:
             checked = check_csr(csr)
             transport = load_transport_certificate(transport_pem)
             key = self._issuer.key_for_token(self._db, mailbox, token)  # made with no lock held
-            with self._issuer.keep_unused(key) as served, self._db.transaction() as session:
+
+            def work(session: Session) -> IssuedPair:
                 user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
                 row = redeem_token(session, user, token, self._clock.now())
-                redeemed = True
+                redeemed.append(True)
                 assert user is not None
                 self._audit.append(session, mailbox, "token.used", mailbox, purpose=row.purpose)
                 kind = "recovery" if row.purpose == "recovery" else "enrolment"
                 # a recovery token brings the user's whole key history, held sealed since `mailkms recover`
                 history = take_recovery_hold(session, row, token) if kind == "recovery" else []
-                pair = self._issuer.issue_pair(
+                return self._issuer.issue_pair(
                     session,
                     user,
                     kind,
@@ -82,9 +93,12 @@ class Enrolment:
                     extra_keys=history,
                     encryption_key=key,
                 )
-                served.append(pair)
+
+            with self._issuer.keep_unused(key) as served:
+                served.append(self._commits.run(work))
+            pair: IssuedPair = served[0]
         except MailkmsError as exc:
-            self._refused(mailbox, exc, redeemed)
+            self._refused(mailbox, exc, bool(redeemed))
             raise
         return EnrolmentAccepted(pair.request_id, mailbox, pair.generation, self._mail_from)
 

@@ -55,6 +55,7 @@ from mailkms.pki import (
     verify_signed_data,
 )
 from mailkms.services._audit import AuditLog
+from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext
 from mailkms.services._enrolment import HELD_A_TOKEN
 from mailkms.services._issuance import IssuedPair, PairIssuer, serial_hex
@@ -95,8 +96,10 @@ class EST:
         clock: Clock,
         audit: AuditLog,
         refusals: Refusals,
+        commits: GroupCommit | None = None,
     ) -> None:
         self._db = db
+        self._commits = commits or GroupCommit(db, 1)  # batched with other requests, answered once durable
         self._refusals = refusals
         self._ca = ca
         self._issuer = issuer
@@ -115,26 +118,30 @@ class EST:
     def simpleenroll(self, username: str, token: str, csr: bytes) -> x509.Certificate:
         """Spend the token, issue the pair; return the signing certificate (the CSR's key)."""
         mailbox = _basic_mailbox(username)
-        redeemed = False
+        redeemed: list[bool] = []  # set by the unit of work once the token is accepted
         try:
             now = self._clock.now()
             key = self._issuer.key_for_token(self._db, mailbox, token)  # made with no lock held
             # a refusal rolls back: the token stays unspent (and the key made in advance goes to the pool)
-            with self._issuer.keep_unused(key) as served, self._db.transaction() as session:
+
+            def work(session: Session) -> IssuedPair:
                 session.execute(delete(KeyHandover).where(KeyHandover.expires_at < now))
                 user = _user(session, mailbox)
                 row = redeem_token(session, user, token, now)  # authentication first
-                redeemed = True
+                redeemed.append(True)
                 assert user is not None
                 checked = check_csr(csr)
                 _check_names(inspect_csr(csr), mailbox)
-                pair = self.issue_with_token(
+                return self.issue_with_token(
                     session, user, row, token, checked.public_key, via="est", encryption_key=key
                 )
-                served.append(pair)
+
+            with self._issuer.keep_unused(key) as served:
+                served.append(self._commits.run(work))
+            pair: IssuedPair = served[0]
         except MailkmsError as exc:
-            held = redeemed or isinstance(exc, HELD_A_TOKEN)
-            self._refused(mailbox if held else "-", "enrolment.refused", exc, identified=redeemed)
+            held = bool(redeemed) or isinstance(exc, HELD_A_TOKEN)
+            self._refused(mailbox if held else "-", "enrolment.refused", exc, identified=bool(redeemed))
             raise
         return pair.signing
 

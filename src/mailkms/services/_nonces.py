@@ -19,9 +19,11 @@ import threading
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.errors import BadNonce, ReplayedNonce, StaleNonce
+from mailkms.services._batching import GroupCommit
 from mailkms.store import NONCE_KEY, Database, Nonce, ServerKey
 
 VERSION = b"\x01"
@@ -31,8 +33,9 @@ MAX_SKEW = dt.timedelta(seconds=60)  # nodes' clocks may differ this much
 
 
 class Nonces:
-    def __init__(self, db: Database, clock: Clock, ttl: dt.timedelta) -> None:
+    def __init__(self, db: Database, clock: Clock, ttl: dt.timedelta, commits: GroupCommit | None = None) -> None:
         self._db = db
+        self._commits = commits or GroupCommit(db, 1)  # spent in a batch's savepoint, durable before the answer
         self._clock = clock
         self._ttl = ttl
         self._key: bytes | None = None
@@ -100,9 +103,13 @@ class Nonces:
         The one write a nonce ever costs, and only for one this server made and that is fresh."""
         issued = self.issued_at(value)
         now = self._clock.now()
+
+        def spend(session: Session) -> None:
+            session.add(Nonce(value=value, created_at=issued, expires_at=issued + self._ttl, used_at=now))
+            session.flush()
+
         try:
-            with self._db.transaction() as session:
-                session.add(Nonce(value=value, created_at=issued, expires_at=issued + self._ttl, used_at=now))
+            self._commits.run(spend)
         except IntegrityError:
             raise ReplayedNonce("the nonce has already been used: the request was replayed") from None
 

@@ -27,6 +27,7 @@ from mailkms.errors import (
 )
 from mailkms.pki import CheckedCSR, PrivateKey, SignedRequest, check_csr, issued_by, verify_request
 from mailkms.services._audit import AuditLog
+from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
@@ -55,8 +56,12 @@ class Renewal:
         clock: Clock,
         audit: AuditLog,
         refusals: Refusals,
+        commits: GroupCommit | None = None,
     ) -> None:
         self._db = db
+        # A renewal's rows are stored by group commit: batched with other requests' in one
+        # transaction, each in a savepoint of its own, answered only once the batch is committed.
+        self._commits = commits or GroupCommit(db, 1)
         self._ca = ca
         self._issuer = issuer
         self._refusals = refusals
@@ -99,10 +104,13 @@ class Renewal:
             if not isinstance(csr_text, str):
                 raise BadJWS("the payload has no csr")
             key = self._issuer.key_in_advance()  # the signer proved their key: no lock held meanwhile
+
+            def work(session: Session) -> RenewalAccepted:
+                cert, user = self._certificate_owner(session, request, proven)
+                return self._renew(session, cert, user, csr_text.encode(), key)
+
             with self._issuer.keep_unused(key) as served:
-                with self._db.transaction() as session:
-                    cert, user = self._certificate_owner(session, request, proven)
-                    served.append(self._renew(session, cert, user, csr_text.encode(), key))
+                served.append(self._commits.run(work))
             accepted: RenewalAccepted = served[0]
             return accepted
         except IntegrityError:
@@ -121,11 +129,14 @@ class Renewal:
             if not issued_by(certificate, self._ca.issuing.certificate):
                 raise UnknownIssuer("the signing certificate was not issued by this CA")
             key = self._issuer.key_in_advance()
+
+            def work(session: Session) -> RenewalAccepted:
+                cert, user = _known_signing(session, certificate)
+                proven.append(user.email)
+                return self._renew(session, cert, user, csr, key)
+
             with self._issuer.keep_unused(key) as served:
-                with self._db.transaction() as session:
-                    cert, user = _known_signing(session, certificate)
-                    proven.append(user.email)
-                    served.append(self._renew(session, cert, user, csr, key))
+                served.append(self._commits.run(work))
             accepted: RenewalAccepted = served[0]
             return accepted
         except IntegrityError:
