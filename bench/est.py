@@ -108,9 +108,20 @@ async def load(
         return time.perf_counter() - started, latencies
 
 
-def serve(data: Path, port: int) -> subprocess.Popen[bytes]:
+def fill_pool(data: Path, size: int) -> float:
+    """`mailkms pool fill` with [pool] size = `size` before the server starts (not timed in the row)."""
+    env = {**os.environ, "MAILKMS_DATA": str(data), "MAILKMS_POOL__SIZE": str(size)}
+    env.pop("MAILKMS_CA_PASSPHRASE", None)
+    started = time.perf_counter()
+    subprocess.run([str(BIN / "mailkms"), "pool", "fill", "--json"], env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def serve(data: Path, port: int, pool: int) -> subprocess.Popen[bytes]:
     # One load generator on one address: the per-client rate limit would measure itself.
     env = {**os.environ, "MAILKMS_DATA": str(data), "MAILKMS_LIMITS__RATE_PER_MINUTE": "0"}
+    if pool:
+        env["MAILKMS_POOL__SIZE"] = str(pool)
     env.pop("MAILKMS_CA_PASSPHRASE", None)
     command = [str(BIN / "mailkms"), "serve", "--port", str(port)]
     command += ["--http-port", str(free_port()), "--mail-sink-port", str(free_port())]
@@ -205,13 +216,22 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200, help="simpleenroll requests measured")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--peer", type=int, default=60, help="CSRs signed by the openssl peer")
+    parser.add_argument(
+        "--no-pool", action="store_true", help="leave the key pool at its default size instead of filling it first"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mailkms-bench-est-") as tmp:
         data = Path(tmp) / "data"
         print(f"preparing {args.users + WARM_UP} users, tokens and P-256 CSRs ...", flush=True)
         work = prepare(data, args.users + WARM_UP)
+        pool = 0 if args.no_pool else args.users + WARM_UP
+        if pool:
+            print(f"filling the key pool with {pool} RSA-2048 keys (not timed) ...", flush=True)
+            filled = fill_pool(data, pool)
+            print(f"pool filled in {filled:.1f} s", flush=True)
         port = free_port()
-        server = serve(data, port)
+        load_start = os.getloadavg()[0]
+        server = serve(data, port, pool)
         try:
             root = data / "ca" / "root.crt.pem"
             asyncio.run(load(port, root, work[:WARM_UP], 2))
@@ -226,7 +246,11 @@ def main() -> None:
         peer_work = work[WARM_UP : WARM_UP + args.peer]
         sign_s = openssl_peer(data, peer_work, pair=False)
         pair_s = openssl_peer(data, peer_work, pair=True)
-    print(f"\nEST simpleenroll over HTTPS (loopback, 1 server process, {args.concurrency} concurrent, keep-alive):")
+    filled_note = f"key pool filled with {pool} keys first" if pool else "key pool at its default size"
+    print(
+        f"\nEST simpleenroll over HTTPS (loopback, 1 server process, {args.concurrency} concurrent, keep-alive, "
+        f"{filled_note}; load average {load_start:.2f} at the start):"
+    )
     print(
         f"  mailkms  {args.users} enrolments in {elapsed:.2f} s = {rate:7.1f} req/s   p50 {p50:.0f} ms  p95 {p95:.0f} ms"
     )
@@ -235,6 +259,14 @@ def main() -> None:
     print(f"  openssl ca, signing certificate only      {len(peer_work) / sign_s:7.1f} certs/s")
     print(f"  openssl ca + genpkey + req + ca (the pair) {len(peer_work) / pair_s:7.1f} pairs/s")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end")
+    # the row for bench/run.py's table (| figure | mailkms | peer | goal | met |); issue 13 sets no rate for it
+    print(
+        f"| EST simpleenroll over HTTPS from a load generator (loopback, 1 server process, {args.concurrency} "
+        f"concurrent, keep-alive, {filled_note}; each a whole pair: token, 2 certificates, archive, audit; "
+        f"load {load_start:.2f} → {os.getloadavg()[0]:.2f}) | {rate:.1f} req/s (p50 {p50:.0f} ms, p95 {p95:.0f} ms) "
+        f"| openssl ca one process per CSR: {len(peer_work) / sign_s:.1f} certs/s, the pair with genpkey "
+        f"{len(peer_work) / pair_s:.1f}/s | — (an HTTP row, issue 13 goal 1) | — |"
+    )
 
 
 if __name__ == "__main__":

@@ -176,3 +176,47 @@ def test_worker_processes_build_the_same_crls_off_the_server(partitioned: Servic
         assert not services.revocation.crl_due()
     finally:
         workers.close()
+
+
+def _numbers(services: Services) -> dict[str, int]:
+    with services.db.read_only() as session:
+        return {r.scope: r.number for r in session.execute(select(PublishedCRL)).scalars()}
+
+
+def test_a_full_partition_whose_certificates_all_expired_gets_a_final_crl_then_no_more(
+    partitioned: Services, clock
+) -> None:  # type: ignore[no-untyped-def]
+    services = partitioned
+    users = [Enrolled(services, f"x{i}@example.org") for i in range(2)]  # partition 1 full (3), partition 2 (1)
+    services.revocation.revoke_users([users[0].mailbox], None, "admin:test", publish=False)
+    services.revocation.publish_crl()
+    clock.advance(dt.timedelta(days=560))  # past every certificate's 18 months
+    services.revocation.publish_crl()  # the final CRL of partition 1: signed after all its certificates expired
+    final = _numbers(services)
+    with services.db.read_only() as session:
+        der = session.execute(select(PublishedCRL.der).where(PublishedCRL.scope == "issuing-1")).scalar_one()
+    assert der is not None
+    assert len(x509.load_der_x509_crl(der)) == 0  # the entries left with their certificates' expiry
+    clock.advance(dt.timedelta(hours=25))  # past crl_refresh_hours
+    assert services.revocation.crl_due()  # the open partition and the whole-CA CRL are still refreshed
+    services.revocation.publish_crl()
+    after = _numbers(services)
+    assert after["issuing-1"] == final["issuing-1"]  # retired: not re-signed
+    assert after["issuing-2"] == final["issuing-2"] + 1
+    assert after["issuing"] == final["issuing"] + 1
+    assert not services.revocation.crl_due()  # and the poller does not spin on it
+    services.revocation.publish_crl(force=True)  # an administrator's forced refresh still signs it
+    assert _numbers(services)["issuing-1"] == final["issuing-1"] + 1
+
+
+def test_a_full_expired_partition_with_a_compromised_key_keeps_being_resigned(partitioned: Services, clock) -> None:  # type: ignore[no-untyped-def]
+    services = partitioned
+    users = [Enrolled(services, f"k{i}@example.org") for i in range(2)]
+    services.revocation.revoke_users([users[0].mailbox], "keyCompromise", "admin:test", publish=False)
+    services.revocation.publish_crl()
+    clock.advance(dt.timedelta(days=560))
+    services.revocation.publish_crl()
+    final = _numbers(services)
+    clock.advance(dt.timedelta(hours=25))
+    services.revocation.publish_crl()
+    assert _numbers(services)["issuing-1"] == final["issuing-1"] + 1  # its entries stay listed after expiry

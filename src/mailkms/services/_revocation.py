@@ -10,13 +10,14 @@ notAfter (RFC 5280 §3.3 allows it; the S/MIME BR only ask that they stay until 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -26,10 +27,19 @@ from mailkms.errors import AlreadyRevoked, CertificateNotFound, MailkmsError, Ma
 from mailkms.pki import parse_reason, reason_name
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
-from mailkms.services._crl_partitions import ISSUING_SCOPE, BuiltCRL, CRLJob, build_scope, partition_scope
+from mailkms.services._crl_partitions import (
+    ISSUING_SCOPE,
+    KEY_COMPROMISE,
+    BuiltCRL,
+    CRLJob,
+    build_scope,
+    partition_scope,
+)
 from mailkms.services._issuance import serial_hex
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import Certificate, Database, KeyHandover, PublishedCRL, Token, User
+
+log = logging.getLogger("mailkms.revocation")
 
 
 def parse_serial(text: str) -> str:
@@ -82,6 +92,8 @@ class Revocation:
         self._db = db
         self._ca = ca
         self._cfg = settings.revocation
+        self._partition_size = settings.ca.crl_partition_size
+        self._retired: set[str] = set()  # partitions whose final CRL was published (once retired, always)
         self._clock = clock
         self._audit = audit
         self._on_revoked = list(on_revoked)
@@ -240,7 +252,8 @@ class Revocation:
             rows = list(session.execute(select(PublishedCRL).order_by(PublishedCRL.partition)).scalars())
             flagged = next(r for r in rows if r.scope == ISSUING_SCOPE)
             revision, dirty_since = flagged.revision, flagged.dirty_since
-            wanted = {r.scope for r in rows if force or self._stale(r, this_update)}
+            retired = self._retired_scopes(session, rows)
+            wanted = {r.scope for r in rows if force or (self._stale(r, this_update) and r.scope not in retired)}
             if dirty_since is not None:  # the partitions of what was revoked since (None: the whole-CA CRL)
                 touched = session.execute(
                     select(Certificate.crl_partition).where(Certificate.revoked_at >= dirty_since).distinct()
@@ -328,10 +341,48 @@ class Revocation:
         now = self._clock.now()
         with self._db.read_only() as session:
             rows = list(session.execute(select(PublishedCRL)).scalars())
-        flagged = [r for r in rows if r.scope == ISSUING_SCOPE]
-        if not flagged or flagged[0].dirty_since is not None:
-            return True
-        return any(self._stale(r, now) for r in rows)
+            flagged = [r for r in rows if r.scope == ISSUING_SCOPE]
+            if not flagged or flagged[0].dirty_since is not None:
+                return True
+            retired = self._retired_scopes(session, rows)
+        return any(self._stale(r, now) and r.scope not in retired for r in rows)
+
+    def _retired_scopes(self, session: Session, rows: Sequence[PublishedCRL]) -> set[str]:
+        """Partitions no longer re-signed: full (no certificate will join them), every certificate
+        expired before their last CRL was signed, none revoked for key compromise. That last CRL is
+        their final one (its entries already left with their certificates' expiry, as
+        revoked_entries does); nothing a relying party could still ask about is on it. A compromised
+        key's entry stays listed after expiry, so its partition keeps being re-signed. A revocation
+        still rebuilds a retired partition and a forced refresh re-signs it. Checked once per
+        candidate: retirement cannot end (a full partition gets no new certificates).
+        """
+        size = self._partition_size
+        candidates = {
+            r.partition: r
+            for r in rows
+            if size
+            and r.partition is not None
+            and r.scope not in self._retired
+            and r.assigned >= size
+            and r.this_update is not None
+        }
+        if not candidates:
+            return self._retired
+        compromised = func.sum(case((Certificate.revocation_reason == KEY_COMPROMISE, 1), else_=0))
+        found = session.execute(
+            select(Certificate.crl_partition, func.max(Certificate.not_after), compromised)
+            .where(Certificate.crl_partition.in_(list(candidates)))
+            .group_by(Certificate.crl_partition)
+        ).all()
+        for partition, last_expiry, keys_compromised in found:
+            row = candidates[partition]
+            if keys_compromised or last_expiry is None or row.this_update is None:
+                continue
+            expiry = last_expiry if last_expiry.tzinfo else last_expiry.replace(tzinfo=dt.UTC)
+            if expiry < row.this_update:
+                log.info("CRL partition %s retired: its final CRL (number %s) is published", row.scope, row.number)
+                self._retired.add(row.scope)
+        return self._retired
 
     def current_crl(self, known_number: int = -1, scope: str = ISSUING_SCOPE) -> CRLView | None:
         """The published CRL of `scope`, or None if there is none yet or it is still `known_number`."""
