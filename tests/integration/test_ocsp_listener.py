@@ -15,6 +15,7 @@ import time
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from prometheus_client import REGISTRY, generate_latest
 
 from mailkms.api import OCSPListeners
 from mailkms.clock import SystemClock
@@ -53,7 +54,8 @@ def _post(der: bytes, version: str = "1.0", extra: str = "") -> bytes:
 
 
 @pytest.fixture
-def listener(services: Services, settings: Settings, clock):  # type: ignore[no-untyped-def]
+def listeners(services: Services, settings: Settings, clock):  # type: ignore[no-untyped-def]
+    """(the listener processes, their port)."""
     # The listener processes run on the system clock (their store polls look back from it): so do we here.
     clock.set(SystemClock().now())
     port = free_port()
@@ -73,8 +75,13 @@ def listener(services: Services, settings: Settings, clock):  # type: ignore[no-
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.2)
-    yield port
+    yield listeners, port
     listeners.stop()
+
+
+@pytest.fixture
+def listener(listeners: tuple[OCSPListeners, int]) -> int:
+    return listeners[1]
 
 
 def test_the_listener_answers_every_way_a_client_asks(services: Services, listener: int, clock) -> None:  # type: ignore[no-untyped-def]
@@ -133,3 +140,22 @@ def test_the_listener_answers_every_way_a_client_asks(services: Services, listen
     response = answers[-1]
     assert response.revocation_reason is not None and response.revocation_reason.name == "key_compromise"
     assert response.public_bytes(serialization.Encoding.DER)  # a whole, signed response
+
+
+def test_the_server_metrics_show_what_the_listener_processes_answered(
+    services: Services, listeners: tuple[OCSPListeners, int]
+) -> None:
+    processes, port = listeners
+    alice = Enrolled(services, "alice@example.org")
+    der = _ocsp_request(alice.signing, services.ca.issuing.certificate)
+    for _ in range(5):
+        ((_, body),) = _split(_exchange(port, _post(der)))
+        assert ocsp.load_der_ocsp_response(body).certificate_status is ocsp.OCSPCertStatus.GOOD
+    _exchange(port, _post(b"not a request"))
+    scraped = generate_latest(REGISTRY).decode()  # what the server's /metrics serves (the default registry)
+    assert 'mailkms_ocsp_listener_requests_total{status="good"} 5.0' in scraped
+    assert 'mailkms_ocsp_listener_requests_total{status="malformed"} 1.0' in scraped
+    assert 'mailkms_ocsp_listener_requests_total{status="revoked"} 0.0' in scraped
+    assert processes.counters.totals()["connections"] >= 6
+    processes.stop()
+    assert "mailkms_ocsp_listener_requests_total" not in generate_latest(REGISTRY).decode()

@@ -22,11 +22,15 @@ import os
 import signal
 import socket
 import typing
+from collections.abc import Iterable, MutableSequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
 import httptools
 import uvloop
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mailkms.api._revocation import MAX_OCSP_REQUEST, _decode_get
 from mailkms.clock import SystemClock
@@ -38,6 +42,11 @@ log = logging.getLogger("mailkms.ocsp")
 
 
 _CLOSE = b"connection: close\r\n"
+# What each listener process counts, in a shared array (one row per process, each written by its
+# process only), summed by the server's /metrics: OCSP answers by status, then connections.
+STATUSES = ("good", "revoked", "unused", "unauthorized", "malformed", "tryLater")
+_SLOTS = (*STATUSES, "connections")
+_SLOT = {name: i for i, name in enumerate(_SLOTS)}
 _HEAD_LIMIT = 16 * 1024  # request line and headers; an OCSP client sends a few hundred bytes
 _STATUS = {200: b"200 OK", 400: b"400 Bad Request", 404: b"404 Not Found", 405: b"405 Method Not Allowed",
            413: b"413 Content Too Large", 503: b"503 Service Unavailable"}  # fmt: skip
@@ -79,6 +88,7 @@ class _OCSPConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         listener = self._listener
+        listener.count("connections")
         listener.connections.add(self)
         if len(listener.connections) > listener.max_connections:
             self._finish(_response(503, b"", b"", keep_alive=False))
@@ -139,11 +149,13 @@ class _OCSPConnection(asyncio.Protocol):
         else:
             answer = responder.answer_cached(der)
         if answer is not None:
+            self._listener.count(answer.status)
             self._queue(_ocsp_response(answer, keep_alive, head_only))
             return
         assert der is not None
         future = responder.submit(der)  # a store look-up and perhaps a signature, on the OCSP threads
         if future is None:
+            self._listener.count("tryLater")
             self._queue(_ocsp_response(OCSPAnswer(TRY_LATER_RESPONSE, "tryLater"), keep_alive, head_only))
             return
         slot: list[bytes | None] = [None]
@@ -156,11 +168,15 @@ class _OCSPConnection(asyncio.Protocol):
             except Exception:
                 log.exception("OCSP answer failed")
                 got = OCSPAnswer(TRY_LATER_RESPONSE, "tryLater")
-            loop.call_soon_threadsafe(self._fill, slot, _ocsp_response(got, keep_alive, head_only))
+            loop.call_soon_threadsafe(self._answered, slot, got, keep_alive, head_only)
 
         future.add_done_callback(done)
 
     # --- writing in order
+    def _answered(self, slot: list[bytes | None], got: OCSPAnswer, keep_alive: bool, head_only: bool) -> None:
+        self._listener.count(got.status)  # on the loop's thread: the only writer of this process's row
+        self._fill(slot, _ocsp_response(got, keep_alive, head_only))
+
     def _queue(self, data: bytes) -> None:
         self._slots.append([data])
         self._flush()
@@ -212,7 +228,13 @@ class _Listener:
     max_connections: int
     body_timeout: float
     keep_alive: float
+    counters: MutableSequence[int]  # this process's row of the shared array
+    row: int
     connections: set[_OCSPConnection] = field(default_factory=set)
+
+    def count(self, slot: str) -> None:
+        index = self.row * len(_SLOTS) + _SLOT.get(slot, _SLOT["malformed"])
+        self.counters[index] += 1
 
 
 def _socket(host: str, port: int, listen: bool = True) -> socket.socket:
@@ -237,14 +259,22 @@ async def _poll(responder: OCSPResponder, keys: FileResponderKeys, every: float,
             log.exception("OCSP poll failed; retrying")
 
 
-async def _serve_one(settings: Settings, passphrase: bytes, host: str, port: int) -> None:
+async def _serve_one(
+    settings: Settings, passphrase: bytes, host: str, port: int, counters: MutableSequence[int], row: int
+) -> None:
     keys = FileResponderKeys(CAPaths(settings.data_dir), passphrase)
     db = open_database(settings)
     responder = OCSPResponder(db, keys, settings, SystemClock())
     limits = settings.limits
     loop = asyncio.get_running_loop()
     listener = _Listener(
-        responder, loop, limits.max_concurrency, limits.body_timeout_seconds, limits.keep_alive_seconds
+        responder,
+        loop,
+        limits.max_concurrency,
+        limits.body_timeout_seconds,
+        limits.keep_alive_seconds,
+        counters,
+        row,
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -262,9 +292,40 @@ async def _serve_one(settings: Settings, passphrase: bytes, host: str, port: int
         db.dispose()
 
 
-def run_ocsp_process(settings: Settings, passphrase: bytes, host: str, port: int) -> None:
+def run_ocsp_process(
+    settings: Settings, passphrase: bytes, host: str, port: int, counters: MutableSequence[int], row: int
+) -> None:
     """The entry of one listener process (spawned by `serve`); SIGTERM stops it."""
-    uvloop.run(_serve_one(settings, passphrase, host, port))
+    uvloop.run(_serve_one(settings, passphrase, host, port, counters, row))
+
+
+class ListenerCounters(Collector):
+    """/metrics of the server: the listener processes' counts, summed over the processes."""
+
+    def __init__(self, counters: MutableSequence[int], processes: int) -> None:
+        self._counters = counters
+        self._processes = processes
+
+    def totals(self) -> dict[str, int]:
+        values = list(self._counters)  # one copy: the processes keep counting meanwhile
+        width = len(_SLOTS)
+        return {name: sum(values[p * width + i] for p in range(self._processes)) for i, name in enumerate(_SLOTS)}
+
+    def collect(self) -> Iterable[Metric]:
+        totals = self.totals()
+        answered = CounterMetricFamily(
+            "mailkms_ocsp_listener_requests",
+            "OCSP requests answered by the OCSP-only listener processes, by status",
+            labels=["status"],
+        )
+        for status in STATUSES:
+            answered.add_metric([status], totals[status])
+        yield answered
+        yield CounterMetricFamily(
+            "mailkms_ocsp_listener_connections",
+            "Connections accepted by the OCSP-only listener processes",
+            value=totals["connections"],
+        )
 
 
 class OCSPListeners:
@@ -277,10 +338,14 @@ class OCSPListeners:
             raise ValueError("no [revocation] ocsp_listen")
         self.host, self.port = address
         context = multiprocessing.get_context("spawn")
+        processes = settings.revocation.ocsp_processes
+        # unsigned 64-bit counters in shared memory, no lock: each row has one writer (its process)
+        counters = context.RawArray("Q", processes * len(_SLOTS))
+        self.counters = ListenerCounters(counters, processes)
         self._processes: list[BaseProcess] = [
             context.Process(
                 target=run_ocsp_process,
-                args=(settings, passphrase, self.host, self.port),
+                args=(settings, passphrase, self.host, self.port, counters, n),
                 name=f"mailkms-ocsp-{n}",
                 daemon=True,
             )
@@ -293,8 +358,11 @@ class OCSPListeners:
         for process in self._processes:
             process.start()
         self._probe.close()
+        REGISTRY.register(self.counters)  # the server's /metrics shows what the processes counted
 
     def stop(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(KeyError):
+            REGISTRY.unregister(self.counters)
         for process in self._processes:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
