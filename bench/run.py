@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -75,9 +76,12 @@ class Row:
     peer: str = "—"
     goal: str = "—"
     met: str = ""
+    # the 1-minute load average when the row was measured (made right after its measurement): the
+    # machine has 2 cores and other sessions share it, so every row says how busy it was
+    load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])
 
     def line(self) -> str:
-        return f"| {self.figure} | {self.mailkms} | {self.peer} | {self.goal} | {self.met} |"
+        return f"| {self.figure} (load {self.load:.1f}) | {self.mailkms} | {self.peer} | {self.goal} | {self.met} |"
 
 
 ROWS: list[Row] = []
@@ -598,8 +602,9 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
         f"Renewal: {n} renewals per single-process mode, {2 * (n // 2)} in the two-process run (time from the first "
         f"start to the last end, setup and process start not timed), {RENEW_CALLERS} concurrent requests per process. "
         "Without the pool a renewal waits for one RSA-2048 key (made before its transaction, by a signer process, "
-        "no lock held); with it, for two signatures, two envelopes, the signed delivery mail and the store (one "
-        f"transaction per renewal). Load average {load_start:.2f} at the start of the renewal rows, "
+        "no lock held); with it, for two signatures, two envelopes, the signed delivery mail and the store. Both "
+        "store by group commit (concurrent renewals share a transaction, each in its own savepoint, answered once "
+        "it is committed); the signatures and the mail are made on the writer thread, in the server process. Load average {load_start:.2f} at the start of the renewal rows, "
         f"{os.getloadavg()[0]:.2f} at their end (2 cores; other work on the machine skews figures)."
     )
 
