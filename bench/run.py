@@ -604,7 +604,8 @@ def bench_renewal(tmp: Path, quick: bool) -> None:
         "Without the pool a renewal waits for one RSA-2048 key (made before its transaction, by a signer process, "
         "no lock held); with it, for two signatures, two envelopes, the signed delivery mail and the store. Both "
         "store by group commit (concurrent renewals share a transaction, each in its own savepoint, answered once "
-        "it is committed); the signatures and the mail are made on the writer thread, in the server process. Load average {load_start:.2f} at the start of the renewal rows, "
+        "it is committed); the signatures and the mail are made on the writer thread, in the server process. "
+        f"Load average {load_start:.2f} at the start of the renewal rows, "
         f"{os.getloadavg()[0]:.2f} at their end (2 cores; other work on the machine skews figures)."
     )
 
