@@ -117,8 +117,9 @@ def fill_pool(data: Path, size: int) -> float:
     return time.perf_counter() - started
 
 
-def serve(data: Path, port: int, pool: int) -> subprocess.Popen[bytes]:
-    # One load generator on one address: the per-client rate limit would measure itself.
+def serve(data: Path, port: int, pool: int = 0) -> subprocess.Popen[bytes]:
+    # One load generator on one address: the per-client rate limit would measure itself. `pool`: [pool]
+    # size for the server (0: its default); bench/cmp.py starts its server here too.
     env = {**os.environ, "MAILKMS_DATA": str(data), "MAILKMS_LIMITS__RATE_PER_MINUTE": "0"}
     if pool:
         env["MAILKMS_POOL__SIZE"] = str(pool)
