@@ -255,6 +255,9 @@ class PoolConfig(_Frozen):
     size: int = Field(default=32, ge=0, description="keys kept ready; 0 = off (generate inline)")
     refill_batch: int = Field(default=8, ge=1)
     refill_seconds: float = Field(default=2.0, gt=0)
+    refill_processes: int = Field(
+        default=2, ge=1, le=64, description="low-priority processes that make pool keys (one per core)"
+    )
 
 
 class IssuanceConfig(_Frozen):
@@ -615,6 +618,7 @@ admins = []                         # e.g. ["pki-admins@example.org"]: daily sum
 [pool]
 size = 32                           # pre-generated encryption keys (0 = off, generate inline)
 refill_batch = 8
+refill_processes = 2                # low-priority key-making processes (nice 10), one per core
 
 [issuance]
 batch_size = 256                    # group commit: certificates stored in one transaction at most

@@ -54,8 +54,11 @@ async def pool_loop(services: Services, stop: asyncio.Event) -> None:
     if pool is None:
         return
     cfg = services.settings.pool
+    # One low-priority process per core by default: the pool refills on both cores, and the
+    # request path (whose keys the signer processes make) still comes first (nice 10).
+    workers = cfg.refill_processes
     executor = concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
     )
     loop = asyncio.get_running_loop()
     try:
@@ -64,8 +67,11 @@ async def pool_loop(services: Services, stop: asyncio.Event) -> None:
             try:
                 want = min(cfg.refill_batch, await asyncio.to_thread(pool.deficit))
                 if want:
-                    ders = await loop.run_in_executor(executor, generate_ders, pool.key_type, want)
-                    await asyncio.to_thread(pool.store, ders)
+                    shares = [want // workers + (1 if i < want % workers else 0) for i in range(workers)]
+                    made = await asyncio.gather(
+                        *(loop.run_in_executor(executor, generate_ders, pool.key_type, n) for n in shares if n)
+                    )
+                    await asyncio.to_thread(pool.store, [der for part in made for der in part])
                     continue  # keep going while short
             except Exception:
                 log.exception("key-pool refill failed; retrying")
