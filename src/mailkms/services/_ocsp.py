@@ -42,11 +42,10 @@ from mailkms.pki import (
     OCSPQuery,
     SoftSigner,
     issuer_hashes,
-    load_private_key,
     parse_request,
     sign_response,
 )
-from mailkms.services._ca import CAPaths
+from mailkms.services._ca import CAPaths, load_key_at
 from mailkms.services._issuance import serial_hex
 from mailkms.store import Certificate, Database
 
@@ -102,7 +101,7 @@ class FileResponderKeys:
         if stamp == self._stamp:
             return False
         cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
-        key = load_private_key(self._paths.ocsp_key.read_bytes(), self._passphrase)
+        key = load_key_at(self._paths.ocsp_key, self._passphrase)
         self._signer, self._stamp = SoftSigner(cert, key), stamp
         return True
 
