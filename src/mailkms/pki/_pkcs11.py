@@ -109,6 +109,7 @@ class Token:
         self.uri = uri
         self._lock = threading.RLock()
         self._session: Any = None
+        self._private: dict[bytes, Any] = {}  # CKA_ID -> private key object of the open session
 
     @classmethod
     def for_uri(cls, text: str) -> Token:
@@ -163,6 +164,7 @@ class Token:
         """Drop the session (after a failure): the next call opens a new one."""
         with self._lock:
             session, self._session = self._session, None
+            self._private.clear()
         if session is not None:
             with suppress(Exception):  # the session is already broken; a new one is opened next
                 session.close()
@@ -272,7 +274,11 @@ class Token:
         mechanism = getattr(pkcs11.Mechanism, mechanism_name)
 
         def run(session: Any) -> bytes:
-            private = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=key_id)
+            private = self._private.get(key_id)
+            if private is None:  # looked up once per session, not per signature (C_FindObjects is slow)
+                private = self._private[key_id] = session.get_key(
+                    object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=key_id
+                )
             return bytes(private.sign(data, mechanism=mechanism))
 
         return bytes(self.call("signing", run))
