@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -82,12 +83,26 @@ def hsm(tmp_path: Path) -> SoftHSM:
 def token_keys(hsm: SoftHSM) -> dict[str, dict[str, object]]:
     """What the token itself says about its private keys (python-pkcs11 in this process)."""
     import pkcs11
+
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    try:
+        lib = pkcs11.lib(MODULE)
+        lib.reinitialize()  # SoftHSM reads its configuration at C_Initialize; one library per process
+        return _token_keys(lib.get_token(token_label="kms"))
+    finally:
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old
+
+
+def _token_keys(token: Any) -> dict[str, dict[str, object]]:
+    import pkcs11
     from pkcs11 import Attribute, ObjectClass
     from pkcs11.util.ec import encode_ec_public_key
     from pkcs11.util.rsa import encode_rsa_public_key
 
-    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
-    token = pkcs11.lib(MODULE).get_token(token_label="kms")
     found: dict[str, dict[str, object]] = {}
     with token.open(user_pin=PIN) as session:
         for key in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
