@@ -22,6 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.e2e.conftest import PUBLIC_URL, ClientHome, Deployment, enrolled, openssl
+from tests.e2e.test_cmp_openssl import World as CMPClient
+from tests.e2e.test_cmp_openssl import enrol as cmp_ir
+from tests.e2e.test_cmp_openssl import said
 from tests.judges import lint_smime, openssl_verify
 from tests.smime_support import require_tools
 
@@ -194,8 +197,15 @@ def test_ca_keys_in_softhsm_enrol_est_crl_ocsp_token_gone_and_renewal(
     alice = enrolled(dep, tmp_path, "alice@example.org")
     dave = enrolled(dep, tmp_path, "dave@example.org")
     est_cert = est_simpleenroll(dep, tmp_path, "bob@example.org")
+    # CMP (openssl cmp): ir protected by the token's MAC; the kur a year on is answered under the
+    # signature of the issuing CA key in the token, which openssl checks against the root
+    cmp = CMPClient(dep, tmp_path, ca / "root.crt.pem", ca / "issuing.crt.pem")
+    frank_key, frank_pem = cmp.key("frank.key"), tmp_path / "frank.pem"
+    done = cmp_ir(cmp, "frank@example.org", dep.add_user("frank@example.org"), frank_key, frank_pem)
+    assert done.returncode == 0, said(done)
+    cmp_cert = x509.load_pem_x509_certificate(frank_pem.read_bytes())
     now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
-    for cert in (client_cert(alice, "signing"), client_cert(dave, "signing"), est_cert):
+    for cert in (client_cert(alice, "signing"), client_cert(dave, "signing"), est_cert, cmp_cert):
         judge(cert, root, issuing, now)
 
     # -- revocation: the CRL and the OCSP answer, both signed by token keys --------------------------
@@ -255,6 +265,14 @@ def test_ca_keys_in_softhsm_enrol_est_crl_ocsp_token_gone_and_renewal(
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=RENEWAL_DAYS, seconds=2)
     assert abs((renewed.not_valid_before_utc - later).total_seconds()) < 600
     judge(renewed, root, issuing, later)
+    cmp.offset = RENEWAL_DAYS
+    frank_new, frank_renewed = cmp.key("frank-new.key"), tmp_path / "frank-renewed.pem"
+    kur = cmp.cmp(
+        *("-cmd", "kur", "-cert", str(frank_pem), "-key", str(frank_key)),
+        *("-newkey", str(frank_new), "-certout", str(frank_renewed)),
+    )
+    assert kur.returncode == 0, said(kur)
+    judge(x509.load_pem_x509_certificate(frank_renewed.read_bytes()), root, issuing, later)
     keys = token_keys(hsm)
     assert len(keys["mailkms-ca-ocsp"]["spki"]) == 2 and len(keys["mailkms-ca-mail"]["spki"]) == 2, keys  # type: ignore[arg-type]
     new_responder = x509.load_pem_x509_certificate((dep.data / "ocsp/responder.crt.pem").read_bytes())
