@@ -4,7 +4,7 @@ Prints ONE table and writes it, with the machine's description, to docs/PERFORMA
 Bounded loops on loopback only; the whole run (with the other bench scripts it calls) stays
 under 15 minutes. `--quick` shrinks every loop (a smoke run, figures meaningless).
 
-Other areas' scripts (bench/crl_ocsp.py, bench/smime.py, bench/est.py) are run when present;
+Other areas' scripts (bench/crl_ocsp.py, bench/smime.py, bench/est.py, bench/hsm.py ...) are run when present;
 each prints its own rows as markdown table lines `| figure | mailkms | peer | goal | met |`,
 which are appended to the one table (other lines become notes).
 """
@@ -65,7 +65,7 @@ from mailkms.store import Certificate, Database, User  # noqa: E402
 
 PG_URL = os.environ.get("MAILKMS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASS = os.environ.setdefault("MAILKMS_BENCH_PASS", "bench-passphrase-" + uuid.uuid4().hex)  # inherited by workers
-OTHER_SCRIPTS = ("crl_ocsp.py", "smime.py", "est.py", "admin.py", "cmp.py")
+OTHER_SCRIPTS = ("crl_ocsp.py", "smime.py", "est.py", "admin.py", "cmp.py", "hsm.py")
 DJANGO_VENV = ROOT / "bench" / ".venv-django-ca"
 
 

@@ -9,6 +9,8 @@ command -v cmsutil >/dev/null || need+=(libnss3-tools)
 command -v gpgsm >/dev/null || need+=(gpgsm)
 command -v gpg-connect-agent >/dev/null || need+=(gpgconf)
 command -v curl >/dev/null || need+=(curl)
+# CA keys in a PKCS#11 token: SoftHSM2 stands in for the HSM in the tests
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
 # the real mail path of the end-to-end tests: Postfix relays into Dovecot (LMTP), Dovecot serves IMAP
 command -v postfix >/dev/null || need+=(postfix)
 command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)

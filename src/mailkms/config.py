@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from mailkms.errors import ConfigError
+from mailkms.errors import ConfigError, MailkmsError
 from mailkms.pki import MAX_SUBSCRIBER_DAYS, KeyType
+from mailkms.pki._pkcs11 import parse_key_store_uri
 
 CONFIG_FILE = "mailkms.toml"
 CA_PASSPHRASE_FD_ENV = "MAILKMS_CA_PASSPHRASE_FD"
@@ -125,6 +126,19 @@ class CAConfig(_Frozen):
     # CRL partitions (README, Revocation): each new certificate's CDP names the partition it was
     # issued into, at most this many certificates each, so no CRL ever lists more. 0: one CRL.
     crl_partition_size: int = Field(default=0, ge=0, le=10_000_000)
+    # CA keys in a PKCS#11 token (README, Keys in an HSM): an RFC 7512 URI with module-path and
+    # pin-source=file:..., never the PIN. Empty: the keys are encrypted files under DATA/.
+    key_store: str = ""
+
+    @field_validator("key_store")
+    @classmethod
+    def _key_store(cls, value: str) -> str:
+        if value:
+            try:
+                parse_key_store_uri(value)
+            except MailkmsError as exc:
+                raise ValueError(exc.detail) from None
+        return value
 
     @field_validator("key_type")
     @classmethod

@@ -79,6 +79,16 @@ class ConfigError(MailkmsError):
 
 
 # --- malformed input ------------------------------------------------------------
+class KeyStoreUnavailable(MailkmsError):
+    """The PKCS#11 token that holds the CA keys is gone, locked or refuses: nothing was issued;
+    the next request opens the token again."""
+
+    code = "key-store-unavailable"
+    title = "The CA key store is not available"
+    http_status = 503
+    exit_code = 75  # EX_TEMPFAIL: try again when the token is back
+
+
 class BadCSR(Malformed):
     code = "bad-csr"
     title = "The certificate request is not valid"

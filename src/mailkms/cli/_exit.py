@@ -1,7 +1,7 @@
 """The one mapping from mailkms errors to exit codes and messages on the admin command line.
 
 0 ok; 1 internal; 2 malformed input; 3 not authorised; 4 not found; 5 conflict;
-6 refused by policy; 78 configuration error.
+6 refused by policy; 75 CA key store (PKCS#11 token) unavailable, try again; 78 configuration error.
 """
 
 from __future__ import annotations

@@ -172,6 +172,14 @@ def init(
     key_type: Annotated[KeyType, typer.Option(help="CA key: rsa3072, rsa4096, p256, p384")] = KeyType.RSA3072,
     organization: Annotated[str, typer.Option(help="O in the CA names")] = "mailkms",
     country: Annotated[str | None, typer.Option(help="C in the CA names (two letters)")] = None,
+    key_store: Annotated[
+        str,
+        typer.Option(
+            "--key-store",
+            help="keep the issuing CA, OCSP and mail-signing keys in a PKCS#11 token: "
+            "'pkcs11:token=NAME;object=LABEL?module-path=/path/lib.so&pin-source=file:/path' (RFC 7512; no PIN)",
+        ),
+    ] = "",
     production: ProductionOpt = False,
     passphrase_fd: PassphraseFdOpt = None,
     recovery_passphrase_out: Annotated[
@@ -191,6 +199,8 @@ def init(
             raise Conflict(f"a CA already exists in {paths.ca_dir}")
         server = {"hostname": hostname, "public_url": public_url}
         ca: dict[str, object] = {"key_type": key_type, "organization": organization, "country": country}
+        if key_store:
+            ca["key_store"] = key_store
         if production:
             ca["production"] = True
         settings = load_settings(data_dir, passphrase_fd=passphrase_fd, server=server, ca=ca)
@@ -226,6 +236,12 @@ def init(
                 text = CONFIG_TEMPLATE.format(hostname=hostname, public_url=public_url)
                 if production:
                     text = text.replace("\nproduction = false ", "\nproduction = true  ", 1)
+                if settings.ca.key_store:  # the URI (never a PIN: refused by the parser)
+                    text = text.replace(
+                        "\ncrl_partition_size = ",
+                        f"\nkey_store = {json.dumps(settings.ca.key_store)}  # PKCS#11 token (README)\ncrl_partition_size = ",
+                        1,
+                    )
                 write_secret_once(config_path, text.encode())
             if not settings.ca_passphrase:
                 _warn(
@@ -261,6 +277,7 @@ def init(
                 clock=SystemClock(),
                 recovery_passphrase=recovery_passphrase,
                 production=production,
+                key_store=settings.ca.key_store,
             )
         data: dict[str, object] = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"

@@ -19,6 +19,7 @@ from mailkms.errors import BadCSR, BadKey, MailkmsError
 from mailkms.pki._csr import check_csr
 from mailkms.pki._issuer import Issuer
 from mailkms.pki._keys import KeyType, PublicKey, SoftSigner, generate_key, load_private_key_der, private_key_der
+from mailkms.pki._pkcs11 import TokenKeyRef, open_token_key
 from mailkms.pki._profiles import CertKind, PublicURLs
 from mailkms.pki._validity import Validity
 
@@ -42,9 +43,11 @@ SignOutcome = bytes | tuple[str, str]  # the certificate's DER, or (error class,
 _ISSUER: Issuer | None = None  # the worker's own, set once by init_signer
 
 
-def init_signer(cert_der: bytes, key_der: bytes, public_url: str) -> None:
+def init_signer(cert_der: bytes, key: bytes | TokenKeyRef, public_url: str) -> None:
+    """`key`: PKCS#8 DER, or where the key lives in a PKCS#11 token (this process opens its own session)."""
     global _ISSUER
-    signer = SoftSigner(x509.load_der_x509_certificate(cert_der), load_private_key_der(key_der))
+    private = open_token_key(key) if isinstance(key, TokenKeyRef) else load_private_key_der(key)
+    signer = SoftSigner(x509.load_der_x509_certificate(cert_der), private)
     _ISSUER = Issuer(signer, PublicURLs(public_url))
 
 

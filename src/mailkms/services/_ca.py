@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from mailkms.pki import (
     make_tls_server,
     subscriber_validity,
 )
+from mailkms.pki._pkcs11 import Token, TokenECKey, TokenKeyRef, TokenRSAKey, open_token_key
 from mailkms.services._files import write_atomically
 from mailkms.services._recovery import init_bootstrap_ceremony
 
@@ -123,6 +126,62 @@ def _load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
+def token_ref_path(key_path: Path) -> Path:
+    """Where a key that lives in the PKCS#11 token is named (URI without PIN, CKA_ID), beside the
+    certificate, in place of the encrypted key file: `issuing.key.pem` -> `issuing.key.pkcs11`."""
+    return key_path.with_suffix(".pkcs11")
+
+
+def key_exists(key_path: Path) -> bool:
+    return key_path.exists() or token_ref_path(key_path).exists()
+
+
+def load_key_at(key_path: Path, passphrase: bytes) -> PrivateKey:
+    """The key of a server identity: from the token when a reference file is there, else the
+    encrypted PKCS#8 file. Loaded once per process (or per renewal), never per request."""
+    ref = token_ref_path(key_path)
+    if ref.exists():
+        return open_token_key(read_token_ref(ref))
+    return load_private_key(key_path.read_bytes(), passphrase)
+
+
+def read_token_ref(ref: Path) -> TokenKeyRef:
+    data = json.loads(ref.read_text())
+    return TokenKeyRef(str(data["uri"]), bytes.fromhex(str(data["id"])))
+
+
+class KeyMaker:
+    """Makes the keys of the issuing CA, the OCSP responder and the mail signer: inside the PKCS#11
+    token when a key store is configured (`ca.key_store`), else in memory and saved encrypted."""
+
+    def __init__(self, passphrase: bytes, key_store: str) -> None:
+        self._passphrase = passphrase
+        self._token = Token.for_uri(key_store) if key_store else None
+
+    def new(self, kind: KeyType, role: str, reuse: bool = False) -> PrivateKey:
+        """A new key (in the token: labelled LABEL for the issuing CA, LABEL-ROLE for the others; with
+        `reuse`, a key of that label already there). Saved by `save`, once its certificate is made."""
+        token = self._token
+        if token is None:
+            return generate_key(kind)
+        label = token.uri.object if role == "issuing" else f"{token.uri.object}-{role}"
+        made = token.find_label(label) if reuse else None
+        if made is not None and key_type_of(made) != kind:
+            raise ConfigError(f"the token's key {label!r} is {key_type_of(made)}, not {kind}")
+        if made is None:
+            made = token.generate(kind, os.urandom(16), label)
+        return made
+
+    def save(self, key: PrivateKey, key_path: Path) -> None:
+        if isinstance(key, TokenRSAKey | TokenECKey):
+            ref = key.reference
+            text = json.dumps({"uri": ref.uri, "id": ref.key_id.hex()})
+            write_atomically(token_ref_path(key_path), (text + "\n").encode())
+        else:
+            write_atomically(key_path, encrypt_private_key(key, self._passphrase), 0o600)
+            token_ref_path(key_path).unlink(missing_ok=True)  # the key store was switched off
+
+
 PASSPHRASE_SOURCES = (
     "--passphrase-fd N (or MAILKMS_CA_PASSPHRASE_FD), the systemd credential mailkms-ca-passphrase, "
     "or MAILKMS_CA_PASSPHRASE"
@@ -174,6 +233,7 @@ def init_ca(
     clock: Clock,
     recovery_passphrase: str | None = None,
     production: bool = False,
+    key_store: str = "",
 ) -> InitResult:
     if paths.exists():
         raise Conflict(f"a CA already exists in {paths.ca_dir}")
@@ -181,11 +241,14 @@ def init_ca(
     passphrase = ca_passphrase(paths, passphrase_env, create=True, production=production)
     root_key = generate_key(key_type)
     root = make_root(root_key, organization, country, now)
-    issuing_key = generate_key(key_type)
+    # The root key stays an encrypted file (opened only for the TLS certificate and the root CRL);
+    # the keys used per request are made in the token when there is one (an existing one reused).
+    keys = KeyMaker(passphrase, key_store)
+    issuing_key = keys.new(key_type, "issuing", reuse=True)
     root_signer = SoftSigner(root, root_key)
     issuing = make_issuing_ca(root_signer, issuing_key, organization, country, urls, now)
+    keys.save(issuing_key, paths.issuing_key)
     write_atomically(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
-    write_atomically(paths.issuing_key, encrypt_private_key(issuing_key, passphrase), 0o600)
     write_atomically(paths.root_cert, _pem(root))
     write_atomically(paths.issuing_cert, _pem(issuing))
 
@@ -196,7 +259,7 @@ def init_ca(
         recovery_passphrase = shown = secrets.token_urlsafe(24)
     share = init_bootstrap_ceremony(paths.recovery_dir, now, recovery_passphrase.encode())
 
-    ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls, production=production)
+    ctx = CAContext.load(paths, passphrase_env=passphrase_env, urls=urls, production=production, key_store=key_store)
     ctx.ensure_server_identities(hostnames, mail_from, clock)
     ctx.audit_signer()  # made now, so the checkpoint key exists from the first day
     return InitResult(fingerprint_sha256(root), shown, str(share))
@@ -212,8 +275,10 @@ class CAContext:
         root: x509.Certificate,
         issuing: SoftSigner,
         urls: PublicURLs,
+        key_store: str = "",
     ) -> None:
         self.paths = paths
+        self._keys = KeyMaker(passphrase, key_store)
         self._passphrase = passphrase
         self.root = root
         self.issuing = issuing
@@ -226,12 +291,14 @@ class CAContext:
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
-    def load(cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs, production: bool = False) -> CAContext:
+    def load(
+        cls, paths: CAPaths, *, passphrase_env: str, urls: PublicURLs, production: bool = False, key_store: str = ""
+    ) -> CAContext:
         if not paths.exists():
             raise ConfigError(f"no CA in {paths.ca_dir}: run `mailkms init` first")
         passphrase = ca_passphrase(paths, passphrase_env, create=False, production=production)
         try:
-            issuing_key = load_private_key(paths.issuing_key.read_bytes(), passphrase)
+            issuing_key = load_key_at(paths.issuing_key, passphrase)
         except ValueError:
             raise ConfigError("the CA passphrase does not open the issuing CA key") from None
         ctx = cls(
@@ -240,17 +307,14 @@ class CAContext:
             _load_cert(paths.root_cert),
             SoftSigner(_load_cert(paths.issuing_cert), issuing_key),
             urls,
+            key_store,
         )
-        if paths.mail_cert.exists() and paths.mail_key.exists():
-            ctx.mail_signer = SoftSigner(
-                _load_cert(paths.mail_cert), load_private_key(paths.mail_key.read_bytes(), passphrase)
-            )
+        if paths.mail_cert.exists() and key_exists(paths.mail_key):
+            ctx.mail_signer = SoftSigner(_load_cert(paths.mail_cert), load_key_at(paths.mail_key, passphrase))
         if paths.tls_cert.exists():
             ctx.tls_cert = _load_cert(paths.tls_cert)
-        if paths.ocsp_cert.exists() and paths.ocsp_key.exists():
-            ctx.ocsp_responder = SoftSigner(
-                _load_cert(paths.ocsp_cert), load_private_key(paths.ocsp_key.read_bytes(), passphrase)
-            )
+        if paths.ocsp_cert.exists() and key_exists(paths.ocsp_key):
+            ctx.ocsp_responder = SoftSigner(_load_cert(paths.ocsp_cert), load_key_at(paths.ocsp_key, passphrase))
         if paths.root_crl.exists():
             ctx.root_crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
         return ctx
@@ -333,15 +397,15 @@ class CAContext:
             or signer.certificate.not_valid_after_utc - now < MAIL_SIGNER_RENEW_BEFORE
             or mail_from.lower() not in [m.lower() for m in _mailboxes(signer.certificate)]
         ):
-            key = generate_key(KeyType.RSA2048)  # RSA: every mail program verifies it
             validity = subscriber_validity(now, MAIL_SIGNER_MONTHS)
             if validity.not_after > self.issuing.certificate.not_valid_after_utc:
                 raise Internal("the issuing CA expires within a year; renew the CA")
+            key = self._keys.new(KeyType.RSA2048, "mail")  # RSA: every mail program verifies it
             prepared = self.issuer.prepare_subscriber(
                 CertKind.MAIL_SIGNER, mail_from.lower(), key.public_key(), validity, list(KeyType)
             )
             cert = self.issuer.issue(prepared)
-            write_atomically(self.paths.mail_key, encrypt_private_key(key, self._passphrase), 0o600)
+            self._keys.save(key, self.paths.mail_key)
             write_atomically(self.paths.mail_cert, _pem(cert))
             self.mail_signer = SoftSigner(cert, key)
             renewed.append("mail-signer")
@@ -356,9 +420,10 @@ class CAContext:
         ):
             return
         # Same family as the CA, so a relying party that verifies the CA verifies the responder.
-        key = generate_key(KeyType.RSA2048 if key_type_of(self.issuing.private_key).is_rsa else KeyType.P256)
+        kind = KeyType.RSA2048 if key_type_of(self.issuing.private_key).is_rsa else KeyType.P256
+        key = self._keys.new(kind, "ocsp")
         cert = self.issuer.issue(self.issuer.prepare_ocsp_responder(key.public_key(), now))
-        write_atomically(self.paths.ocsp_key, encrypt_private_key(key, self._passphrase), 0o600)
+        self._keys.save(key, self.paths.ocsp_key)
         write_atomically(self.paths.ocsp_cert, _pem(cert))
         self.ocsp_responder = SoftSigner(cert, key)
         renewed.append("ocsp-responder")
@@ -415,4 +480,4 @@ def tls_hostnames(hostname: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def load_private_key_file(path: Path, passphrase: bytes) -> PrivateKey:
-    return load_private_key(path.read_bytes(), passphrase)
+    return load_key_at(path, passphrase)

@@ -88,6 +88,7 @@ class Services:
             passphrase_env=settings.ca_passphrase,
             urls=public_urls(settings),
             production=settings.ca.production,
+            key_store=settings.ca.key_store,
         )
         audit = AuditLog(clock, observers=[metrics.observe_audit])
         keyring = PoolKeyring(db, ca.at_rest_passphrase, clock)

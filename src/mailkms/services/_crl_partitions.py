@@ -37,9 +37,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
-from mailkms.pki import SUBSCRIBER_REASONS, CASigner, PublicURLs, RevokedEntry, SoftSigner, build_crl, load_private_key
+from mailkms.pki import SUBSCRIBER_REASONS, CASigner, PublicURLs, RevokedEntry, SoftSigner, build_crl
 from mailkms.services._audit import AuditLog
-from mailkms.services._ca import CAContext
+from mailkms.services._ca import CAContext, load_key_at
 from mailkms.store import Certificate, Database, PublishedCRL
 
 ISSUING_SCOPE = "issuing"
@@ -199,7 +199,7 @@ _worker: tuple[Database, SoftSigner] | None = None
 def _init_worker(database_url: str, cert_pem: bytes, key_path: str, passphrase: bytes) -> None:
     """Once per worker process: the issuing CA key (from its encrypted file) and a store connection."""
     global _worker
-    key = load_private_key(Path(key_path).read_bytes(), passphrase)
+    key = load_key_at(Path(key_path), passphrase)
     _worker = (Database(database_url), SoftSigner(x509.load_pem_x509_certificate(cert_pem), key))
 
 

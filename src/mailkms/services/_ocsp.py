@@ -17,6 +17,7 @@ flood cannot take the threads the outbox, the API and CRL publication run on.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -30,11 +31,12 @@ from sqlalchemy import select
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import Internal, Malformed
+from mailkms.errors import Internal, KeyStoreUnavailable, Malformed
 from mailkms.pki import (
     HASH_NAMES,
     MALFORMED_RESPONSE,
     SUBSCRIBER_REASONS,
+    TRY_LATER_RESPONSE,
     UNAUTHORIZED_RESPONSE,
     CASigner,
     CertState,
@@ -42,13 +44,14 @@ from mailkms.pki import (
     OCSPQuery,
     SoftSigner,
     issuer_hashes,
-    load_private_key,
     parse_request,
     sign_response,
 )
-from mailkms.services._ca import CAPaths
+from mailkms.services._ca import CAPaths, load_key_at
 from mailkms.services._issuance import serial_hex
 from mailkms.store import Certificate, Database
+
+log = logging.getLogger(__name__)
 
 # Other nodes' clocks and commit delays: look back a little further than the last poll.
 SYNC_OVERLAP = dt.timedelta(minutes=5)
@@ -102,7 +105,7 @@ class FileResponderKeys:
         if stamp == self._stamp:
             return False
         cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
-        key = load_private_key(self._paths.ocsp_key.read_bytes(), self._passphrase)
+        key = load_key_at(self._paths.ocsp_key, self._passphrase)
         self._signer, self._stamp = SoftSigner(cert, key), stamp
         return True
 
@@ -153,7 +156,11 @@ class OCSPResponder:
             return OCSPAnswer(UNAUTHORIZED_RESPONSE, "unused")
         responder = self._ca.require_ocsp_responder()
         now = self._clock.now()
-        der = sign_response(responder, query, state, now=now, validity=self._validity)
+        try:
+            der = sign_response(responder, query, state, now=now, validity=self._validity)
+        except KeyStoreUnavailable as exc:  # the responder key's token is gone or locked: RFC 6960 tryLater
+            log.warning("OCSP answer not signed: %s", exc.detail)
+            return OCSPAnswer(TRY_LATER_RESPONSE, "tryLater")
         signed = _Signed(der, state.status, now, responder.certificate)
         key = (query.serial, query.hash_name)
         with self._lock:

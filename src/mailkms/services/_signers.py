@@ -35,6 +35,7 @@ from mailkms.pki import (
     init_signer,
     sign_chunk,
 )
+from mailkms.pki._pkcs11 import TokenECKey, TokenKeyRef, TokenRSAKey
 from mailkms.services._batching import Batcher
 
 
@@ -70,8 +71,10 @@ class SignerPool:
                 )
             return self._executor
 
-    def _issuer_key_der(self) -> bytes:
+    def _issuer_key_der(self) -> bytes | TokenKeyRef:
         key = self._signer.private_key
+        if isinstance(key, TokenRSAKey | TokenECKey):
+            return key.reference  # each worker opens its own session on the token
         return key.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )

@@ -1,0 +1,147 @@
+"""The PKCS#11 key store: RFC 7512 URIs, and token keys (SoftHSM2, initialised here) behind
+cryptography's key interface, judged by cryptography's own verification and openssl."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.x509.oid import NameOID
+
+from mailkms.errors import ConfigError, KeyStoreUnavailable
+from mailkms.pki import KeyType, key_type_of, signature_hash_for
+from mailkms.pki._pkcs11 import Token, TokenECKey, TokenRSAKey, open_token_key, parse_key_store_uri
+from tests.smime_support import require_tools
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def test_uri_parts_and_percent_decoding() -> None:
+    uri = parse_key_store_uri(
+        "pkcs11:token=My%20CA;object=issuing?module-path=/usr/lib/x.so&pin-source=file:/etc/mailkms/pin%201"
+    )
+    assert (uri.token, uri.object, uri.module_path) == ("My CA", "issuing", "/usr/lib/x.so")
+    assert uri.pin_path == Path("/etc/mailkms/pin 1")
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("token=a;object=b", "pkcs11:"),
+        ("pkcs11:token=a?module-path=/x.so&pin-source=file:/p", "object"),
+        ("pkcs11:token=a;object=b?pin-source=file:/p", "module-path"),
+        ("pkcs11:token=a;object=b?module-path=/x.so", "pin-source"),
+        ("pkcs11:token=a;object=b?module-path=/x.so&pin-value=1234", "must not hold the PIN"),
+        ("pkcs11:token=a;object=b?module-path=/x.so&pin-source=|/bin/echo", "not a command"),
+        ("pkcs11:token;object=b?module-path=/x.so&pin-source=file:/p", "malformed"),
+    ],
+)
+def test_bad_uris_are_refused(text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        parse_key_store_uri(text)
+
+
+def test_config_refuses_a_pin_in_the_uri(tmp_path: Path) -> None:
+    from mailkms.config import load_settings
+
+    with pytest.raises(ConfigError, match="PIN"):
+        load_settings(tmp_path, ca={"key_store": "pkcs11:token=a;object=b?module-path=/x.so&pin-value=1"})
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Token, Path]]:
+    require_tools("softhsm2-util", package="softhsm2")
+    folder = tmp_path_factory.mktemp("softhsm")
+    (folder / "tokens").mkdir()
+    conf = folder / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "unit", "--pin", "1111", "--so-pin", "2222"],
+        check=True,
+        capture_output=True,
+    )
+    (folder / "pin").write_text("1111\n")
+    uri = f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    tok = Token.for_uri(uri)
+    tok.session()  # C_Initialize after SOFTHSM2_CONF is set (the library is one per process)
+    tok.forget()
+    import pkcs11
+
+    pkcs11.lib(MODULE).reinitialize()  # an earlier test in this process may have read another conf
+    try:
+        yield tok, folder
+    finally:
+        tok.forget()
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old
+
+
+def _self_signed(key: TokenRSAKey | TokenECKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token test")])
+    now = dt.datetime.now(dt.UTC)
+    builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).not_valid_before(now)
+    return builder.not_valid_after(now + dt.timedelta(days=1)).sign(key, signature_hash_for(key))
+
+
+@pytest.mark.parametrize("kind", [KeyType.P256, KeyType.P384, KeyType.RSA2048])
+def test_token_keys_sign_what_cryptography_builds(token: tuple[Token, Path], kind: KeyType, tmp_path: Path) -> None:
+    tok, _ = token
+    key = tok.generate(kind, os.urandom(8), f"unit-{kind.value}")
+    assert key_type_of(key) == kind
+    cert = _self_signed(key)
+    cert.verify_directly_issued_by(cert)  # cryptography checks the token's signature
+    again = open_token_key(key.reference)  # as a signer process opens it
+    assert again.public_key() == key.public_key()
+    pem = tmp_path / "c.pem"
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem.write_bytes(cert.public_bytes(Encoding.PEM))
+    done = subprocess.run(
+        ["openssl", "verify", "-check_ss_sig", "-CAfile", str(pem), str(pem)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_token_keys_do_not_leave_the_token(token: tuple[Token, Path]) -> None:
+    tok, _ = token
+    rsa_key = tok.generate(KeyType.RSA2048, os.urandom(8), "unit-export")
+    assert isinstance(rsa_key, TokenRSAKey)
+    with pytest.raises(TypeError):
+        rsa_key.private_numbers()
+    with pytest.raises(TypeError):
+        rsa_key.private_bytes()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        pickle.dumps(rsa_key)
+    with pytest.raises(TypeError, match=r"PKCS#1 v1\.5"):  # PSS is not offered: said, not silently wrong
+        rsa_key.sign(b"x", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    ec_key = tok.generate(KeyType.P256, os.urandom(8), "unit-export-ec")
+    with pytest.raises(TypeError):
+        ec_key.exchange(ec.ECDH(), ec.generate_private_key(ec.SECP256R1()).public_key())  # type: ignore[union-attr]
+
+
+def test_wrong_pin_and_missing_token_are_key_store_unavailable(token: tuple[Token, Path]) -> None:
+    _, folder = token
+    wrong = folder / "wrong-pin"
+    wrong.write_text("9999\n")
+    bad_pin = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{wrong}")
+    with pytest.raises(KeyStoreUnavailable, match="log-in failed"):
+        bad_pin.session()
+    missing = Token.for_uri(f"pkcs11:token=absent;object=ca?module-path={MODULE}&pin-source=file:{wrong}")
+    with pytest.raises(KeyStoreUnavailable, match="not present"):
+        missing.session()
+    no_pin_file = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{folder}/nope")
+    with pytest.raises(ConfigError, match="PIN"):
+        no_pin_file.session()
