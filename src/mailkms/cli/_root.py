@@ -35,9 +35,9 @@ from mailkms.services import (
     Services,
     ca_passphrase,
     import_signed,
-    move_root_offline,
     public_urls,
     request_intermediate,
+    take_root_offline,
 )
 
 ROOT_PASSPHRASE_ENV = "MAILKMS_ROOT_PASSPHRASE"
@@ -226,26 +226,21 @@ def register(ca_app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Take the root key of an existing install out of the data folder, into FOLDER under a root
-        passphrase of its own. First get an infrastructure CA (`ca request --kind infrastructure`): the
-        server can no longer sign its TLS certificate with the root."""
+        passphrase of its own. While it is still here it signs an infrastructure CA for the TLS
+        certificate (if there is none yet) and a root CRL of 180 days. Restart the server afterwards."""
         with exit_on_error(as_json):
             paths, passphrase = _server_ca()
             if paths.root_offline:
                 raise Conflict("the root key is not in the data folder")
-            if not paths.infrastructure_cert.exists():
-                raise Conflict(
-                    "no infrastructure CA yet: the server's TLS certificate comes from the root. Run "
-                    "`mailkms ca request --kind infrastructure --out infra.csr`, sign it, `mailkms ca import` it, first"
-                )
             settings = load_settings(data_dir_from_env())
             new = root_passphrase(passphrase_fd, new=True)
-            move_root_offline(paths.root_key, paths.root_cert, passphrase, folder, new, public_urls(settings))
-            paths.root_key.unlink()
+            made = take_root_offline(paths, passphrase, folder, new, public_urls(settings), SystemClock().now())
             _emit(
-                {"root_folder": str(folder)},
+                {"root_folder": str(folder), "made": made},
                 as_json,
-                f"the root key is now only in {folder} (encrypted under the root passphrase); it was removed "
-                "from the data folder. Keep the folder offline; the server warns before the root CRL runs out.",
+                f"signed with the root before it left: {', '.join(made)}\n"
+                f"the root key is now only in {folder} (encrypted under the root passphrase) and was removed "
+                "from the data folder.\nKeep the folder offline; restart `mailkms serve`.",
             )
 
 

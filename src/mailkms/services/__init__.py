@@ -21,7 +21,7 @@ from mailkms.services._ca import (
     init_ca,
     tls_hostnames,
 )
-from mailkms.services._ca_import import Imported, import_signed, request_intermediate
+from mailkms.services._ca_import import Imported, import_signed, request_intermediate, take_root_offline
 from mailkms.services._cmp import CMP
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
@@ -35,7 +35,7 @@ from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
-from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony, move_root_offline
+from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
@@ -135,7 +135,6 @@ __all__ = [
     "import_signed",
     "init_ca",
     "is_recorded",
-    "move_root_offline",
     "new_bootstrap_passphrase",
     "new_token",
     "normalise_mailbox",
@@ -150,6 +149,7 @@ __all__ = [
     "request_intermediate",
     "search_records",
     "serial_hex",
+    "take_root_offline",
     "tls_hostnames",
     "token_hash",
     "verify_chain",

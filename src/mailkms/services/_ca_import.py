@@ -15,15 +15,24 @@ from mailkms.errors import Conflict, Malformed, NotFound
 from mailkms.pki import (
     CertKind,
     PrivateKey,
+    PublicURLs,
     ca_name,
     crl_number,
     encrypt_private_key,
     issued_by,
     load_private_key,
+    make_infrastructure_ca,
 )
 from mailkms.services._ca import CAPaths
 from mailkms.services._files import write_atomically
-from mailkms.services._offline_root import INTERMEDIATE_CN, kind_of_intermediate, make_csr, new_key_like
+from mailkms.services._offline_root import (
+    INTERMEDIATE_CN,
+    RootCeremony,
+    kind_of_intermediate,
+    make_csr,
+    move_root_offline,
+    new_key_like,
+)
 
 
 def _files(paths: CAPaths, kind: CertKind) -> tuple[Path, Path]:
@@ -153,3 +162,34 @@ def _as_cert(data: bytes) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
     except ValueError:
         raise Malformed("neither a root CRL nor a certificate (PEM or DER)") from None
+
+
+def take_root_offline(
+    paths: CAPaths, passphrase: bytes, folder: Path, root_passphrase: bytes, urls: PublicURLs, now: dt.datetime
+) -> list[str]:
+    """An install from before: move the root key to `folder`. While it is still in hand it signs an
+    infrastructure CA (if there is none: the server's TLS certificate came from the root) and a
+    root CRL of the offline length; then the data folder's copy is removed. Returns what was made."""
+    if paths.root_offline:
+        raise Conflict("the root key is not in the data folder")
+    signer = move_root_offline(paths.root_key, paths.root_cert, passphrase, folder, root_passphrase, urls)
+    made = []
+    if not paths.infrastructure_cert.exists():
+        like = load_private_key(paths.issuing_key.read_bytes(), passphrase)
+        key = new_key_like(like)
+        org = signer.certificate.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+        country = signer.certificate.subject.get_attributes_for_oid(x509.NameOID.COUNTRY_NAME)
+        cert = make_infrastructure_ca(
+            signer, key, str(org[0].value) if org else "mailkms", str(country[0].value) if country else None, urls, now
+        )
+        write_atomically(paths.infrastructure_key, encrypt_private_key(key, passphrase), 0o600)
+        write_atomically(paths.infrastructure_cert, cert.public_bytes(serialization.Encoding.PEM))
+        made.append("infrastructure-ca")
+    ceremony = RootCeremony.opened(folder, signer)
+    if paths.root_crl.exists():  # go on from the number the server reached
+        ceremony.continue_numbering(crl_number(x509.load_der_x509_crl(paths.root_crl.read_bytes())))
+    crl = ceremony.sign_crl(now)
+    write_atomically(paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
+    made.append("root-crl")
+    paths.root_key.unlink()
+    return made

@@ -105,12 +105,12 @@ def _write_root_folder(
 
 def move_root_offline(
     root_key: Path, root_cert: Path, ca_passphrase: bytes, folder: Path, passphrase: bytes, urls: PublicURLs
-) -> None:
-    """An install from before: the root key leaves the data folder for `folder`, re-encrypted under
-    the root passphrase; the caller removes it from the data folder once this returned."""
+) -> SoftSigner:
+    """An install from before: the root key is written to `folder`, re-encrypted under the root
+    passphrase; the caller signs what it still needs, then removes the key from the data folder."""
     key = load_private_key(root_key.read_bytes(), ca_passphrase)
     root = x509.load_pem_x509_certificate(root_cert.read_bytes())
-    _write_root_folder(folder, key, root, passphrase, urls)
+    return _write_root_folder(folder, key, root, passphrase, urls)
 
 
 class RootCeremony:
@@ -140,6 +140,12 @@ class RootCeremony:
     def opened(cls, path: Path, signer: SoftSigner) -> RootCeremony:
         """The folder just made by `create_offline_root`, with the key still in hand (init)."""
         return cls(RootFolder(path), signer, json.loads(RootFolder(path).state.read_text()))
+
+    def continue_numbering(self, last: int) -> None:
+        """The next CRL follows `last` (the number an online root reached before it was moved)."""
+        if last > int(str(self._state["crl_number"])):
+            self._state["crl_number"] = last
+            write_atomically(self.folder.state, json.dumps(self._state, indent=2).encode())
 
     @property
     def root(self) -> x509.Certificate:

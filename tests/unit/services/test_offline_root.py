@@ -24,6 +24,7 @@ from mailkms.services import (
     import_signed,
     init_ca,
     request_intermediate,
+    take_root_offline,
 )
 from tests.judges import lint_pkix, lint_serverauth, pkilint
 
@@ -196,3 +197,49 @@ def test_doctor_warns_before_the_offline_root_crl_runs_out(world: World) -> None
     assert {f.code: f.severity for f in health_checks(settings, None, FakeClock(late))}[
         "root-crl-expired"
     ] == "critical"
+
+
+def test_an_install_from_before_keeps_its_online_root_then_moves_it_offline(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    paths = CAPaths(tmp_path / "data")
+    names, mail_from = ["kms.example.org"], "mailkms@kms.example.org"
+    init_ca(
+        paths,
+        passphrase_env="",
+        key_type=KeyType.P256,
+        organization="mailkms test",
+        country="DE",
+        urls=URLS,
+        hostnames=names,
+        mail_from=mail_from,
+        clock=clock,
+        recovery_passphrase="recovery passphrase for this test run",
+    )
+    assert paths.root_key.exists() and not paths.root_offline  # the default keeps the root in the data folder
+    paths.infrastructure_cert.unlink()  # as an install from before the infrastructure CA
+    paths.infrastructure_key.unlink()
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
+
+    ctx = CAContext.load(paths, passphrase_env="", urls=URLS)
+    assert "tls" in ctx.ensure_server_identities(names, mail_from, clock)
+    tls = x509.load_pem_x509_certificates(paths.tls_cert.read_bytes())
+    assert len(tls) == 1 and issued_by(tls[0], root)  # unchanged: TLS from the root, as before
+    clock.set(START + dt.timedelta(days=70))  # an online root re-signs its CRL itself
+    assert "root-crl" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert ctx.root_crl is not None and crl_number(ctx.root_crl) == 2
+
+    made = take_root_offline(paths, passphrase, tmp_path / "root", ROOT_PASSPHRASE, URLS, clock.now())
+    assert made == ["infrastructure-ca", "root-crl"] and paths.root_offline
+    assert RootCeremony.open(tmp_path / "root", ROOT_PASSPHRASE).root == root
+    crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
+    assert crl_number(crl) == 3 and crl.is_signature_valid(root.public_key())  # type: ignore[arg-type]
+    _lint_arl(crl)
+    infra = x509.load_pem_x509_certificate(paths.infrastructure_cert.read_bytes())
+    for verdict in (lint_pkix(infra), lint_serverauth(infra, "-d")):
+        assert verdict.exit_code == 0, str(verdict)
+    ctx = CAContext.load(paths, passphrase_env="", urls=URLS)
+    assert "tls" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert issued_by(x509.load_pem_x509_certificates(paths.tls_cert.read_bytes())[0], infra)
+    with pytest.raises(Conflict):
+        take_root_offline(paths, passphrase, tmp_path / "root2", ROOT_PASSPHRASE, URLS, clock.now())
