@@ -33,7 +33,12 @@ def _mailkms(dep: Deployment, *args: str, offset_days: float | None = None, root
     """The admin CLI; only ceremony and init runs get the root passphrase (never the server)."""
     extra = {**dep.env, **({"MAILKMS_ROOT_PASSPHRASE": ROOT_PASSPHRASE} if root else {})}
     proc = subprocess.run(
-        [str(BIN / "mailkms"), *args], env=_env(extra, offset_days), capture_output=True, text=True, timeout=180
+        [str(BIN / "mailkms"), *args],
+        env=_env(extra, offset_days),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
     )
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     assert proc.returncode == 0, f"mailkms {' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}"
@@ -258,3 +263,24 @@ def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
         assert revoked.returncode != 0 and b"certificate revoked" in revoked.stdout + revoked.stderr
     finally:
         dep.stop()
+
+
+def test_init_refuses_a_weak_or_missing_root_passphrase_and_writes_nothing(tmp_path: Path) -> None:
+    data, root_dir = tmp_path / "data", tmp_path / "root"
+    base = [str(BIN / "mailkms"), "init", "--public-url", PUBLIC_URL, "--offline-root", str(root_dir)]
+    cases = [
+        ({"MAILKMS_ROOT_PASSPHRASE": "short"}, base, 2),  # too easy to guess
+        ({}, base, 78),  # none given and no terminal
+        ({"MAILKMS_ROOT_PASSPHRASE": ROOT_PASSPHRASE}, [*base[:-1], str(data / "root")], 2),  # inside DATA
+    ]
+    for extra, cmd, code in cases:
+        done = subprocess.run(
+            cmd,
+            env=_env({"MAILKMS_DATA": str(data), **extra}, None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == code, done.stdout + done.stderr
+        assert not root_dir.exists() and not (data / "ca").exists()
