@@ -145,6 +145,7 @@ def test_ceremony_round_trip_new_issuing_certificate_and_new_infrastructure_key(
     _lint_arl(crl)
     assert crl_number(crl) == 2 and [r.serial_number for r in crl] == [old_infra.serial_number]
 
+    running = CAContext.load(w.paths, passphrase_env="", urls=URLS)  # a server started before the import
     for data in (
         issuing.public_bytes(serialization.Encoding.PEM),
         infra.public_bytes(serialization.Encoding.DER),
@@ -154,6 +155,8 @@ def test_ceremony_round_trip_new_issuing_certificate_and_new_infrastructure_key(
     assert w.paths.issuing_cert.read_bytes() == issuing.public_bytes(serialization.Encoding.PEM)
     assert (w.paths.retired_dir / f"issuing-ca-{old_issuing.serial_number:x}.crt.pem").exists()
     assert not any(w.paths.pending_dir.glob("*.key.pem"))
+    running.ensure_server_identities(["kms.example.org"], "mailkms@kms.example.org", w.clock)  # the daily check
+    assert running.root_crl is not None and crl_number(running.root_crl) == 2  # read again, no restart
     ctx = CAContext.load(w.paths, passphrase_env="", urls=URLS)
     assert ctx.root_crl is not None and crl_number(ctx.root_crl) == 2
     renewed = ctx.ensure_server_identities(["kms.example.org"], "mailkms@kms.example.org", w.clock)
