@@ -309,6 +309,12 @@ class RevocationConfig(_Frozen):
     crl_validity_days: int = Field(default=7, ge=1, le=10, description="nextUpdate - thisUpdate of the CRL")
     crl_refresh_hours: float = Field(default=24.0, gt=0, description="a new CRL at least this often")
     root_crl_validity_days: int = Field(default=90, ge=2, le=365, description="the root's CRL (ARL)")
+    root_crl_warn_days: int = Field(
+        default=30,
+        ge=1,
+        le=364,
+        description="offline root: warn (log, /metrics, doctor) this long before its CRL's nextUpdate",
+    )
     ocsp_validity_hours: int = Field(default=168, ge=8, le=239, description="nextUpdate - thisUpdate of OCSP answers")
     ocsp_refresh_hours: float = Field(default=24.0, gt=0, le=96, description="re-sign a cached answer this often")
     ocsp_cache_bytes: int = Field(

@@ -36,6 +36,13 @@ RATE_LIMITED = Counter(
 REQUEST_SECONDS = Histogram("mailkms_http_request_seconds", "HTTP request duration", ["method", "route", "status"])
 # Hooks for the CRL/OCSP area (set/inc them from there).
 CRL_AGE = Gauge("mailkms_crl_age_seconds", "Seconds since the current CRL's thisUpdate", ["crl"])
+ROOT_CRL_REMAINING = Gauge(
+    "mailkms_root_crl_next_update_seconds",
+    "Seconds until the root CRL's nextUpdate (negative once passed); with an offline root a ceremony must sign the next",
+)
+ROOT_CRL_DUE = Gauge(
+    "mailkms_root_crl_due", "1 when the offline root's CRL is within [revocation] root_crl_warn_days of its nextUpdate"
+)
 OCSP_REQUESTS = Counter("mailkms_ocsp_requests_total", "OCSP requests answered, by status", ["status"])
 OCSP_CACHE_BYTES = Gauge("mailkms_ocsp_cache_bytes", "Bytes held by the cache of signed OCSP answers (accounted)")
 OCSP_CACHE_ENTRIES = Gauge("mailkms_ocsp_cache_entries", "Signed OCSP answers in the cache")

@@ -23,6 +23,8 @@ from mailkms.cli._outbox import register as _register_outbox
 from mailkms.cli._recovery import register as _register_recovery
 from mailkms.cli._remote import REMOTE_COMMANDS, Remote, local_services, remote, set_remote
 from mailkms.cli._revoke import register as _register_revocation
+from mailkms.cli._root import register as _register_root
+from mailkms.cli._root import root_passphrase
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError, Conflict, Malformed
@@ -189,9 +191,21 @@ def init(
             help="write the generated passphrase of the bootstrap recovery share to this new file (mode 0600)",
         ),
     ] = None,
+    offline_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--offline-root",
+            help="write the root key only to this new folder (a removable disk), never to the data folder; "
+            "the root passphrase comes from --root-passphrase-fd, MAILKMS_ROOT_PASSPHRASE or the terminal",
+        ),
+    ] = None,
+    root_passphrase_fd: Annotated[
+        int | None, typer.Option("--root-passphrase-fd", min=0, help="read the offline root's passphrase from this fd")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create the CA (root and issuing), the server's TLS and mail-signing certificates, and the archive key."""
+    """Create the CA (root, S/MIME issuing CA, infrastructure CA for TLS), the server's TLS and
+    mail-signing certificates, and the archive key."""
     with exit_on_error(as_json):
         data_dir = data_dir_from_env()
         paths = CAPaths(data_dir)
@@ -220,6 +234,13 @@ def init(
                 raise Malformed(
                     "--recovery-passphrase-out is for a generated passphrase; MAILKMS_RECOVERY_PASSPHRASE is set"
                 )
+        root_secret: bytes | None = None
+        if offline_root is not None:
+            if (offline_root / "root.key.pem").exists():
+                raise Conflict(f"{offline_root} already holds a root")
+            if offline_root.resolve().is_relative_to(data_dir.resolve()):
+                raise Malformed("--offline-root must be outside the data folder (that is the point)")
+            root_secret = root_passphrase(root_passphrase_fd, new=True)
         if recovery_passphrase_out is not None and recovery_passphrase_out.exists():
             raise Conflict(f"{recovery_passphrase_out} already exists; init writes the passphrase only to a new file")
         to_terminal = sys.stdout.isatty()
@@ -229,7 +250,10 @@ def init(
                 "give --recovery-passphrase-out FILE or MAILKMS_RECOVERY_PASSPHRASE"
             )
 
-        with _undone_on_failure(data_dir, recovery_passphrase_out):  # a retry finds nothing in its way
+        with (
+            _undone_on_failure(data_dir, recovery_passphrase_out),  # a retry finds nothing in its way
+            _undone_on_failure(offline_root, None) if offline_root is not None else contextlib.nullcontext(),
+        ):
             data_dir.mkdir(parents=True, exist_ok=True)
             config_path = data_dir / CONFIG_FILE
             if not config_path.exists():  # 0600: it can hold the SMTP password
@@ -278,9 +302,17 @@ def init(
                 recovery_passphrase=recovery_passphrase,
                 production=production,
                 key_store=settings.ca.key_store,
+                offline_root=offline_root,
+                root_passphrase=root_secret,
             )
         data: dict[str, object] = {"root_fingerprint_sha256": result.root_fingerprint, "data_dir": str(data_dir)}
         text = f"CA created in {data_dir}\nroot SHA-256 fingerprint (give it to users): {result.root_fingerprint}"
+        if offline_root is not None:
+            data["offline_root"] = str(offline_root)
+            text += (
+                f"\nThe root key is only in {offline_root}: take it offline now. The root CRL it signed runs "
+                "180 days;\nsign the next at a root ceremony (README: Offline root)."
+            )
         if result.recovery_share:
             data["recovery_share"] = result.recovery_share
             text += (
@@ -604,6 +636,7 @@ def doctor(production: ProductionOpt = False, as_json: JsonOpt = False) -> None:
 _scale.register(app)
 _register_recovery(app)
 _register_revocation(app)
+_register_root(ca_app)
 _register_outbox(app)
 _register_admins(app)
 

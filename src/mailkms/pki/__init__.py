@@ -68,7 +68,9 @@ from mailkms.pki._est import (
 from mailkms.pki._issuer import (
     Issuer,
     PreparedCertificate,
+    certify_ca,
     make_archive_certificate,
+    make_infrastructure_ca,
     make_issuing_ca,
     make_root,
     make_tls_server,
@@ -108,7 +110,7 @@ from mailkms.pki._ocsp import (
     sign_response,
 )
 from mailkms.pki._pkcs12 import Bundle, KeyEntry, build_pkcs12, read_pkcs12
-from mailkms.pki._profiles import CertKind, PublicURLs
+from mailkms.pki._profiles import CertKind, PublicURLs, ca_name
 from mailkms.pki._recovery import (
     KEK_BYTES,
     SealedShare,
@@ -201,6 +203,8 @@ __all__ = [
     "build_crl",
     "build_delivery",
     "build_pkcs12",
+    "ca_name",
+    "certify_ca",
     "certs_only",
     "check_admin_passphrase",
     "check_crl",
@@ -234,6 +238,7 @@ __all__ = [
     "load_private_key_der",
     "mailboxes_of",
     "make_archive_certificate",
+    "make_infrastructure_ca",
     "make_issuing_ca",
     "make_root",
     "make_tls_server",

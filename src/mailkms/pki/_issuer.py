@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from mailkms.errors import BadKey, Internal
+from mailkms.errors import BadKey, Internal, Malformed
 from mailkms.pki._keys import (
     CASigner,
     KeyType,
@@ -25,6 +25,7 @@ from mailkms.pki._profiles import (
     PublicURLs,
     archive_extensions,
     ca_name,
+    infrastructure_ca_extensions,
     issuing_ca_extensions,
     mailbox_name,
     ocsp_responder_extensions,
@@ -159,15 +160,56 @@ def make_issuing_ca(
     now: dt.datetime,
 ) -> x509.Certificate:
     name = ca_name(f"{organization} S/MIME Issuing CA", organization, country)
-    end = min(now + ISSUING_LIFETIME, root.certificate.not_valid_after_utc + ONE_SECOND)
+    return certify_ca(root, CertKind.ISSUING_CA, key.public_key(), name, urls, now)
+
+
+def make_infrastructure_ca(
+    root: CASigner,
+    key: PrivateKey,
+    organization: str,
+    country: str | None,
+    urls: PublicURLs,
+    now: dt.datetime,
+) -> x509.Certificate:
+    name = ca_name(f"{organization} Infrastructure CA", organization, country)
+    return certify_ca(root, CertKind.INFRASTRUCTURE_CA, key.public_key(), name, urls, now)
+
+
+_CA_PROFILES = {
+    CertKind.ISSUING_CA: issuing_ca_extensions,
+    CertKind.INFRASTRUCTURE_CA: infrastructure_ca_extensions,
+}
+_CA_NAME_ATTRIBUTES = (NameOID.COUNTRY_NAME, NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME)
+
+
+def certify_ca(
+    root: CASigner,
+    kind: CertKind,
+    public: PublicKey,
+    name: x509.Name,
+    urls: PublicURLs,
+    now: dt.datetime,
+    lifetime: dt.timedelta = ISSUING_LIFETIME,
+) -> x509.Certificate:
+    """An intermediate below the root (the S/MIME issuing CA or the infrastructure CA), never
+    outliving the root. The name may hold C, O and CN only (BR 7.1.4 for CAs); the key must be
+    one mailkms issues with."""
+    profile = _CA_PROFILES.get(kind)
+    if profile is None:
+        raise Malformed(f"{kind.value} is not an intermediate CA kind ({', '.join(k.value for k in _CA_PROFILES)})")
+    odd = sorted({a.oid.dotted_string for a in name if a.oid not in _CA_NAME_ATTRIBUTES})
+    if odd or not name.get_attributes_for_oid(NameOID.COMMON_NAME):
+        raise Malformed(f"a CA name holds C, O and CN only, CN required (found {', '.join(odd) or 'no CN'})")
+    key_type_of(public)  # refuses keys of other kinds and sizes
+    end = min(now + lifetime, root.certificate.not_valid_after_utc + ONE_SECOND)
     validity = Validity(now.replace(microsecond=0), end.replace(microsecond=0) - ONE_SECOND)
-    public = key.public_key()
-    ext = issuing_ca_extensions(public, root.certificate, urls)
+    ext = profile(public, root.certificate, urls)
     builder = _builder(name, root.certificate.subject, public, random_serial(), validity, ext)
     return builder.sign(root.private_key, signature_hash_for(root.private_key))
 
 
 def make_tls_server(root: CASigner, public: PublicKey, hostnames: Sequence[str], now: dt.datetime) -> x509.Certificate:
+    """`root` is the infrastructure CA's signer (the root itself on installs from before it)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
     validity = fixed_validity(now - dt.timedelta(minutes=5), TLS_LIFETIME)
     ext = tls_server_extensions(hostnames, public, root.certificate)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, CertificatePoliciesOID, ExtendedKeyUsageOID, NameOID
 
 from mailkms.pki._keys import PublicKey, key_type_of
 
@@ -27,6 +27,7 @@ class CertKind(enum.StrEnum):
     TLS_SERVER = "tls-server"
     OCSP_RESPONDER = "ocsp-responder"
     ISSUING_CA = "issuing-ca"
+    INFRASTRUCTURE_CA = "infrastructure-ca"  # issues the server's TLS certificate, beside the S/MIME issuing CA
     ROOT_CA = "root-ca"
     ARCHIVE = "archive"
 
@@ -181,6 +182,26 @@ def issuing_ca_extensions(public_key: PublicKey, root: x509.Certificate, urls: P
         (_ku(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False),
         (_policies(), False),
+        *_under_root(public_key, root, urls),
+    ]
+
+
+def infrastructure_ca_extensions(public_key: PublicKey, root: x509.Certificate, urls: PublicURLs) -> list[Extension]:
+    """The intermediate for the server's own non-e-mail certificates (TLS): serverAuth, so OpenSSL
+    accepts TLS below it, and anyPolicy (an affiliate of the root; no S/MIME or TLS BR policy is
+    claimed). pkilint: clean with `lint_pkix_cert` and `lint_cabf_serverauth_cert -d` (a TLS CA)."""
+    return [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (_ku(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.CertificatePolicies([x509.PolicyInformation(CertificatePoliciesOID.ANY_POLICY, None)]), False),
+        *_under_root(public_key, root, urls),
+    ]
+
+
+def _under_root(public_key: PublicKey, root: x509.Certificate, urls: PublicURLs) -> list[Extension]:
+    """CDP (the root's CRL), AIA (the root's certificate), SKI and AKI of an intermediate."""
+    return [
         (_cdp(urls.root_crl), False),
         (
             x509.AuthorityInformationAccess(
@@ -199,7 +220,8 @@ def issuing_ca_extensions(public_key: PublicKey, root: x509.Certificate, urls: P
 
 
 def tls_server_extensions(hostnames: Sequence[str], public_key: PublicKey, issuer: x509.Certificate) -> list[Extension]:
-    """Issued from the root: an emailProtection-only issuing CA makes OpenSSL refuse TLS."""
+    """Issued from the infrastructure CA (or, on installs from before it, the root): an
+    emailProtection-only issuing CA makes OpenSSL refuse TLS."""
     names: list[x509.GeneralName] = []
     for host in hostnames:
         try:

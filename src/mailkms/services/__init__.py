@@ -12,7 +12,16 @@ from mailkms.services._admins import (
 )
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
-from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
+from mailkms.services._ca import (
+    PASSPHRASE_SOURCES,
+    CAContext,
+    CAPaths,
+    InitResult,
+    ca_passphrase,
+    init_ca,
+    tls_hostnames,
+)
+from mailkms.services._ca_import import Imported, import_signed, request_intermediate, take_root_offline
 from mailkms.services._cmp import CMP
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
@@ -26,6 +35,7 @@ from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
+from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
@@ -53,6 +63,7 @@ __all__ = [
     "EST",
     "HANDOVER_WINDOW",
     "ISSUING_SCOPE",
+    "OFFLINE_ROOT_CRL_VALIDITY",
     "PASSPHRASE_SOURCES",
     "ROLE_PERMISSIONS",
     "AdminAccounts",
@@ -82,6 +93,7 @@ __all__ = [
     "FileResponderKeys",
     "Finding",
     "GroupCommit",
+    "Imported",
     "InitResult",
     "KeyPool",
     "KeySource",
@@ -106,6 +118,7 @@ __all__ = [
     "Revocation",
     "RevocationReport",
     "Role",
+    "RootCeremony",
     "Series",
     "ServerKey",
     "Services",
@@ -116,8 +129,10 @@ __all__ = [
     "UserPage",
     "UserState",
     "UserView",
+    "ca_passphrase",
     "generate_ders",
     "health_checks",
+    "import_signed",
     "init_ca",
     "is_recorded",
     "new_bootstrap_passphrase",
@@ -131,8 +146,10 @@ __all__ = [
     "public_urls",
     "queue_message",
     "renewal_state",
+    "request_intermediate",
     "search_records",
     "serial_hex",
+    "take_root_offline",
     "tls_hostnames",
     "token_hash",
     "verify_chain",

@@ -28,8 +28,10 @@ from mailkms.pki import (
     encrypt_private_key,
     fingerprint_sha256,
     generate_key,
+    issued_by,
     key_type_of,
     load_private_key,
+    make_infrastructure_ca,
     make_issuing_ca,
     make_root,
     make_tls_server,
@@ -37,6 +39,7 @@ from mailkms.pki import (
 )
 from mailkms.pki._pkcs11 import Token, TokenECKey, TokenKeyRef, TokenRSAKey, open_token_key
 from mailkms.services._files import write_atomically
+from mailkms.services._offline_root import RootCeremony, create_offline_root
 from mailkms.services._recovery import init_bootstrap_ceremony
 
 TLS_RENEW_BEFORE = dt.timedelta(days=30)
@@ -69,6 +72,27 @@ class CAPaths:
     @property
     def issuing_key(self) -> Path:
         return self.ca_dir / "issuing.key.pem"
+
+    @property
+    def infrastructure_cert(self) -> Path:
+        return self.ca_dir / "infrastructure.crt.pem"  # issues the TLS certificate (not on installs from before)
+
+    @property
+    def infrastructure_key(self) -> Path:
+        return self.ca_dir / "infrastructure.key.pem"
+
+    @property
+    def pending_dir(self) -> Path:
+        return self.ca_dir / "pending"  # `mailkms ca request`: CSRs and new keys waiting for the root
+
+    @property
+    def retired_dir(self) -> Path:
+        return self.ca_dir / "retired"  # intermediates replaced by `mailkms ca import`
+
+    @property
+    def root_offline(self) -> bool:
+        """No root key in the data folder: the root is at a ceremony's folder (`init --offline-root`)."""
+        return not self.root_key.exists()
 
     @property
     def passphrase_file(self) -> Path:
@@ -234,23 +258,49 @@ def init_ca(
     recovery_passphrase: str | None = None,
     production: bool = False,
     key_store: str = "",
+    offline_root: Path | None = None,
+    root_passphrase: bytes | None = None,
 ) -> InitResult:
+    """With `offline_root` the root key is written only there (under `root_passphrase`); it signs
+    both intermediates and a first root CRL here, in memory, and the data folder never holds it."""
     if paths.exists():
         raise Conflict(f"a CA already exists in {paths.ca_dir}")
     now = clock.now()
     passphrase = ca_passphrase(paths, passphrase_env, create=True, production=production)
-    root_key = generate_key(key_type)
-    root = make_root(root_key, organization, country, now)
-    # The root key stays an encrypted file (opened only for the TLS certificate and the root CRL);
-    # the keys used per request are made in the token when there is one (an existing one reused).
+    if offline_root is not None:
+        if not root_passphrase:
+            raise ConfigError("an offline root needs a root passphrase of its own")
+        root_signer = create_offline_root(
+            offline_root,
+            root_passphrase,
+            key_type=key_type,
+            organization=organization,
+            country=country,
+            urls=urls,
+            now=now,
+        )
+        root = root_signer.certificate
+    else:
+        root_key = generate_key(key_type)
+        root = make_root(root_key, organization, country, now)
+        root_signer = SoftSigner(root, root_key)
+        write_atomically(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
+    # The keys used per request are made in the token when there is one (an existing one reused);
+    # the infrastructure CA key (TLS only) stays an encrypted file.
     keys = KeyMaker(passphrase, key_store)
     issuing_key = keys.new(key_type, "issuing", reuse=True)
-    root_signer = SoftSigner(root, root_key)
     issuing = make_issuing_ca(root_signer, issuing_key, organization, country, urls, now)
     keys.save(issuing_key, paths.issuing_key)
-    write_atomically(paths.root_key, encrypt_private_key(root_key, passphrase), 0o600)
+    infrastructure_key = generate_key(key_type)
+    infrastructure = make_infrastructure_ca(root_signer, infrastructure_key, organization, country, urls, now)
+    write_atomically(paths.infrastructure_key, encrypt_private_key(infrastructure_key, passphrase), 0o600)
     write_atomically(paths.root_cert, _pem(root))
     write_atomically(paths.issuing_cert, _pem(issuing))
+    write_atomically(paths.infrastructure_cert, _pem(infrastructure))
+    if offline_root is not None:  # the first root CRL, signed now: the server cannot sign the next one
+        crl = RootCeremony.opened(offline_root, root_signer).sign_crl(now)
+        write_atomically(paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
+    del root_signer
 
     # The archive is enveloped to a recovery key whose private half is wrapped under a KEK held
     # only as shares: here a 1-of-1 bootstrap ceremony, until `mailkms recovery init` names officers.
@@ -288,6 +338,7 @@ class CAContext:
         self.tls_cert: x509.Certificate | None = None
         self.ocsp_responder: SoftSigner | None = None
         self.root_crl: x509.CertificateRevocationList | None = None
+        self.infrastructure: SoftSigner | None = None  # None on installs from before: TLS from the root
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
@@ -317,6 +368,11 @@ class CAContext:
             ctx.ocsp_responder = SoftSigner(_load_cert(paths.ocsp_cert), load_key_at(paths.ocsp_key, passphrase))
         if paths.root_crl.exists():
             ctx.root_crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
+        if paths.infrastructure_cert.exists() and paths.infrastructure_key.exists():
+            ctx.infrastructure = SoftSigner(
+                _load_cert(paths.infrastructure_cert),
+                load_private_key(paths.infrastructure_key.read_bytes(), passphrase),
+            )
         return ctx
 
     @property
@@ -366,7 +422,10 @@ class CAContext:
         return key
 
     def _root_signer(self) -> SoftSigner:
-        # The root key is opened only to renew the server's TLS certificate, never per request.
+        # The root key is opened only for the root CRL (and the TLS certificate of installs from
+        # before the infrastructure CA), never per request; an offline root is never opened here.
+        if self.paths.root_offline:
+            raise Internal("the root key is offline: sign at a root ceremony (`mailkms ca root-ceremony`)")
         key = load_private_key(self.paths.root_key.read_bytes(), self._passphrase)
         return SoftSigner(self.root, key)
 
@@ -384,11 +443,18 @@ class CAContext:
         self._ensure_root_crl(now, root_crl_validity, renewed)
         self._ensure_ocsp_responder(now, renewed)
         tls = self.tls_cert
-        if tls is None or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE or _tls_names(tls) != set(hostnames):
+        tls_issuer = self.infrastructure.certificate if self.infrastructure is not None else self.root
+        if (
+            tls is None
+            or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE
+            or _tls_names(tls) != set(hostnames)
+            or not issued_by(tls, tls_issuer)
+        ):
             key = generate_key(KeyType.P256)
-            cert = make_tls_server(self._root_signer(), key.public_key(), hostnames, now)
+            cert = make_tls_server(self.infrastructure or self._root_signer(), key.public_key(), hostnames, now)
+            chain = _pem(cert) + (_pem(self.infrastructure.certificate) if self.infrastructure else b"")
             write_atomically(self.paths.tls_key, encrypt_private_key(key, self._passphrase), 0o600)
-            write_atomically(self.paths.tls_cert, _pem(cert))
+            write_atomically(self.paths.tls_cert, chain)  # the leaf, then the infrastructure CA
             self.tls_cert = cert
             renewed.append("tls")
         signer = self.mail_signer
@@ -429,7 +495,12 @@ class CAContext:
         renewed.append("ocsp-responder")
 
     def _ensure_root_crl(self, now: dt.datetime, validity: dt.timedelta, renewed: list[str]) -> None:
-        """The root's CRL (ARL) covers the issuing CA; refreshed when a third of its life is left."""
+        """The root's CRL (ARL) covers the issuing CA; refreshed when a third of its life is left.
+        With the root offline it is only read again from the file `mailkms ca import` writes (the
+        caller watches its nextUpdate: services.Services.ensure_server_identities)."""
+        if self.paths.root_offline:
+            self._reload_root_crl()
+            return
         current = self.root_crl
         if current is not None and current.next_update_utc is not None:
             if current.next_update_utc - now > validity / 3 and current.issuer == self.root.subject:
@@ -447,6 +518,13 @@ class CAContext:
         write_atomically(self.paths.root_crl, crl.public_bytes(serialization.Encoding.DER))
         self.root_crl = crl
         renewed.append("root-crl")
+
+    def _reload_root_crl(self) -> None:
+        if not self.paths.root_crl.exists():
+            return
+        crl = x509.load_der_x509_crl(self.paths.root_crl.read_bytes())
+        if self.root_crl is None or crl_number(crl) > crl_number(self.root_crl):
+            self.root_crl = crl
 
     def require_mail_signer(self) -> SoftSigner:
         if self.mail_signer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from mailkms.services._signing import CertificateIssuance
 from mailkms.services._tokens import TokenSealer
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
+
+log = logging.getLogger("mailkms.ca")
 
 
 def public_urls(settings: Settings) -> PublicURLs:
@@ -162,7 +165,28 @@ class Services:
                 else:
                     self.audit.append(session, "system", "server-identity.renewed", what)
             self._register_server_certificates(session)
+        self.watch_root_crl()
         return renewed
+
+    def watch_root_crl(self) -> dt.timedelta | None:
+        """Time left before the root CRL's nextUpdate, on /metrics; with the root offline nothing here
+        can sign the next one, so a warning from [revocation] root_crl_warn_days before (doctor too)."""
+        crl = self.ca.root_crl
+        if crl is None or crl.next_update_utc is None:
+            return None
+        left = crl.next_update_utc - self.clock.now()
+        metrics.ROOT_CRL_REMAINING.set(left.total_seconds())
+        due = self.ca.paths.root_offline and left < dt.timedelta(days=self.settings.revocation.root_crl_warn_days)
+        metrics.ROOT_CRL_DUE.set(1 if due else 0)
+        if due:
+            log.warning(
+                "the root CRL (number %d) %s at %s UTC and the root is offline: sign a new one at a root ceremony "
+                "(mailkms ca root-ceremony sign-crl) and import it (mailkms ca import)",
+                crl_number(crl),
+                "expired" if left <= dt.timedelta(0) else "expires",
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M}",
+            )
+        return left
 
     def _register_server_certificates(self, session: Session) -> None:
         """The mail signer and the OCSP responder are issued by the issuing CA: OCSP answers

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cryptography import x509
 from sqlalchemy import select
 
 from mailkms.clock import Clock
@@ -68,6 +69,40 @@ def _last_checkpoint(path: Path) -> dt.datetime | None:
         return dt.datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC) if at else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+
+
+def _root_crl_findings(settings: Settings, paths: CAPaths, clock: Clock) -> list[Finding]:
+    """With the root offline no server process can sign the root CRL: say when the next ceremony is due."""
+    if not paths.exists() or not paths.root_offline:
+        return []
+    if not paths.root_crl.exists():
+        return [
+            Finding("root-crl-missing", "critical", f"the root is offline and there is no root CRL at {paths.root_crl}")
+        ]
+    crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return []
+    left = next_update - clock.now()
+    if left <= dt.timedelta(0):
+        return [
+            Finding(
+                "root-crl-expired",
+                "critical",
+                f"the root CRL expired at {next_update:%Y-%m-%d %H:%M} UTC: relying parties that check it refuse "
+                "every certificate; sign one at a root ceremony and `mailkms ca import` it",
+            )
+        ]
+    if left < dt.timedelta(days=settings.revocation.root_crl_warn_days):
+        return [
+            Finding(
+                "root-crl-due",
+                "warning",
+                f"the root CRL expires at {next_update:%Y-%m-%d %H:%M} UTC ({left.days} days): the root is offline, "
+                "so sign the next at a root ceremony (`mailkms ca root-ceremony sign-crl`) and `mailkms ca import` it",
+            )
+        ]
+    return []
 
 
 def health_checks(settings: Settings, db: Database | None, clock: Clock) -> list[Finding]:
@@ -131,6 +166,8 @@ def health_checks(settings: Settings, db: Database | None, clock: Clock) -> list
                 f"{recovery_dir}): appoint officers with `mailkms recovery init --officers N --threshold M`",
             )
         )
+
+    found.extend(_root_crl_findings(settings, paths, clock))
 
     checkpoints = settings.checkpoints_path
     if not paths.audit_public_key.exists() and paths.exists():
