@@ -380,6 +380,41 @@ class CMPConfig(_Frozen):
     )
 
 
+class ACMEConfig(_Frozen):
+    """ACME (RFC 8555) at /acme/ with RFC 8823's `email` identifier and `email-reply-00` challenge.
+
+    The challenge mail goes out through the outbox from `challenge_from`; the reply comes back to
+    that address. With the embedded sink the sink files it under DATA/mailboxes/<challenge_from>;
+    with a relay, point `reply_maildir` at the Maildir the organisation's MTA delivers that address
+    into. Replies are trusted as the relay delivered them (From, In-Reply-To, Subject and the
+    response are checked; DKIM is not)."""
+
+    enabled: bool = False
+    allowed_domains: tuple[str, ...] = ()  # mailbox domains that may enrol this way; empty: none
+    signing_only: bool = True  # a signing certificate only; encryption keys stay server-made and archived
+    challenge_from: str = ""  # default acme-challenge@<host of public_url>
+    reply_maildir: Path | None = None  # default DATA/mailboxes/<challenge_from> (the embedded sink)
+    order_ttl_seconds: int = Field(
+        default=7 * 86400, ge=300, description="an order and its authorization live this long"
+    )
+    pending_orders_per_account: int = Field(default=20, ge=1, description="open orders one account may hold")
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(d.strip().lower().lstrip("@") for d in value if d.strip())
+
+    @field_validator("signing_only")
+    @classmethod
+    def _signing_only(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "acme.signing_only = false is not supported yet: ACME issues signing certificates only; "
+                "encryption keys come through enrolment, where the server makes and archives them"
+            )
+        return value
+
+
 class LimitsConfig(_Frozen):
     """What one client, one request and one connection may cost the server (`[limits]`).
 
@@ -435,6 +470,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
     cmp: CMPConfig = CMPConfig()
+    acme: ACMEConfig = ACMEConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -452,6 +488,15 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'mailkms.db').resolve()}"
+
+    @property
+    def acme_challenge_from(self) -> str:
+        host = urlsplit(self.server.effective_public_url).hostname or self.server.hostname
+        return self.acme.challenge_from or f"acme-challenge@{host}"
+
+    @property
+    def acme_reply_maildir(self) -> Path:
+        return self.acme.reply_maildir or self.data_dir / "mailboxes" / self.acme_challenge_from.lower()
 
     @property
     def checkpoints_path(self) -> Path:

@@ -1,5 +1,6 @@
 """Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
 
+from mailkms.services._acme import ACME, AccountView, AuthzView, ChallengeView, OrderView, Verified
 from mailkms.services._admins import (
     ROLE_PERMISSIONS,
     AdminAccounts,
@@ -48,6 +49,7 @@ from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
 __all__ = [
+    "ACME",
     "BOOTSTRAP_PASSPHRASE_FILE",
     "CMP",
     "EST",
@@ -55,12 +57,14 @@ __all__ = [
     "ISSUING_SCOPE",
     "PASSPHRASE_SOURCES",
     "ROLE_PERMISSIONS",
+    "AccountView",
     "AdminAccounts",
     "AdminView",
     "AuditCheckpoints",
     "AuditEntry",
     "AuditLog",
     "AuditReport",
+    "AuthzView",
     "Batcher",
     "CAContext",
     "CAPaths",
@@ -72,6 +76,7 @@ __all__ = [
     "CeremonyView",
     "CertDates",
     "CertificateIssuance",
+    "ChallengeView",
     "Composer",
     "ConsoleSession",
     "Dashboard",
@@ -89,6 +94,7 @@ __all__ = [
     "Nonces",
     "OCSPAnswer",
     "OCSPResponder",
+    "OrderView",
     "OutboxEntry",
     "OutboxListing",
     "OutboxQueue",
@@ -116,6 +122,7 @@ __all__ = [
     "UserPage",
     "UserState",
     "UserView",
+    "Verified",
     "generate_ders",
     "health_checks",
     "init_ca",
