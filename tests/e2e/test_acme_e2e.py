@@ -133,6 +133,11 @@ def response_for(token1: str, token2: str, key: jose.JWK) -> str:
 
 def reply(dep: Deployment, challenge: EmailMessage, sender: str, response: str) -> None:
     """Reply as RFC 8823 §3.1 asks, over SMTP to the server's sink."""
+    with smtplib.SMTP("127.0.0.1", dep.sink_port, timeout=30) as smtp:
+        smtp.send_message(reply_message(challenge, sender, response), from_addr=sender, to_addrs=[CHALLENGE_FROM])
+
+
+def reply_message(challenge: EmailMessage, sender: str, response: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = str(challenge["From"])
@@ -141,14 +146,13 @@ def reply(dep: Deployment, challenge: EmailMessage, sender: str, response: str) 
     msg["Message-ID"] = email.utils.make_msgid(domain="example.org")
     msg["Date"] = email.utils.format_datetime(dt.datetime.now(dt.UTC))
     msg.set_content(f"-----BEGIN ACME RESPONSE-----\n{response}\n-----END ACME RESPONSE-----\n")
-    with smtplib.SMTP("127.0.0.1", dep.sink_port, timeout=30) as smtp:
-        smtp.send_message(msg, from_addr=sender, to_addrs=[CHALLENGE_FROM])
+    return msg
 
 
-def challenge_of(orderr: messages.OrderResource) -> messages.ChallengeBody:
+def challenge_of(orderr: messages.OrderResource, sender: str = CHALLENGE_FROM) -> messages.ChallengeBody:
     challb = orderr.authorizations[0].body.challenges[0]
     assert challb.chall.jobj["type"] == "email-reply-00"
-    assert challb.chall.jobj["from"] == CHALLENGE_FROM
+    assert challb.chall.jobj["from"] == sender
     return challb
 
 
@@ -204,8 +208,27 @@ def test_acme_issues_a_signing_certificate_after_the_mail_reply(world: World, tm
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert ocsp_status(world, tmp_path, "good")
+    # an ACME certificate is one of the CA's like any other: revoked by serial, OCSP says so
+    world.dep.admin("revoke", "--serial", format(cert.serial_number, "x"), "--reason", "keyCompromise")
+    assert ocsp_status(world, tmp_path, "revoked")
     audit = world.dep.admin("audit", "verify")
     assert audit.code == 0
+
+
+def ocsp_status(world: World, tmp_path: Path, wanted: str, timeout: float = 30) -> bool:
+    """`openssl ocsp` as the relying party, polled until it says `wanted` (verified answers only)."""
+    command = ["openssl", "ocsp", "-issuer", str(tmp_path / "issuing.pem"), "-cert", str(tmp_path / "leaf.pem")]
+    command += ["-url", f"http://127.0.0.1:{world.dep.http_port}/ocsp", "-CAfile", str(world.root), "-no_nonce"]
+    deadline = time.monotonic() + timeout
+    said = ""
+    while time.monotonic() < deadline:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        said = done.stdout + done.stderr
+        if done.returncode == 0 and "Response verify OK" in done.stderr and f"leaf.pem: {wanted}" in done.stdout:
+            return True
+        time.sleep(0.5)
+    raise AssertionError(f"OCSP never said {wanted}: {said}")
 
 
 def test_domain_not_allowed_is_a_rejected_identifier(world: World) -> None:
