@@ -688,6 +688,15 @@ token = ""                          # require "Authorization: Bearer <token>" (b
 enabled = true                      # CMP at /.well-known/cmp; tokens are then also sealed for its MAC
 transaction_seconds = 600           # an ir/cr/kur waits this long for its certConf
 
+[acme]
+enabled = false                     # ACME (RFC 8555 + RFC 8823 email-reply-00) at /acme/ (README, ACME for S/MIME)
+allowed_domains = []                # mailbox domains that may get a signing certificate this way
+signing_only = true                 # encryption keys stay server-made and archived (false is not supported)
+challenge_from = ""                 # default acme-challenge@<host of public_url>; replies go to it
+# reply_maildir = "/var/vmail/example.org/acme-challenge/Maildir"  # default DATA/mailboxes/<challenge_from> (the sink)
+order_ttl_seconds = 604800          # an order and its authorization live this long
+pending_orders_per_account = 20
+
 [limits]
 max_body_bytes = 65536              # larger request bodies get 413 before they are read
 body_timeout_seconds = 30           # a body must arrive whole within this (408)
