@@ -316,8 +316,12 @@ class ACME:
             self._audit.append(session, f"acme:{account_id}", "acme.order.created", mailbox, order=order.id)
             return self._order_view(order, authz)
 
-    def _owned(self, session: Session, account_id: str | None, order_id: str) -> tuple[ACMEOrder, ACMEAuthorization]:
-        order = session.get(ACMEOrder, order_id, with_for_update=True)
+    def _owned(
+        self, session: Session, account_id: str | None, order_id: str, *, lock: bool = True
+    ) -> tuple[ACMEOrder, ACMEAuthorization]:
+        """The order and its authorization, if the account owns them; locked (FOR UPDATE on
+        PostgreSQL) unless read in a read-only transaction."""
+        order = session.get(ACMEOrder, order_id, with_for_update=lock)
         if order is None or order.account_id != account_id:
             raise ACMENotFound("no such order for this account")
         authz = session.execute(select(ACMEAuthorization).where(ACMEAuthorization.order_id == order.id)).scalar_one()
@@ -487,7 +491,7 @@ class ACME:
     def certificate(self, request: Verified, order_id: str) -> bytes:
         """The PEM chain: the certificate, then the issuing CA."""
         with self._db.read_only() as session:
-            order, _ = self._owned(session, request.account_id, order_id)
+            order, _ = self._owned(session, request.account_id, order_id, lock=False)
             if order.certificate_serial is None:
                 raise ACMENotFound("the order has no certificate")
             der = session.execute(
