@@ -387,13 +387,15 @@ class ACMEConfig(_Frozen):
     that address. With the embedded sink the sink files it under DATA/mailboxes/<challenge_from>;
     with a relay, point `reply_maildir` at the Maildir the organisation's MTA delivers that address
     into. Replies are trusted as the relay delivered them (From, In-Reply-To, Subject and the
-    response are checked; DKIM is not)."""
+    response are checked), and with `require_dkim` must also carry a valid DKIM signature of the
+    From domain (dkimpy, keys from DNS)."""
 
     enabled: bool = False
     allowed_domains: tuple[str, ...] = ()  # mailbox domains that may enrol this way; empty: none
     signing_only: bool = True  # a signing certificate only; encryption keys stay server-made and archived
     challenge_from: str = ""  # default acme-challenge@<host of public_url>
     reply_maildir: Path | None = None  # default DATA/mailboxes/<challenge_from> (the embedded sink)
+    require_dkim: bool = False  # a reply must carry a valid DKIM signature of its From domain (looked up in DNS)
     order_ttl_seconds: int = Field(
         default=7 * 86400, ge=300, description="an order and its authorization live this long"
     )
@@ -694,6 +696,7 @@ allowed_domains = []                # mailbox domains that may get a signing cer
 signing_only = true                 # encryption keys stay server-made and archived (false is not supported)
 challenge_from = ""                 # default acme-challenge@<host of public_url>; replies go to it
 # reply_maildir = "/var/vmail/example.org/acme-challenge/Maildir"  # default DATA/mailboxes/<challenge_from> (the sink)
+require_dkim = false                # replies must carry a valid DKIM signature of the From domain (keys from DNS)
 order_ttl_seconds = 604800          # an order and its authorization live this long
 pending_orders_per_account = 20
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import email.policy
 import json
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -25,6 +26,7 @@ from mailkms.mail import file_into_maildir
 from mailkms.pki import _acme as wire
 from mailkms.services import Services, Verified
 from mailkms.store import OutboxMessage
+from tests.acme_support import DKIMSigner
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL, make_csr
 
 BASE = "https://localhost/acme"
@@ -73,7 +75,9 @@ def challenge_mail(services: Services, mailbox: str) -> EmailMessage:
     return msg
 
 
-def file_reply(services: Services, account: Account, mailbox: str, token2: str) -> None:
+def file_reply(
+    services: Services, account: Account, mailbox: str, token2: str, sign: Callable[[bytes], bytes] | None = None
+) -> None:
     mail = challenge_mail(services, mailbox)
     part1 = str(mail["Subject"]).removeprefix("ACME: ")
     thumb = jose.b64encode(account.key.thumbprint()).decode()
@@ -82,7 +86,8 @@ def file_reply(services: Services, account: Account, mailbox: str, token2: str) 
     reply["Message-ID"] = f"<reply-{part1}@example.org>"
     reply.set_content(f"{wire.RESPONSE_BEGIN}\n{wire.expected_response(part1, token2, thumb)}\n{wire.RESPONSE_END}\n")
     root = services.settings.acme_reply_maildir
-    file_into_maildir(root.parent, root.name, reply.as_bytes())
+    data = reply.as_bytes(policy=email.policy.SMTP)
+    file_into_maildir(root.parent, root.name, sign(data) if sign else data)
 
 
 def test_a_reply_counts_once_the_challenge_is_posted_and_issuance_follows(services: Services) -> None:
@@ -143,3 +148,26 @@ def test_another_account_sees_nothing_and_nonces_are_single_use(services: Servic
     alice.post(f"{BASE}/order/{order_id}", None, nonce=nonce)
     with pytest.raises(ReplayedNonce):
         alice.post(f"{BASE}/order/{order_id}", None, nonce=nonce)
+
+
+def test_with_require_dkim_only_a_signed_reply_passes(settings, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+    acme_settings = settings.acme.model_copy(update={"require_dkim": True})
+    services = Services.build(settings.model_copy(update={"acme": acme_settings}), clock)
+    signer = DKIMSigner("example.org")
+    services.acme.dns = signer.dns
+    try:
+        results = {}
+        for mailbox, sign in (("unsigned@example.org", False), ("signed@example.org", True)):
+            alice = Account(services)
+            order_id = alice.order(mailbox)
+            order = services.acme.order(alice.post(f"{BASE}/order/{order_id}", None), order_id)
+            authz = services.acme.authorization(alice.post(f"{BASE}/authz/{order.authz_id}", None), order.authz_id)
+            file_reply(services, alice, mailbox, authz.challenge.token, signer.sign if sign else None)
+            chall = f"{BASE}/chall/{authz.challenge.id}"
+            results[sign] = services.acme.challenge(alice.post(chall, {}), authz.challenge.id)
+        assert results[True].status == "valid"
+        assert results[False].status == "invalid"
+        assert results[False].challenge.error is not None
+        assert "DKIM" in str(results[False].challenge.error["detail"])
+    finally:
+        services.close()

@@ -205,6 +205,28 @@ def subject_token(subject: str) -> str | None:
     return found.group(1) if found else None
 
 
+DNSLookup = Callable[..., bytes | None]  # dkimpy's dnsfunc: (name, timeout=...) -> the TXT record
+
+
+def dkim_aligned(data: bytes, domain: str, dns: DNSLookup | None = None) -> bool:
+    """Whether a DKIM signature of the mail verifies (dkimpy; the key from `dns`, else the real
+    DNS) and is the From domain's own: d= is that domain or a parent of it (relaxed alignment)."""
+    import dkim
+
+    headers = BytesParser(policy=email.policy.default).parsebytes(data, headersonly=True)
+    verifier = dkim.DKIM(data)
+    domain = domain.lower()
+    for index in range(len(headers.get_all("DKIM-Signature", []))):
+        try:
+            ok = verifier.verify(index, dnsfunc=dns) if dns is not None else verifier.verify(index)
+        except dkim.DKIMException:
+            continue
+        signer = (verifier.domain or b"").decode("ascii", "replace").lower()
+        if ok and signer and (domain == signer or domain.endswith("." + signer)):
+            return True
+    return False
+
+
 def check_reply(
     reply: Reply,
     *,
@@ -213,11 +235,15 @@ def check_reply(
     token_part1: str,
     response: str,
     same: Callable[[str, str], bool],
+    dkim_ok: bool | None = None,
 ) -> None:
     """RFC 8823 §3.2: From is the identifier, the Subject carries token part 1, In-Reply-To names
-    the challenge mail, and the response is the digest of the key authorization."""
+    the challenge mail, and the response is the digest of the key authorization. `dkim_ok`: None
+    when DKIM is not asked for, else whether `dkim_aligned` found the From domain's signature."""
     if reply.sender != mailbox.lower():
         raise ACMEIncorrectResponse(f"the reply came from {reply.sender or 'no single address'}, not {mailbox}")
+    if dkim_ok is False:
+        raise ACMEIncorrectResponse(f"the reply carries no valid DKIM signature of {mailbox.rsplit('@', 1)[-1]}")
     if subject_token(reply.subject) != token_part1:
         raise ACMEIncorrectResponse("the reply's Subject does not carry the challenge's token")
     if message_id not in reply.in_reply_to:
@@ -233,12 +259,14 @@ __all__ = [
     "RESPONSE_BEGIN",
     "RESPONSE_END",
     "ACMEHeader",
+    "DNSLookup",
     "Reply",
     "answers",
     "b64url",
     "b64url_decode",
     "challenge_mail",
     "check_reply",
+    "dkim_aligned",
     "expected_response",
     "key_authorization",
     "load_account_key",

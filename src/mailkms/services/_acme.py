@@ -155,6 +155,7 @@ class ACME:
         self._clock = clock
         self._audit = audit
         self._refusals = refusals
+        self.dns: wire.DNSLookup | None = None  # DKIM keys: the real DNS unless a test sets this
 
     @property
     def challenge_from(self) -> str:
@@ -388,6 +389,11 @@ class ACME:
             if not wire.answers(reply, authz.message_id, authz.token_part1):
                 continue
             authz.attempts += 1
+            dkim_ok = (
+                wire.dkim_aligned(data, authz.mailbox.rsplit("@", 1)[1], self.dns)
+                if self._settings.acme.require_dkim and reply.sender == authz.mailbox
+                else None
+            )
             try:
                 wire.check_reply(
                     reply,
@@ -396,6 +402,7 @@ class ACME:
                     token_part1=authz.token_part1,
                     response=expected,
                     same=hmac.compare_digest,
+                    dkim_ok=dkim_ok,
                 )
             except ACMEIncorrectResponse as exc:
                 failure = failure or exc

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mailkms.errors import ACMEBadSignatureAlgorithm, ACMEIncorrectResponse, BadJWS, BadSignature
 from mailkms.pki import _acme as wire
+from tests.acme_support import DKIMSigner
 
 MAILBOX = "alice@example.org"
 MESSAGE_ID = "<acme-1@kms.example.org>"
@@ -156,3 +157,26 @@ def test_header_rules() -> None:
         wire.load_account_key(wire.read_header(signed(small, jose.RS256)).jwk or {})
     with pytest.raises(BadJWS):
         wire.read_header({"payload": "", "signature": ""})
+
+
+def test_dkim_of_the_from_domain_passes_and_nothing_else_does() -> None:
+    own, other = DKIMSigner("example.org"), DKIMSigner("elsewhere.test")
+    data = reply_bytes().replace(b"\n", b"\r\n")
+    signed_mail = own.sign(data)
+    assert wire.dkim_aligned(signed_mail, "example.org", own.dns)
+    assert wire.dkim_aligned(signed_mail, "mail.example.org", own.dns)  # a parent domain's signature aligns
+    assert not wire.dkim_aligned(data, "example.org", own.dns)  # unsigned
+    assert not wire.dkim_aligned(other.sign(data), "example.org", other.dns)  # signed, by another domain
+    tampered = signed_mail.replace(b"BEGIN ACME RESPONSE-----\r\n", b"BEGIN ACME RESPONSE-----\r\nX")
+    assert not wire.dkim_aligned(tampered, "example.org", own.dns)  # body changed after signing
+    assert not wire.dkim_aligned(signed_mail, "example.org", other.dns)  # the DNS key is another's
+    with pytest.raises(ACMEIncorrectResponse, match="DKIM"):
+        wire.check_reply(
+            wire.read_reply(data),
+            mailbox=MAILBOX,
+            message_id=MESSAGE_ID,
+            token_part1=PART1,
+            response=wire.expected_response(PART1, PART2, THUMB),
+            same=hmac.compare_digest,
+            dkim_ok=False,
+        )
