@@ -381,7 +381,10 @@ class ACME:
         assert account is not None
         expected = wire.expected_response(authz.token_part1, authz.token_part2, account.thumbprint)
         failure: MailkmsError | None = None
+        marks = (authz.message_id.encode(), authz.token_part1.encode())
         for data in self._replies():
+            if not any(mark in data for mark in marks):
+                continue  # names neither the challenge mail nor its token: not parsed at all
             try:
                 reply = wire.read_reply(data)
             except (ValueError, TypeError, LookupError):
