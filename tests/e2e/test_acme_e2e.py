@@ -209,9 +209,15 @@ def test_acme_issues_a_signing_certificate_after_the_mail_reply(world: World, tm
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert ocsp_status(world, tmp_path, "good")
-    # an ACME certificate is one of the CA's like any other: revoked by serial, OCSP says so
-    world.dep.admin("revoke", "--serial", format(cert.serial_number, "x"), "--reason", "keyCompromise")
+    # revokeCert: only the account that ordered it; then OCSP says revoked; a second time is refused
+    with pytest.raises(messages.Error) as refused:
+        new_client(world).revoke(cert, 1)
+    assert refused.value.code == "malformed" and "did not order" in str(refused.value.detail)
+    acme.revoke(cert, 1)  # keyCompromise
     assert ocsp_status(world, tmp_path, "revoked")
+    with pytest.raises(messages.Error) as again:
+        acme.revoke(cert, 1)
+    assert again.value.typ == "urn:ietf:params:acme:error:alreadyRevoked"
     audit = world.dep.admin("audit", "verify")
     assert audit.code == 0
 

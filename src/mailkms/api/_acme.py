@@ -26,9 +26,11 @@ from mailkms.errors import (
     ACMEOrderNotReady,
     ACMERejectedIdentifier,
     ACMEUnsupportedIdentifier,
+    AlreadyRevoked,
     BadCSR,
     BadKey,
     BadNonce,
+    BadRevocationReason,
     BadSignature,
     MailkmsError,
     Malformed,
@@ -58,6 +60,8 @@ _TYPES: tuple[tuple[type[MailkmsError], str, int], ...] = (
     (ACMERejectedIdentifier, "rejectedIdentifier", 400),
     (ACMEIncorrectResponse, "incorrectResponse", 403),
     (ACMEOrderNotReady, "orderNotReady", 403),
+    (AlreadyRevoked, "alreadyRevoked", 400),
+    (BadRevocationReason, "badRevocationReason", 400),
     (BadKey, "badPublicKey", 400),
     (BadCSR, "badCSR", 400),
     (RateLimited, "rateLimited", 429),
@@ -198,6 +202,7 @@ def acme_router(services: Services) -> APIRouter:
                 "newNonce": f"{urls.base}/new-nonce",
                 "newAccount": f"{urls.base}/new-account",
                 "newOrder": f"{urls.base}/new-order",
+                "revokeCert": f"{urls.base}/revoke-cert",
                 "meta": {
                     "website": services.settings.server.effective_public_url,
                     "externalAccountRequired": False,
@@ -256,6 +261,14 @@ def acme_router(services: Services) -> APIRouter:
     async def certificate(order_id: str, request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             return Response(acme.certificate(verified, order_id), media_type=PEM_CHAIN, headers=headers(request))
+
+        return await signed(request, work)
+
+    @router.post("/revoke-cert", summary="Revoke a certificate this account ordered")
+    async def revoke_cert(request: Request) -> Response:
+        def work(verified: Verified, urls: _URLs) -> Response:
+            acme.revoke(verified)
+            return Response(status_code=200, headers=headers(request))
 
         return await signed(request, work)
 

@@ -43,6 +43,7 @@ from mailkms.errors import (
     ACMEUnsupportedIdentifier,
     BadCSR,
     BadJWS,
+    BadRevocationReason,
     MailkmsError,
     Malformed,
     RateLimited,
@@ -55,12 +56,22 @@ from mailkms.services._ca import CAContext
 from mailkms.services._issuance import PairIssuer, certificate_row, queue_message, serial_hex
 from mailkms.services._nonces import Nonces
 from mailkms.services._refusals import Refusals
+from mailkms.services._revocation import Revocation
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import ACMEAccount, ACMEAuthorization, ACMEOrder, Certificate, Database, User
 
 log = logging.getLogger("mailkms.acme")
 
 CHALLENGE_TYPE = "email-reply-00"
+# RFC 5280 reason codes an ACME client may give (RFC 8555 §7.6); 0 = none encoded (S/MIME BR 7.2.2)
+REASON_CODES: dict[int, str | None] = {
+    0: None,
+    1: "keyCompromise",
+    3: "affiliationChanged",
+    4: "superseded",
+    5: "cessationOfOperation",
+    9: "privilegeWithdrawn",
+}
 MAX_REPLY_BYTES = 256 * 1024
 ACTOR = "acme"
 
@@ -146,8 +157,10 @@ class ACME:
         clock: Clock,
         audit: AuditLog,
         refusals: Refusals,
+        revocation: Revocation,
     ) -> None:
         self._db = db
+        self._revocation = revocation
         self._ca = ca
         self._issuer = issuer
         self._nonces = nonces
@@ -510,6 +523,31 @@ class ACME:
         cert = x509.load_der_x509_certificate(der)
         chain = [cert, self._ca.issuing.certificate]
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+
+    def revoke(self, request: Verified) -> None:
+        """revokeCert (RFC 8555 §7.6), signed by the account that ordered the certificate (kid).
+        Revocation by the certificate's own key (jwk) is not served."""
+        payload = request.json()
+        text = payload.get("certificate")
+        reason = payload.get("reason", 0)
+        if not isinstance(text, str):
+            raise Malformed('revokeCert takes {"certificate": base64url DER}')
+        if not isinstance(reason, int) or reason not in REASON_CODES:
+            raise BadRevocationReason(f"reason {reason!r} is not one of {sorted(REASON_CODES)}")
+        try:
+            cert = x509.load_der_x509_certificate(wire.b64url_decode(text))
+        except ValueError:
+            raise Malformed("the certificate is not base64url DER") from None
+        serial = serial_hex(cert.serial_number)
+        with self._db.read_only() as session:
+            owned = session.execute(
+                select(ACMEOrder.id).where(
+                    ACMEOrder.account_id == request.account_id, ACMEOrder.certificate_serial == serial
+                )
+            ).first()
+        if owned is None:
+            raise ACMENotFound("this account did not order that certificate")
+        self._revocation.revoke_serial(serial, REASON_CODES[reason], f"acme:{request.account_id}")
 
     # --- views -----------------------------------------------------------------------------
     def _order_view(self, order: ACMEOrder, authz: ACMEAuthorization) -> OrderView:

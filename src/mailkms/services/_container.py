@@ -139,7 +139,7 @@ class Services:
             admins=AdminAccounts(db, settings, clock, audit, keyring),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
-            acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals),
+            acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals, revocation),
         )
 
     def close(self) -> None:
