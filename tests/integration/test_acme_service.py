@@ -171,3 +171,16 @@ def test_with_require_dkim_only_a_signed_reply_passes(settings, clock: FakeClock
         assert "DKIM" in str(results[False].challenge.error["detail"])
     finally:
         services.close()
+
+
+def test_purge_forgets_orders_that_ended_without_a_certificate(services: Services, clock: FakeClock) -> None:
+    alice = Account(services)
+    gone = alice.order("a1@example.org")
+    clock.advance(dt.timedelta(seconds=services.settings.acme.order_ttl_seconds))
+    assert services.acme.purge() == 0  # not a day past its expiry yet
+    kept = alice.order("a2@example.org")
+    clock.advance(dt.timedelta(days=1, seconds=1))
+    assert services.acme.purge() == 1
+    with pytest.raises(ACMENotFound):
+        services.acme.order(alice.post(f"{BASE}/order/{gone}", None), gone)
+    assert services.acme.order(alice.post(f"{BASE}/order/{kept}", None), kept).status == "pending"

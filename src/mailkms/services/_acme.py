@@ -29,7 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from joserfc.jwk import ECKey, RSAKey
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from mailkms.clock import Clock
@@ -548,6 +548,16 @@ class ACME:
         if owned is None:
             raise ACMENotFound("this account did not order that certificate")
         self._revocation.revoke_serial(serial, REASON_CODES[reason], f"acme:{request.account_id}")
+
+    def purge(self, keep: dt.timedelta = dt.timedelta(days=1)) -> int:
+        """Forget orders that ended without a certificate (expired or invalid) `keep` after their
+        expiry, with their authorizations; orders that issued stay (they name the serial)."""
+        cutoff = self._clock.now() - keep
+        with self._db.transaction() as session:
+            stale = select(ACMEOrder.id).where(ACMEOrder.certificate_serial.is_(None), ACMEOrder.expires_at < cutoff)
+            session.execute(delete(ACMEAuthorization).where(ACMEAuthorization.order_id.in_(stale)))
+            result = session.execute(delete(ACMEOrder).where(ACMEOrder.id.in_(stale.scalar_subquery())))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     # --- views -----------------------------------------------------------------------------
     def _order_view(self, order: ACMEOrder, authz: ACMEAuthorization) -> OrderView:
