@@ -403,6 +403,43 @@ class CMPConfig(_Frozen):
     )
 
 
+class ACMEConfig(_Frozen):
+    """ACME (RFC 8555) at /acme/ with RFC 8823's `email` identifier and `email-reply-00` challenge.
+
+    The challenge mail goes out through the outbox from `challenge_from`; the reply comes back to
+    that address. With the embedded sink the sink files it under DATA/mailboxes/<challenge_from>;
+    with a relay, point `reply_maildir` at the Maildir the organisation's MTA delivers that address
+    into. Replies are trusted as the relay delivered them (From, In-Reply-To, Subject and the
+    response are checked), and with `require_dkim` must also carry a valid DKIM signature of the
+    From domain (dkimpy, keys from DNS)."""
+
+    enabled: bool = False
+    allowed_domains: tuple[str, ...] = ()  # mailbox domains that may enrol this way; empty: none
+    signing_only: bool = True  # a signing certificate only; encryption keys stay server-made and archived
+    challenge_from: str = ""  # default acme-challenge@<host of public_url>
+    reply_maildir: Path | None = None  # default DATA/mailboxes/<challenge_from> (the embedded sink)
+    require_dkim: bool = False  # a reply must carry a valid DKIM signature of its From domain (looked up in DNS)
+    order_ttl_seconds: int = Field(
+        default=7 * 86400, ge=300, description="an order and its authorization live this long"
+    )
+    pending_orders_per_account: int = Field(default=20, ge=1, description="open orders one account may hold")
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(d.strip().lower().lstrip("@") for d in value if d.strip())
+
+    @field_validator("signing_only")
+    @classmethod
+    def _signing_only(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "acme.signing_only = false is not supported yet: ACME issues signing certificates only; "
+                "encryption keys come through enrolment, where the server makes and archives them"
+            )
+        return value
+
+
 class LimitsConfig(_Frozen):
     """What one client, one request and one connection may cost the server (`[limits]`).
 
@@ -458,6 +495,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
     cmp: CMPConfig = CMPConfig()
+    acme: ACMEConfig = ACMEConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -475,6 +513,15 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'mailkms.db').resolve()}"
+
+    @property
+    def acme_challenge_from(self) -> str:
+        host = urlsplit(self.server.effective_public_url).hostname or self.server.hostname
+        return self.acme.challenge_from or f"acme-challenge@{host}"
+
+    @property
+    def acme_reply_maildir(self) -> Path:
+        return self.acme.reply_maildir or self.data_dir / "mailboxes" / self.acme_challenge_from.lower()
 
     @property
     def checkpoints_path(self) -> Path:
@@ -666,6 +713,16 @@ token = ""                          # require "Authorization: Bearer <token>" (b
 [cmp]
 enabled = true                      # CMP at /.well-known/cmp; tokens are then also sealed for its MAC
 transaction_seconds = 600           # an ir/cr/kur waits this long for its certConf
+
+[acme]
+enabled = false                     # ACME (RFC 8555 + RFC 8823 email-reply-00) at /acme/ (README, ACME for S/MIME)
+allowed_domains = []                # mailbox domains that may get a signing certificate this way
+signing_only = true                 # encryption keys stay server-made and archived (false is not supported)
+challenge_from = ""                 # default acme-challenge@<host of public_url>; replies go to it
+# reply_maildir = "/var/vmail/example.org/acme-challenge/Maildir"  # default DATA/mailboxes/<challenge_from> (the sink)
+require_dkim = false                # replies must carry a valid DKIM signature of the From domain (keys from DNS)
+order_ttl_seconds = 604800          # an order and its authorization live this long
+pending_orders_per_account = 20
 
 [limits]
 max_body_bytes = 65536              # larger request bodies get 413 before they are read

@@ -553,3 +553,39 @@ class RoleForbidden(PolicyRefused):
 class CSRFRefused(PolicyRefused):
     code = "csrf-refused"
     title = "The form's CSRF token is missing or wrong"
+
+
+# --- ACME (RFC 8555, RFC 8823): api/_acme.py maps these to urn:ietf:params:acme:error:* -------
+class ACMEBadSignatureAlgorithm(Malformed):
+    code = "acme-bad-signature-algorithm"
+    title = "The JWS algorithm is not supported (RS256, ES256, ES384)"
+
+
+class ACMEAccountDoesNotExist(Unauthorized):
+    code = "acme-account-does-not-exist"
+    title = "No ACME account is known for this key"
+
+
+class ACMEUnsupportedIdentifier(Malformed):
+    code = "acme-unsupported-identifier"
+    title = "Only one identifier of type email is served"
+
+
+class ACMERejectedIdentifier(PolicyRefused):
+    code = "acme-rejected-identifier"
+    title = "This server does not issue for that mailbox's domain"
+
+
+class ACMEIncorrectResponse(Unauthorized):
+    code = "acme-incorrect-response"
+    title = "The challenge reply does not prove control of the mailbox"
+
+
+class ACMEOrderNotReady(Conflict):
+    code = "acme-order-not-ready"
+    title = "The order is not ready to be finalized"
+
+
+class ACMENotFound(NotFound):
+    code = "acme-not-found"
+    title = "No such ACME resource for this account"

@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailkms.api import _observability
+from mailkms.api._acme import acme_router
 from mailkms.api._admin import admin_router
 from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
@@ -96,6 +97,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(est_router(services))
     if services.settings.cmp.enabled:
         app.include_router(cmp_router(services))
+    if services.settings.acme.enabled:
+        app.include_router(acme_router(services))
     api = APIRouter(prefix="/api/v1", responses=_ERRORS)
     ca = services.ca
     settings = services.settings

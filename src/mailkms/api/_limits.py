@@ -49,7 +49,10 @@ _GROUPS: dict[str, str] = {
     EST_PREFIX + "simplereenroll": "signed",
     "/admin/login": "login",  # password guessing across accounts (each account also locks itself)
     "/.well-known/cmp": "token",  # CMP: MAC by the token or signature; one group, the stricter one
+    "/acme/new-account": "token",  # ACME: what creates rows or sends mail is in the stricter group
+    "/acme/new-order": "token",
 }
+ACME_PREFIX = "/acme/"
 
 
 def rate_group(path: str) -> str | None:
@@ -58,6 +61,8 @@ def rate_group(path: str) -> str | None:
         return "est"
     if group is None and path.startswith("/.well-known/cmp/"):
         return "token"
+    if group is None and path.startswith(ACME_PREFIX):
+        return "signed"  # ACME polling and the other signed requests
     return group
 
 

@@ -59,6 +59,7 @@ async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
                 "housekeeping at %s: %d spent nonces, %d sealed keys purged", now, nonces, keys, extra={"at": now}
             )
             await asyncio.to_thread(services.cmp.purge)  # CMP nonces, old transactions, sealed tokens no one can use
+            await asyncio.to_thread(services.acme.purge)  # ACME orders that ended without a certificate
         except Exception:
             log.exception("housekeeping failed; retrying")
 

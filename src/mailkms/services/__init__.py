@@ -1,5 +1,6 @@
 """Lifecycle rules on an injected clock: enrolment, renewal, users, audit, the CA's files."""
 
+from mailkms.services._acme import ACME, AccountView, AuthzView, ChallengeView, OrderView, Verified
 from mailkms.services._admins import (
     ROLE_PERMISSIONS,
     AdminAccounts,
@@ -58,6 +59,7 @@ from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
 __all__ = [
+    "ACME",
     "BOOTSTRAP_PASSPHRASE_FILE",
     "CMP",
     "EST",
@@ -66,12 +68,14 @@ __all__ = [
     "OFFLINE_ROOT_CRL_VALIDITY",
     "PASSPHRASE_SOURCES",
     "ROLE_PERMISSIONS",
+    "AccountView",
     "AdminAccounts",
     "AdminView",
     "AuditCheckpoints",
     "AuditEntry",
     "AuditLog",
     "AuditReport",
+    "AuthzView",
     "Batcher",
     "CAContext",
     "CAPaths",
@@ -83,6 +87,7 @@ __all__ = [
     "CeremonyView",
     "CertDates",
     "CertificateIssuance",
+    "ChallengeView",
     "Composer",
     "ConsoleSession",
     "Dashboard",
@@ -101,6 +106,7 @@ __all__ = [
     "Nonces",
     "OCSPAnswer",
     "OCSPResponder",
+    "OrderView",
     "OutboxEntry",
     "OutboxListing",
     "OutboxQueue",
@@ -129,6 +135,7 @@ __all__ = [
     "UserPage",
     "UserState",
     "UserView",
+    "Verified",
     "ca_passphrase",
     "generate_ders",
     "health_checks",

@@ -15,6 +15,7 @@ from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
+from mailkms.services._acme import ACME
 from mailkms.services._admins import AdminAccounts
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import GroupCommit
@@ -81,6 +82,7 @@ class Services:
     admins: AdminAccounts
     dashboard: Dashboard
     cmp: CMP
+    acme: ACME
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -142,6 +144,7 @@ class Services:
             admins=AdminAccounts(db, settings, clock, audit, keyring),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
+            acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals, revocation),
         )
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
+from mailkms.store._acme import ACMEAccount, ACMEAuthorization, ACMEOrder
 from mailkms.store._admins import Administrator, AdminSession, AdminToken
 from mailkms.store._cmp import CMPNonce, CMPTransaction
 from mailkms.store._db import Database, make_engine, migrate
@@ -23,6 +24,9 @@ from mailkms.store._server_keys import NONCE_KEY, ServerKey
 
 __all__ = [
     "NONCE_KEY",
+    "ACMEAccount",
+    "ACMEAuthorization",
+    "ACMEOrder",
     "AdminSession",
     "AdminToken",
     "Administrator",

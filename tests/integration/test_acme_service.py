@@ -1,0 +1,186 @@
+"""The ACME service on an injected clock, SQLite and PostgreSQL: requests signed by certbot's
+acme package (acme.jws), the reply dropped into the challenge Maildir as the sink would file it.
+What the e2e tests cannot reach without waiting: expiry, the open-order limit, another account's
+resources, and that a reply counts only once the client has POSTed the challenge."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.policy
+import json
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import josepy as jose
+import pytest
+from acme import jws as acme_jws
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
+
+from mailkms.clock import FakeClock
+from mailkms.errors import ACMENotFound, ACMEOrderNotReady, RateLimited, ReplayedNonce
+from mailkms.mail import file_into_maildir
+from mailkms.pki import _acme as wire
+from mailkms.services import Services, Verified
+from mailkms.store import OutboxMessage
+from tests.acme_support import DKIMSigner
+from tests.conftest import CA_PASSPHRASE, PUBLIC_URL, make_csr
+
+BASE = "https://localhost/acme"
+PREFIX = BASE + "/account/"
+
+
+@pytest.fixture
+def settings(data_dir: Path, db_url: str):  # type: ignore[no-untyped-def]
+    from mailkms.config import load_settings
+
+    return load_settings(
+        data_dir,
+        database_url=db_url,
+        ca_passphrase=CA_PASSPHRASE,
+        server={"hostname": "localhost", "public_url": PUBLIC_URL},
+        acme={"enabled": True, "allowed_domains": ["example.org"], "pending_orders_per_account": 2},
+    )
+
+
+class Account:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.key = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048))
+        self.kid: str | None = None
+        made = self.post(BASE + "/new-account", {"termsOfServiceAgreed": True}, new_account=True)
+        self.kid = PREFIX + services.acme.new_account(made).id
+
+    def post(self, url: str, payload: dict[str, Any] | None, *, new_account: bool = False, nonce: str = "") -> Verified:
+        nonce = nonce or self.services.acme.new_nonce()
+        body = b"" if payload is None else json.dumps(payload).encode()
+        signed = acme_jws.JWS.sign(
+            body, key=self.key, alg=jose.RS256, nonce=jose.b64decode(nonce), url=url, kid=self.kid
+        )
+        return self.services.acme.verify(json.loads(signed.json_dumps()), url, PREFIX, new_account=new_account)
+
+    def order(self, mailbox: str) -> str:
+        payload = {"identifiers": [{"type": "email", "value": mailbox}]}
+        return self.services.acme.new_order(self.post(BASE + "/new-order", payload), BASE + "/directory").id
+
+
+def challenge_mail(services: Services, mailbox: str) -> EmailMessage:
+    with services.db.read_only() as session:
+        body = session.execute(select(OutboxMessage.body).where(OutboxMessage.recipient == mailbox)).scalars().all()
+    msg = BytesParser(policy=email.policy.default).parsebytes(body[-1])
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def file_reply(
+    services: Services, account: Account, mailbox: str, token2: str, sign: Callable[[bytes], bytes] | None = None
+) -> None:
+    mail = challenge_mail(services, mailbox)
+    part1 = str(mail["Subject"]).removeprefix("ACME: ")
+    thumb = jose.b64encode(account.key.thumbprint()).decode()
+    reply = EmailMessage()
+    reply["From"], reply["Subject"], reply["In-Reply-To"] = mailbox, f"Re: ACME: {part1}", str(mail["Message-ID"])
+    reply["Message-ID"] = f"<reply-{part1}@example.org>"
+    reply.set_content(f"{wire.RESPONSE_BEGIN}\n{wire.expected_response(part1, token2, thumb)}\n{wire.RESPONSE_END}\n")
+    root = services.settings.acme_reply_maildir
+    data = reply.as_bytes(policy=email.policy.SMTP)
+    file_into_maildir(root.parent, root.name, sign(data) if sign else data)
+
+
+def test_a_reply_counts_once_the_challenge_is_posted_and_issuance_follows(services: Services) -> None:
+    alice = Account(services)
+    order_id = alice.order("alice@example.org")
+    order = services.acme.order(alice.post(f"{BASE}/order/{order_id}", None), order_id)
+    authz = services.acme.authorization(alice.post(f"{BASE}/authz/{order.authz_id}", None), order.authz_id)
+    file_reply(services, alice, "alice@example.org", authz.challenge.token)
+    again = services.acme.authorization(alice.post(f"{BASE}/authz/{authz.id}", None), authz.id)
+    assert again.status == "pending"  # the client has not said it replied
+    chall = f"{BASE}/chall/{authz.challenge.id}"
+    answered = services.acme.challenge(alice.post(chall, {}), authz.challenge.id)
+    assert answered.status == "valid" and answered.challenge.status == "valid"
+    csr, _ = make_csr("alice@example.org")
+    der = wire.b64url(x509_der(csr))
+    done = services.acme.finalize(alice.post(f"{BASE}/order/{order_id}/finalize", {"csr": der}), order_id)
+    assert done.status == "valid" and done.has_certificate
+    pem = services.acme.certificate(alice.post(f"{BASE}/order/{order_id}/certificate", None), order_id)
+    assert pem.count(b"BEGIN CERTIFICATE") == 2
+
+
+def x509_der(csr_pem: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_an_order_expires_unanswered(services: Services, clock: FakeClock) -> None:
+    alice = Account(services)
+    order_id = alice.order("alice@example.org")
+    clock.advance(dt.timedelta(seconds=services.settings.acme.order_ttl_seconds + 1))
+    order = services.acme.order(alice.post(f"{BASE}/order/{order_id}", None), order_id)
+    assert order.status == "invalid"
+    assert order.error is not None and "expired" in str(order.error["detail"])
+    csr, _ = make_csr("alice@example.org")
+    with pytest.raises(ACMEOrderNotReady):
+        payload = {"csr": wire.b64url(x509_der(csr))}
+        services.acme.finalize(alice.post(f"{BASE}/order/{order_id}/finalize", payload), order_id)
+
+
+def test_open_orders_are_limited_per_account(services: Services, clock: FakeClock) -> None:
+    alice = Account(services)
+    alice.order("a1@example.org")
+    alice.order("a2@example.org")
+    with pytest.raises(RateLimited):
+        alice.order("a3@example.org")
+    clock.advance(dt.timedelta(seconds=services.settings.acme.order_ttl_seconds + 1))
+    alice.order("a4@example.org")  # the expired ones no longer count
+
+
+def test_another_account_sees_nothing_and_nonces_are_single_use(services: Services) -> None:
+    alice, mallory = Account(services), Account(services)
+    order_id = alice.order("alice@example.org")
+    with pytest.raises(ACMENotFound):
+        services.acme.order(mallory.post(f"{BASE}/order/{order_id}", None), order_id)
+    nonce = services.acme.new_nonce()
+    alice.post(f"{BASE}/order/{order_id}", None, nonce=nonce)
+    with pytest.raises(ReplayedNonce):
+        alice.post(f"{BASE}/order/{order_id}", None, nonce=nonce)
+
+
+def test_with_require_dkim_only_a_signed_reply_passes(settings, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+    acme_settings = settings.acme.model_copy(update={"require_dkim": True})
+    services = Services.build(settings.model_copy(update={"acme": acme_settings}), clock)
+    signer = DKIMSigner("example.org")
+    services.acme.dns = signer.dns
+    try:
+        results = {}
+        for mailbox, sign in (("unsigned@example.org", False), ("signed@example.org", True)):
+            alice = Account(services)
+            order_id = alice.order(mailbox)
+            order = services.acme.order(alice.post(f"{BASE}/order/{order_id}", None), order_id)
+            authz = services.acme.authorization(alice.post(f"{BASE}/authz/{order.authz_id}", None), order.authz_id)
+            file_reply(services, alice, mailbox, authz.challenge.token, signer.sign if sign else None)
+            chall = f"{BASE}/chall/{authz.challenge.id}"
+            results[sign] = services.acme.challenge(alice.post(chall, {}), authz.challenge.id)
+        assert results[True].status == "valid"
+        assert results[False].status == "invalid"
+        assert results[False].challenge.error is not None
+        assert "DKIM" in str(results[False].challenge.error["detail"])
+    finally:
+        services.close()
+
+
+def test_purge_forgets_orders_that_ended_without_a_certificate(services: Services, clock: FakeClock) -> None:
+    alice = Account(services)
+    gone = alice.order("a1@example.org")
+    clock.advance(dt.timedelta(seconds=services.settings.acme.order_ttl_seconds))
+    assert services.acme.purge() == 0  # not a day past its expiry yet
+    kept = alice.order("a2@example.org")
+    clock.advance(dt.timedelta(days=1, seconds=1))
+    assert services.acme.purge() == 1
+    with pytest.raises(ACMENotFound):
+        services.acme.order(alice.post(f"{BASE}/order/{gone}", None), gone)
+    assert services.acme.order(alice.post(f"{BASE}/order/{kept}", None), kept).status == "pending"
