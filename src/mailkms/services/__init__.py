@@ -27,6 +27,7 @@ from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
+from mailkms.services._passkeys import Ceremony, Passkeys, PasskeyView, credential_text
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
     CeremonyResult,
@@ -68,6 +69,7 @@ __all__ = [
     "CRLPartitions",
     "CRLView",
     "CRLWorkers",
+    "Ceremony",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
@@ -93,6 +95,8 @@ __all__ = [
     "OutboxListing",
     "OutboxQueue",
     "PairIssuer",
+    "PasskeyView",
+    "Passkeys",
     "Permission",
     "PoolKeyring",
     "Principal",
@@ -116,6 +120,7 @@ __all__ = [
     "UserPage",
     "UserState",
     "UserView",
+    "credential_text",
     "generate_ders",
     "health_checks",
     "init_ca",

@@ -29,6 +29,7 @@ from mailkms.services._keypool import KeyPool, PoolKeyring
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import OCSPResponder
 from mailkms.services._outbox import OutboxQueue
+from mailkms.services._passkeys import Passkeys
 from mailkms.services._recovery import Recovery
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
@@ -76,6 +77,7 @@ class Services:
     signers: SignerPool
     issuance: CertificateIssuance
     admins: AdminAccounts
+    passkeys: Passkeys
     dashboard: Dashboard
     cmp: CMP
     key_pool: KeyPool | None = None
@@ -91,6 +93,7 @@ class Services:
         )
         audit = AuditLog(clock, observers=[metrics.observe_audit])
         keyring = PoolKeyring(db, ca.at_rest_passphrase, clock)
+        admins = AdminAccounts(db, settings, clock, audit, keyring)
         pool = None
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
@@ -134,7 +137,8 @@ class Services:
             commits=commits,
             signers=signers,
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
-            admins=AdminAccounts(db, settings, clock, audit, keyring),
+            admins=admins,
+            passkeys=Passkeys(db, settings, clock, audit, admins),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
         )

@@ -1,6 +1,6 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
-from mailkms.store._admins import Administrator, AdminSession, AdminToken
+from mailkms.store._admins import Administrator, AdminSession, AdminToken, WebAuthnChallenge, WebAuthnCredential
 from mailkms.store._cmp import CMPNonce, CMPTransaction
 from mailkms.store._db import Database, make_engine, migrate
 from mailkms.store._est import KeyHandover
@@ -49,6 +49,8 @@ __all__ = [
     "ServerKey",
     "Token",
     "User",
+    "WebAuthnChallenge",
+    "WebAuthnCredential",
     "make_engine",
     "migrate",
 ]

@@ -49,3 +49,31 @@ class AdminSession(Base):
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class WebAuthnCredential(Base):
+    """A passkey (WebAuthn credential) of an administrator: its public key (COSE) and the last
+    signature counter seen (a later assertion must count higher, unless the authenticator keeps none)."""
+
+    __tablename__ = "webauthn_credentials"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("administrators.id"))
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    sign_count: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
+    label: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (Index("ix_webauthn_credentials_admin", "admin_id"),)
+
+
+class WebAuthnChallenge(Base):
+    """A challenge handed to a browser, good once and briefly; keyed by the SHA-256 of a random
+    handle the browser holds in a cookie. `purpose` is "register" or "login"."""
+
+    __tablename__ = "webauthn_challenges"
+    handle_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("administrators.id"))
+    purpose: Mapped[str] = mapped_column(String(10))
+    challenge: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)

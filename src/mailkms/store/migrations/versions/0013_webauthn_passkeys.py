@@ -1,0 +1,50 @@
+"""webauthn: administrators' passkeys (credential id, COSE public key, signature counter) and the
+short-lived challenges handed to browsers
+
+Revision ID: 0013 (webauthn)
+Revises: 0012
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "webauthn_credentials",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("admin_id", sa.Integer(), nullable=False),
+        sa.Column("credential_id", sa.LargeBinary(), nullable=False),
+        sa.Column("public_key", sa.LargeBinary(), nullable=False),
+        sa.Column("sign_count", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("label", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["admin_id"], ["administrators.id"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("credential_id"),
+    )
+    op.create_index("ix_webauthn_credentials_admin", "webauthn_credentials", ["admin_id"])
+    op.create_table(
+        "webauthn_challenges",
+        sa.Column("handle_hash", sa.String(length=64), nullable=False),
+        sa.Column("admin_id", sa.Integer(), nullable=False),
+        sa.Column("purpose", sa.String(length=10), nullable=False),
+        sa.Column("challenge", sa.LargeBinary(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["admin_id"], ["administrators.id"]),
+        sa.PrimaryKeyConstraint("handle_hash"),
+    )
+    op.create_index("ix_webauthn_challenges_expires_at", "webauthn_challenges", ["expires_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_webauthn_challenges_expires_at", "webauthn_challenges")
+    op.drop_table("webauthn_challenges")
+    op.drop_index("ix_webauthn_credentials_admin", "webauthn_credentials")
+    op.drop_table("webauthn_credentials")
