@@ -110,6 +110,8 @@ class Passkeys:
 
     def finish_registration(self, who: Principal, handle: str, credential: str, origin: str, label: str) -> None:
         label = label.strip()[:64] or "passkey"
+        expected_origin = self._origin(origin)
+        refused: Malformed | None = None
         with self._db.transaction() as session:
             admin = self._named(session, who.name)
             challenge = self._take(session, handle, admin.id, "register")
@@ -118,21 +120,25 @@ class Passkeys:
                     credential=credential,
                     expected_challenge=challenge,
                     expected_rp_id=self._rp_id,
-                    expected_origin=self._origin(origin),
+                    expected_origin=expected_origin,
                 )
             except WebAuthnException as exc:
-                raise Malformed(f"the passkey was not accepted: {exc}") from exc
-            session.add(
-                WebAuthnCredential(
-                    admin_id=admin.id,
-                    credential_id=verified.credential_id,
-                    public_key=verified.credential_public_key,
-                    sign_count=verified.sign_count,
-                    label=label,
-                    created_at=self._clock.now(),
+                refused = Malformed(f"the passkey was not accepted: {exc}")
+                self._audit.append(session, who.actor, "admin.passkey.refused", admin.name, why=str(exc)[:80])
+            else:
+                session.add(
+                    WebAuthnCredential(
+                        admin_id=admin.id,
+                        credential_id=verified.credential_id,
+                        public_key=verified.credential_public_key,
+                        sign_count=verified.sign_count,
+                        label=label,
+                        created_at=self._clock.now(),
+                    )
                 )
-            )
-            self._audit.append(session, who.actor, "admin.passkey.registered", admin.name, label=label)
+                self._audit.append(session, who.actor, "admin.passkey.registered", admin.name, label=label)
+        if refused is not None:
+            raise refused  # after the commit: the challenge stays used up
 
     # --- log-in --------------------------------------------------------------------------------------
     def begin_login(self, name: str, password: str) -> Ceremony:
@@ -160,6 +166,7 @@ class Passkeys:
 
     def finish_login(self, handle: str, credential: str, origin: str) -> ConsoleSession:
         now = self._clock.now()
+        expected_origin = self._origin(origin)
         failure: LoginFailed | None = None
         with self._db.transaction() as session:
             row = session.get(WebAuthnChallenge, _sha256(handle)) if handle else None
@@ -170,8 +177,8 @@ class Passkeys:
             challenge = self._take(session, handle, admin.id, "login")
             try:
                 raw_id = parse_authentication_credential_json(credential).raw_id
-            except (WebAuthnException, ValueError, KeyError, TypeError) as exc:
-                raise Malformed("the passkey's answer is not a WebAuthn assertion") from exc
+            except (WebAuthnException, ValueError, KeyError, TypeError):
+                raw_id = b""  # not an assertion: no credential matches, refused and counted below
             stored = session.execute(
                 select(WebAuthnCredential).where(
                     WebAuthnCredential.credential_id == raw_id, WebAuthnCredential.admin_id == admin.id
@@ -187,7 +194,7 @@ class Passkeys:
                         credential=credential,
                         expected_challenge=challenge,
                         expected_rp_id=self._rp_id,
-                        expected_origin=self._origin(origin),
+                        expected_origin=expected_origin,
                         credential_public_key=stored.public_key,
                         credential_current_sign_count=stored.sign_count,
                     )
