@@ -543,3 +543,15 @@ class RoleForbidden(PolicyRefused):
 class CSRFRefused(PolicyRefused):
     code = "csrf-refused"
     title = "The form's CSRF token is missing or wrong"
+
+
+class ApprovalNotFound(NotFound):
+    code = "approval-not-found"
+    title = "No such approval request"
+
+
+class ApprovalClosed(Conflict):
+    """Released already, expired, or this officer has approved it already."""
+
+    code = "approval-closed"
+    title = "The approval request takes no more approvals from you"

@@ -10,6 +10,7 @@ from mailkms.services._admins import (
     Role,
     parse_role,
 )
+from mailkms.services._approvals import Approvals, ApprovalView
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import PASSPHRASE_SOURCES, CAContext, CAPaths, InitResult, init_ca, tls_hostnames
@@ -58,6 +59,8 @@ __all__ = [
     "ROLE_PERMISSIONS",
     "AdminAccounts",
     "AdminView",
+    "ApprovalView",
+    "Approvals",
     "AuditCheckpoints",
     "AuditEntry",
     "AuditLog",

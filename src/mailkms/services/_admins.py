@@ -392,6 +392,14 @@ class AdminAccounts:
     def _seal(self, name: str, secret: str) -> bytes:
         return self._cipher().seal(name, secret)
 
+    def seal_secret(self, context: str, secret: str) -> bytes:
+        """Another secret kept between requests (an officer's share awaiting the quorum), under the
+        same at-rest key, bound to CONTEXT."""
+        return self._cipher().seal(context, secret)
+
+    def open_secret(self, context: str, sealed: bytes) -> str:
+        return self._cipher().open(context, sealed)
+
 
 class _Cipher:
     """TOTP secrets under the server's at-rest key (the key pool's wrapping key: AES-256-GCM, itself

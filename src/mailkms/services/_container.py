@@ -15,6 +15,7 @@ from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._admins import AdminAccounts
+from mailkms.services._approvals import Approvals
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
@@ -78,6 +79,7 @@ class Services:
     issuance: CertificateIssuance
     admins: AdminAccounts
     passkeys: Passkeys
+    approvals: Approvals
     dashboard: Dashboard
     cmp: CMP
     key_pool: KeyPool | None = None
@@ -94,6 +96,7 @@ class Services:
         audit = AuditLog(clock, observers=[metrics.observe_audit])
         keyring = PoolKeyring(db, ca.at_rest_passphrase, clock)
         admins = AdminAccounts(db, settings, clock, audit, keyring)
+        recovery = Recovery(db, ca.paths.recovery_dir, settings, clock, audit)
         pool = None
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
@@ -125,7 +128,7 @@ class Services:
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
             est=est,
-            recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
+            recovery=recovery,
             revocation=revocation,
             ocsp=ocsp,
             outbox=OutboxQueue(db, clock, audit),
@@ -139,6 +142,7 @@ class Services:
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
             admins=admins,
             passkeys=Passkeys(db, settings, clock, audit, admins),
+            approvals=Approvals(db, clock, audit, admins, recovery),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
         )

@@ -1,6 +1,14 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
-from mailkms.store._admins import Administrator, AdminSession, AdminToken, WebAuthnChallenge, WebAuthnCredential
+from mailkms.store._admins import (
+    Administrator,
+    AdminSession,
+    AdminToken,
+    ApprovalRequest,
+    ApprovalVote,
+    WebAuthnChallenge,
+    WebAuthnCredential,
+)
 from mailkms.store._cmp import CMPNonce, CMPTransaction
 from mailkms.store._db import Database, make_engine, migrate
 from mailkms.store._est import KeyHandover
@@ -26,6 +34,8 @@ __all__ = [
     "AdminSession",
     "AdminToken",
     "Administrator",
+    "ApprovalRequest",
+    "ApprovalVote",
     "ArchivedKey",
     "AuditHead",
     "AuditRecord",

@@ -77,3 +77,32 @@ class WebAuthnChallenge(Base):
     purpose: Mapped[str] = mapped_column(String(10))
     challenge: Mapped[bytes] = mapped_column(LargeBinary)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class ApprovalRequest(Base):
+    """A dangerous act (kind "recover") started by one officer in the console, released only when
+    M officers approved it in their own sessions."""
+
+    __tablename__ = "approval_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    subject: Mapped[str] = mapped_column(String(320))
+    started_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    released_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ApprovalVote(Base):
+    """One officer's approval: the share file and its passphrase, sealed under the server's at-rest
+    key until the quorum is reached (then opened once and deleted)."""
+
+    __tablename__ = "approval_votes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("approval_requests.id"))
+    officer: Mapped[str] = mapped_column(String(64))
+    share_officer: Mapped[str] = mapped_column(String(100))
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ux_approval_votes_officer", "request_id", "officer", unique=True),)

@@ -1,5 +1,6 @@
 """webauthn: administrators' passkeys (credential id, COSE public key, signature counter) and the
-short-lived challenges handed to browsers
+short-lived challenges handed to browsers; M-of-N approval requests and their
+officers' sealed votes (console recovery)
 
 Revision ID: 0013 (webauthn)
 Revises: 0012
@@ -41,9 +42,36 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("handle_hash"),
     )
     op.create_index("ix_webauthn_challenges_expires_at", "webauthn_challenges", ["expires_at"])
+    op.create_table(
+        "approval_requests",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=20), nullable=False),
+        sa.Column("subject", sa.String(length=320), nullable=False),
+        sa.Column("started_by", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("released_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("released_by", sa.String(length=64), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_table(
+        "approval_votes",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("request_id", sa.Integer(), nullable=False),
+        sa.Column("officer", sa.String(length=64), nullable=False),
+        sa.Column("share_officer", sa.String(length=100), nullable=False),
+        sa.Column("sealed", sa.LargeBinary(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["request_id"], ["approval_requests.id"]),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ux_approval_votes_officer", "approval_votes", ["request_id", "officer"], unique=True)
 
 
 def downgrade() -> None:
+    op.drop_index("ux_approval_votes_officer", "approval_votes")
+    op.drop_table("approval_votes")
+    op.drop_table("approval_requests")
     op.drop_index("ix_webauthn_challenges_expires_at", "webauthn_challenges")
     op.drop_table("webauthn_challenges")
     op.drop_index("ix_webauthn_credentials_admin", "webauthn_credentials")
