@@ -471,6 +471,7 @@ class AdminConfig(_Frozen):
     max_failed_logins: int = Field(default=5, ge=1, description="failed log-ins in a row before the account locks")
     lockout_minutes: int = Field(default=15, ge=1, description="how long a locked account stays locked")
     page_size: int = Field(default=50, ge=1, le=500, description="users per page in the console and the API")
+    webauthn_rp_id: str = Field(default="", description="the passkeys' relying-party ID (default: server.hostname)")
 
 
 class Settings(BaseSettings):
@@ -739,4 +740,5 @@ session_minutes = 15                # a console session ends this long after log
 max_failed_logins = 5               # failed log-ins in a row before the account locks
 lockout_minutes = 15
 page_size = 50                      # users per page
+webauthn_rp_id = ""                 # passkeys' relying-party ID; empty = server.hostname
 """

@@ -589,3 +589,15 @@ class ACMEOrderNotReady(Conflict):
 class ACMENotFound(NotFound):
     code = "acme-not-found"
     title = "No such ACME resource for this account"
+
+
+class ApprovalNotFound(NotFound):
+    code = "approval-not-found"
+    title = "No such approval request"
+
+
+class ApprovalClosed(Conflict):
+    """Released already, expired, or this officer has approved it already."""
+
+    code = "approval-closed"
+    title = "The approval request takes no more approvals from you"

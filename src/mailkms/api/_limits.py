@@ -48,6 +48,7 @@ _GROUPS: dict[str, str] = {
     "/api/v1/status": "signed",
     EST_PREFIX + "simplereenroll": "signed",
     "/admin/login": "login",  # password guessing across accounts (each account also locks itself)
+    "/admin/login/passkey/options": "login",  # the password step of the passkey log-in
     "/.well-known/cmp": "token",  # CMP: MAC by the token or signature; one group, the stricter one
     "/acme/new-account": "token",  # ACME: what creates rows or sends mail is in the stricter group
     "/acme/new-order": "token",

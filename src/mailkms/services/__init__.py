@@ -11,6 +11,7 @@ from mailkms.services._admins import (
     Role,
     parse_role,
 )
+from mailkms.services._approvals import Approvals, ApprovalView
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import (
@@ -38,6 +39,7 @@ from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
 from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
+from mailkms.services._passkeys import Ceremony, Passkeys, PasskeyView, credential_text
 from mailkms.services._recovery import (
     BOOTSTRAP_PASSPHRASE_FILE,
     CeremonyResult,
@@ -71,6 +73,8 @@ __all__ = [
     "AccountView",
     "AdminAccounts",
     "AdminView",
+    "ApprovalView",
+    "Approvals",
     "AuditCheckpoints",
     "AuditEntry",
     "AuditLog",
@@ -83,6 +87,7 @@ __all__ = [
     "CRLPartitions",
     "CRLView",
     "CRLWorkers",
+    "Ceremony",
     "CeremonyResult",
     "CeremonyView",
     "CertDates",
@@ -111,6 +116,8 @@ __all__ = [
     "OutboxListing",
     "OutboxQueue",
     "PairIssuer",
+    "PasskeyView",
+    "Passkeys",
     "Permission",
     "PoolKeyring",
     "Principal",
@@ -137,6 +144,7 @@ __all__ = [
     "UserView",
     "Verified",
     "ca_passphrase",
+    "credential_text",
     "generate_ders",
     "health_checks",
     "import_signed",

@@ -11,6 +11,7 @@ import enum
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyotp
@@ -248,8 +249,32 @@ class AdminAccounts:
 
     def login(self, name: str, password: str, code: str) -> ConsoleSession:
         """Password and TOTP code; a console session. Failures count towards the lock-out."""
-        now = self._clock.now()
         cipher = self._cipher()  # before the transaction (it may write the wrapping key)
+        return self._login(name, lambda admin, now: self._check(admin, password, code, now, cipher), password)
+
+    def check_password(self, name: str, password: str) -> int:
+        """The first factor alone, before a passkey: the administrator's id. A wrong password counts
+        towards the lock-out like any failed log-in; the session comes with `passkey_session`."""
+        found: list[int] = []
+
+        def first(admin: Administrator, now: dt.datetime) -> str | None:
+            if not self._verify(admin.password_hash, password):
+                return "password"
+            found.append(admin.id)
+            return None
+
+        self._login(name, first, password, open_session=False)
+        return found[0]
+
+    def _login(
+        self,
+        name: str,
+        check: Callable[[Administrator, dt.datetime], str | None],
+        password: str,
+        *,
+        open_session: bool = True,
+    ) -> ConsoleSession:
+        now = self._clock.now()
         failure: LoginFailed | AccountLocked | None = None
         with self._db.transaction() as session:
             admin = session.execute(
@@ -265,28 +290,36 @@ class AdminAccounts:
                 self._audit.append(session, "anonymous", "admin.login.failed", name, why="locked")
                 failure = AccountLocked(f"locked until {admin.locked_until:%H:%M:%S} UTC")
             else:
-                why = self._check(admin, password, code, now, cipher)
+                why = check(admin, now)
                 if why is None:
-                    admin.failed_logins = 0
-                    admin.locked_until = None
-                    cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-                    expires = now + dt.timedelta(minutes=self._cfg.session_minutes)
-                    session.add(
-                        AdminSession(
-                            id_hash=_sha256(cookie), admin_id=admin.id, csrf=csrf, created_at=now, expires_at=expires
-                        )
-                    )
-                    session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
-                    self._audit.append(session, f"admin:{name}", "admin.login", name)
-                    return ConsoleSession(Principal(admin.name, Role(admin.role)), csrf, expires, cookie)
-                admin.failed_logins += 1
-                locked = admin.failed_logins >= self._cfg.max_failed_logins
-                if locked:
-                    admin.locked_until = now + dt.timedelta(minutes=self._cfg.lockout_minutes)
-                    admin.failed_logins = 0
-                self._audit.append(session, "anonymous", "admin.login.failed", name, why=why, locked=locked)
-                failure = LoginFailed()
+                    if not open_session:
+                        return ConsoleSession(Principal(admin.name, Role(admin.role)), "", now)
+                    return self.open_session(session, admin, now, "totp")
+                failure = self.refuse(session, admin, now, why)
         raise failure
+
+    def refuse(self, session: Session, admin: Administrator, now: dt.datetime, why: str) -> LoginFailed:
+        """A failed log-in of a known administrator: counted, locked at the limit, audited."""
+        admin.failed_logins += 1
+        locked = admin.failed_logins >= self._cfg.max_failed_logins
+        if locked:
+            admin.locked_until = now + dt.timedelta(minutes=self._cfg.lockout_minutes)
+            admin.failed_logins = 0
+        self._audit.append(session, "anonymous", "admin.login.failed", admin.name, why=why, locked=locked)
+        return LoginFailed()
+
+    def open_session(self, session: Session, admin: Administrator, now: dt.datetime, factor: str) -> ConsoleSession:
+        """Both factors passed: a new console session (in the caller's transaction)."""
+        admin.failed_logins = 0
+        admin.locked_until = None
+        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        expires = now + dt.timedelta(minutes=self._cfg.session_minutes)
+        session.add(
+            AdminSession(id_hash=_sha256(cookie), admin_id=admin.id, csrf=csrf, created_at=now, expires_at=expires)
+        )
+        session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
+        self._audit.append(session, f"admin:{admin.name}", "admin.login", admin.name, factor=factor)
+        return ConsoleSession(Principal(admin.name, Role(admin.role)), csrf, expires, cookie)
 
     def _check(self, admin: Administrator, password: str, code: str, now: dt.datetime, cipher: _Cipher) -> str | None:
         """None when the password and the code are right, else which was wrong (for the audit only)."""
@@ -358,6 +391,14 @@ class AdminAccounts:
 
     def _seal(self, name: str, secret: str) -> bytes:
         return self._cipher().seal(name, secret)
+
+    def seal_secret(self, context: str, secret: str) -> bytes:
+        """Another secret kept between requests (an officer's share awaiting the quorum), under the
+        same at-rest key, bound to CONTEXT."""
+        return self._cipher().seal(context, secret)
+
+    def open_secret(self, context: str, sealed: bytes) -> str:
+        return self._cipher().open(context, sealed)
 
 
 class _Cipher:

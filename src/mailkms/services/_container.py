@@ -17,6 +17,7 @@ from mailkms.config import Settings
 from mailkms.pki import CertKind, PublicURLs, crl_number
 from mailkms.services._acme import ACME
 from mailkms.services._admins import AdminAccounts
+from mailkms.services._approvals import Approvals
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext, CAPaths, tls_hostnames
@@ -31,6 +32,7 @@ from mailkms.services._keypool import KeyPool, PoolKeyring
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import OCSPResponder
 from mailkms.services._outbox import OutboxQueue
+from mailkms.services._passkeys import Passkeys
 from mailkms.services._recovery import Recovery
 from mailkms.services._refusals import Refusals
 from mailkms.services._renewal import Renewal
@@ -80,6 +82,8 @@ class Services:
     signers: SignerPool
     issuance: CertificateIssuance
     admins: AdminAccounts
+    passkeys: Passkeys
+    approvals: Approvals
     dashboard: Dashboard
     cmp: CMP
     acme: ACME
@@ -97,6 +101,8 @@ class Services:
         )
         audit = AuditLog(clock, observers=[metrics.observe_audit])
         keyring = PoolKeyring(db, ca.at_rest_passphrase, clock)
+        admins = AdminAccounts(db, settings, clock, audit, keyring)
+        recovery = Recovery(db, ca.paths.recovery_dir, settings, clock, audit)
         pool = None
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
@@ -129,7 +135,7 @@ class Services:
             directory=Directory(db, ca, settings, clock),
             key_pool=pool,
             est=est,
-            recovery=Recovery(db, ca.paths.recovery_dir, settings, clock, audit),
+            recovery=recovery,
             revocation=revocation,
             ocsp=ocsp,
             outbox=OutboxQueue(db, clock, audit),
@@ -141,7 +147,9 @@ class Services:
             commits=commits,
             signers=signers,
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
-            admins=AdminAccounts(db, settings, clock, audit, keyring),
+            admins=admins,
+            passkeys=Passkeys(db, settings, clock, audit, admins),
+            approvals=Approvals(db, clock, audit, admins, recovery),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
             acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals, revocation),

@@ -1,7 +1,15 @@
 """Storage: SQLAlchemy models, the database and its migrations."""
 
 from mailkms.store._acme import ACMEAccount, ACMEAuthorization, ACMEOrder
-from mailkms.store._admins import Administrator, AdminSession, AdminToken
+from mailkms.store._admins import (
+    Administrator,
+    AdminSession,
+    AdminToken,
+    ApprovalRequest,
+    ApprovalVote,
+    WebAuthnChallenge,
+    WebAuthnCredential,
+)
 from mailkms.store._cmp import CMPNonce, CMPTransaction
 from mailkms.store._db import Database, make_engine, migrate
 from mailkms.store._est import KeyHandover
@@ -30,6 +38,8 @@ __all__ = [
     "AdminSession",
     "AdminToken",
     "Administrator",
+    "ApprovalRequest",
+    "ApprovalVote",
     "ArchivedKey",
     "AuditHead",
     "AuditRecord",
@@ -53,6 +63,8 @@ __all__ = [
     "ServerKey",
     "Token",
     "User",
+    "WebAuthnChallenge",
+    "WebAuthnCredential",
     "make_engine",
     "migrate",
 ]

@@ -49,3 +49,60 @@ class AdminSession(Base):
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class WebAuthnCredential(Base):
+    """A passkey (WebAuthn credential) of an administrator: its public key (COSE) and the last
+    signature counter seen (a later assertion must count higher, unless the authenticator keeps none)."""
+
+    __tablename__ = "webauthn_credentials"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("administrators.id"))
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    sign_count: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
+    label: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (Index("ix_webauthn_credentials_admin", "admin_id"),)
+
+
+class WebAuthnChallenge(Base):
+    """A challenge handed to a browser, good once and briefly; keyed by the SHA-256 of a random
+    handle the browser holds in a cookie. `purpose` is "register" or "login"."""
+
+    __tablename__ = "webauthn_challenges"
+    handle_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("administrators.id"))
+    purpose: Mapped[str] = mapped_column(String(10))
+    challenge: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class ApprovalRequest(Base):
+    """A dangerous act (kind "recover") started by one officer in the console, released only when
+    M officers approved it in their own sessions."""
+
+    __tablename__ = "approval_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    subject: Mapped[str] = mapped_column(String(320))
+    started_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    released_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ApprovalVote(Base):
+    """One officer's approval: the share file and its passphrase, sealed under the server's at-rest
+    key until the quorum is reached (then opened once and deleted)."""
+
+    __tablename__ = "approval_votes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("approval_requests.id"))
+    officer: Mapped[str] = mapped_column(String(64))
+    share_officer: Mapped[str] = mapped_column(String(100))
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ux_approval_votes_officer", "request_id", "officer", unique=True),)

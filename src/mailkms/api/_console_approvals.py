@@ -1,0 +1,87 @@
+"""M-of-N approvals in the console (services.Approvals): start a recovery, approve it with one's
+share file and passphrase, see the recovery token once the threshold is reached. Script-free
+pages under the console's ordinary CSP; forms carry the session's CSRF token."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, Response, UploadFile
+from fastapi.responses import RedirectResponse
+
+from mailkms.api._console import COOKIE, SECURITY_HEADERS, render
+from mailkms.errors import AdminAuthRequired, CSRFRefused, MailkmsError, Malformed
+from mailkms.services import ConsoleSession, Permission, Services
+
+MAX_SHARE = 64 * 1024
+
+
+def approvals_router(services: Services) -> APIRouter:
+    router = APIRouter(prefix="/admin", include_in_schema=False)
+    approvals = services.approvals
+
+    def current(request: Request, csrf: str | None = None, *, form: bool = False) -> ConsoleSession:
+        cookie = request.cookies.get(COOKIE)
+        if not cookie:
+            raise AdminAuthRequired("log in first")
+        session = services.admins.session(cookie)
+        request.state.console_session = session
+        if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
+            raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
+        return session
+
+    def page(session: ConsoleSession, template: str, status: int = 200, **context: object) -> Response:
+        return render(
+            template,
+            status,
+            me=session.principal,
+            csrf=session.csrf,
+            may_write=session.principal.may(Permission.USERS),
+            may_recover=session.principal.may(Permission.RECOVERY),
+            **context,
+        )
+
+    @router.get("/approvals")
+    def listing(request: Request) -> Response:
+        session = current(request)
+        return page(
+            session, "approvals.html", requests=approvals.list(), threshold=services.recovery.status().threshold
+        )
+
+    @router.post("/approvals")
+    def start(
+        request: Request,
+        email: Annotated[str, Form(max_length=320)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        session = current(request, csrf, form=True)
+        request_id = approvals.start_recovery(session.principal, email)
+        return RedirectResponse(f"/admin/approvals/{request_id}", status_code=303, headers=SECURITY_HEADERS)
+
+    @router.get("/approvals/{request_id}")
+    def show(request: Request, request_id: int) -> Response:
+        session = current(request)
+        return page(session, "approval.html", r=approvals.show(request_id), released=None)
+
+    @router.post("/approvals/{request_id}/approve")
+    async def approve(
+        request: Request,
+        request_id: int,
+        share: UploadFile,
+        passphrase: Annotated[str, Form(max_length=1024)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        session = current(request, csrf, form=True)
+        data = await share.read(MAX_SHARE + 1)
+        if len(data) > MAX_SHARE:
+            raise Malformed("that is not a share file (too large)")
+        try:
+            done = approvals.approve(session.principal, request_id, data, passphrase.encode())
+        except MailkmsError as exc:
+            if exc.http_status >= 500 or isinstance(exc, AdminAuthRequired):
+                raise
+            return page(session, "approval.html", exc.http_status, r=approvals.show(request_id), failure=exc.detail)
+        return page(session, "approval.html", r=done.view, released=done.released)
+
+    return router
