@@ -77,6 +77,7 @@ CRLBuilder = Callable[[Sequence[CRLJob]], Iterator[tuple[CRLJob, BuiltCRL]]]
 
 
 PARTITION_VIEWS = 4  # partition CRLs a process keeps in memory to serve
+PUBLISH_ROUNDS = 20  # rounds one publish_crl call tries before leaving the rest to the scheduler
 
 
 class Revocation:
@@ -245,9 +246,24 @@ class Revocation:
         publish one number twice). Returns the whole-CA CRL's view if it was published, else the
         last one published, or None when nothing was due (another node or an earlier call did it).
         """
+        self._ensure_issuing_row()
+        # A round that loses a number to another publisher may have lost with the CRL that holds
+        # our revocation (the winner read its entries before we committed): go again until a CRL
+        # built after the flag was set is stored, or another publisher cleared the flag (which it
+        # can only do when no revocation came after its snapshot). Each lost round means another
+        # publisher stored a number, so this ends.
+        published: CRLView | None = None
+        for _ in range(PUBLISH_ROUNDS):
+            view, settled = self._publish_round(actor, force)
+            published = view or published
+            if settled:
+                return published
+        log.warning("CRL publication lost %d rounds in a row; the next scheduler round finishes it", PUBLISH_ROUNDS)
+        return published
+
+    def _publish_round(self, actor: str, force: bool) -> tuple[CRLView | None, bool]:
         this_update = self._clock.now().replace(microsecond=0)
         next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
-        self._ensure_issuing_row()
         with self._db.read_only() as session:
             rows = list(session.execute(select(PublishedCRL).order_by(PublishedCRL.partition)).scalars())
             flagged = next(r for r in rows if r.scope == ISSUING_SCOPE)
@@ -268,7 +284,7 @@ class Revocation:
                 if r.scope in wanted
             ]
         if not jobs and dirty_since is None:
-            return None
+            return None, True
         last: CRLView | None = None  # not a list: with 1M revoked the partitions' DER is ~40 MB
         whole: CRLView | None = None
         complete = True
@@ -286,7 +302,10 @@ class Revocation:
                     .where(PublishedCRL.scope == ISSUING_SCOPE, PublishedCRL.revision == revision)
                     .values(dirty_since=None)
                 )
-        return whole or last
+        if not complete:
+            with self._db.read_only() as session:
+                complete = session.get(PublishedCRL, ISSUING_SCOPE).dirty_since is None  # type: ignore[union-attr]
+        return whole or last, complete
 
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
