@@ -133,7 +133,8 @@ def create_app(services: Services) -> FastAPI:
             message="Your certificates are on their way by e-mail.",
         )
 
-    @api.api_route("/nonce", methods=["GET", "HEAD"], status_code=204, tags=["renewal"], summary="A fresh nonce")
+    @api.get("/nonce", status_code=204, tags=["renewal"], summary="A fresh nonce", operation_id="new_nonce")
+    @api.head("/nonce", status_code=204, tags=["renewal"], summary="A fresh nonce", operation_id="new_nonce_head")
     def nonce() -> Response:
         """The nonce is in the Replay-Nonce header (RFC 8555 §7.2)."""
         return Response(status_code=204, headers={"Replay-Nonce": services.nonces.new(), "Cache-Control": "no-store"})
