@@ -223,7 +223,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     services = Services.build(load_settings(data), SystemClock())
     for name in ("alice", "bob", "carol", "dave", "erin"):
         w.tokens[name] = services.users.add(f"{name}@example.org", name.title(), None, "admin:e2e")
-    services.db.dispose()
+    services.close()
     try:
         w.start()
         yield w

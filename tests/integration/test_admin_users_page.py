@@ -25,7 +25,7 @@ def grouped(data_dir, db_url, clock):  # type: ignore[no-untyped-def]
     )
     svc = Services.build(settings, clock)
     yield svc
-    svc.db.dispose()
+    svc.close()
 
 
 def _starts() -> list[dt.datetime]:

@@ -128,4 +128,4 @@ def test_group_policy_sets_lifetime_and_reminder(data_dir, db_url, clock) -> Non
         clock.advance(dt.timedelta(seconds=1))
         assert services.users.show("carol@example.org").state.value == "DUE"
     finally:
-        services.db.dispose()
+        services.close()

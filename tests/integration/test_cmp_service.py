@@ -217,7 +217,7 @@ def test_with_cmp_off_tokens_are_not_sealed_and_nothing_listens(services, settin
         paths = create_app(without).openapi()["paths"]
         assert "/.well-known/cmp" not in paths and "/.well-known/est/simpleenroll" in paths
     finally:
-        without.db.dispose()
+        without.close()
 
 
 def test_a_mangled_openssl_request_always_gets_a_cmp_error(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]

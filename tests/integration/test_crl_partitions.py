@@ -29,7 +29,7 @@ def partitioned(settings: Settings, clock):  # type: ignore[no-untyped-def]
     )
     svc.ensure_server_identities()
     yield svc
-    svc.db.dispose()
+    svc.close()
 
 
 def _verify(services: Services, leaf: x509.Certificate, crl_der: bytes, at: dt.datetime) -> tuple[int, str]:

@@ -53,7 +53,7 @@ def fuzz_services(ca_template: Path, tmp_path_factory: pytest.TempPathFactory) -
     services.revocation.publish_crl()
     services.revocation.refresh_latest()
     yield services
-    services.db.dispose()
+    services.close()
 
 
 def check_answer(method: str, path: str, status: int, headers: Any, body: bytes) -> None:

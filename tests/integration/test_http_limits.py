@@ -45,7 +45,7 @@ def open_services(settings, clock):  # type: ignore[no-untyped-def]
 
     yield build
     for svc in made:
-        svc.db.dispose()
+        svc.close()
 
 
 def _rows(services: Services, model: Any) -> int:
@@ -252,8 +252,8 @@ def test_every_node_accepts_every_nodes_nonces(settings, clock) -> None:  # type
         with pytest.raises(ReplayedNonce):
             first.nonces.consume(made_by_first)
     finally:
-        first.db.dispose()
-        second.db.dispose()
+        first.close()
+        second.close()
 
 
 # --- 3. reads without the write lock ------------------------------------------------------------------------

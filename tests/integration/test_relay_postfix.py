@@ -58,7 +58,7 @@ def services(data_dir: Path, tmp_path: Path, clock) -> Iterator[Services]:  # ty
     )
     svc = Services.build(settings, clock)
     yield svc
-    svc.db.dispose()
+    svc.close()
 
 
 def _smtp(postfix: Postfix, tls: TLSFiles, **overrides: Any) -> Any:

@@ -135,7 +135,7 @@ def test_sweeps_on_two_nodes_at_once_send_each_reminder_once(services, settings,
         assert sorted(recipients) == sorted(f"user{i}@example.org" for i in range(120))
     assert services.verify_audit().ok
     for n in nodes:
-        n.db.dispose()
+        n.close()
 
 
 def test_admin_summary_once_a_day(services, settings, clock) -> None:  # type: ignore[no-untyped-def]

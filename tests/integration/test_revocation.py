@@ -546,7 +546,7 @@ def test_two_nodes_publish_each_crl_once(services, settings, clock) -> None:  # 
             ocsp.OCSPCertStatus.REVOKED
         )
     finally:
-        other.db.dispose()
+        other.close()
 
 
 def test_a_node_forgets_answers_revoked_elsewhere_at_its_next_poll(services, settings, clock) -> None:  # type: ignore[no-untyped-def]
@@ -559,7 +559,7 @@ def test_a_node_forgets_answers_revoked_elsewhere_at_its_next_poll(services, set
     try:
         admin.revocation.revoke_users([mona.mailbox], "privilegeWithdrawn", "admin:test")
     finally:
-        admin.db.dispose()
+        admin.close()
     assert services.ocsp.answer(request).status == "good"  # still the cached answer ...
     clock.advance(dt.timedelta(seconds=2))
     services.ocsp.sync()  # ... until the poll
