@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from mailkms.clock import FakeClock
-from mailkms.errors import ACMENotFound, ACMEOrderNotReady, BadCSR, RateLimited, ReplayedNonce
+from mailkms.errors import ACMENotFound, ACMEOrderNotReady, BadCSR, Malformed, RateLimited, ReplayedNonce
 from mailkms.mail import file_into_maildir
 from mailkms.pki import _acme as wire
 from mailkms.services import Services, Verified
@@ -311,3 +311,26 @@ def test_by_default_an_encryption_csr_is_refused_and_the_order_stays_ready(servi
     pem = services.acme.certificate(alice.post(f"{BASE}/order/{order_id}/certificate", None), done.id)
     ku = x509.load_pem_x509_certificates(pem)[0].extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.digital_signature and not ku.key_encipherment
+
+
+@pytest.mark.parametrize("flaw", ["nonce", "url", "old-key", "account"])
+def test_a_bad_key_change_is_refused_and_the_key_stays(services: Services, flaw: str) -> None:
+    alice = Account(services)
+    new_key = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048))
+    url = f"{BASE}/key-change"
+    old = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048)) if flaw == "old-key" else alice.key
+    payload = {
+        "account": PREFIX + "someone-else" if flaw == "account" else alice.kid,
+        "oldKey": old.public_key().to_partial_json(),
+    }
+    inner = acme_jws.JWS.sign(
+        json.dumps(payload).encode(),
+        key=new_key,
+        alg=jose.RS256,
+        nonce=b"nonce" if flaw == "nonce" else None,
+        url=url + "/elsewhere" if flaw == "url" else url,
+    )
+    assert alice.kid is not None
+    with pytest.raises(Malformed):
+        services.acme.key_change(alice.post(url, json.loads(inner.json_dumps())), url, alice.kid)
+    assert services.acme.account(alice.post(alice.kid, None)).status == "valid"  # the old key still acts
