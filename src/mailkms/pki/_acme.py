@@ -18,8 +18,6 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from joserfc import jws
 from joserfc.errors import BadSignatureError, ExceededSizeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, RSAKey
@@ -148,12 +146,6 @@ def verify_jws(body: dict[str, str], key: RSAKey | ECKey, header: ACMEHeader, *,
     except (ValueError, TypeError) as exc:
         raise BadJWS(f"the signed request cannot be read ({exc.__class__.__name__})") from None
     return bytes(verified.payload)
-
-
-def same_public_key(jwk: RSAKey | ECKey, cert: x509.Certificate) -> bool:
-    """Whether a JWS key is the certificate's subject key (revokeCert signed by that key)."""
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return bool(jwk.public_key.public_bytes(*spki) == cert.public_key().public_bytes(*spki))
 
 
 def key_authorization(token_part1: str, token_part2: str, account_thumbprint: str) -> str:
@@ -289,7 +281,6 @@ __all__ = [
     "public_jwk",
     "read_header",
     "read_reply",
-    "same_public_key",
     "subject_token",
     "thumbprint",
     "verify_jws",

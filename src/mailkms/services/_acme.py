@@ -54,7 +54,7 @@ from mailkms.errors import (
     Unauthorized,
     URLMismatch,
 )
-from mailkms.pki import CertKind, PublicKey, check_csr, inspect_csr, subscriber_validity
+from mailkms.pki import CertKind, PublicKey, check_csr, inspect_csr, same_public_key, subscriber_validity
 from mailkms.pki import _acme as wire
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
@@ -675,7 +675,7 @@ class ACME:
         serial = serial_hex(cert.serial_number)
         if request.account_id is None:
             actor = f"acme-key:{request.thumbprint}"
-            if not wire.same_public_key(wire.load_account_key(dict(request.jwk)), cert):
+            if not same_public_key(wire.load_account_key(dict(request.jwk)).public_key, cert.public_key()):
                 raise Unauthorized("the JWS key is not the certificate's key")
             with self._db.read_only() as session:
                 der = session.execute(select(Certificate.der).where(Certificate.serial == serial)).scalar_one_or_none()
