@@ -363,3 +363,15 @@ def test_two_concurrent_kur_with_one_certificate_issue_once(services, clock, tmp
             select(func.count()).select_from(Certificate).where(Certificate.kind == "signing")
         ).scalar_one()
     assert signing == 2  # the enrolment's and the one renewal's: no double issue
+
+
+def test_a_signed_p10cr_is_the_renewal(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = enrolled(services, clock, tmp_path, ALICE)
+    new_key = generate_key(KeyType.P256)
+    csr = openssl_csr(tmp_path, new_key, f"/CN={ALICE}")
+    refused(services, signed(tmp_path, clock.now(), "p10cr", cert, key, "-csr", str(csr)), CMPFailInfo.NOT_AUTHORIZED)
+    clock.advance(YEAR_LATER)
+    answer = handle(services, signed(tmp_path, clock.now(), "p10cr", cert, key, "-csr", str(csr)))
+    assert answer_of(answer)[0] == "cp", answer_of(answer)
+    assert same_public_key(issued_certificate(answer).public_key(), new_key.public_key())
+    assert services.users.show(ALICE).generation == 2
