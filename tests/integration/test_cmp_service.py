@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import os
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from pyasn1.codec.der import decoder, encoder
+from pyasn1.type import univ
 from pyasn1_alt_modules import rfc9480
 from sqlalchemy import func, select, update
 
@@ -375,3 +379,22 @@ def test_a_signed_p10cr_is_the_renewal(services, clock, tmp_path) -> None:  # ty
     assert answer_of(answer)[0] == "cp", answer_of(answer)
     assert same_public_key(issued_certificate(answer).public_key(), new_key.public_key())
     assert services.users.show(ALICE).generation == 2
+
+
+def test_a_signed_genm_for_the_root_ca_update_says_there_is_none(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """rootCaCert (RFC 9483 §4.3.2), which OpenSSL 3.0 cannot name: openssl's signed genm for
+    caCerts, its infoType changed with pyasn1 and signed again with the holder's key."""
+    cert, key = enrolled(services, clock, tmp_path, ALICE)
+    request = signed(tmp_path, clock.now(), "genm", cert, key, "-infotype", "caCerts")
+    message, _ = decoder.decode(request, asn1Spec=rfc9480.PKIMessage())
+    message["body"]["genm"][0]["infoType"] = rfc9480.id_it_rootCaCert
+    part = rfc9480.ProtectedPart()
+    part["header"], part["body"] = message["header"], message["body"]
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    signature = key.sign(encoder.encode(part), ec.ECDSA(hashes.SHA256()))
+    message["protection"] = message["protection"].clone(univ.BitString.fromOctetString(signature))
+    assert genp_of(handle(services, encoder.encode(message))) == {str(rfc9480.id_it_rootCaKeyUpdate): None}
+    # the same replayed: refused; changed (a fresh nonce) without signing again: refused
+    refused(services, encoder.encode(message), CMPFailInfo.BAD_SENDER_NONCE)
+    message["header"]["senderNonce"] = message["header"]["senderNonce"].clone(os.urandom(16))
+    refused(services, encoder.encode(message), CMPFailInfo.BAD_MESSAGE_CHECK)
