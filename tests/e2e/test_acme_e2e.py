@@ -181,6 +181,10 @@ def test_acme_issues_a_signing_certificate_after_the_mail_reply(world: World, tm
     orderr = acme.finalize_order(orderr, deadline())
     chain = x509.load_pem_x509_certificates(orderr.fullchain_pem.encode())
     cert = chain[0]
+    # the account's orders list (RFC 8555 §7.1.2.1; the package has no call: its POST-as-GET)
+    assert acme.net.account is not None
+    orders_url = acme._post_as_get(acme.net.account.uri).json()["orders"]
+    assert acme._post_as_get(orders_url).json()["orders"] == [orderr.uri]
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.RFC822Name) == [mailbox]

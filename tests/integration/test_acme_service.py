@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from mailkms.clock import FakeClock
-from mailkms.errors import ACMENotFound, ACMEOrderNotReady, BadCSR, Malformed, RateLimited, ReplayedNonce
+from mailkms.errors import ACMENotFound, ACMEOrderNotReady, BadCSR, Malformed, RateLimited, ReplayedNonce, Unauthorized
 from mailkms.mail import file_into_maildir
 from mailkms.pki import _acme as wire
 from mailkms.services import Services, Verified
@@ -334,3 +334,18 @@ def test_a_bad_key_change_is_refused_and_the_key_stays(services: Services, flaw:
     with pytest.raises(Malformed):
         services.acme.key_change(alice.post(url, json.loads(inner.json_dumps())), url, alice.kid)
     assert services.acme.account(alice.post(alice.kid, None)).status == "valid"  # the old key still acts
+
+
+def test_the_orders_list_holds_the_accounts_live_orders_only(services: Services) -> None:
+    alice, mallory = Account(services), Account(services)
+    assert alice.kid is not None
+    first = alice.order("a1@example.org")
+    second = alice.order("a2@example.org")
+    alice_id = alice.kid.removeprefix(PREFIX)
+    listed = services.acme.orders(alice.post(alice.kid + "/orders", None), alice_id)
+    assert listed[0] in (first, second) and sorted(listed) == sorted([first, second])
+    order = services.acme.order(alice.post(f"{BASE}/order/{first}", None), first)
+    services.acme.authorization(alice.post(f"{BASE}/authz/{order.authz_id}", {"status": "deactivated"}), order.authz_id)
+    assert services.acme.orders(alice.post(alice.kid + "/orders", None), alice_id) == [second]  # invalid: left out
+    with pytest.raises(Unauthorized):
+        services.acme.orders(mallory.post(alice.kid + "/orders", None), alice_id)

@@ -41,7 +41,7 @@ from mailkms.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from mailkms.services import ACME, AuthzView, OrderView, Services, Verified
+from mailkms.services import ACME, AccountView, AuthzView, OrderView, Services, Verified
 
 log = logging.getLogger("mailkms.api.acme")
 
@@ -106,6 +106,9 @@ class _URLs:
     def account_prefix(self) -> str:
         return f"{self.base}/account/"
 
+    def orders(self, account_id: str) -> str:
+        return f"{self.base}/account/{account_id}/orders"
+
     def order(self, order_id: str) -> str:
         return f"{self.base}/order/{order_id}"
 
@@ -137,6 +140,9 @@ def acme_router(services: Services) -> APIRouter:
         if isinstance(exc, ACMEKeyInUse):  # RFC 8555 §7.3.5: 409 with the account holding the key
             extra["Location"] = _URLs(request).account_prefix() + str(exc.extra.get("account", ""))
         return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers(request, **extra))
+
+    def account_json(urls: _URLs, view: AccountView) -> dict[str, Any]:
+        return {"status": view.status, "contact": list(view.contact), "orders": urls.orders(view.id)}
 
     def order_json(urls: _URLs, view: OrderView) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -228,7 +234,7 @@ def acme_router(services: Services) -> APIRouter:
     async def new_account(request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             view = acme.new_account(verified)
-            body = {"status": view.status, "contact": list(view.contact)}
+            body = account_json(urls, view)
             return answer(request, body, 201 if view.created else 200, Location=urls.account_prefix() + view.id)
 
         return await signed(request, work, new_account=True)
@@ -239,7 +245,14 @@ def acme_router(services: Services) -> APIRouter:
             if verified.account_id != account_id:
                 raise Unauthorized("the JWS was signed by another account")
             view = acme.account(verified)
-            return answer(request, {"status": view.status, "contact": list(view.contact)})
+            return answer(request, account_json(urls, view))
+
+        return await signed(request, work)
+
+    @router.post("/account/{account_id}/orders", summary="The account's orders (RFC 8555 §7.1.2.1)")
+    async def orders(account_id: str, request: Request) -> Response:
+        def work(verified: Verified, urls: _URLs) -> Response:
+            return answer(request, {"orders": [urls.order(o) for o in acme.orders(verified, account_id)]})
 
         return await signed(request, work)
 
@@ -249,7 +262,7 @@ def acme_router(services: Services) -> APIRouter:
             assert verified.account_id is not None
             account_url = urls.account_prefix() + verified.account_id
             view = acme.key_change(verified, f"{urls.base}/key-change", account_url)
-            return answer(request, {"status": view.status, "contact": list(view.contact)}, Location=account_url)
+            return answer(request, account_json(urls, view), Location=account_url)
 
         return await signed(request, work)
 

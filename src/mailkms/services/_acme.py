@@ -277,6 +277,20 @@ class ACME:
                 self._audit.append(session, f"acme:{account.id}", "acme.account.deactivated", account.id)
             return AccountView(account.id, account.status, tuple(json.loads(account.contact)))
 
+    def orders(self, request: Verified, account_id: str) -> list[str]:
+        """The account's orders list (RFC 8555 §7.1.2.1): its pending, ready and valid orders, newest
+        first (invalid ones left out, as the RFC advises); only the account itself may read it."""
+        if request.account_id != account_id:
+            raise Unauthorized("the JWS was signed by another account")
+        with self._db.read_only() as session:
+            return list(
+                session.execute(
+                    select(ACMEOrder.id)
+                    .where(ACMEOrder.account_id == account_id, ACMEOrder.status.in_(("pending", "ready", "valid")))
+                    .order_by(ACMEOrder.created_at.desc(), ACMEOrder.id)
+                ).scalars()
+            )
+
     def _deactivate_orders(self, session: Session, account_id: str) -> None:
         orders = select(ACMEOrder.id).where(ACMEOrder.account_id == account_id)
         session.execute(
