@@ -6,7 +6,9 @@ server on loopback. Both clients are one process per enrolment, `--concurrency` 
 cmp -cmd ir` (PasswordBasedMac with the token, the ip, then certConf/pkiConf: two round trips) and
 `curl` posting a PKCS#10 to EST simpleenroll (one round trip). The server does the same issuance for
 both (the whole pair: signing certificate, RSA-2048 encryption key, its certificate, archive,
-audit), so the difference is what CMP costs: its framing, the MAC, the second round trip.
+audit), so the difference is what CMP costs: its framing, the MAC, the second round trip. A third
+row: `openssl cmp -cmd p10cr` with the same PKCS#10 request EST gets (CMP carrying PKCS#10 instead
+of CRMF), also MAC with the token and certConf.
 
     .venv/bin/python bench/cmp.py [--users 60] [--concurrency 4]
 """
@@ -47,6 +49,18 @@ def _cmp_ir(tmp: Path, port: int, root: Path, mailbox: str, token: str, i: int) 
         raise SystemExit(f"openssl cmp {mailbox}: {done.stdout}{done.stderr}")
 
 
+def _cmp_p10cr(tmp: Path, port: int, root: Path, mailbox: str, token: str, csr: bytes, i: int) -> None:
+    request = tmp / f"p10-{i}.der"
+    request.write_bytes(csr)
+    command = ["openssl", "cmp", "-cmd", "p10cr", "-server", f"localhost:{port}", "-path", ".well-known/cmp"]
+    command += ["-tls_used", "-tls_trusted", str(root), "-trusted", str(root), "-ref", mailbox]
+    command += ["-secret", f"pass:{token}", "-csr", str(request), "-recipient", "/CN=mailkms"]
+    command += ["-certout", str(tmp / f"p10-{i}.pem")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise SystemExit(f"openssl cmp p10cr {mailbox}: {done.stdout}{done.stderr}")
+
+
 def _est_enrol(tmp: Path, port: int, root: Path, mailbox: str, token: str, csr: bytes, i: int) -> None:
     body = tmp / f"est-{i}.b64"
     body.write_bytes(base64.encodebytes(csr))
@@ -77,25 +91,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mailkms-bench-cmp-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "data"
-        print(f"preparing {2 * args.users} users and tokens ...", flush=True)
-        work = prepare(data, 2 * args.users)
+        print(f"preparing {3 * args.users} users and tokens ...", flush=True)
+        work = prepare(data, 3 * args.users)
         port = free_port()
         server = serve(data, port)
         root = data / "ca" / "root.crt.pem"
         try:
             cmp_jobs = [(tmp, port, root, m, t, i) for i, (m, t, _) in enumerate(work[: args.users])]
-            est_jobs = [(tmp, port, root, m, t, c, i) for i, (m, t, c) in enumerate(work[args.users :])]
+            est_jobs = [(tmp, port, root, m, t, c, i) for i, (m, t, c) in enumerate(work[args.users : 2 * args.users])]
+            p10_jobs = [(tmp, port, root, m, t, c, i) for i, (m, t, c) in enumerate(work[2 * args.users :])]
             # the two halves interleaved, so neither gets the server's quiet start (key pool fill) alone
             half = args.users // 2
-            cmp_s = est_s = 0.0
+            cmp_s = est_s = p10_s = 0.0
             for part in (slice(0, half), slice(half, args.users)):
                 est_s += _timed(est_jobs[part], _est_enrol, args.concurrency)  # type: ignore[arg-type]
                 cmp_s += _timed(cmp_jobs[part], _cmp_ir, args.concurrency)  # type: ignore[arg-type]
+                p10_s += _timed(p10_jobs[part], _cmp_p10cr, args.concurrency)  # type: ignore[arg-type]
         finally:
             server.terminate()
             server.wait(timeout=30)
     print(f"\nenrolment over HTTPS (loopback, 1 server process, {args.concurrency} client processes at once):")
     print(f"  CMP ir + certConf, openssl cmp   {args.users} in {cmp_s:.2f} s = {args.users / cmp_s:6.1f} /s")
+    print(f"  CMP p10cr + certConf, openssl    {args.users} in {p10_s:.2f} s = {args.users / p10_s:6.1f} /s")
     print(f"  EST simpleenroll, curl (peer)    {args.users} in {est_s:.2f} s = {args.users / est_s:6.1f} /s")
     print("  (each: token spent, signing cert + RSA-2048 encryption key + its cert, archived, audited)")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end")

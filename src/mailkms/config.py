@@ -415,7 +415,10 @@ class ACMEConfig(_Frozen):
 
     enabled: bool = False
     allowed_domains: tuple[str, ...] = ()  # mailbox domains that may enrol this way; empty: none
-    signing_only: bool = True  # a signing certificate only; encryption keys stay server-made and archived
+    # true: a signing certificate only (encryption keys stay server-made and archived); false: a CSR
+    # asking for keyEncipherment (RSA) / keyAgreement (EC) only gets an encryption certificate for
+    # the client's own key, which the server never holds and so never archives
+    signing_only: bool = True
     challenge_from: str = ""  # default acme-challenge@<host of public_url>
     reply_maildir: Path | None = None  # default DATA/mailboxes/<challenge_from> (the embedded sink)
     require_dkim: bool = False  # a reply must carry a valid DKIM signature of its From domain (looked up in DNS)
@@ -428,16 +431,6 @@ class ACMEConfig(_Frozen):
     @classmethod
     def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(d.strip().lower().lstrip("@") for d in value if d.strip())
-
-    @field_validator("signing_only")
-    @classmethod
-    def _signing_only(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "acme.signing_only = false is not supported yet: ACME issues signing certificates only; "
-                "encryption keys come through enrolment, where the server makes and archives them"
-            )
-        return value
 
 
 class LimitsConfig(_Frozen):
@@ -718,7 +711,7 @@ transaction_seconds = 600           # an ir/cr/kur waits this long for its certC
 [acme]
 enabled = false                     # ACME (RFC 8555 + RFC 8823 email-reply-00) at /acme/ (README, ACME for S/MIME)
 allowed_domains = []                # mailbox domains that may get a signing certificate this way
-signing_only = true                 # encryption keys stay server-made and archived (false is not supported)
+signing_only = true                 # false: a CSR asking for keyEncipherment/keyAgreement only gets an encryption certificate (client's key, not archived)
 challenge_from = ""                 # default acme-challenge@<host of public_url>; replies go to it
 # reply_maildir = "/var/vmail/example.org/acme-challenge/Maildir"  # default DATA/mailboxes/<challenge_from> (the sink)
 require_dkim = false                # replies must carry a valid DKIM signature of the From domain (keys from DNS)

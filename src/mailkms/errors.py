@@ -591,6 +591,16 @@ class ACMENotFound(NotFound):
     title = "No such ACME resource for this account"
 
 
+class ACMEAccountDeactivated(Unauthorized):
+    code = "acme-account-deactivated"
+    title = "The ACME account was deactivated; its key is refused (RFC 8555 §7.3.6)"
+
+
+class ACMEKeyInUse(Conflict):
+    code = "acme-key-in-use"
+    title = "The new key already belongs to an ACME account (RFC 8555 §7.3.5)"
+
+
 class ApprovalNotFound(NotFound):
     code = "approval-not-found"
     title = "No such approval request"

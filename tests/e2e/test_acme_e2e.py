@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import josepy as jose
 import pytest
+import requests
 from acme import challenges, client, errors, messages
 from acme import jws as acme_jws
 from cryptography import x509
@@ -180,6 +181,10 @@ def test_acme_issues_a_signing_certificate_after_the_mail_reply(world: World, tm
     orderr = acme.finalize_order(orderr, deadline())
     chain = x509.load_pem_x509_certificates(orderr.fullchain_pem.encode())
     cert = chain[0]
+    # the account's orders list (RFC 8555 §7.1.2.1; the package has no call: its POST-as-GET)
+    assert acme.net.account is not None
+    orders_url = acme._post_as_get(acme.net.account.uri).json()["orders"]
+    assert acme._post_as_get(orders_url).json()["orders"] == [orderr.uri]
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.RFC822Name) == [mailbox]
@@ -325,3 +330,112 @@ def test_replayed_nonce_and_bad_signature_are_refused(world: World) -> None:
     elsewhere = raw_post(world, kid, acme.net.key, fresh_nonce(world), kid, b"", signed_for=new_order)
     assert elsewhere.status_code == 403
     assert elsewhere.json()["type"] == "urn:ietf:params:acme:error:unauthorized"  # signed for another URL
+
+
+def issued(world: World, acme: client.ClientV2, mailbox: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The whole flow through certbot's client: order, challenge mail, reply, finalize; the
+    certificate for `key`."""
+    orderr = email_order(acme, mailbox)
+    challb = challenge_of(orderr)
+    mail = challenge_mail(world.dep, mailbox)
+    token1 = str(mail["Subject"]).removeprefix("ACME: ")
+    reply(world.dep, mail, mailbox, response_for(token1, challb.chall.jobj["token"], acme.net.key))
+    acme.answer_challenge(challb, EmailReply00Response(key_authorization="by-mail"))
+    orderr = acme.poll_authorizations(orderr, deadline())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    orderr = acme.finalize_order(orderr.update(csr_pem=csr.public_bytes(serialization.Encoding.PEM)), deadline())
+    return x509.load_pem_x509_certificates(orderr.fullchain_pem.encode())[0]
+
+
+def key_client(world: World, key: jose.JWK, alg: jose.JWASignature) -> client.ClientV2:
+    """A client with no account: every request signed with `key` as jwk (revokeCert by the
+    certificate's key, RFC 8555 §7.6)."""
+    net = client.ClientNetwork(key, alg=alg, verify_ssl=str(world.root), user_agent="mailkms-tests")
+    return client.ClientV2(client.ClientV2.get_directory(world.directory_url, net), net)
+
+
+def test_revoke_cert_signed_by_the_certificate_key(world: World, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = issued(world, new_client(world), "erin@example.org", key)
+    (tmp_path / "leaf.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    chain = x509.load_pem_x509_certificates(world.dep.admin("ca", "chain").out.encode())
+    (tmp_path / "issuing.pem").write_bytes(chain[0].public_bytes(serialization.Encoding.PEM))
+    # another key (no account, jwk) is not the certificate's: refused, nothing revoked
+    other = key_client(world, jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1())), jose.ES256)
+    with pytest.raises(messages.Error) as refused:
+        other.revoke(cert, 1)
+    assert refused.value.typ == "urn:ietf:params:acme:error:unauthorized"
+    assert ocsp_status(world, tmp_path, "good")
+    key_client(world, jose.JWKEC(key=key), jose.ES256).revoke(cert, 1)  # keyCompromise, by the key itself
+    assert ocsp_status(world, tmp_path, "revoked")
+
+
+def key_change(acme: client.ClientV2, new_key: jose.JWK) -> requests.Response:
+    """RFC 8555 §7.3.5 through the package's JWS and network layers (ClientV2 has no call for it):
+    the inner JWS by the new key (jwk, no nonce), posted as the payload of the outer one (kid)."""
+    url = acme.directory["keyChange"]
+    payload = {"account": acme.net.account.uri, "oldKey": acme.net.key.public_key().to_partial_json()}
+    inner = acme_jws.JWS.sign(json.dumps(payload).encode(), key=new_key, alg=jose.RS256, nonce=None, url=url)
+    return acme._post(url, inner)
+
+
+def test_account_key_rollover_then_the_old_key_is_refused(world: World) -> None:
+    acme = new_client(world)
+    account = acme.net.account
+    old_key = acme.net.key
+    new_key = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048))
+    # a key that another account holds: 409 with that account's URL
+    taken = new_client(world)
+    with pytest.raises(errors.ConflictError) as conflict:  # the package's reading of a 409
+        key_change(acme, taken.net.key)
+    assert taken.net.account is not None and conflict.value.location == taken.net.account.uri
+    answer = key_change(acme, new_key)
+    assert answer.status_code == 200 and answer.headers["Location"] == account.uri
+    # the old key no longer acts for the account
+    with pytest.raises(messages.Error) as refused:
+        acme.query_registration(account)  # signs newAccount onlyReturnExisting with the old jwk
+    assert refused.value.typ == "urn:ietf:params:acme:error:accountDoesNotExist"
+    old_net = client.ClientNetwork(old_key, account=account, verify_ssl=str(world.root))
+    with pytest.raises(messages.Error) as old:
+        client.ClientV2(acme.directory, old_net)._post_as_get(account.uri)
+    assert old.value.typ == "urn:ietf:params:acme:error:malformed" and "signature" in str(old.value.detail)
+    # the new key finds the same account and orders with it
+    new_net = client.ClientNetwork(new_key, verify_ssl=str(world.root))
+    renewed = client.ClientV2(acme.directory, new_net)
+    assert renewed.query_registration(account).uri == account.uri
+    assert email_order(renewed, "frank@example.org").body.status == messages.STATUS_PENDING
+
+
+def test_a_deactivated_account_is_refused_unauthorized(world: World) -> None:
+    acme = new_client(world)
+    orderr = email_order(acme, "gina@example.org")
+    done = acme.deactivate_registration(acme.net.account)
+    assert done.body.status == "deactivated"  # Registration keeps it a string
+    for attempt in (
+        lambda: email_order(acme, "gina@example.org"),
+        lambda: acme._post_as_get(orderr.uri),
+        lambda: acme.query_registration(acme.net.account),  # newAccount with its key
+    ):
+        with pytest.raises(messages.Error) as refused:
+            attempt()
+        assert refused.value.typ == "urn:ietf:params:acme:error:unauthorized", refused.value
+
+
+def test_a_deactivated_authorization_invalidates_its_order(world: World) -> None:
+    acme = new_client(world)
+    orderr = email_order(acme, "hugo@example.org")
+    authzr = acme.deactivate_authorization(orderr.authorizations[0])
+    assert authzr.body.status == messages.STATUS_DEACTIVATED
+    order = messages.Order.from_json(acme._post_as_get(orderr.uri).json())
+    assert order.status == messages.STATUS_INVALID
+    with pytest.raises(messages.Error) as refused:
+        acme._post(orderr.body.finalize, messages.CertificateRequest(csr=x509.load_pem_x509_csr(orderr.csr_pem)))
+    assert refused.value.typ == "urn:ietf:params:acme:error:orderNotReady"
+    with pytest.raises(messages.Error) as again:  # a deactivated authorization stays so
+        acme.deactivate_authorization(orderr.authorizations[0])
+    assert again.value.typ == "urn:ietf:params:acme:error:malformed"

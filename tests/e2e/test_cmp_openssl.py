@@ -17,7 +17,10 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pyasn1.codec.der import decoder, encoder
+from pyasn1_alt_modules import rfc9480
 
+from mailkms.pki._cmp import parse_request
 from tests.e2e.conftest import Deployment, faketime_env, init_deployment
 from tests.judges import lint_smime
 from tests.smime_support import require_tools
@@ -116,6 +119,83 @@ def enrol(
         str(out),
         *extra,
     )
+
+
+def genp(path: Path) -> dict[str, bytes | None]:
+    """{infoType: infoValue DER or None} of the genp `openssl cmp -rspout` saved."""
+    answer = parse_request(path.read_bytes())
+    assert answer.body == "genp"
+    return {
+        str(itav["infoType"]): bytes(itav["infoValue"]) if itav["infoValue"].isValue else None
+        for itav in answer.message["body"]["genp"]
+    }
+
+
+def test_p10cr_genm_and_a_mac_protected_rr_with_openssl(world: World) -> None:
+    """Runs before the scenario below moves the server's clock."""
+    dep, tmp = world.dep, world.tmp
+    token = dep.add_user("carol@example.org")
+    mac = ("-ref", "carol@example.org", "-secret", f"pass:{token}", "-recipient", "/CN=mailkms")
+
+    # -- genm before enrolment, MAC-protected with the token (not spent); one -infotype per call in 3.0 ------
+    expected = {
+        "caCerts": "1.3.6.1.5.5.7.4.17",
+        "signKeyPairTypes": "1.3.6.1.5.5.7.4.2",
+        "currentCRL": "1.3.6.1.5.5.7.4.6",
+        "caKeyUpdateInfo": "1.3.6.1.5.5.7.4.5",
+        "certReqTemplate": "1.3.6.1.5.5.7.4.19",
+    }
+    answers = {}
+    for name, oid in expected.items():
+        out = tmp / f"genp-{name}.der"
+        done = world.cmp("-cmd", "genm", "-infotype", name, *mac, "-rspout", str(out))
+        assert done.returncode == 0, said(done)
+        answers[name] = genp(out)
+        assert list(answers[name]) == [oid], answers[name]
+    value = answers["caCerts"]["1.3.6.1.5.5.7.4.17"]
+    assert value is not None
+    decoded, _ = decoder.decode(value, asn1Spec=rfc9480.CaCertsValue())
+    got = [x509.load_der_x509_certificate(encoder.encode(c)) for c in decoded]
+    assert got == x509.load_pem_x509_certificates(world.chain.read_bytes())  # issuing CA, root
+    crl_der = answers["currentCRL"]["1.3.6.1.5.5.7.4.6"]
+    assert crl_der is not None
+    (tmp / "current.crl").write_bytes(crl_der)
+    run(["openssl", "crl", "-inform", "DER", "-in", str(tmp / "current.crl"), "-CAfile", str(world.chain), "-noout"])
+    assert answers["caKeyUpdateInfo"]["1.3.6.1.5.5.7.4.5"] is None  # no root CA key update
+    assert answers["certReqTemplate"]["1.3.6.1.5.5.7.4.19"] is None  # no template required
+
+    # -- p10cr: a PKCS#10 request made by openssl req, MAC-protected with the same token -------------------
+    key = world.key("carol.key")
+    run(["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=carol@example.org", "-out", str(tmp / "carol.csr")])
+    cert_path = tmp / "carol.pem"
+    done = world.cmp("-cmd", "p10cr", "-csr", str(tmp / "carol.csr"), *mac, "-certout", str(cert_path))
+    assert done.returncode == 0, said(done)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.RFC822Name
+    ) == ["carol@example.org"]
+    verdict = lint_smime(cert)
+    assert verdict.exit_code == 0, str(verdict)
+    shown = dep.admin("user", "show", "carol@example.org", "--json").json()
+    assert isinstance(shown, dict) and shown["generation"] == 1, shown
+
+    # -- genm signed with the new certificate ------------------------------------------------------------
+    out = tmp / "genp-signed.der"
+    done = world.cmp(
+        "-cmd", "genm", "-infotype", "caCerts", "-cert", str(cert_path), "-key", str(key), "-rspout", str(out)
+    )
+    assert done.returncode == 0, said(done)
+    assert list(genp(out)) == ["1.3.6.1.5.5.7.4.17"]
+
+    # -- rr protected by a MAC: RFC 9483 §4.2 wants it signed by the holder, so refused -----------------
+    token2 = dep.add_user("dan@example.org")
+    rr = world.cmp(
+        "-cmd", "rr", "-oldcert", str(cert_path), "-ref", "dan@example.org", "-secret", f"pass:{token2}",
+        "-recipient", "/CN=mailkms", "-revreason", "4",
+    )  # fmt: skip
+    assert rr.returncode != 0 and "notAuthorized" in said(rr), said(rr)
+    shown = dep.admin("user", "show", "carol@example.org", "--json").json()
+    assert isinstance(shown, dict) and shown["state"] != "REVOKED", shown
 
 
 def test_cmp_with_openssl(world: World) -> None:

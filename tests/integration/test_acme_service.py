@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import email.policy
 import json
+import subprocess
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -17,17 +18,21 @@ from typing import Any
 import josepy as jose
 import pytest
 from acme import jws as acme_jws
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from mailkms.clock import FakeClock
-from mailkms.errors import ACMENotFound, ACMEOrderNotReady, RateLimited, ReplayedNonce
+from mailkms.errors import ACMENotFound, ACMEOrderNotReady, BadCSR, Malformed, RateLimited, ReplayedNonce, Unauthorized
 from mailkms.mail import file_into_maildir
 from mailkms.pki import _acme as wire
 from mailkms.services import Services, Verified
-from mailkms.store import OutboxMessage
+from mailkms.store import AuditRecord, Certificate, OutboxMessage
 from tests.acme_support import DKIMSigner
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL, make_csr
+from tests.judges import lint_smime
 
 BASE = "https://localhost/acme"
 PREFIX = BASE + "/account/"
@@ -184,3 +189,163 @@ def test_purge_forgets_orders_that_ended_without_a_certificate(services: Service
     with pytest.raises(ACMENotFound):
         services.acme.order(alice.post(f"{BASE}/order/{gone}", None), gone)
     assert services.acme.order(alice.post(f"{BASE}/order/{kept}", None), kept).status == "pending"
+
+
+def valid_order(services: Services, account: Account, mailbox: str) -> str:
+    """An order whose challenge the reply has validated: ready to finalize."""
+    order_id = account.order(mailbox)
+    order = services.acme.order(account.post(f"{BASE}/order/{order_id}", None), order_id)
+    authz = services.acme.authorization(account.post(f"{BASE}/authz/{order.authz_id}", None), order.authz_id)
+    file_reply(services, account, mailbox, authz.challenge.token)
+    answered = services.acme.challenge(account.post(f"{BASE}/chall/{authz.challenge.id}", {}), authz.challenge.id)
+    assert answered.status == "valid"
+    return order_id
+
+
+def openssl_csr(tmp_path: Path, mailbox: str, key_usage: str, newkey: list[str]) -> tuple[bytes, Path]:
+    """A CSR made by `openssl req` with the keyUsage it asks for; (DER, the key file)."""
+    key = tmp_path / f"{key_usage}.key"
+    done = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            *newkey,
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-subj",
+            "/",
+            "-outform",
+            "DER",
+            "-addext",
+            f"keyUsage=critical,{key_usage}",
+            "-addext",
+            f"subjectAltName=email:{mailbox}",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout, key
+
+
+def audit_details(services: Services, action: str) -> list[dict[str, Any]]:
+    with services.db.read_only() as session:
+        rows = session.execute(select(AuditRecord.details).where(AuditRecord.action == action)).scalars().all()
+    return [json.loads(r) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("key_usage", "newkey"),
+    [
+        ("keyEncipherment", ["-newkey", "rsa:2048"]),
+        ("keyAgreement", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+    ],
+    ids=["rsa", "ec"],
+)
+def test_with_signing_only_false_an_encryption_csr_gets_an_encryption_certificate(
+    settings,  # type: ignore[no-untyped-def]
+    clock: FakeClock,
+    tmp_path: Path,
+    key_usage: str,
+    newkey: list[str],
+) -> None:
+    acme_settings = settings.acme.model_copy(update={"signing_only": False})
+    services = Services.build(settings.model_copy(update={"acme": acme_settings}), clock)
+    try:
+        alice = Account(services)
+        mailbox = "alice@example.org"
+        order_id = valid_order(services, alice, mailbox)
+        der, key = openssl_csr(tmp_path, mailbox, key_usage, newkey)
+        done = services.acme.finalize(
+            alice.post(f"{BASE}/order/{order_id}/finalize", {"csr": wire.b64url(der)}), order_id
+        )
+        assert done.status == "valid"
+        pem = services.acme.certificate(alice.post(f"{BASE}/order/{order_id}/certificate", None), order_id)
+        cert = x509.load_pem_x509_certificates(pem)[0]
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert not ku.digital_signature
+        assert ku.key_encipherment if key_usage == "keyEncipherment" else ku.key_agreement
+        verdict = lint_smime(cert)
+        assert verdict.exit_code == 0, str(verdict)
+        # a sender encrypts to it with openssl cms; the client's own key decrypts
+        (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        secret = b"for alice only\n"
+        sealed = subprocess.run(
+            ["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-outform", "DER", str(tmp_path / "cert.pem")],
+            input=secret,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        opened = subprocess.run(
+            ["openssl", "cms", "-decrypt", "-inform", "DER", "-recip", str(tmp_path / "cert.pem"), "-inkey", str(key)],
+            input=sealed,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        assert opened == secret
+        issued = audit_details(services, "certificate.issued")
+        assert issued[-1]["kind"] == "encryption" and issued[-1]["key_archived"] is False
+        with services.db.read_only() as session:
+            kind = session.execute(
+                select(Certificate.kind).where(Certificate.der == cert.public_bytes(Encoding.DER))
+            ).scalar()
+        assert kind == "acme-encryption"
+    finally:
+        services.close()
+
+
+def test_by_default_an_encryption_csr_is_refused_and_the_order_stays_ready(services: Services, tmp_path: Path) -> None:
+    alice = Account(services)
+    order_id = valid_order(services, alice, "alice@example.org")
+    der, _ = openssl_csr(tmp_path, "alice@example.org", "keyEncipherment", ["-newkey", "rsa:2048"])
+    with pytest.raises(BadCSR, match="signing certificates only"):
+        services.acme.finalize(alice.post(f"{BASE}/order/{order_id}/finalize", {"csr": wire.b64url(der)}), order_id)
+    assert services.acme.order(alice.post(f"{BASE}/order/{order_id}", None), order_id).status == "ready"
+    # a dual-use request (digitalSignature + keyEncipherment) gets the signing certificate
+    der, _ = openssl_csr(tmp_path, "alice@example.org", "digitalSignature,keyEncipherment", ["-newkey", "rsa:2048"])
+    done = services.acme.finalize(alice.post(f"{BASE}/order/{order_id}/finalize", {"csr": wire.b64url(der)}), order_id)
+    pem = services.acme.certificate(alice.post(f"{BASE}/order/{order_id}/certificate", None), done.id)
+    ku = x509.load_pem_x509_certificates(pem)[0].extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.key_encipherment
+
+
+@pytest.mark.parametrize("flaw", ["nonce", "url", "old-key", "account"])
+def test_a_bad_key_change_is_refused_and_the_key_stays(services: Services, flaw: str) -> None:
+    alice = Account(services)
+    new_key = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048))
+    url = f"{BASE}/key-change"
+    old = jose.JWKRSA(key=rsa.generate_private_key(65537, 2048)) if flaw == "old-key" else alice.key
+    payload = {
+        "account": PREFIX + "someone-else" if flaw == "account" else alice.kid,
+        "oldKey": old.public_key().to_partial_json(),
+    }
+    inner = acme_jws.JWS.sign(
+        json.dumps(payload).encode(),
+        key=new_key,
+        alg=jose.RS256,
+        nonce=b"nonce" if flaw == "nonce" else None,
+        url=url + "/elsewhere" if flaw == "url" else url,
+    )
+    assert alice.kid is not None
+    with pytest.raises(Malformed):
+        services.acme.key_change(alice.post(url, json.loads(inner.json_dumps())), url, alice.kid)
+    assert services.acme.account(alice.post(alice.kid, None)).status == "valid"  # the old key still acts
+
+
+def test_the_orders_list_holds_the_accounts_live_orders_only(services: Services) -> None:
+    alice, mallory = Account(services), Account(services)
+    assert alice.kid is not None
+    first = alice.order("a1@example.org")
+    second = alice.order("a2@example.org")
+    alice_id = alice.kid.removeprefix(PREFIX)
+    listed = services.acme.orders(alice.post(alice.kid + "/orders", None), alice_id)
+    assert listed[0] in (first, second) and sorted(listed) == sorted([first, second])
+    order = services.acme.order(alice.post(f"{BASE}/order/{first}", None), first)
+    services.acme.authorization(alice.post(f"{BASE}/authz/{order.authz_id}", {"status": "deactivated"}), order.authz_id)
+    assert services.acme.orders(alice.post(alice.kid + "/orders", None), alice_id) == [second]  # invalid: left out
+    with pytest.raises(Unauthorized):
+        services.acme.orders(mallory.post(alice.kid + "/orders", None), alice_id)

@@ -4,13 +4,20 @@ revocation by the holder, replays and wrong protection refused as CMP error mess
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import os
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from pyasn1.codec.der import decoder, encoder
+from pyasn1.type import univ
 from pyasn1_alt_modules import rfc9480
 from sqlalchemy import func, select, update
 
@@ -18,7 +25,7 @@ from mailkms.api._cmp import status_of
 from mailkms.pki import KeyType, PrivateKey, generate_key, same_public_key
 from mailkms.pki._cmp import FailInfo as CMPFailInfo
 from mailkms.pki._cmp import parse_request as parse_answer
-from mailkms.store import KeyHandover, OutboxMessage, Token
+from mailkms.store import Certificate, KeyHandover, OutboxMessage, Token
 from tests.cmp_support import answer_of, issued_certificate, openssl_request, write_cert, write_key
 
 ALICE = "alice@example.org"
@@ -243,3 +250,151 @@ def test_a_mangled_openssl_request_always_gets_a_cmp_error(services, clock, tmp_
 
     mangle()
     assert services.users.show(ALICE).generation == 0  # nothing was issued for a mangled request
+
+
+def openssl_csr(tmp: Path, key: PrivateKey, subject: str) -> Path:
+    """A PKCS#10 request made by `openssl req` (what `openssl cmp -cmd p10cr -csr` sends as it is)."""
+    key_file = write_key(tmp / "p10.key", key)
+    out = tmp / "p10.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key_file), "-subj", subject, "-out", str(out)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return out
+
+
+def mac_request(tmp: Path, at: dt.datetime, mailbox: str, token: str, *args: str) -> bytes:
+    return openssl_request(
+        tmp, *args, "-ref", mailbox, "-secret", f"pass:{token}", "-recipient", "/CN=mailkms", at=at
+    )  # fmt: skip
+
+
+def test_p10cr_with_the_token_issues_as_ir_does(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = services.users.add(ALICE, "", None, "admin:test")
+    key = generate_key(KeyType.P256)
+    other = openssl_csr(tmp_path, key, f"/CN={BOB}")
+    p10cr = ("-cmd", "p10cr", "-certout", str(tmp_path / "x.pem"), "-csr")
+    refused(
+        services, mac_request(tmp_path, clock.now(), ALICE, token, *p10cr, str(other)), CMPFailInfo.BAD_CERT_TEMPLATE
+    )
+    assert services.users.show(ALICE).generation == 0  # nothing issued, the token still good
+    csr = openssl_csr(tmp_path, key, f"/CN={ALICE}")
+    answer = handle(services, mac_request(tmp_path, clock.now(), ALICE, token, *p10cr, str(csr)))
+    assert answer_of(answer)[0] == "cp", answer_of(answer)
+    response = parse_answer(answer).message["body"]["cp"]["response"][0]
+    assert int(response["certReqId"]) == -1  # RFC 9483 §4.1.4
+    cert = issued_certificate(answer)
+    assert same_public_key(cert.public_key(), key.public_key())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == [ALICE]
+    assert services.users.show(ALICE).generation == 1
+
+
+def genp_of(answer: bytes) -> dict[str, object]:
+    """{infoType: infoValue DER or None} of a genp."""
+    parsed = parse_answer(answer)
+    assert parsed.body == "genp", answer_of(answer)
+    return {
+        str(itav["infoType"]): bytes(itav["infoValue"]) if itav["infoValue"].isValue else None
+        for itav in parsed.message["body"]["genp"]
+    }
+
+
+def test_genm_with_the_token_answers_and_leaves_the_token_unspent(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = services.users.add(ALICE, "", None, "admin:test")
+    now = clock.now()
+    refused(
+        services,
+        mac_request(tmp_path, now, ALICE, "a-wrong-token", "-cmd", "genm", "-infotype", "caCerts"),
+        CMPFailInfo.BAD_MESSAGE_CHECK,
+    )
+    values = genp_of(handle(services, mac_request(tmp_path, now, ALICE, token, "-cmd", "genm", "-infotype", "caCerts")))
+    ca_certs, _ = decoder.decode(values[str(rfc9480.id_it_caCerts)], asn1Spec=rfc9480.CaCertsValue())
+    got = [x509.load_der_x509_certificate(encoder.encode(c)) for c in ca_certs]
+    assert got == [services.ca.issuing.certificate, services.ca.root]
+    types = genp_of(
+        handle(services, mac_request(tmp_path, now, ALICE, token, "-cmd", "genm", "-infotype", "signKeyPairTypes"))
+    )
+    assert types[str(rfc9480.id_it_signKeyPairTypes)]  # rsaEncryption, P-256, P-384
+    for name, oid in (
+        ("caKeyUpdateInfo", rfc9480.id_it_caKeyUpdateInfo),
+        ("certReqTemplate", rfc9480.id_it_certReqTemplate),
+    ):
+        assert genp_of(
+            handle(services, mac_request(tmp_path, now, ALICE, token, "-cmd", "genm", "-infotype", name))
+        ) == {
+            str(oid): None  # no root CA update, no template required
+        }
+    services.revocation.publish_crl(force=True)
+    crl = genp_of(handle(services, mac_request(tmp_path, now, ALICE, token, "-cmd", "genm", "-infotype", "currentCRL")))
+    published = x509.load_der_x509_crl(bytes(crl[str(rfc9480.id_it_currentCRL)]))  # type: ignore[arg-type]
+    assert published.issuer == services.ca.issuing.certificate.subject
+    # the token still enrols
+    assert answer_of(handle(services, ir(tmp_path, now, ALICE, token, generate_key(KeyType.P256))))[0] == "ip"
+
+
+def test_two_concurrent_kur_with_one_certificate_issue_once(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two key updates signed with the same current certificate, each with a new key of its own, at
+    once (SQLite and PostgreSQL): one renewal, the other a CMP error; never a second generation, and
+    never the winner's certificate handed to the loser (whose certConf would reject it)."""
+    cert, key = enrolled(services, clock, tmp_path, ALICE)
+    clock.advance(YEAR_LATER)
+    new_keys = [generate_key(KeyType.P256), generate_key(KeyType.P256)]
+    requests = []
+    for i, new_key in enumerate(new_keys):
+        folder = tmp_path / f"kur{i}"
+        folder.mkdir()
+        requests.append(kur(folder, clock.now(), cert, key, new_key))
+    barrier = threading.Barrier(2)
+
+    def send(data: bytes) -> bytes:
+        barrier.wait(timeout=30)
+        return handle(services, data)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, requests))
+    bodies = [answer_of(a) for a in answers]
+    won = [i for i, (body, _, _) in enumerate(bodies) if body == "kup"]
+    assert len(won) == 1, bodies
+    lost = bodies[1 - won[0]]
+    assert lost[0] == "error" and lost[1] == [int(CMPFailInfo.SIGNER_NOT_TRUSTED)], lost
+    assert "already renewed" in lost[2], lost
+    renewed = issued_certificate(answers[won[0]])
+    assert same_public_key(renewed.public_key(), new_keys[won[0]].public_key())  # type: ignore[arg-type]
+    assert services.users.show(ALICE).generation == 2
+    with services.db.read_only() as session:
+        signing = session.execute(
+            select(func.count()).select_from(Certificate).where(Certificate.kind == "signing")
+        ).scalar_one()
+    assert signing == 2  # the enrolment's and the one renewal's: no double issue
+
+
+def test_a_signed_p10cr_is_the_renewal(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = enrolled(services, clock, tmp_path, ALICE)
+    new_key = generate_key(KeyType.P256)
+    csr = openssl_csr(tmp_path, new_key, f"/CN={ALICE}")
+    refused(services, signed(tmp_path, clock.now(), "p10cr", cert, key, "-csr", str(csr)), CMPFailInfo.NOT_AUTHORIZED)
+    clock.advance(YEAR_LATER)
+    answer = handle(services, signed(tmp_path, clock.now(), "p10cr", cert, key, "-csr", str(csr)))
+    assert answer_of(answer)[0] == "cp", answer_of(answer)
+    assert same_public_key(issued_certificate(answer).public_key(), new_key.public_key())
+    assert services.users.show(ALICE).generation == 2
+
+
+def test_a_signed_genm_for_the_root_ca_update_says_there_is_none(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """rootCaCert (RFC 9483 §4.3.2), which OpenSSL 3.0 cannot name: openssl's signed genm for
+    caCerts, its infoType changed with pyasn1 and signed again with the holder's key."""
+    cert, key = enrolled(services, clock, tmp_path, ALICE)
+    request = signed(tmp_path, clock.now(), "genm", cert, key, "-infotype", "caCerts")
+    message, _ = decoder.decode(request, asn1Spec=rfc9480.PKIMessage())
+    message["body"]["genm"][0]["infoType"] = rfc9480.id_it_rootCaCert
+    part = rfc9480.ProtectedPart()
+    part["header"], part["body"] = message["header"], message["body"]
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    signature = key.sign(encoder.encode(part), ec.ECDSA(hashes.SHA256()))
+    message["protection"] = message["protection"].clone(univ.BitString.fromOctetString(signature))
+    assert genp_of(handle(services, encoder.encode(message))) == {str(rfc9480.id_it_rootCaKeyUpdate): None}
+    # the same replayed: refused; changed (a fresh nonce) without signing again: refused
+    refused(services, encoder.encode(message), CMPFailInfo.BAD_SENDER_NONCE)
+    message["header"]["senderNonce"] = message["header"]["senderNonce"].clone(os.urandom(16))
+    refused(services, encoder.encode(message), CMPFailInfo.BAD_MESSAGE_CHECK)

@@ -22,6 +22,7 @@ from mailkms.errors import (
     ACMEAccountDoesNotExist,
     ACMEBadSignatureAlgorithm,
     ACMEIncorrectResponse,
+    ACMEKeyInUse,
     ACMENotFound,
     ACMEOrderNotReady,
     ACMERejectedIdentifier,
@@ -40,7 +41,7 @@ from mailkms.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from mailkms.services import ACME, AuthzView, OrderView, Services, Verified
+from mailkms.services import ACME, AccountView, AuthzView, OrderView, Services, Verified
 
 log = logging.getLogger("mailkms.api.acme")
 
@@ -60,6 +61,7 @@ _TYPES: tuple[tuple[type[MailkmsError], str, int], ...] = (
     (ACMERejectedIdentifier, "rejectedIdentifier", 400),
     (ACMEIncorrectResponse, "incorrectResponse", 403),
     (ACMEOrderNotReady, "orderNotReady", 403),
+    (ACMEKeyInUse, "malformed", 409),
     (AlreadyRevoked, "alreadyRevoked", 400),
     (BadRevocationReason, "badRevocationReason", 400),
     (BadKey, "badPublicKey", 400),
@@ -104,6 +106,9 @@ class _URLs:
     def account_prefix(self) -> str:
         return f"{self.base}/account/"
 
+    def orders(self, account_id: str) -> str:
+        return f"{self.base}/account/{account_id}/orders"
+
     def order(self, order_id: str) -> str:
         return f"{self.base}/order/{order_id}"
 
@@ -132,7 +137,12 @@ def acme_router(services: Services) -> APIRouter:
         retry = exc.extra.get("retry_after")
         if isinstance(retry, int | float):
             extra["Retry-After"] = str(int(retry))
+        if isinstance(exc, ACMEKeyInUse):  # RFC 8555 §7.3.5: 409 with the account holding the key
+            extra["Location"] = _URLs(request).account_prefix() + str(exc.extra.get("account", ""))
         return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers(request, **extra))
+
+    def account_json(urls: _URLs, view: AccountView) -> dict[str, Any]:
+        return {"status": view.status, "contact": list(view.contact), "orders": urls.orders(view.id)}
 
     def order_json(urls: _URLs, view: OrderView) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -169,7 +179,11 @@ def acme_router(services: Services) -> APIRouter:
         }
 
     async def signed(
-        request: Request, work: Callable[[Verified, _URLs], Response], *, new_account: bool = False
+        request: Request,
+        work: Callable[[Verified, _URLs], Response],
+        *,
+        new_account: bool = False,
+        by_jwk: bool = False,
     ) -> Response:
         urls = _URLs(request)
         try:
@@ -184,7 +198,7 @@ def acme_router(services: Services) -> APIRouter:
             url = str(request.url.replace(query=""))
 
             def run() -> Response:
-                verified = acme.verify(body, url, urls.account_prefix(), new_account=new_account)
+                verified = acme.verify(body, url, urls.account_prefix(), new_account=new_account, by_jwk=by_jwk)
                 return work(verified, urls)
 
             return await run_in_threadpool(run)
@@ -203,6 +217,7 @@ def acme_router(services: Services) -> APIRouter:
                 "newAccount": f"{urls.base}/new-account",
                 "newOrder": f"{urls.base}/new-order",
                 "revokeCert": f"{urls.base}/revoke-cert",
+                "keyChange": f"{urls.base}/key-change",
                 "meta": {
                     "website": services.settings.server.effective_public_url,
                     "externalAccountRequired": False,
@@ -219,18 +234,35 @@ def acme_router(services: Services) -> APIRouter:
     async def new_account(request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             view = acme.new_account(verified)
-            body = {"status": view.status, "contact": list(view.contact)}
+            body = account_json(urls, view)
             return answer(request, body, 201 if view.created else 200, Location=urls.account_prefix() + view.id)
 
         return await signed(request, work, new_account=True)
 
-    @router.post("/account/{account_id}", summary="The account (POST-as-GET or update)")
+    @router.post("/account/{account_id}", summary="The account (POST-as-GET, contact update or deactivation)")
     async def account(account_id: str, request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             if verified.account_id != account_id:
                 raise Unauthorized("the JWS was signed by another account")
             view = acme.account(verified)
-            return answer(request, {"status": view.status, "contact": list(view.contact)})
+            return answer(request, account_json(urls, view))
+
+        return await signed(request, work)
+
+    @router.post("/account/{account_id}/orders", summary="The account's orders (RFC 8555 §7.1.2.1)")
+    async def orders(account_id: str, request: Request) -> Response:
+        def work(verified: Verified, urls: _URLs) -> Response:
+            return answer(request, {"orders": [urls.order(o) for o in acme.orders(verified, account_id)]})
+
+        return await signed(request, work)
+
+    @router.post("/key-change", summary="Account key rollover (RFC 8555 §7.3.5)")
+    async def key_change(request: Request) -> Response:
+        def work(verified: Verified, urls: _URLs) -> Response:
+            assert verified.account_id is not None
+            account_url = urls.account_prefix() + verified.account_id
+            view = acme.key_change(verified, f"{urls.base}/key-change", account_url)
+            return answer(request, account_json(urls, view), Location=account_url)
 
         return await signed(request, work)
 
@@ -264,15 +296,15 @@ def acme_router(services: Services) -> APIRouter:
 
         return await signed(request, work)
 
-    @router.post("/revoke-cert", summary="Revoke a certificate this account ordered")
+    @router.post("/revoke-cert", summary="Revoke a certificate this account ordered, or signed by its own key")
     async def revoke_cert(request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             acme.revoke(verified)
             return Response(status_code=200, headers=headers(request))
 
-        return await signed(request, work)
+        return await signed(request, work, by_jwk=True)
 
-    @router.post("/authz/{authz_id}", summary="The authorization (POST-as-GET)")
+    @router.post("/authz/{authz_id}", summary="The authorization (POST-as-GET, or deactivation)")
     async def authorization(authz_id: str, request: Request) -> Response:
         def work(verified: Verified, urls: _URLs) -> Response:
             return answer(request, authz_json(urls, acme.authorization(verified, authz_id)))

@@ -399,7 +399,7 @@ class SecureMail:
             raise ClientStateError("your encryption certificate has expired: renew or re-enrol first")
         directory = self.directory(state)
         recipients = [directory.lookup(address, refresh) for address in dict.fromkeys(a.lower() for a in to)]
-        if not any(same_public_key(own.public_key(), r.public_key()) for r in recipients):  # type: ignore[arg-type]
+        if not any(same_public_key(own.public_key(), r.public_key()) for r in recipients):
             recipients.append(own)  # so that sent mail stays readable
         message = self.sign(raw) if sign else raw
         return encrypt_message(message, recipients), directory.notes
@@ -487,7 +487,7 @@ def import_pkcs12(
         at = entry.certificate.not_valid_before_utc + dt.timedelta(seconds=1)
         verify_email_chain(entry.certificate, [*chain, *bundle.chain], root, at)
     for entry in bundle.entries:
-        if not same_public_key(entry.key.public_key(), entry.certificate.public_key()):  # type: ignore[arg-type]
+        if not same_public_key(entry.key.public_key(), entry.certificate.public_key()):
             raise ClientStateError("a key in the file does not match its certificate")
     now = clock.now()
     state = ClientState(

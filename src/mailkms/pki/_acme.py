@@ -43,6 +43,11 @@ _REGISTRY = _Registry(
     },
     algorithms=list(ALGORITHMS),
 )
+# keyChange's inner JWS (RFC 8555 §7.3.5): signed by the new key, with a url and no nonce
+_INNER_REGISTRY = _Registry(
+    header_registry={"url": HeaderParameter("request URL", "str", True)},
+    algorithms=list(ALGORITHMS),
+)
 
 
 def b64url(data: bytes) -> str:
@@ -64,7 +69,8 @@ class ACMEHeader:
     kid: str | None
 
 
-def read_header(body: object) -> ACMEHeader:
+def read_header(body: object, *, inner: bool = False) -> ACMEHeader:
+    """The protected header; `inner`: keyChange's inner JWS, which has a jwk and no nonce."""
     if not isinstance(body, dict) or not all(
         isinstance(body.get(k), str) for k in ("protected", "payload", "signature")
     ):
@@ -80,17 +86,19 @@ def read_header(body: object) -> ACMEHeader:
     alg = header.get("alg")
     if alg not in ALGORITHMS:
         raise ACMEBadSignatureAlgorithm(f"algorithm {alg!r} is not supported", algorithms=" ".join(ALGORITHMS))
-    for name in ("nonce", "url"):
+    for name in ("url",) if inner else ("nonce", "url"):
         if not isinstance(header.get(name), str):
             raise BadJWS(f"the protected header has no {name}")
     jwk, kid = header.get("jwk"), header.get("kid")
+    if inner and ("nonce" in header or jwk is None):
+        raise BadJWS("the inner JWS of keyChange has the new key's jwk and no nonce")
     if (jwk is None) == (kid is None):
         raise BadJWS("the protected header must have exactly one of jwk and kid")
     if jwk is not None and not isinstance(jwk, dict):
         raise BadJWS("jwk is not a JSON object")
     if kid is not None and not isinstance(kid, str):
         raise BadJWS("kid is not a string")
-    return ACMEHeader(str(alg), header["nonce"], header["url"], jwk, kid)
+    return ACMEHeader(str(alg), str(header.get("nonce", "")), header["url"], jwk, kid)
 
 
 def load_account_key(jwk: dict[str, Any]) -> RSAKey | ECKey:
@@ -117,7 +125,7 @@ def public_jwk(key: RSAKey | ECKey) -> dict[str, Any]:
     return dict(key.as_dict(private=False))
 
 
-def verify_jws(body: dict[str, str], key: RSAKey | ECKey, header: ACMEHeader) -> bytes:
+def verify_jws(body: dict[str, str], key: RSAKey | ECKey, header: ACMEHeader, *, inner: bool = False) -> bytes:
     """The payload ("" for POST-as-GET) once the signature verifies with `key`."""
     expected = "RS256" if isinstance(key, RSAKey) else ("ES384" if key.curve_name == "P-384" else "ES256")
     if header.alg != expected:
@@ -128,7 +136,7 @@ def verify_jws(body: dict[str, str], key: RSAKey | ECKey, header: ACMEHeader) ->
         "signature": body["signature"],
     }
     try:
-        verified = jws.deserialize_json(flattened, key, registry=_REGISTRY)
+        verified = jws.deserialize_json(flattened, key, registry=_INNER_REGISTRY if inner else _REGISTRY)
     except ExceededSizeError:
         raise BadJWS("the signed request is too large") from None
     except BadSignatureError:

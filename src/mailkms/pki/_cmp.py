@@ -14,7 +14,7 @@ import datetime as dt
 import enum
 import hmac
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,12 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from pyasn1.codec.der import decoder, encoder
 from pyasn1.error import PyAsn1Error
 from pyasn1.type import univ, useful
-from pyasn1_alt_modules import rfc5280, rfc8018, rfc9480
+from pyasn1_alt_modules import rfc2986, rfc5280, rfc8018, rfc9480
 
-from mailkms.errors import BadCMPMessage, BadCMPProtection, BadKey, BadPOP, MailkmsError
-from mailkms.pki._keys import PrivateKey, PublicKey, key_type_of
+from mailkms.errors import BadCMPMessage, BadCMPProtection, BadCSRSignature, BadKey, BadPOP, MailkmsError
+from mailkms.pki._csr import check_csr
+from mailkms.pki._est import inspect_csr
+from mailkms.pki._keys import KeyType, PrivateKey, PublicKey, key_type_of
 
 PBM = univ.ObjectIdentifier("1.2.840.113533.7.66.13")  # PasswordBasedMac (RFC 4211 §4.4)
 PBMAC1 = rfc8018.id_PBMAC1
@@ -60,6 +62,7 @@ _SIGNATURES: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
 }
 _SIGNATURE_OIDS = {(kind, digest): oid for oid, (kind, digest) in _SIGNATURES.items()}
 IMPLICIT_CONFIRM = univ.ObjectIdentifier("1.3.6.1.5.5.7.4.13")
+P10_CERT_REQ_ID = -1  # RFC 9483 §4.1.4 (RFC 9480 §2.11): the cp and certConf of a p10cr use certReqId -1
 MIN_ITERATIONS = 100  # OpenSSL's PBM default is 500
 MAX_ITERATIONS = 100_000  # a request must not buy unbounded hashing
 
@@ -374,8 +377,11 @@ def _mailboxes(template: Any) -> tuple[str, ...]:
 
 
 def cert_requests(request: CMPRequest) -> list[CertRequest]:
-    """The CRMF requests of an ir/cr/kur, each with its signature POP checked (RFC 4211 §4.1)."""
+    """The CRMF requests of an ir/cr/kur, each with its signature POP checked (RFC 4211 §4.1), or
+    the PKCS#10 request of a p10cr (its self-signature is the POP)."""
     with _readable("certificate request"):
+        if request.body == "p10cr":
+            return [_p10_request(request)]
         if request.body not in ("ir", "cr", "kur"):
             raise BadCMPMessage(f"a {request.body} carries no certificate request")
         messages = request.message["body"][request.body]
@@ -405,6 +411,19 @@ def cert_requests(request: CMPRequest) -> list[CertRequest]:
             _check_pop(msg["popo"], cert_req, key)
             found.append(CertRequest(int(cert_req["certReqId"]), key, _mailboxes(template)))
         return found
+
+
+def _p10_request(request: CMPRequest) -> CertRequest:
+    """A p10cr (RFC 9483 §4.1.4): the PKCS#10 request, checked as EST checks one."""
+    plain = rfc2986.CertificationRequest()  # the body's [4] IMPLICIT tag off: the same fields, untagged
+    for name, value in request.message["body"]["p10cr"].items():
+        plain[name] = value
+    der = bytes(encoder.encode(plain))
+    try:
+        checked = check_csr(der)
+    except BadCSRSignature:
+        raise BadPOP("the PKCS#10 request's signature does not verify with its key") from None
+    return CertRequest(P10_CERT_REQ_ID, checked.public_key, tuple(inspect_csr(der).mailboxes))
 
 
 def _check_pop(popo: Any, cert_req: Any, key: PublicKey) -> None:
@@ -442,6 +461,58 @@ def revocation_requests(request: CMPRequest) -> list[RevocationRequest]:
                         reason = int(code)
             found.append(RevocationRequest(int(template["serialNumber"]), issuer, reason))
         return found
+
+
+# genm / genp (RFC 9483 §4.3; RFC 4210 §5.3.19): the InfoTypes this server answers
+IT_SIGN_KEY_PAIR_TYPES = str(rfc9480.id_it_signKeyPairTypes)
+IT_CA_KEY_UPDATE_INFO = str(rfc9480.id_it_caKeyUpdateInfo)
+IT_CURRENT_CRL = str(rfc9480.id_it_currentCRL)
+IT_CA_CERTS = str(rfc9480.id_it_caCerts)
+IT_ROOT_CA_CERT = str(rfc9480.id_it_rootCaCert)
+IT_ROOT_CA_KEY_UPDATE = str(rfc9480.id_it_rootCaKeyUpdate)
+IT_CERT_REQ_TEMPLATE = str(rfc9480.id_it_certReqTemplate)
+
+
+def general_requests(request: CMPRequest) -> list[str]:
+    """The InfoTypes a genm asks for (dotted OIDs, in order, each once)."""
+    with _readable("genm"):
+        found: list[str] = []
+        for itav in request.message["body"]["genm"]:
+            oid = str(itav["infoType"])
+            if oid not in found:
+                found.append(oid)
+        return found
+
+
+def certificates_value(certs: tuple[x509.Certificate, ...]) -> bytes:
+    """CaCertsValue (RFC 9483 §4.3.1): SEQUENCE OF CMPCertificate."""
+    value = rfc9480.CaCertsValue()
+    for cert in certs:
+        value.append(_cmp_cert(cert))
+    return bytes(encoder.encode(value))
+
+
+_RSA_ENCRYPTION = univ.ObjectIdentifier("1.2.840.113549.1.1.1")
+_EC_PUBLIC_KEY = univ.ObjectIdentifier("1.2.840.10045.2.1")
+_CURVE_OIDS = {KeyType.P256: "1.2.840.10045.3.1.7", KeyType.P384: "1.3.132.0.34"}
+
+
+def key_pair_types_value(key_types: Sequence[KeyType]) -> bytes:
+    """signKeyPairTypes (RFC 4210 §5.3.19.2): SEQUENCE OF AlgorithmIdentifier, one per key
+    algorithm (RSA once, whatever its sizes; each curve by its namedCurve)."""
+    value = univ.SequenceOf(componentType=rfc5280.AlgorithmIdentifier())
+    if any(k.is_rsa for k in key_types):
+        algorithm = rfc5280.AlgorithmIdentifier()
+        algorithm["algorithm"] = _RSA_ENCRYPTION
+        algorithm["parameters"] = encoder.encode(univ.Null(""))
+        value.append(algorithm)
+    for key_type, curve in _CURVE_OIDS.items():
+        if key_type in key_types:
+            algorithm = rfc5280.AlgorithmIdentifier()
+            algorithm["algorithm"] = _EC_PUBLIC_KEY
+            algorithm["parameters"] = encoder.encode(univ.ObjectIdentifier(curve))
+            value.append(algorithm)
+    return bytes(encoder.encode(value))
 
 
 def cert_confirms(request: CMPRequest) -> list[CertConfirm]:
@@ -534,7 +605,7 @@ def _header(
     header["transactionID"] = header["transactionID"].clone(request.transaction_id)
     header["senderNonce"] = header["senderNonce"].clone(nonce)
     header["recipNonce"] = header["recipNonce"].clone(request.sender_nonce)
-    if request.implicit_confirm and request.body in ("ir", "cr", "kur"):
+    if request.implicit_confirm and request.body in ("ir", "cr", "p10cr", "kur"):
         itav = header["generalInfo"].getComponentType().clone()
         itav["infoType"] = IMPLICIT_CONFIRM
         itav["infoValue"] = encoder.encode(univ.Null(""))
@@ -610,7 +681,7 @@ class Reply:
     ) -> bytes:
         """ip / cp / kup with the issued certificate; the chain in extraCerts (RFC 9483 §4.1.1);
         `ca_pubs` (the trust anchor) only in a MAC-protected answer, where the secret vouches for it."""
-        kind = {"ir": "ip", "cr": "cp", "kur": "kup"}[self._request.body]
+        kind = {"ir": "ip", "cr": "cp", "p10cr": "cp", "kur": "kup"}[self._request.body]
         body = rfc9480.PKIBody()
         rep = body[kind]
         if ca_pubs and self._secret is not None and self._request.protection is Protection.MAC:
@@ -625,6 +696,20 @@ class Reply:
         _fill_certificate(pair["certOrEncCert"]["certificate"], cert)
         rep["response"].append(response)
         return self._message(body, (cert, *chain))
+
+    def general(self, items: list[tuple[str, bytes | None]]) -> bytes:
+        """genp: one InfoTypeAndValue per (infoType, DER value); a None value is sent absent, which
+        RFC 9483 §4.3 reads as "nothing of that kind" (no root CA update, no template)."""
+        body = rfc9480.PKIBody()
+        for oid, value in items:
+            itav = body["genp"].getComponentType().clone()
+            itav["infoType"] = univ.ObjectIdentifier(oid)
+            if value is not None:
+                itav["infoValue"] = value
+            body["genp"].append(itav)
+        if not items:
+            body["genp"] = body["genp"].clone([])
+        return self._message(body)
 
     def revoked(self) -> bytes:
         body = rfc9480.PKIBody()
@@ -683,7 +768,10 @@ __all__ = [
     "cert_confirms",
     "cert_hash",
     "cert_requests",
+    "certificates_value",
     "error_without_request",
+    "general_requests",
+    "key_pair_types_value",
     "parse_request",
     "revocation_requests",
     "verify_mac",

@@ -6,7 +6,9 @@ the order's transaction → the client replies from the mailbox and POSTs the ch
 server reads the replies that reached its challenge address (the embedded sink's Maildir, or the
 Maildir the relay delivers into: `[acme] reply_maildir`) whenever the authorization, challenge or
 order is asked for → finalize with a CSR naming only that mailbox → a signing certificate, issued
-by the same issuer and profile as enrolment (encryption keys stay server-made and archived).
+by the same issuer and profile as enrolment (encryption keys stay server-made and archived),
+unless `[acme] signing_only = false` and the CSR asks for an encryption key usage: then the
+encryption profile for the client's own key, which the server never sees and does not archive.
 
 A reply is judged as the relay delivered it: From must be the mailbox, the Subject must carry
 token part 1, In-Reply-To the challenge's Message-ID, and the body the base64url SHA-256 of the
@@ -29,14 +31,16 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from joserfc.jwk import ECKey, RSAKey
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.errors import (
+    ACMEAccountDeactivated,
     ACMEAccountDoesNotExist,
     ACMEIncorrectResponse,
+    ACMEKeyInUse,
     ACMENotFound,
     ACMEOrderNotReady,
     ACMERejectedIdentifier,
@@ -47,9 +51,10 @@ from mailkms.errors import (
     MailkmsError,
     Malformed,
     RateLimited,
+    Unauthorized,
     URLMismatch,
 )
-from mailkms.pki import CertKind, PublicKey, check_csr, inspect_csr, subscriber_validity
+from mailkms.pki import CertKind, PublicKey, check_csr, inspect_csr, same_public_key, subscriber_validity
 from mailkms.pki import _acme as wire
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
@@ -178,9 +183,12 @@ class ACME:
         return self._nonces.new()
 
     # --- requests ------------------------------------------------------------------------
-    def verify(self, body: object, url: str, account_prefix: str, *, new_account: bool = False) -> Verified:
+    def verify(
+        self, body: object, url: str, account_prefix: str, *, new_account: bool = False, by_jwk: bool = False
+    ) -> Verified:
         """Check the JWS (RFC 8555 §6.2-6.5): the URL it was made for, the account key (jwk only for
-        newAccount, else kid = an account URL), the signature, then spend the nonce."""
+        newAccount, else kid = an account URL; `by_jwk`: either, as revokeCert takes the
+        certificate's own key), the signature, then spend the nonce."""
         try:
             header = wire.read_header(body)
             if header.url != url:
@@ -190,6 +198,8 @@ class ACME:
             if new_account:
                 if header.jwk is None:
                     raise BadJWS("newAccount is signed with the account's jwk, not a kid")
+                key = wire.load_account_key(header.jwk)
+            elif by_jwk and header.jwk is not None:
                 key = wire.load_account_key(header.jwk)
             else:
                 if header.kid is None:
@@ -209,8 +219,10 @@ class ACME:
         account_id = kid[len(prefix) :]
         with self._db.read_only() as session:
             account = session.get(ACMEAccount, account_id)
-            if account is None or account.status != "valid":
+            if account is None:
                 raise ACMEAccountDoesNotExist()
+            if account.status != "valid":
+                raise ACMEAccountDeactivated("this account was deactivated; its key can no longer act")
             return account.id, wire.load_account_key(json.loads(account.jwk))
 
     # --- accounts ------------------------------------------------------------------------
@@ -224,6 +236,8 @@ class ACME:
                 select(ACMEAccount).where(ACMEAccount.thumbprint == request.thumbprint)
             ).scalar_one_or_none()
             if found is not None:
+                if found.status != "valid":
+                    raise ACMEAccountDeactivated("the account of this key was deactivated")
                 return AccountView(found.id, found.status, tuple(json.loads(found.contact)))
             if payload.get("onlyReturnExisting") is True:
                 raise ACMEAccountDoesNotExist()
@@ -240,10 +254,99 @@ class ACME:
             return AccountView(account.id, "valid", tuple(contact), created=True)
 
     def account(self, request: Verified) -> AccountView:
-        with self._db.read_only() as session:
-            account = session.get(ACMEAccount, request.account_id)
+        """POST-as-GET reads the account; {"contact": [...]} updates it; {"status": "deactivated"}
+        deactivates it for good (RFC 8555 §7.3.2, §7.3.6): its pending authorizations are
+        deactivated, its open orders invalid, and every later request with its key is refused."""
+        payload = request.json()
+        status, contact = payload.get("status"), payload.get("contact")
+        if status not in (None, "valid", "deactivated"):
+            raise Malformed(f"an account's status may only be set to deactivated, not {status!r}")
+        if contact is not None and (not isinstance(contact, list) or not all(isinstance(c, str) for c in contact)):
+            raise Malformed("contact is a list of URLs")
+        with self._db.transaction() as session:
+            account = session.get(ACMEAccount, request.account_id, with_for_update=True)
             if account is None:
                 raise ACMEAccountDoesNotExist()
+            if account.status != "valid":
+                raise ACMEAccountDeactivated("this account was deactivated")
+            if contact is not None and status != "deactivated":
+                account.contact = json.dumps(contact)
+            if status == "deactivated":
+                account.status = "deactivated"
+                self._deactivate_orders(session, account.id)
+                self._audit.append(session, f"acme:{account.id}", "acme.account.deactivated", account.id)
+            return AccountView(account.id, account.status, tuple(json.loads(account.contact)))
+
+    def orders(self, request: Verified, account_id: str) -> list[str]:
+        """The account's orders list (RFC 8555 §7.1.2.1): its pending, ready and valid orders, newest
+        first (invalid ones left out, as the RFC advises); only the account itself may read it."""
+        if request.account_id != account_id:
+            raise Unauthorized("the JWS was signed by another account")
+        with self._db.read_only() as session:
+            return list(
+                session.execute(
+                    select(ACMEOrder.id)
+                    .where(ACMEOrder.account_id == account_id, ACMEOrder.status.in_(("pending", "ready", "valid")))
+                    .order_by(ACMEOrder.created_at.desc(), ACMEOrder.id)
+                ).scalars()
+            )
+
+    def _deactivate_orders(self, session: Session, account_id: str) -> None:
+        orders = select(ACMEOrder.id).where(ACMEOrder.account_id == account_id)
+        session.execute(
+            update(ACMEAuthorization)
+            .where(ACMEAuthorization.order_id.in_(orders), ACMEAuthorization.status.in_(("pending", "valid")))
+            .values(status="deactivated")
+        )
+        session.execute(
+            update(ACMEOrder)
+            .where(ACMEOrder.account_id == account_id, ACMEOrder.status.in_(("pending", "ready")))
+            .values(status="invalid", error=_problem(Unauthorized("the account was deactivated")))
+        )
+
+    def key_change(self, request: Verified, url: str, account_url: str) -> AccountView:
+        """Account key rollover (RFC 8555 §7.3.5): the outer JWS by the account's current key (kid),
+        its payload an inner JWS by the new key (jwk, same url, no nonce) naming the account and
+        the old key. Afterwards only the new key acts for the account."""
+        inner = request.json()
+        header = wire.read_header(inner, inner=True)
+        if header.url != url:
+            raise Malformed("the inner JWS was made for another URL than the outer one")
+        assert header.jwk is not None
+        new_key = wire.load_account_key(header.jwk)
+        try:
+            payload = json.loads(
+                wire.verify_jws(
+                    {k: str(inner[k]) for k in ("protected", "payload", "signature")}, new_key, header, inner=True
+                )
+            )
+        except ValueError:
+            raise Malformed("the inner JWS payload is not JSON") from None
+        if not isinstance(payload, dict) or payload.get("account") != account_url:
+            raise Malformed("the inner JWS must name this account's URL in account")
+        old = payload.get("oldKey")
+        if not isinstance(old, dict) or wire.thumbprint(wire.load_account_key(old)) != request.thumbprint:
+            raise Malformed("oldKey is not the key that signed the outer JWS")
+        new_thumbprint = wire.thumbprint(new_key)
+        with self._db.transaction() as session:
+            account = session.get(ACMEAccount, request.account_id, with_for_update=True)
+            if account is None or account.thumbprint != request.thumbprint:
+                raise Unauthorized("the account's key changed while this request was made")
+            holder = session.execute(
+                select(ACMEAccount.id).where(ACMEAccount.thumbprint == new_thumbprint)
+            ).scalar_one_or_none()
+            if holder is not None:
+                raise ACMEKeyInUse("the new key already belongs to an account", account=holder)
+            account.jwk = json.dumps(wire.public_jwk(new_key), sort_keys=True)
+            account.thumbprint = new_thumbprint
+            self._audit.append(
+                session,
+                f"acme:{account.id}",
+                "acme.account.key-changed",
+                account.id,
+                old_thumbprint=request.thumbprint,
+                thumbprint=new_thumbprint,
+            )
             return AccountView(account.id, account.status, tuple(json.loads(account.contact)))
 
     # --- orders --------------------------------------------------------------------------
@@ -356,9 +459,26 @@ class ACME:
             return self._order_view(order, authz)
 
     def authorization(self, request: Verified, authz_id: str) -> AuthzView:
+        """POST-as-GET reads it; {"status": "deactivated"} deactivates a pending or valid
+        authorization (RFC 8555 §7.5.2): its order, if not finalized yet, becomes invalid."""
+        status = request.json().get("status")
+        if status not in (None, "deactivated"):
+            raise Malformed(f"an authorization's status may only be set to deactivated, not {status!r}")
         with self._db.transaction() as session:
             order, authz = self._by_authz(session, request.account_id, ACMEAuthorization.id, authz_id)
             self._refresh(session, order, authz)
+            if status == "deactivated":
+                if authz.status not in ("pending", "valid"):
+                    raise Malformed(f"the authorization is {authz.status}; only pending or valid ones deactivate")
+                authz.status = "deactivated"
+                self._refresh(session, order, authz)
+                self._audit.append(
+                    session,
+                    f"acme:{request.account_id}",
+                    "acme.authorization.deactivated",
+                    authz.mailbox,
+                    order=order.id,
+                )
             return self._authz_view(authz)
 
     def challenge(self, request: Verified, challenge_id: str) -> AuthzView:
@@ -381,10 +501,13 @@ class ACME:
             authz.status = "invalid"
             authz.challenge_status = "invalid"
             authz.error = _problem(ACMEIncorrectResponse("the authorization expired before a reply arrived"))
-        if authz.challenge_status == "processing":
+        if authz.challenge_status == "processing" and authz.status == "pending":
             self._validate(session, order, authz, now)
         if order.status == "pending" and authz.status == "valid":
             order.status = "ready"
+        if order.status in ("pending", "ready") and authz.status == "deactivated":
+            order.status = "invalid"
+            order.error = _problem(Unauthorized("the authorization was deactivated"))
         if order.status in ("pending", "ready") and (authz.status == "invalid" or now > order.expires_at):
             order.status = "invalid"
             order.error = authz.error or _problem(Malformed("the order expired"))
@@ -475,12 +598,33 @@ class ACME:
                 raise BadCSR(
                     f"the CSR must name exactly the order's mailbox {order.mailbox} (it names {sorted(names)})"
                 )
-            cert = self._issue(session, order, checked.public_key)
+            kind = self._kind(checked.der)
+            cert = self._issue(session, order, checked.public_key, kind)
             order.status = "valid"
             order.certificate_serial = serial_hex(cert.serial_number)
             return self._order_view(order, authz)
 
-    def _issue(self, session: Session, order: ACMEOrder, public_key: PublicKey) -> x509.Certificate:
+    def _kind(self, csr_der: bytes) -> CertKind:
+        """Which certificate the CSR asks for, by its requested keyUsage: keyEncipherment (RSA) or
+        keyAgreement (EC) without digitalSignature asks for an encryption certificate, issued only
+        with `[acme] signing_only = false`; anything else gets the signing certificate."""
+        try:
+            requested = x509.load_der_x509_csr(csr_der).extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            return CertKind.SIGNING
+        except ValueError:
+            raise BadCSR("the CSR's requested extensions cannot be read") from None
+        encrypts = requested.key_encipherment or requested.key_agreement
+        if not encrypts or requested.digital_signature:
+            return CertKind.SIGNING
+        if self._settings.acme.signing_only:
+            raise BadCSR(
+                "this server issues signing certificates only by ACME ([acme] signing_only); "
+                "encryption keys come through enrolment, where the server makes and archives them"
+            )
+        return CertKind.ENCRYPTION
+
+    def _issue(self, session: Session, order: ACMEOrder, public_key: PublicKey, kind: CertKind) -> x509.Certificate:
         policy = self._settings.policy
         user = session.execute(select(User).where(User.email == order.mailbox)).scalar_one_or_none()
         lifetime, _ = policy.for_group(user.group if user is not None else None)
@@ -489,7 +633,7 @@ class ACME:
         partition = partitions.take(session) if partitions is not None else None
         issuer = self._ca.issuer
         prepared = issuer.prepare_subscriber(
-            CertKind.SIGNING,
+            kind,
             order.mailbox,
             public_key,
             validity,
@@ -497,17 +641,20 @@ class ACME:
             partition,
         )
         cert = issuer.issue(prepared)
-        session.add(certificate_row(cert, user.id if user is not None else None, "acme-signing", 0, partition))
+        session.add(certificate_row(cert, user.id if user is not None else None, f"acme-{kind}", 0, partition))
+        # the client made the key and kept it: an ACME encryption key is never archived (no recovery)
+        archived = {"key_archived": False} if kind is CertKind.ENCRYPTION else {}
         self._audit.append(
             session,
             f"acme:{order.account_id}",
             "certificate.issued",
             order.mailbox,
             serial=serial_hex(cert.serial_number),
-            kind="signing",
+            kind=str(kind),
             via="acme",
             order=order.id,
             not_after=cert.not_valid_after_utc.isoformat(),
+            **archived,
         )
         return cert
 
@@ -525,8 +672,9 @@ class ACME:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
 
     def revoke(self, request: Verified) -> None:
-        """revokeCert (RFC 8555 §7.6), signed by the account that ordered the certificate (kid).
-        Revocation by the certificate's own key (jwk) is not served."""
+        """revokeCert (RFC 8555 §7.6), signed either by the account that ordered the certificate
+        (kid), or by the certificate's own key (jwk): then any certificate this CA issued for that
+        key, however it was enrolled, since holding the key proves the right to revoke it."""
         payload = request.json()
         text = payload.get("certificate")
         reason = payload.get("reason", 0)
@@ -539,15 +687,25 @@ class ACME:
         except ValueError:
             raise Malformed("the certificate is not base64url DER") from None
         serial = serial_hex(cert.serial_number)
-        with self._db.read_only() as session:
-            owned = session.execute(
-                select(ACMEOrder.id).where(
-                    ACMEOrder.account_id == request.account_id, ACMEOrder.certificate_serial == serial
-                )
-            ).first()
-        if owned is None:
-            raise ACMENotFound("this account did not order that certificate")
-        self._revocation.revoke_serial(serial, REASON_CODES[reason], f"acme:{request.account_id}")
+        if request.account_id is None:
+            actor = f"acme-key:{request.thumbprint}"
+            if not same_public_key(wire.load_account_key(dict(request.jwk)).public_key, cert.public_key()):
+                raise Unauthorized("the JWS key is not the certificate's key")
+            with self._db.read_only() as session:
+                der = session.execute(select(Certificate.der).where(Certificate.serial == serial)).scalar_one_or_none()
+            if der != cert.public_bytes(serialization.Encoding.DER):
+                raise ACMENotFound("this CA did not issue that certificate")
+        else:
+            actor = f"acme:{request.account_id}"
+            with self._db.read_only() as session:
+                owned = session.execute(
+                    select(ACMEOrder.id).where(
+                        ACMEOrder.account_id == request.account_id, ACMEOrder.certificate_serial == serial
+                    )
+                ).first()
+            if owned is None:
+                raise ACMENotFound("this account did not order that certificate")
+        self._revocation.revoke_serial(serial, REASON_CODES[reason], actor)
 
     def purge(self, keep: dt.timedelta = dt.timedelta(days=1)) -> int:
         """Forget orders that ended without a certificate (expired or invalid) `keep` after their

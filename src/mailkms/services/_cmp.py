@@ -42,6 +42,7 @@ from mailkms.errors import (
     CMPUnknownTransaction,
     MailkmsError,
     Malformed,
+    NotCurrentCertificate,
     NotOwner,
     ReplayedNonce,
     Revoked,
@@ -49,8 +50,24 @@ from mailkms.errors import (
     TokenInvalid,
     UnknownIssuer,
 )
-from mailkms.pki import CheckedCSR, issued_by
-from mailkms.pki._cmp import CMPRequest, cert_confirms, cert_hash, cert_requests, revocation_requests
+from mailkms.pki import CheckedCSR, issued_by, same_public_key
+from mailkms.pki._cmp import (
+    IT_CA_CERTS,
+    IT_CA_KEY_UPDATE_INFO,
+    IT_CERT_REQ_TEMPLATE,
+    IT_CURRENT_CRL,
+    IT_ROOT_CA_CERT,
+    IT_ROOT_CA_KEY_UPDATE,
+    IT_SIGN_KEY_PAIR_TYPES,
+    CMPRequest,
+    cert_confirms,
+    cert_hash,
+    cert_requests,
+    certificates_value,
+    general_requests,
+    key_pair_types_value,
+    revocation_requests,
+)
 from mailkms.pki._cmp import FailInfo as CMPFailInfo
 from mailkms.pki._cmp import Protection as CMPProtection
 from mailkms.pki._cmp import Reply as CMPReply
@@ -127,11 +144,13 @@ class CMP:
         proven: list[str] = []  # the mailbox, once the request proved it is theirs
         try:
             self._check_time(request, now)
-            if request.body in ("ir", "cr", "kur", "rr"):
+            if request.body in ("ir", "cr", "p10cr", "kur", "rr", "genm"):
                 self._check_fresh(request)
-            if request.body in ("ir", "cr"):
+            if request.body == "genm":
+                return self._general(request, secret, proven)
+            if request.body in ("ir", "cr") or (request.body == "p10cr" and request.protection is CMPProtection.MAC):
                 return self._enrol(request, secret, proven)
-            if request.body == "kur":
+            if request.body in ("kur", "p10cr"):  # a signed p10cr: the renewal, as kur
                 return self._update(request, proven)
             if request.body == "rr":
                 return self._revoke(request, proven)
@@ -142,7 +161,8 @@ class CMP:
                     "nothing is pending: every answer of this server is immediate", fail=CMPFailInfo.BAD_REQUEST
                 )
             raise BadCMPMessage(
-                f"{request.body} is not served here (ir, cr, kur, rr, certConf)", fail=CMPFailInfo.BAD_REQUEST
+                f"{request.body} is not served here (ir, cr, p10cr, kur, rr, certConf, genm)",
+                fail=CMPFailInfo.BAD_REQUEST,
             )
         except MailkmsError as exc:
             if proven:
@@ -214,11 +234,7 @@ class CMP:
                 f"an {request.body} is MAC-protected with the enrolment token: -ref MAILBOX -secret pass:TOKEN",
                 fail=CMPFailInfo.NOT_AUTHORIZED,
             )
-        reference = request.reference
-        try:
-            mailbox = normalise_mailbox(reference or "")
-        except Malformed:
-            raise TokenInvalid("the reference (senderKID) must be the mailbox the token was issued for") from None
+        mailbox = self._reference(request)
         wanted = cert_requests(request)[0]
         now = self._clock.now()
         try:
@@ -248,6 +264,50 @@ class CMP:
             if isinstance(exc, HELD_A_TOKEN) and not proven:
                 proven.append(mailbox)  # a real token of this mailbox, spent or expired
             raise
+
+    @staticmethod
+    def _reference(request: CMPRequest) -> str:
+        try:
+            return normalise_mailbox(request.reference or "")
+        except Malformed:
+            raise TokenInvalid("the reference (senderKID) must be the mailbox the token was issued for") from None
+
+    # -- genm: general information (RFC 9483 §4.3) -------------------------------------------------------
+    def _general(self, request: CMPRequest, secret: list[str], proven: list[str]) -> bytes:
+        """genm, protected as any request: MAC with a live enrolment token (before enrolment; the
+        token is not spent) or signed by a holder. Answers CA certificates (caCerts), the key
+        types accepted (signKeyPairTypes), the current CRL (currentCRL: what OpenSSL 3.0 can ask
+        where RFC 9483 §4.3.4 has crlStatusList), and "no update" for the root CA key
+        (rootCaCert, caKeyUpdateInfo) and "no template" (certReqTemplate). Other InfoTypes are left
+        out of the genp, as RFC 4210 §5.3.19 lets a receiver do; an empty genm gets caCerts."""
+        wanted = general_requests(request) or [IT_CA_CERTS]
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            if request.protection is CMPProtection.MAC:
+                mailbox = self._reference(request)
+                user = session.execute(select(User).where(User.email == mailbox)).scalar_one_or_none()
+                row, token = self._token_for_mac(session, user, request)
+                secret.append(token)
+                proven.append(mailbox)
+                if row.expires_at < now or row.revoked_at is not None:
+                    raise TokenInvalid("the enrolment token has expired or was replaced")
+            else:
+                proven.append(self._holder(session, self._signed_by_holder(request)).email)
+            self._spend_nonce(session, request)
+        items: list[tuple[str, bytes | None]] = []
+        for oid in wanted:
+            if oid == IT_CA_CERTS:
+                items.append((oid, certificates_value((self._ca.issuing.certificate, self._ca.root))))
+            elif oid == IT_SIGN_KEY_PAIR_TYPES:
+                items.append((oid, key_pair_types_value(self._settings.policy.signing_key_types)))
+            elif oid == IT_CURRENT_CRL:
+                crl = self._revocation.current_crl()
+                items.append((oid, crl.der if crl is not None else None))
+            elif oid == IT_ROOT_CA_CERT:
+                items.append((IT_ROOT_CA_KEY_UPDATE, None))  # the root has no successor
+            elif oid in (IT_CA_KEY_UPDATE_INFO, IT_CERT_REQ_TEMPLATE):
+                items.append((oid, None))
+        return CMPReply(request, self._signer, now, secret[0].encode() if secret else None).general(items)
 
     def _token_for_mac(self, session: Session, user: User | None, request: CMPRequest) -> tuple[Token, str]:
         """The user's newest token that verifies the MAC: the secret of an ir is that token."""
@@ -290,6 +350,12 @@ class CMP:
         checked = CheckedCSR(public_key=wanted.public_key, der=b"", claimed_emails=wanted.mailboxes)
         accepted = self._renewal.renew_proven(signer, checked, via="cmp")
         cert = self._renewal.signing_certificate(accepted)
+        if accepted.already_issued and not same_public_key(cert.public_key(), wanted.public_key):
+            # another kur with this certificate won (at once, or before): its certificate is for
+            # another key, which this client would reject in its certConf (and so revoke)
+            raise NotCurrentCertificate(
+                "this certificate was already renewed with another key; use the new certificate"
+            )
         reply = CMPReply(request, self._signer, self._clock.now())
         with self._db.transaction() as session:
             row = session.get(CMPTransaction, transaction_id)
@@ -298,7 +364,9 @@ class CMP:
             row.server_nonce = reply.nonce.hex()
             if request.implicit_confirm:
                 row.closed_at = self._clock.now()
-            self._audit.append(session, user.email, "cmp.issued", user.email, serial=row.certificate_serial, body="kur")
+            self._audit.append(
+                session, user.email, "cmp.issued", user.email, serial=row.certificate_serial, body=request.body
+            )
         return reply.certificate(wanted.cert_req_id, cert, self._ca.chain)
 
     @staticmethod

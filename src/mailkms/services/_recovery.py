@@ -619,7 +619,7 @@ class Recovery:
                 raise Internal(f"archived key {row.certificate_serial} is not enveloped to the current recovery key")
             der = decrypt(row.envelope, recovery_cert, key)
             cert = _certificate(session, row.certificate_serial)
-            if not same_public_key(public_half(der), cert.public_key()):  # type: ignore[arg-type]
+            if not same_public_key(public_half(der), cert.public_key()):
                 raise Internal(f"archived key {row.certificate_serial} does not match its certificate")
             out.append((row.certificate_serial, der))
         return out
