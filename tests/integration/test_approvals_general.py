@@ -6,18 +6,27 @@ request takes no approval; concurrent last approvals release it once (PostgreSQL
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
+import subprocess
 import threading
 from collections import Counter
 
 import pytest
+from cryptography import x509
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from mailkms.api import create_app
 from mailkms.errors import ApprovalClosed, MailkmsError, RoleForbidden, UserNotFound
-from mailkms.services import Principal, Role, Services
+from mailkms.pki import load_private_key_der, same_public_key
+from mailkms.pki._recovery import MIN_SCRYPT_N
+from mailkms.services import Principal, Role, Services, ShareInput
+from mailkms.store import ApprovalVote
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL
 from tests.integration.test_admin_api import _admin, _csrf, _login
+from tests.integration.test_recovery import _rsa_cert, appoint, enrol, shares_of
 
 USERS = [f"u{i:02}@example.org" for i in range(5)]
 
@@ -192,3 +201,64 @@ def test_concurrent_last_approvals_release_once(strict, db_url) -> None:
     assert sorted(results) == ["closed", "closed", "closed", "released"]
     assert len(_actions(strict, "approval.released")) == 1 and len(_actions(strict, "user.revoked")) == 5
     assert _states(strict) == {"REVOKED": 5} and len(strict.approvals.show(rid).approvers) == 2
+
+
+def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_path) -> None:
+    """Through the admin API: an officer starts the export, two officers approve with their shares
+    (base64) in their own names; openssl opens the released document with the recipient's key."""
+    services.recovery.scrypt_n = MIN_SCRYPT_N
+    enrol(services, "jo@example.org")
+    shares = shares_of(appoint(services.recovery, data_dir, tmp_path).share_files)
+    _, cert_pem, key_pem = _rsa_cert(tmp_path)
+    otto, _ = _admin(services, "otto", Role.OFFICER)
+    pia, _ = _admin(services, "pia", Role.OFFICER)
+    olga, _ = _admin(services, "olga", Role.OPERATOR)
+    api = TestClient(create_app(services), base_url="https://testserver")
+
+    start = {"kind": "export", "recipient": cert_pem.read_text()}
+    assert api.post("/api/v1/admin/approvals", json=start, headers=_bearer(olga)).status_code == 403
+    bad = api.post("/api/v1/admin/approvals", json={**start, "recipient": "not a pem"}, headers=_bearer(otto))
+    assert bad.status_code == 400
+    made = api.post("/api/v1/admin/approvals", json=start, headers=_bearer(otto))
+    assert made.status_code == 201 and made.json()["with_shares"] and "recipient" not in made.json()["payload"]
+    url = f"/api/v1/admin/approvals/{made.json()['id']}/approve"
+
+    def give(token: str, share: ShareInput) -> dict[str, str]:
+        return {"share": base64.b64encode(share.data).decode(), "passphrase": share.passphrase.decode()}
+
+    assert api.post(url, headers=_bearer(otto)).status_code == 400  # a share is needed
+    wrong = {**give(otto, shares[0]), "passphrase": "wrong passphrase"}
+    assert api.post(url, json=wrong, headers=_bearer(otto)).status_code in (401, 403)
+    first = api.post(url, json=give(otto, shares[0]), headers=_bearer(otto))
+    assert first.status_code == 200 and first.json()["outcome"] is None
+    assert api.post(url, json=give(otto, shares[1]), headers=_bearer(otto)).status_code == 409  # not twice
+    assert api.post(url, json=give(pia, shares[0]), headers=_bearer(pia)).status_code == 409  # that share again
+    done = api.post(url, json=give(pia, shares[1]), headers=_bearer(pia))
+    assert done.status_code == 200 and done.json()["outcome"]["keys"] == 1
+    entry = json.loads(done.json()["outcome"]["document"])["keys"][0]
+    (tmp_path / "k.der").write_bytes(base64.b64decode(entry["envelope"]))
+    opened = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-inform",
+            "DER",
+            "-in",
+            tmp_path / "k.der",
+            "-recip",
+            cert_pem,
+            "-inkey",
+            key_pem,
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
+    leaf = x509.load_pem_x509_certificate(entry["certificate"].encode())
+    assert same_public_key(load_private_key_der(opened).public_key(), leaf.public_key())
+    seen_by_operator = api.get(f"/api/v1/admin/approvals/{made.json()['id']}", headers=_bearer(olga)).json()
+    assert seen_by_operator["outcome"] == {"keys": 1}  # the document only for officers
+    (released,) = _actions(services, "approval.released")
+    assert released["details"]["approved_by"] == ["otto", "pia"] and "document" not in released["details"]
+    with services.db.read_only() as session:
+        assert session.execute(select(ApprovalVote.sealed).where(ApprovalVote.sealed.is_not(None))).first() is None

@@ -23,8 +23,12 @@ from mailkms.errors import Malformed
 from mailkms.services import ApprovalView, Approved, Permission, Principal, Services
 
 
-def approval_out(view: ApprovalView, token: str | None = None) -> ApprovalOut:
-    return ApprovalOut.model_validate({**view.to_dict(), "token": token})
+def approval_out(admin: Principal, view: ApprovalView, token: str | None = None) -> ApprovalOut:
+    """The request as JSON; an export's document (keys enveloped to its recipient) only to officers."""
+    data = view.to_dict()
+    if view.outcome and "document" in view.outcome and not admin.may(Permission.RECOVERY):
+        data["outcome"] = {k: v for k, v in view.outcome.items() if k != "document"}
+    return ApprovalOut.model_validate({**data, "token": token})
 
 
 def admin_approvals_router(services: Services) -> APIRouter:
@@ -35,12 +39,12 @@ def admin_approvals_router(services: Services) -> APIRouter:
     @router.get("/approvals", response_model=list[ApprovalOut], summary="Approval requests, newest first")
     def listing(admin: Admin) -> list[ApprovalOut]:
         admin.require(Permission.READ)
-        return [approval_out(v) for v in approvals.list()]
+        return [approval_out(admin, v) for v in approvals.list()]
 
     @router.get("/approvals/{request_id}", response_model=ApprovalOut, summary="One approval request")
     def show(admin: Admin, request_id: int) -> ApprovalOut:
         admin.require(Permission.READ)
-        return approval_out(approvals.show(request_id))
+        return approval_out(admin, approvals.show(request_id))
 
     @router.post(
         "/approvals", status_code=201, response_model=ApprovalOut, summary="Start a dangerous act that needs approvals"
@@ -56,7 +60,7 @@ def admin_approvals_router(services: Services) -> APIRouter:
             request_id = approvals.start_export(admin, body.recipient, body.email)
         else:
             request_id = approvals.start_bulk_revoke(admin, body.emails or [], body.reason)
-        return approval_out(approvals.show(request_id))
+        return approval_out(admin, approvals.show(request_id))
 
     @router.post("/approvals/{request_id}/approve", response_model=ApprovalOut, summary="Approve a request")
     def approve(admin: Admin, request_id: int, body: ApprovalGive | None = None) -> ApprovalOut:
@@ -71,7 +75,7 @@ def admin_approvals_router(services: Services) -> APIRouter:
             done = approvals.approve(admin, request_id, share, (body.passphrase or "").encode())
         else:
             done = approvals.approve_plain(admin, request_id)
-        return approval_out(done.view, done.released.token if done.released else None)
+        return approval_out(admin, done.view, done.released.token if done.released else None)
 
     @router.post(
         "/revocations",
@@ -85,7 +89,7 @@ def admin_approvals_router(services: Services) -> APIRouter:
         result = approvals.revoke_many(admin, body.emails, body.reason)
         if isinstance(result, int):
             response.status_code = 202
-            return AdminBulkRevoked(revoked=[], approval=approval_out(approvals.show(result)))
+            return AdminBulkRevoked(revoked=[], approval=approval_out(admin, approvals.show(result)))
         crl = services.revocation.latest
         return AdminBulkRevoked(
             revoked=[

@@ -259,6 +259,8 @@ class Approvals:
         return self._vote(who, request_id, None, None)
 
     def _vote(self, who: Principal, request_id: int, holder: str | None, sealed: bytes | None) -> Approved:
+        # read before the write transaction (on SQLite a second one inside it would wait for it)
+        ceremony_threshold = self._recovery.status().threshold if holder is not None else 0
         now = self._clock.now()
         with self._db.transaction() as session:
             row = session.get(ApprovalRequest, request_id, with_for_update=True)
@@ -279,7 +281,7 @@ class Approvals:
                 raise ApprovalClosed(f"{who.name} has approved this request already")
             if holder is not None and any(v.share_officer == holder for v in votes):
                 raise ApprovalClosed(f"the share of {holder} was given already")
-            threshold = self._needed(row)
+            threshold = row.required if row.required is not None else ceremony_threshold
             session.add(
                 ApprovalVote(
                     request_id=row.id, officer=who.name, share_officer=holder or "", sealed=sealed, created_at=now
