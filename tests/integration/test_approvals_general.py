@@ -9,24 +9,21 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import subprocess
 import threading
 from collections import Counter
 
 import pytest
-from cryptography import x509
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from mailkms.api import create_app
 from mailkms.errors import ApprovalClosed, MailkmsError, RoleForbidden, UserNotFound
-from mailkms.pki import load_private_key_der, same_public_key
 from mailkms.pki._recovery import MIN_SCRYPT_N
 from mailkms.services import Principal, Role, Services, ShareInput
 from mailkms.store import ApprovalVote
 from tests.conftest import CA_PASSPHRASE, PUBLIC_URL
 from tests.integration.test_admin_api import _admin, _csrf, _login
-from tests.integration.test_recovery import _rsa_cert, appoint, enrol, shares_of
+from tests.integration.test_recovery import _rsa_cert, appoint, assert_openssl_opens, enrol, shares_of
 
 USERS = [f"u{i:02}@example.org" for i in range(5)]
 
@@ -236,26 +233,7 @@ def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_
     done = api.post(url, json=give(pia, shares[1]), headers=_bearer(pia))
     assert done.status_code == 200 and done.json()["outcome"]["keys"] == 1
     entry = json.loads(done.json()["outcome"]["document"])["keys"][0]
-    (tmp_path / "k.der").write_bytes(base64.b64decode(entry["envelope"]))
-    opened = subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-decrypt",
-            "-inform",
-            "DER",
-            "-in",
-            tmp_path / "k.der",
-            "-recip",
-            cert_pem,
-            "-inkey",
-            key_pem,
-        ],
-        check=True,
-        capture_output=True,
-    ).stdout
-    leaf = x509.load_pem_x509_certificate(entry["certificate"].encode())
-    assert same_public_key(load_private_key_der(opened).public_key(), leaf.public_key())
+    assert_openssl_opens(entry, tmp_path, cert_pem, key_pem)
     seen_by_operator = api.get(f"/api/v1/admin/approvals/{made.json()['id']}", headers=_bearer(olga)).json()
     assert seen_by_operator["outcome"] == {"keys": 1}  # the document only for officers
     (released,) = _actions(services, "approval.released")
