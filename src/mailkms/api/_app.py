@@ -13,6 +13,7 @@ from mailkms.api._admin import admin_router
 from mailkms.api._admin_approvals import admin_approvals_router
 from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
+from mailkms.api._console_admins import admins_router
 from mailkms.api._console_approvals import approvals_router
 from mailkms.api._console_webauthn import passkeys_router
 from mailkms.api._directory import directory_router
@@ -178,6 +179,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(console_router(services))
     app.include_router(passkeys_router(services))
     app.include_router(approvals_router(services))
+    app.include_router(admins_router(services))
     app.include_router(directory_router(services))
     _observability.install(app, services)
     app.add_middleware(OCSPEndpoint, services=services)  # OCSP skips the rest

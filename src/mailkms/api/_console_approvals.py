@@ -18,19 +18,24 @@ from mailkms.services import ConsoleSession, Permission, Services
 MAX_SHARE = 64 * 1024
 
 
+def console_session(services: Services, request: Request, csrf: str | None, *, form: bool) -> ConsoleSession:
+    """The live session of the cookie; for a form post (`form`) its CSRF token, compared in constant time."""
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        raise AdminAuthRequired("log in first")
+    session = services.admins.session(cookie)
+    request.state.console_session = session
+    if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
+        raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
+    return session
+
+
 def approvals_router(services: Services) -> APIRouter:
     router = APIRouter(prefix="/admin", include_in_schema=False)
     approvals = services.approvals
 
     def current(request: Request, csrf: str | None = None, *, form: bool = False) -> ConsoleSession:
-        cookie = request.cookies.get(COOKIE)
-        if not cookie:
-            raise AdminAuthRequired("log in first")
-        session = services.admins.session(cookie)
-        request.state.console_session = session
-        if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
-            raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
-        return session
+        return console_session(services, request, csrf, form=form)
 
     def page(session: ConsoleSession, template: str, status: int = 200, **context: object) -> Response:
         return render(
