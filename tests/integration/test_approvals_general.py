@@ -240,3 +240,43 @@ def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_
     assert released["details"]["approved_by"] == ["otto", "pia"] and "document" not in released["details"]
     with services.db.read_only() as session:
         assert session.execute(select(ApprovalVote.sealed).where(ApprovalVote.sealed.is_not(None))).first() is None
+
+
+def test_archive_export_in_the_console(services, clock, data_dir, tmp_path) -> None:
+    services.recovery.scrypt_n = MIN_SCRYPT_N
+    enrol(services, "jo@example.org")
+    shares = shares_of(appoint(services.recovery, data_dir, tmp_path).share_files)
+    _, cert_pem, key_pem = _rsa_cert(tmp_path)
+    _, otto = _admin(services, "otto", Role.OFFICER)
+    _, pia = _admin(services, "pia", Role.OFFICER)
+    _, olga = _admin(services, "olga", Role.OPERATOR)
+    first = TestClient(create_app(services), base_url="https://testserver")
+    csrf = _login(first, "otto", otto, clock.now())
+    pem = {"recipient": ("r.pem", cert_pem.read_bytes(), "application/x-pem-file")}
+    assert first.post("/admin/approvals/export", files=pem, data={}).status_code == 403  # no CSRF
+    junk = {"recipient": ("r.pem", b"not a certificate", "text/plain")}
+    assert first.post("/admin/approvals/export", files=junk, data={"csrf": csrf}).status_code == 400
+    made = first.post("/admin/approvals/export", files=pem, data={"csrf": csrf}, follow_redirects=False)
+    assert made.status_code == 303
+    where = made.headers["location"]
+    assert "Export of the whole archive" in first.get(where).text
+    share = {"share": ("s.json", shares[0].data, "application/json")}
+    one = first.post(f"{where}/approve", files=share, data={"passphrase": shares[0].passphrase.decode(), "csrf": csrf})
+    assert one.status_code == 200 and "1 of 2" in one.text
+    assert first.get(f"{where}/export.json").status_code == 404  # nothing released yet
+
+    second = TestClient(create_app(services), base_url="https://testserver")
+    csrf2 = _login(second, "pia", pia, clock.now())
+    share = {"share": ("s.json", shares[1].data, "application/json")}
+    two = second.post(
+        f"{where}/approve", files=share, data={"passphrase": shares[1].passphrase.decode(), "csrf": csrf2}
+    )
+    assert two.status_code == 200 and "download the export" in two.text
+    document = second.get(f"{where}/export.json")
+    assert document.status_code == 200 and "attachment" in document.headers["content-disposition"]
+    assert_openssl_opens(document.json()["keys"][0], tmp_path, cert_pem, key_pem)
+
+    operator = TestClient(create_app(services), base_url="https://testserver")
+    _login(operator, "olga", olga, clock.now())
+    assert operator.get(f"{where}/export.json").status_code == 403
+    assert "download the export" not in operator.get(where).text
