@@ -200,16 +200,23 @@ def test_concurrent_last_approvals_release_once(strict, db_url) -> None:
     assert _states(strict) == {"REVOKED": 5} and len(strict.approvals.show(rid).approvers) == 2
 
 
-def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_path) -> None:
-    """Through the admin API: an officer starts the export, two officers approve with their shares
-    (base64) in their own names; openssl opens the released document with the recipient's key."""
+def _export_setup(services, data_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """One enrolled user, a 2-of-3 ceremony (its shares), an RSA recipient (cert and key PEM files),
+    officers otto and pia and operator olga (API token, TOTP)."""
     services.recovery.scrypt_n = MIN_SCRYPT_N
     enrol(services, "jo@example.org")
     shares = shares_of(appoint(services.recovery, data_dir, tmp_path).share_files)
     _, cert_pem, key_pem = _rsa_cert(tmp_path)
-    otto, _ = _admin(services, "otto", Role.OFFICER)
-    pia, _ = _admin(services, "pia", Role.OFFICER)
-    olga, _ = _admin(services, "olga", Role.OPERATOR)
+    people = [
+        _admin(services, n, r) for n, r in (("otto", Role.OFFICER), ("pia", Role.OFFICER), ("olga", Role.OPERATOR))
+    ]
+    return shares, cert_pem, key_pem, people
+
+
+def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_path) -> None:
+    """Through the admin API: an officer starts the export, two officers approve with their shares
+    (base64) in their own names; openssl opens the released document with the recipient's key."""
+    shares, cert_pem, key_pem, ((otto, _), (pia, _), (olga, _)) = _export_setup(services, data_dir, tmp_path)
     api = TestClient(create_app(services), base_url="https://testserver")
 
     start = {"kind": "export", "recipient": cert_pem.read_text()}
@@ -243,13 +250,7 @@ def test_archive_export_released_by_two_officers_shares(services, data_dir, tmp_
 
 
 def test_archive_export_in_the_console(services, clock, data_dir, tmp_path) -> None:
-    services.recovery.scrypt_n = MIN_SCRYPT_N
-    enrol(services, "jo@example.org")
-    shares = shares_of(appoint(services.recovery, data_dir, tmp_path).share_files)
-    _, cert_pem, key_pem = _rsa_cert(tmp_path)
-    _, otto = _admin(services, "otto", Role.OFFICER)
-    _, pia = _admin(services, "pia", Role.OFFICER)
-    _, olga = _admin(services, "olga", Role.OPERATOR)
+    shares, cert_pem, key_pem, ((_, otto), (_, pia), (_, olga)) = _export_setup(services, data_dir, tmp_path)
     first = TestClient(create_app(services), base_url="https://testserver")
     csrf = _login(first, "otto", otto, clock.now())
     pem = {"recipient": ("r.pem", cert_pem.read_bytes(), "application/x-pem-file")}
