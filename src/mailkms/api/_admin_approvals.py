@@ -18,6 +18,7 @@ from mailkms.api._schemas import (
     ApprovalGive,
     ApprovalOut,
     ApprovalStart,
+    RowId,
 )
 from mailkms.errors import Malformed
 from mailkms.services import ApprovalView, Approved, Permission, Principal, Services
@@ -42,7 +43,7 @@ def admin_approvals_router(services: Services) -> APIRouter:
         return [approval_out(admin, v) for v in approvals.list()]
 
     @router.get("/approvals/{request_id}", response_model=ApprovalOut, summary="One approval request")
-    def show(admin: Admin, request_id: int) -> ApprovalOut:
+    def show(admin: Admin, request_id: RowId) -> ApprovalOut:
         admin.require(Permission.READ)
         return approval_out(admin, approvals.show(request_id))
 
@@ -63,7 +64,7 @@ def admin_approvals_router(services: Services) -> APIRouter:
         return approval_out(admin, approvals.show(request_id))
 
     @router.post("/approvals/{request_id}/approve", response_model=ApprovalOut, summary="Approve a request")
-    def approve(admin: Admin, request_id: int, body: ApprovalGive | None = None) -> ApprovalOut:
+    def approve(admin: Admin, request_id: RowId, body: ApprovalGive | None = None) -> ApprovalOut:
         """With a share (base64 of the share file) and its passphrase for recover and export; with
         no body for bulk_revoke. The approval that reaches the threshold runs the act, once."""
         done: Approved

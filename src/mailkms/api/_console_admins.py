@@ -13,6 +13,7 @@ from fastapi.responses import RedirectResponse
 
 from mailkms.api._console import SECURITY_HEADERS, render
 from mailkms.api._console_approvals import console_session
+from mailkms.api._schemas import RowId
 from mailkms.errors import Malformed, RoleForbidden
 from mailkms.services import ConsoleSession, Permission, Services, parse_role
 
@@ -111,7 +112,7 @@ def admins_router(services: Services) -> APIRouter:
     @router.post("/passkeys/{passkey_id}/delete")
     def delete_passkey(
         request: Request,
-        passkey_id: int,
+        passkey_id: RowId,
         password: Annotated[str, Form(max_length=1024)] = "",
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Form, Request, Response, UploadFile
 from fastapi.responses import RedirectResponse
 
 from mailkms.api._console import COOKIE, SECURITY_HEADERS, render
+from mailkms.api._schemas import RowId
 from mailkms.errors import AdminAuthRequired, ApprovalNotFound, CSRFRefused, MailkmsError, Malformed
 from mailkms.services import ConsoleSession, Permission, Services
 
@@ -103,7 +104,7 @@ def approvals_router(services: Services) -> APIRouter:
         return opened(approvals.start_export(session.principal, pem.decode("ascii", "replace"), email or None))
 
     @router.get("/approvals/{request_id}/export.json")
-    def export_document(request: Request, request_id: int) -> Response:
+    def export_document(request: Request, request_id: RowId) -> Response:
         """The released export (each key enveloped to the recipient certificate): officers only."""
         session = current(request)
         session.principal.require(Permission.RECOVERY)
@@ -117,14 +118,14 @@ def approvals_router(services: Services) -> APIRouter:
         )
 
     @router.get("/approvals/{request_id}")
-    def show(request: Request, request_id: int) -> Response:
+    def show(request: Request, request_id: RowId) -> Response:
         session = current(request)
         return page(session, "approval.html", r=approvals.show(request_id), released=None, revoked=())
 
     @router.post("/approvals/{request_id}/approve")
     async def approve(
         request: Request,
-        request_id: int,
+        request_id: RowId,
         share: UploadFile | None = None,
         passphrase: Annotated[str, Form(max_length=1024)] = "",
         csrf: Annotated[str | None, Form()] = None,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, Field
 
 
@@ -137,3 +138,6 @@ class AdminBulkRevoke(AdminRevoke):
 class AdminBulkRevoked(BaseModel):
     revoked: list[AdminRevoked] = Field(description="revoked now (at most [admin] bulk_revoke_approval_threshold)")
     approval: ApprovalOut | None = Field(description="more users: the approval request that waits, revoked nothing")
+
+
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row's number")]  # beyond it: 422, not a DB overflow
