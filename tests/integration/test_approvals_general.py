@@ -281,3 +281,50 @@ def test_archive_export_in_the_console(services, clock, data_dir, tmp_path) -> N
     _login(operator, "olga", olga, clock.now())
     assert operator.get(f"{where}/export.json").status_code == 403
     assert "download the export" not in operator.get(where).text
+
+
+def test_replacing_officers_through_approvals(services, data_dir, tmp_path) -> None:
+    """Two current officers' shares release a new 2-of-2 split to otto and pia; each collects their
+    share once under a passphrase of their own; the new shares recover, the old ones no longer."""
+    shares, _, _, ((otto, _), (pia, _), (olga, _)) = _export_setup(services, data_dir, tmp_path)
+    api = TestClient(create_app(services), base_url="https://testserver")
+    start = {"kind": "replace_officers", "officers": ["otto", "pia"], "threshold": 2}
+    assert api.post("/api/v1/admin/approvals", json=start, headers=_bearer(olga)).status_code == 403
+    olga_named = api.post(
+        "/api/v1/admin/approvals", json={**start, "officers": ["otto", "olga"]}, headers=_bearer(otto)
+    )
+    assert olga_named.status_code == 400  # an operator could not collect a share
+    assert api.post("/api/v1/admin/approvals", json={**start, "threshold": 3}, headers=_bearer(otto)).status_code == 400
+    made = api.post("/api/v1/admin/approvals", json=start, headers=_bearer(otto))
+    assert made.status_code == 201
+    rid = made.json()["id"]
+
+    def give(share: ShareInput) -> dict[str, str]:
+        return {"share": base64.b64encode(share.data).decode(), "passphrase": share.passphrase.decode()}
+
+    collect = f"/api/v1/admin/approvals/{rid}/share"
+    new_pass = {"otto": "otto's brand new passphrase", "pia": "pia's brand new passphrase"}
+    assert api.post(collect, json={"passphrase": new_pass["otto"]}, headers=_bearer(otto)).status_code == 409
+    api.post(f"/api/v1/admin/approvals/{rid}/approve", json=give(shares[0]), headers=_bearer(otto))
+    done = api.post(f"/api/v1/admin/approvals/{rid}/approve", json=give(shares[2]), headers=_bearer(pia))
+    assert done.status_code == 200, done.text
+    outcome = done.json()["outcome"]
+    assert outcome["rewrapped"] == 1 and outcome["to_collect"] == ["otto", "pia"] and "handover" not in outcome
+
+    new_shares = []
+    for name, token in (("otto", otto), ("pia", pia)):
+        got = api.post(collect, json={"passphrase": new_pass[name]}, headers=_bearer(token))
+        assert got.status_code == 200, got.text
+        new_shares.append(ShareInput(base64.b64decode(got.json()["share"]), new_pass[name].encode()))
+        assert api.post(collect, json={"passphrase": new_pass[name]}, headers=_bearer(token)).status_code == 409
+    assert api.get(f"/api/v1/admin/approvals/{rid}", headers=_bearer(olga)).json()["outcome"]["to_collect"] == []
+    assert services.recovery.status().threshold == 2
+    recovered = services.recovery.recover("jo@example.org", new_shares, "admin:test")
+    assert len(recovered.key_serials) == 1
+    with pytest.raises(MailkmsError):
+        services.recovery.recover("jo@example.org", shares[:2], "admin:test")
+    (released,) = _actions(services, "approval.released")
+    assert "handover" not in released["details"] and released["details"]["approved_by"] == ["otto", "pia"]
+    assert len(_actions(services, "approval.share.collected")) == 2
+    everything = " ".join(json.dumps(r) for r in _actions(services, "approval.share.collected"))
+    assert new_pass["otto"] not in everything

@@ -19,6 +19,8 @@ from mailkms.api._schemas import (
     ApprovalOut,
     ApprovalStart,
     RowId,
+    ShareCollect,
+    ShareCollected,
 )
 from mailkms.errors import Malformed
 from mailkms.services import ApprovalView, Approved, Permission, Principal, Services
@@ -59,6 +61,8 @@ def admin_approvals_router(services: Services) -> APIRouter:
             if not body.recipient:
                 raise Malformed("an export needs the recipient certificate (PEM)")
             request_id = approvals.start_export(admin, body.recipient, body.email)
+        elif body.kind == "replace_officers":
+            request_id = approvals.start_replace_officers(admin, body.officers or [], body.threshold or 0)
         else:
             request_id = approvals.start_bulk_revoke(admin, body.emails or [], body.reason)
         return approval_out(admin, approvals.show(request_id))
@@ -77,6 +81,13 @@ def admin_approvals_router(services: Services) -> APIRouter:
         else:
             done = approvals.approve_plain(admin, request_id)
         return approval_out(admin, done.view, done.released.token if done.released else None)
+
+    @router.post("/approvals/{request_id}/share", response_model=ShareCollected, summary="Collect your new share, once")
+    def collect(admin: Admin, request_id: RowId, body: ShareCollect) -> ShareCollected:
+        """After a released replace_officers: your share of the new split, sealed now to the passphrase
+        you send (never stored). Once: a second call is 409."""
+        name, data = approvals.collect_share(admin, request_id, body.passphrase.encode())
+        return ShareCollected(file=name, share=base64.b64encode(data).decode())
 
     @router.post(
         "/revocations",

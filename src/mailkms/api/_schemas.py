@@ -98,13 +98,28 @@ class AuditVerifyAnswer(BaseModel):
 
 
 class ApprovalStart(BaseModel):
-    kind: Literal["recover", "export", "bulk_revoke"] = Field(description="the dangerous act to be approved")
+    kind: Literal["recover", "export", "bulk_revoke", "replace_officers"] = Field(
+        description="the dangerous act to be approved"
+    )
     email: str | None = Field(default=None, description="recover: the user; export: only this user's keys")
     emails: list[str] | None = Field(default=None, max_length=10_000, description="bulk_revoke: the users")
     reason: str | None = Field(default=None, description="bulk_revoke: BR revocation reason, as in AdminRevoke")
     recipient: str | None = Field(
         default=None, max_length=20_000, description="export: PEM certificate (RSA >= 2048) the keys are enveloped to"
     )
+    officers: list[str] | None = Field(
+        default=None, max_length=32, description="replace_officers: the new officers (administrators' names)"
+    )
+    threshold: int | None = Field(default=None, ge=1, le=32, description="replace_officers: the new M")
+
+
+class ShareCollect(BaseModel):
+    passphrase: str = Field(min_length=1, max_length=1024, description="the passphrase your new share is sealed to")
+
+
+class ShareCollected(BaseModel):
+    file: str = Field(description="the share file's name")
+    share: str = Field(description="the share file, base64: keep it; it is not stored anywhere else")
 
 
 class ApprovalGive(BaseModel):

@@ -23,7 +23,11 @@ import base64
 import datetime as dt
 import enum
 import json
+import secrets
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -34,10 +38,19 @@ from sqlalchemy.orm import Session
 from mailkms.clock import Clock
 from mailkms.config import Settings
 from mailkms.errors import ApprovalClosed, ApprovalNotFound, BadKey, MailkmsError, Malformed, UserNotFound
-from mailkms.pki import open_share, parse_reason, read_share, reason_name, wipe
+from mailkms.pki import (
+    check_officer_name,
+    check_officer_passphrase,
+    open_share,
+    parse_reason,
+    read_share,
+    reason_name,
+    seal_share,
+    wipe,
+)
 from mailkms.services._admins import AdminAccounts, Permission, Principal
 from mailkms.services._audit import AuditLog
-from mailkms.services._recovery import ArchiveExport, Recovery, RecoveryResult, ShareInput
+from mailkms.services._recovery import ArchiveExport, NewOfficer, Recovery, RecoveryResult, ShareInput
 from mailkms.services._revocation import Revocation, RevocationReport
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import ApprovalRequest, ApprovalVote, Database, User
@@ -50,6 +63,7 @@ class ApprovalKind(enum.StrEnum):
     RECOVER = "recover"
     EXPORT = "export"
     BULK_REVOKE = "bulk_revoke"
+    REPLACE_OFFICERS = "replace_officers"
 
     @property
     def with_shares(self) -> bool:
@@ -96,8 +110,19 @@ class ApprovalView:
             "threshold": self.threshold,
             "with_shares": self.with_shares,
             "payload": {k: v for k, v in self.payload.items() if k != "recipient"},
-            "outcome": self.outcome,
+            "outcome": _public(self.outcome),
         }
+
+    def to_collect(self) -> list[str]:
+        """replace_officers: the new officers whose share waits for them."""
+        return sorted((self.outcome or {}).get("handover", {}))
+
+
+def _public(outcome: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An outcome without the sealed hand-over of new shares (the names that still wait instead)."""
+    if outcome is None or "handover" not in outcome:
+        return outcome
+    return {**{k: v for k, v in outcome.items() if k != "handover"}, "to_collect": sorted(outcome["handover"])}
 
 
 @dataclass(frozen=True)
@@ -168,6 +193,48 @@ class Approvals:
             subject = subject[:317] + "..."
         payload = {"emails": mailboxes, "reason": flag}
         return self._start(who, ApprovalKind.BULK_REVOKE, subject, payload, self._settings.admin.bulk_revoke_approvals)
+
+    def start_replace_officers(self, who: Principal, officers: list[str], threshold: int) -> int:
+        """A new share split (new officers, new recovery key, the archive re-wrapped), at M shares of
+        the current officers. The new officers are administrators who may hold a share: each
+        collects their new share in their own session, sealing it under a passphrase they choose."""
+        who.require(Permission.RECOVERY)
+        names = list(dict.fromkeys(n.strip() for n in officers if n.strip()))
+        if not 1 <= threshold <= len(names):
+            raise Malformed(f"the threshold must be between 1 and the number of officers ({len(names)})")
+        for name in names:
+            check_officer_name(name)
+            if not Principal(name, self._admins.show(name).role).may(Permission.RECOVERY):
+                raise Malformed(f"{name} is not an officer or superuser: they could not collect their share")
+        subject = f"officers {', '.join(names)} ({threshold} of {len(names)})"[:320]
+        payload = {"officers": names, "threshold": threshold}
+        return self._start(who, ApprovalKind.REPLACE_OFFICERS, subject, payload, None)
+
+    def collect_share(self, who: Principal, request_id: int, passphrase: bytes) -> tuple[str, bytes]:
+        """A new officer's share of a released replace_officers, once: sealed now under the
+        passphrase they choose (never stored); returns (file name, share file bytes)."""
+        who.require(Permission.RECOVERY)
+        check_officer_passphrase(who.name, passphrase)
+        with self._db.transaction() as session:
+            row = session.get(ApprovalRequest, request_id, with_for_update=True)
+            if row is None or row.kind != ApprovalKind.REPLACE_OFFICERS.value:
+                raise ApprovalNotFound(f"no replacement of officers {request_id}")
+            outcome = json.loads(row.outcome) if row.outcome else {}
+            sealed = outcome.get("handover", {}).pop(who.name, None)
+            if sealed is None:
+                raise ApprovalClosed("no share waits for you here (not released, collected already, or not yours)")
+            doc = json.loads(
+                self._admins.open_secret(_context(request_id, f"new:{who.name}"), base64.b64decode(sealed))
+            )
+            share = read_share(base64.b64decode(doc["share"]))
+            secret = open_share(share, doc["passphrase"].encode())
+            try:
+                data = seal_share(share.header, secret, passphrase, scrypt_n=self._recovery.scrypt_n)
+            finally:
+                wipe(secret)
+            row.outcome = json.dumps(outcome)
+            self._audit.append(session, who.actor, "approval.share.collected", row.subject, request=request_id)
+        return doc["file"], data
 
     def revoke_many(self, who: Principal, emails: list[str], reason: str | None) -> list[RevocationReport] | int:
         """Up to [admin] bulk_revoke_approval_threshold users: revoked now. More: an approval request (its id)."""
@@ -326,6 +393,8 @@ class Approvals:
             if kind is ApprovalKind.RECOVER:
                 recovered = self._recovery.recover(view.payload["email"], quorum, who.actor)
                 outcome: dict[str, Any] = {"serials": list(recovered.key_serials)}
+            elif kind is ApprovalKind.REPLACE_OFFICERS:
+                outcome = self._replace_officers(request_id, view, quorum, who)
             elif kind is ApprovalKind.EXPORT:
                 cert = _recipient(view.payload["recipient"])
                 exported = self._recovery.export_archive(cert, quorum, who.actor, view.payload.get("email"))
@@ -360,9 +429,32 @@ class Approvals:
                 kind=kind.value,
                 started_by=view.started_by,
                 approved_by=list(view.approvers),
-                **{k: v for k, v in outcome.items() if k != "document"},
+                **{k: v for k, v in outcome.items() if k not in ("document", "handover")},
             )
         return Approved(self.show(request_id), recovered, exported, tuple(revoked))
+
+    def _replace_officers(
+        self, request_id: int, view: ApprovalView, quorum: Sequence[ShareInput], who: Principal
+    ) -> dict[str, Any]:
+        """The new split, each new share sealed under a one-off passphrase, that and the share kept
+        sealed under the at-rest key until its officer collects it (then re-sealed to their own)."""
+        names: list[str] = view.payload["officers"]
+        once = {n: secrets.token_urlsafe(24).encode() for n in names}
+        with tempfile.TemporaryDirectory() as folder:
+            officers = [NewOfficer(n, once[n]) for n in names]
+            result = self._recovery.replace_ceremony(
+                officers, view.payload["threshold"], quorum, Path(folder), who.actor
+            )
+            handover = {}
+            for path in result.share_files:
+                data = path.read_bytes()
+                name = read_share(data).header.officer
+                kept = json.dumps(
+                    {"file": path.name, "share": base64.b64encode(data).decode(), "passphrase": once[name].decode()}
+                )
+                sealed = self._admins.seal_secret(_context(request_id, f"new:{name}"), kept)
+                handover[name] = base64.b64encode(sealed).decode()
+        return {"ceremony": result.ceremony_id, "rewrapped": result.rewrapped, "handover": handover}
 
     @staticmethod
     def _erase_shares(session: Session, request_id: int) -> None:
