@@ -328,3 +328,28 @@ def test_replacing_officers_through_approvals(services, data_dir, tmp_path) -> N
     assert len(_actions(services, "approval.share.collected")) == 2
     everything = " ".join(json.dumps(r) for r in _actions(services, "approval.share.collected"))
     assert new_pass["otto"] not in everything
+
+
+def test_replacing_officers_in_the_console(services, clock, data_dir, tmp_path) -> None:
+    shares, _, _, ((_, otto), _, _) = _export_setup(services, data_dir, tmp_path)
+    browser = TestClient(create_app(services), base_url="https://testserver")
+    csrf = _login(browser, "otto", otto, clock.now())
+    form = {"officers": "otto, pia", "threshold": "1"}
+    assert browser.post("/admin/approvals/replace-officers", data=form).status_code == 403  # no CSRF
+    made = browser.post("/admin/approvals/replace-officers", data={**form, "csrf": csrf}, follow_redirects=False)
+    assert made.status_code == 303
+    where = made.headers["location"]
+    rid = int(where.rsplit("/", 1)[1])
+    assert "New recovery officers: otto, pia" in browser.get(where).text
+    services.approvals.approve(Principal("otto", Role.OFFICER), rid, shares[0].data, shares[0].passphrase)
+    services.approvals.approve(Principal("pia", Role.OFFICER), rid, shares[1].data, shares[1].passphrase)
+    page = browser.get(where).text
+    assert "shares still to collect: otto, pia" in page and "Download my new share" in page
+    mine = {"passphrase": "otto's own new passphrase", "again": "otto's own new passphrase", "csrf": csrf}
+    assert browser.post(f"{where}/share", data={**mine, "again": "something else!!"}).status_code == 400
+    got = browser.post(f"{where}/share", data=mine)
+    assert got.status_code == 200 and "attachment" in got.headers["content-disposition"]
+    assert browser.post(f"{where}/share", data=mine).status_code == 409  # once
+    assert "Download my new share" not in browser.get(where).text
+    new = ShareInput(got.content, b"otto's own new passphrase")
+    assert len(services.recovery.recover("jo@example.org", [new], "admin:test").key_serials) == 1  # 1 of 2 now

@@ -90,6 +90,37 @@ def approvals_router(services: Services) -> APIRouter:
         listed = [e for line in emails.splitlines() for e in line.split(",") if e.strip()]
         return opened(approvals.start_bulk_revoke(session.principal, listed, reason or None))
 
+    @router.post("/approvals/replace-officers")
+    def start_replace_officers(
+        request: Request,
+        officers: Annotated[str, Form(max_length=4000)],
+        threshold: Annotated[int, Form(ge=1, le=32)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        """The new officers' administrator names, comma or line separated, and the new M."""
+        session = current(request, csrf, form=True)
+        names = [n for line in officers.splitlines() for n in line.split(",") if n.strip()]
+        return opened(approvals.start_replace_officers(session.principal, names, threshold))
+
+    @router.post("/approvals/{request_id}/share")
+    def collect_share(
+        request: Request,
+        request_id: RowId,
+        passphrase: Annotated[str, Form(max_length=1024)],
+        again: Annotated[str, Form(max_length=1024)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        """A new officer's share, once, sealed to the passphrase typed here: downloaded as a file."""
+        session = current(request, csrf, form=True)
+        if passphrase != again:
+            raise Malformed("the two passphrases differ")
+        name, data = approvals.collect_share(session.principal, request_id, passphrase.encode())
+        return Response(
+            data,
+            media_type="application/json",
+            headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
     @router.post("/approvals/export")
     async def start_export(
         request: Request,
