@@ -89,6 +89,11 @@ def test_bulk_revoke_approved_in_a_second_browser_context(browser, tmp_path: Pat
         assert len(page3.locator("#password").inner_text().strip()) >= 12
         page3.screenshot(path=str(shots / "admin-added.png"), full_page=True)
         a11y += _serious(page3, "admin added")
+        page3.goto(f"{dep.url}/admin/approvals")  # a superuser sees every form: recovery, export, officers
+        expect(page3.get_by_role("button", name="Start replacing officers")).to_be_visible()
+        assert page3.evaluate(UNLABELLED) == []
+        page3.screenshot(path=str(shots / "approvals-superuser.png"), full_page=True)
+        a11y += _serious(page3, "approvals (superuser)")
         third.close()
         assert '"role": "auditor"' in dep.admin("admin", "list", "--json").out
         assert a11y == [], "axe-core: serious findings\n" + "\n".join(a11y)
