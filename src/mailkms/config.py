@@ -465,6 +465,14 @@ class AdminConfig(_Frozen):
     lockout_minutes: int = Field(default=15, ge=1, description="how long a locked account stays locked")
     page_size: int = Field(default=50, ge=1, le=500, description="users per page in the console and the API")
     webauthn_rp_id: str = Field(default="", description="the passkeys' relying-party ID (default: server.hostname)")
+    bulk_revoke_approval_threshold: int = Field(
+        default=10,
+        ge=1,
+        description="revoking more users than this at once (admin API, console) waits for approvals",
+    )
+    bulk_revoke_approvals: int = Field(
+        default=1, ge=1, le=20, description="approvals a bulk revoke needs, from administrators other than its starter"
+    )
 
 
 class Settings(BaseSettings):

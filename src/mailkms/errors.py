@@ -611,3 +611,10 @@ class ApprovalClosed(Conflict):
 
     code = "approval-closed"
     title = "The approval request takes no more approvals from you"
+
+
+class PasskeyRequired(LoginFailed):
+    """`mailkms admin require-passkey NAME`: a password and a TOTP code are not enough."""
+
+    code = "passkey-required"
+    title = "This administrator must log in with a passkey"

@@ -78,7 +78,8 @@ def _serious(page, what: str) -> list[str]:  # type: ignore[no-untyped-def]
     ]
 
 
-def _ocsp(dep: Deployment, work: Path, cert: Path) -> str:
+def _ocsp(dep: Deployment, work: Path, cert: Path, status: str = "revoked") -> str:
+    """`openssl ocsp` against the server until it answers `status` for `cert` (15 s at most)."""
     chain = dep.admin("ca", "chain").out
     blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", chain, re.S)
     issuing, root = work / "issuing.pem", work / "root.pem"
@@ -90,10 +91,10 @@ def _ocsp(dep: Deployment, work: Path, cert: Path) -> str:
     while True:
         done = openssl(*args)
         out = done.stdout.decode()
-        if "Response verify OK" in done.stderr.decode() and f"{cert}: revoked" in out:
+        if "Response verify OK" in done.stderr.decode() and f"{cert}: {status}" in out:
             return out
         if time.monotonic() > deadline:
-            raise AssertionError(f"OCSP did not say revoked: {out}{done.stderr.decode()}\n{dep.log()[-2000:]}")
+            raise AssertionError(f"OCSP did not say {status}: {out}{done.stderr.decode()}\n{dep.log()[-2000:]}")
         time.sleep(0.3)
 
 

@@ -336,6 +336,18 @@ def _rsa_cert(tmp: Path) -> tuple[x509.Certificate, Path, Path]:
     return cert, tmp / "r.crt.pem", tmp / "r.key.pem"
 
 
+def assert_openssl_opens(entry: dict[str, str], tmp: Path, cert_pem: Path, key_pem: Path) -> None:
+    """openssl cms -decrypt opens an exported key with the recipient's key; it matches its certificate."""
+    (tmp / "k.der").write_bytes(base64.b64decode(entry["envelope"]))
+    out = subprocess.run(
+        ["openssl", "cms", "-decrypt", "-inform", "DER", "-in", tmp / "k.der", "-recip", cert_pem, "-inkey", key_pem],
+        check=True,
+        capture_output=True,
+    ).stdout
+    leaf = x509.load_pem_x509_certificate(entry["certificate"].encode())
+    assert same_public_key(load_private_key_der(out).public_key(), leaf.public_key())
+
+
 def test_export_archive_needs_the_quorum_and_openssl_opens_it(services, recovery, data_dir, tmp_path) -> None:
     enrol(services, "jo@example.org")
     enrol(services, "kim@example.org")
@@ -346,26 +358,7 @@ def test_export_archive_needs_the_quorum_and_openssl_opens_it(services, recovery
     doc = json.loads(export.document)
     assert export.count == 2 and {k["mailbox"] for k in doc["keys"]} == {"jo@example.org", "kim@example.org"}
     for entry in doc["keys"]:
-        (tmp_path / "k.der").write_bytes(base64.b64decode(entry["envelope"]))
-        out = subprocess.run(
-            [
-                "openssl",
-                "cms",
-                "-decrypt",
-                "-inform",
-                "DER",
-                "-in",
-                tmp_path / "k.der",
-                "-recip",
-                cert_pem,
-                "-inkey",
-                key_pem,
-            ],
-            check=True,
-            capture_output=True,
-        ).stdout
-        leaf = x509.load_pem_x509_certificate(entry["certificate"].encode())
-        assert same_public_key(load_private_key_der(out).public_key(), leaf.public_key())
+        assert_openssl_opens(entry, tmp_path, cert_pem, key_pem)
     one = recovery.export_archive(cert, quorum, "admin:test", email="kim@example.org")
     assert one.count == 1
     ec_cert = x509.load_pem_x509_certificate(

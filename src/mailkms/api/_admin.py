@@ -3,6 +3,7 @@ at the server, every change made by the same services as the CLI (audited with t
 
 # No `from __future__ import annotations`: FastAPI must see the local `Admin` dependency type.
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,7 +20,7 @@ from mailkms.api._schemas import (
 from mailkms.errors import AdminAuthRequired
 from mailkms.services import Permission, Principal, Services, UserState
 
-_ERRORS = problem_responses(
+ADMIN_ERRORS = problem_responses(
     {
         400: "malformed",
         401: "no or a wrong API token (admin-auth-required)",
@@ -41,17 +42,21 @@ def parse_state(text: str | None) -> UserState | None:
         raise Malformed(f"{text!r} is not a state: {', '.join(s.value for s in UserState)}") from None
 
 
-def admin_router(services: Services) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/admin", tags=["admin"], responses=_ERRORS)
-    admins = services.admins
+def bearer_principal(services: Services) -> Callable[[Request], Principal]:
+    """The dependency that turns `Authorization: Bearer TOKEN` into the administrator (401 otherwise)."""
 
     def principal(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AdminAuthRequired()
-        return admins.authenticate_token(token.strip())
+        return services.admins.authenticate_token(token.strip())
 
-    Admin = Annotated[Principal, Depends(principal)]
+    return principal
+
+
+def admin_router(services: Services) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/admin", tags=["admin"], responses=ADMIN_ERRORS)
+    Admin = Annotated[Principal, Depends(bearer_principal(services))]
 
     @router.get("/whoami", response_model=AdminWhoAmI, summary="The administrator this token belongs to")
     def whoami(admin: Admin) -> AdminWhoAmI:

@@ -10,8 +10,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mailkms.api import _observability
 from mailkms.api._acme import acme_router
 from mailkms.api._admin import admin_router
+from mailkms.api._admin_approvals import admin_approvals_router
 from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
+from mailkms.api._console_admins import admins_router
 from mailkms.api._console_approvals import approvals_router
 from mailkms.api._console_webauthn import passkeys_router
 from mailkms.api._directory import directory_router
@@ -174,9 +176,11 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(api)
     app.include_router(admin_router(services))
+    app.include_router(admin_approvals_router(services))
     app.include_router(console_router(services))
     app.include_router(passkeys_router(services))
     app.include_router(approvals_router(services))
+    app.include_router(admins_router(services))
     app.include_router(directory_router(services))
     _observability.install(app, services)
     app.add_middleware(OCSPEndpoint, services=services)  # OCSP skips the rest

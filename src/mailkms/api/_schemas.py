@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal
+
+from fastapi import Path
 from pydantic import BaseModel, Field
 
 
@@ -92,3 +95,64 @@ class AuditVerifyAnswer(BaseModel):
     records: int
     checkpoints: int
     problems: list[str]
+
+
+class ApprovalStart(BaseModel):
+    kind: Literal["recover", "export", "bulk_revoke", "replace_officers"] = Field(
+        description="the dangerous act to be approved"
+    )
+    email: str | None = Field(default=None, description="recover: the user; export: only this user's keys")
+    emails: list[str] | None = Field(default=None, max_length=10_000, description="bulk_revoke: the users")
+    reason: str | None = Field(default=None, description="bulk_revoke: BR revocation reason, as in AdminRevoke")
+    recipient: str | None = Field(
+        default=None, max_length=20_000, description="export: PEM certificate (RSA >= 2048) the keys are enveloped to"
+    )
+    officers: list[str] | None = Field(
+        default=None, max_length=32, description="replace_officers: the new officers (administrators' names)"
+    )
+    threshold: int | None = Field(default=None, ge=1, le=32, description="replace_officers: the new M")
+
+
+class ShareCollect(BaseModel):
+    passphrase: str = Field(min_length=1, max_length=1024, description="the passphrase your new share is sealed to")
+
+
+class ShareCollected(BaseModel):
+    file: str = Field(description="the share file's name")
+    share: str = Field(description="the share file, base64: keep it; it is not stored anywhere else")
+
+
+class ApprovalGive(BaseModel):
+    share: str | None = Field(
+        default=None, max_length=90_000, description="recover/export: the officer's share file, base64"
+    )
+    passphrase: str | None = Field(default=None, max_length=1024, description="recover/export: the share passphrase")
+
+
+class ApprovalOut(BaseModel):
+    id: int
+    kind: str
+    subject: str
+    started_by: str
+    created_at: str
+    expires_at: str
+    released_at: str | None
+    released_by: str | None
+    approvers: list[str]
+    threshold: int = Field(description="approvals needed")
+    with_shares: bool = Field(description="approved with officers' share files (recover, export)")
+    payload: dict[str, Any]
+    outcome: dict[str, Any] | None = Field(description="what the act did, once released (export: the document)")
+    token: str | None = Field(default=None, description="recover: the one-time recovery token, in this answer only")
+
+
+class AdminBulkRevoke(AdminRevoke):
+    emails: list[str] = Field(min_length=1, max_length=10_000, description="the users to revoke")
+
+
+class AdminBulkRevoked(BaseModel):
+    revoked: list[AdminRevoked] = Field(description="revoked now (at most [admin] bulk_revoke_approval_threshold)")
+    approval: ApprovalOut | None = Field(description="more users: the approval request that waits, revoked nothing")
+
+
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row's number")]  # beyond it: 422, not a DB overflow

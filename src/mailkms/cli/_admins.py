@@ -117,6 +117,19 @@ def admin_disable(name: str, as_json: JsonOpt = False) -> None:
         _emit({"name": name, "disabled": True}, as_json, f"administrator {name} disabled")
 
 
+@admin_app.command("require-passkey")
+def admin_require_passkey(
+    name: str,
+    off: Annotated[bool, typer.Option("--off", help="allow the password + TOTP log-in again")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """From now on only a passkey logs NAME in (a password + TOTP code is refused); NAME must have one."""
+    with exit_on_error(as_json):
+        _services().admins.require_passkey(name, not off, ADMIN)
+        state = "no longer needs" if off else "must now log in with"
+        _emit({"name": name, "passkey_required": not off}, as_json, f"administrator {name} {state} a passkey")
+
+
 @admin_app.command("totp")
 def admin_totp(name: str, as_json: JsonOpt = False) -> None:
     """Enrol (or replace) the TOTP second factor: prints the otpauth:// URI once (for an authenticator app)."""

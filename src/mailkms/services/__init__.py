@@ -11,7 +11,7 @@ from mailkms.services._admins import (
     Role,
     parse_role,
 )
-from mailkms.services._approvals import Approvals, ApprovalView
+from mailkms.services._approvals import ApprovalKind, Approvals, ApprovalView, Approved
 from mailkms.services._audit import AuditCheckpoints, AuditEntry, AuditLog, AuditReport, search_records, verify_chain
 from mailkms.services._batching import Batcher, GroupCommit
 from mailkms.services._ca import (
@@ -73,8 +73,10 @@ __all__ = [
     "AccountView",
     "AdminAccounts",
     "AdminView",
+    "ApprovalKind",
     "ApprovalView",
     "Approvals",
+    "Approved",
     "AuditCheckpoints",
     "AuditEntry",
     "AuditLog",

@@ -32,11 +32,12 @@ from mailkms.errors import (
     ConfigError,
     LoginFailed,
     Malformed,
+    PasskeyRequired,
     RoleForbidden,
 )
 from mailkms.services._audit import AuditLog
 from mailkms.services._keypool import PoolKeyring
-from mailkms.store import Administrator, AdminSession, AdminToken, Database
+from mailkms.store import Administrator, AdminSession, AdminToken, Database, WebAuthnCredential
 
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
 MIN_PASSWORD = 12
@@ -101,6 +102,7 @@ class AdminView:
     disabled: bool
     locked_until: dt.datetime | None
     created_at: dt.datetime
+    passkey_required: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -110,6 +112,7 @@ class AdminView:
             "disabled": self.disabled,
             "locked_until": self.locked_until.isoformat() if self.locked_until else None,
             "created_at": self.created_at.isoformat(),
+            "passkey_required": self.passkey_required,
         }
 
 
@@ -212,6 +215,47 @@ class AdminAccounts:
             session.execute(delete(AdminSession).where(AdminSession.admin_id == admin.id))
             self._audit.append(session, actor, "admin.disabled", name)
 
+    def enable(self, name: str, actor: str) -> None:
+        """Log-ins again (API tokens ended by `disable` stay ended: issue a new one)."""
+        with self._db.transaction() as session:
+            admin = self._admin(session, name)
+            admin.disabled_at = None
+            admin.failed_logins = 0
+            admin.locked_until = None
+            self._audit.append(session, actor, "admin.enabled", name)
+
+    def set_role(self, name: str, role: Role, actor: str) -> None:
+        """A new role; the administrator's console sessions end (the next log-in has the new role)."""
+        with self._db.transaction() as session:
+            admin = self._admin(session, name)
+            before = admin.role
+            admin.role = role.value
+            session.execute(delete(AdminSession).where(AdminSession.admin_id == admin.id))
+            self._audit.append(session, actor, "admin.role.changed", name, role=role.value, before=before)
+
+    def unlock(self, name: str, actor: str) -> None:
+        """Ends a lock-out after repeated failed log-ins (the failure count starts again)."""
+        with self._db.transaction() as session:
+            admin = self._admin(session, name)
+            admin.failed_logins = 0
+            admin.locked_until = None
+            self._audit.append(session, actor, "admin.unlocked", name)
+
+    def require_passkey(self, name: str, required: bool, actor: str) -> None:
+        """With `required`, a password and a TOTP code no longer log this administrator in: only a
+        passkey does. Refused while they have no passkey (they could not log in at all)."""
+        with self._db.transaction() as session:
+            admin = self._admin(session, name)
+            if (
+                required
+                and not session.execute(
+                    select(WebAuthnCredential.id).where(WebAuthnCredential.admin_id == admin.id)
+                ).first()
+            ):
+                raise Malformed(f"{name} has no passkey yet: register one at /admin/passkeys first")
+            admin.passkey_required = required
+            self._audit.append(session, actor, "admin.passkey.required", name, required=required)
+
     def enrol_totp(self, name: str, actor: str) -> str:
         """A new TOTP secret (RFC 6238, SHA-1, 6 digits, 30 s): returns the otpauth:// URI, shown once."""
         secret = pyotp.random_base32(32)
@@ -296,6 +340,8 @@ class AdminAccounts:
                         return ConsoleSession(Principal(admin.name, Role(admin.role)), "", now)
                     return self.open_session(session, admin, now, "totp")
                 failure = self.refuse(session, admin, now, why)
+                if why == "passkey-required":  # the password was right: say what is missing
+                    failure = PasskeyRequired("this administrator logs in with a passkey: /admin/login/passkey")
         raise failure
 
     def refuse(self, session: Session, admin: Administrator, now: dt.datetime, why: str) -> LoginFailed:
@@ -325,6 +371,8 @@ class AdminAccounts:
         """None when the password and the code are right, else which was wrong (for the audit only)."""
         if not self._verify(admin.password_hash, password):
             return "password"
+        if admin.passkey_required:
+            return "passkey-required"  # `mailkms admin require-passkey`: TOTP is not enough
         if admin.totp_sealed is None:
             return "no-second-factor"
         totp = pyotp.TOTP(cipher.open(admin.name, admin.totp_sealed))
@@ -381,6 +429,7 @@ class AdminAccounts:
             admin.disabled_at is not None,
             admin.locked_until,
             admin.created_at,
+            bool(admin.passkey_required),
         )
 
     def _cipher(self) -> _Cipher:

@@ -149,7 +149,7 @@ class Services:
             issuance=CertificateIssuance(signers, commits, settings, clock, audit),
             admins=admins,
             passkeys=Passkeys(db, settings, clock, audit, admins),
-            approvals=Approvals(db, clock, audit, admins, recovery),
+            approvals=Approvals(db, clock, audit, admins, recovery, revocation, settings),
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
             acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals, revocation),

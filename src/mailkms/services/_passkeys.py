@@ -31,7 +31,7 @@ from webauthn.helpers.structs import (
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import LoginFailed, Malformed
+from mailkms.errors import Conflict, LoginFailed, Malformed, NotFound
 from mailkms.services._admins import AdminAccounts, ConsoleSession, Principal
 from mailkms.services._audit import AuditLog
 from mailkms.store import Administrator, Database, WebAuthnChallenge, WebAuthnCredential
@@ -45,6 +45,7 @@ class PasskeyView:
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     sign_count: int
+    id: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,26 @@ class Passkeys:
                 .where(Administrator.name == name)
                 .order_by(WebAuthnCredential.id)
             ).scalars()
-            return [PasskeyView(r.label, r.created_at, r.last_used_at, r.sign_count) for r in rows]
+            return [PasskeyView(r.label, r.created_at, r.last_used_at, r.sign_count, r.id) for r in rows]
+
+    def delete(self, who: Principal, passkey_id: int) -> str:
+        """One of the administrator's own passkeys (its label returned). Not the last one of an
+        administrator who must log in with a passkey."""
+        with self._db.transaction() as session:
+            admin = self._named(session, who.name)
+            rows = (
+                session.execute(select(WebAuthnCredential).where(WebAuthnCredential.admin_id == admin.id))
+                .scalars()
+                .all()
+            )
+            row = next((r for r in rows if r.id == passkey_id), None)
+            if row is None:
+                raise NotFound(f"you have no passkey {passkey_id}")
+            if admin.passkey_required and len(rows) == 1:
+                raise Conflict("this is your last passkey and you must log in with one; register another first")
+            session.delete(row)
+            self._audit.append(session, who.actor, "admin.passkey.deleted", who.name, label=row.label)
+            return row.label
 
     def begin_registration(self, who: Principal) -> Ceremony:
         with self._db.transaction() as session:

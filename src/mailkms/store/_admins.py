@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from mailkms.store._models import Base, UTCDateTime
@@ -26,6 +26,8 @@ class Administrator(Base):
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # `mailkms admin require-passkey NAME`: a password and a TOTP code no longer log this admin in.
+    passkey_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AdminToken(Base):
@@ -80,8 +82,9 @@ class WebAuthnChallenge(Base):
 
 
 class ApprovalRequest(Base):
-    """A dangerous act (kind "recover") started by one officer in the console, released only when
-    M officers approved it in their own sessions."""
+    """A dangerous act started by one administrator, released (run once) only when M approvals
+    from distinct administrators arrived. Kinds: "recover" and "export" (approved with M officers'
+    shares), "bulk_revoke" (approved by `required` administrators other than the one who started it)."""
 
     __tablename__ = "approval_requests"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -92,6 +95,9 @@ class ApprovalRequest(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     released_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: what the act does
+    required: Mapped[int | None] = mapped_column(Integer, nullable=True)  # approvals needed (None: the shares' M)
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: what it did (no secret)
 
 
 class ApprovalVote(Base):
