@@ -4,14 +4,13 @@ pages under the console's ordinary CSP; forms carry the session's CSRF token."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response, UploadFile
 from fastapi.responses import RedirectResponse
 
-from mailkms.api._console import COOKIE, SECURITY_HEADERS, render
-from mailkms.errors import AdminAuthRequired, CSRFRefused, MailkmsError, Malformed
+from mailkms.api._console import SECURITY_HEADERS, console_session, page_for
+from mailkms.errors import AdminAuthRequired, MailkmsError, Malformed
 from mailkms.services import ConsoleSession, Permission, Services
 
 MAX_SHARE = 64 * 1024
@@ -22,25 +21,10 @@ def approvals_router(services: Services) -> APIRouter:
     approvals = services.approvals
 
     def current(request: Request, csrf: str | None = None, *, form: bool = False) -> ConsoleSession:
-        cookie = request.cookies.get(COOKIE)
-        if not cookie:
-            raise AdminAuthRequired("log in first")
-        session = services.admins.session(cookie)
-        request.state.console_session = session
-        if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
-            raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
-        return session
+        return console_session(services, request, csrf, form=form)
 
     def page(session: ConsoleSession, template: str, status: int = 200, **context: object) -> Response:
-        return render(
-            template,
-            status,
-            me=session.principal,
-            csrf=session.csrf,
-            may_write=session.principal.may(Permission.USERS),
-            may_recover=session.principal.may(Permission.RECOVERY),
-            **context,
-        )
+        return page_for(session, template, status, may_recover=session.principal.may(Permission.RECOVERY), **context)
 
     @router.get("/approvals")
     def listing(request: Request) -> Response:

@@ -299,11 +299,13 @@ class UserAdmin:
         state: UserState | None = None,
         due_within_days: int | None = None,
         query: str | None = None,
+        group: str | None = None,
         offset: int = 0,
         limit: int = 50,
     ) -> UserPage:
         """Server-side paging and filtering (state, certificates expiring within N days, text in the
-        mailbox or name) on indexed columns; the states agree with `renewal_state`."""
+        mailbox or name, policy group: "" for the default) on indexed columns; the states agree
+        with `renewal_state`."""
         if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= 500:
             raise Malformed(f"offset must be 0..{MAX_OFFSET} and limit 1..500")
         if due_within_days is not None and not 0 <= due_within_days <= MAX_DAYS:
@@ -316,6 +318,8 @@ class UserAdmin:
             if query:
                 like = f"%{query.strip().lower()}%"
                 conds.append(or_(User.email.like(like), func.lower(User.display_name).like(like)))
+            if group is not None:
+                conds.append(User.group.is_(None) if group == "" else User.group == group)
             live = and_(User.status != "revoked", cert.id.is_not(None), cert.not_after >= now)
             if state is not None:
                 conds.append(self._state_condition(session, state, cert, live, now))
