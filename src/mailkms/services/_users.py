@@ -6,10 +6,11 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, false, func, insert, or_, select, true
+from sqlalchemy import Column, ColumnElement, and_, false, func, insert, inspect, or_, select, true
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
@@ -109,6 +110,21 @@ class UserPage:
 _CLAMP_WINDOW = dt.timedelta(days=4)
 MAX_OFFSET = 10**9
 MAX_DAYS = 36_600  # a century: certificates live at most 825 days
+
+
+def probe_dates(condition: ColumnElement[bool], cert: type[Certificate]) -> ColumnElement[bool]:
+    """`condition` with the certificate's dates as coalesce(d, d): the same value, but no index on
+    a date can serve it, so the join goes through (user_id, kind, generation)."""
+    dates = {"not_before", "not_after"}
+    table = inspect(cert).selectable
+
+    def swap(element: Any) -> Any:
+        if isinstance(element, Column) and element.table is table and element.key in dates:
+            return func.coalesce(element, element)
+        return None
+
+    options: dict[str, Any] = {}
+    return cast(ColumnElement[bool], replacement_traverse(condition, options, swap))  # type: ignore[call-overload]
 
 
 def current_signing(session: Session, user: User) -> Certificate | None:
@@ -332,7 +348,11 @@ class UserAdmin:
                 return (query_.outerjoin(cert, joined) if needs_cert else query_).where(*conds)
 
             total = session.execute(filtered(func.count(User.id))).scalar_one()
-            # In e-mail order (the unique index): the database stops after offset + limit matches.
+            # In e-mail order (the unique index), each user's certificate found by (user, kind,
+            # generation): the database stops after offset + limit matches. The dates are wrapped so
+            # that no planner drives this from a date index and sorts every match by e-mail (1 s at
+            # 100,000 users on SQLite; docs/PERFORMANCE.md).
+            conds = [probe_dates(c, cert) for c in conds]
             ids = list(session.execute(filtered(User).order_by(User.email).offset(offset).limit(limit)).scalars())
             views = tuple(self._view(session, u, with_certs=False) for u in ids)
         return UserPage(views, int(total), offset, limit)
