@@ -133,8 +133,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-def settings(data_dir: Path, db_url: str):  # type: ignore[no-untyped-def]
+def store_settings(data_dir: Path, db_url: str, **overrides: object):  # type: ignore[no-untyped-def]
+    """The tests' settings on this store and CA, with sections overridden (policy=..., pool=...)."""
     from mailkms.config import load_settings
 
     return load_settings(
@@ -142,7 +142,13 @@ def settings(data_dir: Path, db_url: str):  # type: ignore[no-untyped-def]
         database_url=db_url,
         ca_passphrase=CA_PASSPHRASE,
         server={"hostname": "localhost", "public_url": PUBLIC_URL},
+        **overrides,
     )
+
+
+@pytest.fixture
+def settings(data_dir: Path, db_url: str):  # type: ignore[no-untyped-def]
+    return store_settings(data_dir, db_url)
 
 
 @pytest.fixture

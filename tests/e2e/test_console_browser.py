@@ -7,6 +7,8 @@ Screenshots of the main pages are saved under the test's tmp dir (`screenshots/`
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -217,3 +219,62 @@ def test_console_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[n
     finally:
         dep.stop()
     print(f"screenshots: {shots} ({time.monotonic() - started:.0f} s)")
+
+
+def test_console_csv_import_and_status_pages_in_chromium(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Import a CSV of three users from the page, watch the progress page reload itself (meta refresh,
+    no script) to 100 %, download the tokens once, enrol one user with `mailkms-client` using their
+    token; axe on the import, progress and status pages; screenshots saved."""
+    shots = _screenshots(tmp_path)
+    a11y: list[str] = []
+    dep = init_deployment(tmp_path / "data")
+    op_password, op_totp = _admin(dep, "olga", "operator")
+    dep.start()
+    try:
+        context = browser.new_context(ignore_https_errors=True, accept_downloads=True)
+        page = context.new_page()
+        _login(page, dep, "olga", op_password, op_totp)
+        page.get_by_role("link", name="Import users").click()
+        assert page.evaluate(UNLABELLED) == []
+        a11y += _serious(page, "import")
+        rows = "email,name\nbea@example.org,Bea\ncid@example.org,Cid\nnot-a-mailbox,Nobody\ndee@example.org,Dee\n"
+        page.get_by_label("CSV file").set_input_files(
+            files=[{"name": "users.csv", "mimeType": "text/csv", "buffer": rows.encode()}]
+        )
+        page.screenshot(path=str(shots / "import.png"), full_page=True)
+        page.get_by_role("button", name="Import").click()
+        page.wait_for_url(re.compile(r".*/admin/imports/[A-Za-z0-9_-]+$"))
+        expect(page.locator("#percent")).to_have_text("100 %", timeout=30_000)
+        assert page.locator("script").count() == 0
+        assert "3 added, 1 refused" in page.locator("#counts").inner_text()
+        assert "not-a-mailbox" in page.locator("main").inner_text()
+        page.screenshot(path=str(shots / "import-done.png"), full_page=True)
+        a11y += _serious(page, "import progress")
+        with page.expect_download() as download:
+            page.get_by_role("button", name=re.compile("Download the 3 tokens")).click()
+        tokens = {r["email"]: r["token"] for r in csv.DictReader(io.StringIO(Path(download.value.path()).read_text()))}
+        assert sorted(tokens) == ["bea@example.org", "cid@example.org", "dee@example.org"]
+        page.reload()
+        assert "no longer on the server" in page.locator("main").inner_text()
+
+        client = ClientHome(tmp_path / "bea", "bea@example.org")
+        enrolled = client.enroll(dep, tokens["bea@example.org"])
+        assert enrolled.code == 0, enrolled.err
+        dep.wait_for_mails("bea@example.org", 1)
+        assert '"state": "ACTIVE"' in dep.admin("user", "show", "bea@example.org", "--json").out
+
+        for path, name in (
+            ("/admin/outbox?all=true", "outbox-retry"),
+            ("/admin/keypool", "keypool"),
+            ("/admin/reminders", "reminders"),
+            ("/admin/revocation", "revocation"),
+        ):
+            page.goto(f"{dep.url}{path}")
+            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            a11y += _serious(page, name)
+        assert "issuing" in page.locator("#crls").inner_text()
+        context.close()
+        assert a11y == [], "axe-core: serious findings\n" + "\n".join(a11y)
+    finally:
+        dep.stop()
+    print(f"screenshots: {shots}")

@@ -15,6 +15,7 @@ from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
 from mailkms.api._console_admins import admins_router
 from mailkms.api._console_approvals import approvals_router
+from mailkms.api._console_pages import pages_router
 from mailkms.api._console_webauthn import passkeys_router
 from mailkms.api._directory import directory_router
 from mailkms.api._est import est_router
@@ -177,6 +178,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(api)
     app.include_router(admin_router(services))
     app.include_router(admin_approvals_router(services))
+    app.include_router(pages_router(services))  # before /admin/users/{email}: /admin/users/import
     app.include_router(console_router(services))
     app.include_router(passkeys_router(services))
     app.include_router(approvals_router(services))

@@ -54,6 +54,43 @@ def error_page(request: Request, exc: MailkmsError) -> Response:
     return render("error.html", exc.http_status, error=exc, me=session.principal if session else None, csrf=None)
 
 
+DEFAULT_GROUP = "-"  # the users list's filter value for users in no policy group
+
+
+def parse_group(value: str | None) -> str | None:
+    """The users filter's group: None (any), "" (the default policy, no group) or a group's name."""
+    if not value:
+        return None
+    return "" if value == DEFAULT_GROUP else value
+
+
+def console_session(
+    services: Services, request: Request, csrf: str | None = None, *, form: bool = False
+) -> ConsoleSession:
+    """The request's live console session; for a form post (`form`) also its CSRF token, compared
+    in constant time."""
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        raise AdminAuthRequired("log in first")
+    session = services.admins.session(cookie)
+    request.state.console_session = session
+    if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
+        raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
+    return session
+
+
+def page_for(session: ConsoleSession, template: str, status: int = 200, **context: Any) -> Response:
+    """A console page for the session's administrator (their name, role, CSRF token)."""
+    return render(
+        template,
+        status,
+        me=session.principal,
+        csrf=session.csrf,
+        may_write=session.principal.may(Permission.USERS),
+        **context,
+    )
+
+
 def _set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
     response.set_cookie(name, value, max_age=max_age, path="/admin", secure=True, httponly=True, samesite="strict")
 
@@ -64,28 +101,14 @@ def console_router(services: Services) -> APIRouter:
     settings = services.settings
 
     def current(request: Request) -> ConsoleSession:
-        cookie = request.cookies.get(COOKIE)
-        if not cookie:
-            raise AdminAuthRequired("log in first")
-        session = admins.session(cookie)
-        request.state.console_session = session
-        return session
+        return console_session(services, request)
 
     def checked(request: Request, csrf: str | None) -> ConsoleSession:
         """A form post: a live session and its CSRF token (compared in constant time)."""
-        session = current(request)
-        if not csrf or not secrets.compare_digest(csrf, session.csrf):
-            raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
-        return session
+        return console_session(services, request, csrf, form=True)
 
     def page(session: ConsoleSession, template: str, **context: Any) -> Response:
-        return render(
-            template,
-            me=session.principal,
-            csrf=session.csrf,
-            may_write=session.principal.may(Permission.USERS),
-            **context,
-        )
+        return page_for(session, template, **context)
 
     @router.get("/static/console.css")
     def css() -> FileResponse:
@@ -173,16 +196,24 @@ def console_router(services: Services) -> APIRouter:
         state: str | None = None,
         due: Annotated[int | None, Query(ge=0, le=3650)] = None,
         q: Annotated[str | None, Query(max_length=320)] = None,
+        group: Annotated[str | None, Query(max_length=100)] = None,
         page_no: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1,
     ) -> Response:
         session = current(request)
         size = settings.admin.page_size
         result = services.users.page(
-            state=parse_state(state), due_within_days=due, query=q or None, offset=(page_no - 1) * size, limit=size
+            state=parse_state(state),
+            due_within_days=due,
+            query=q or None,
+            group=parse_group(group),
+            offset=(page_no - 1) * size,
+            limit=size,
         )
         pages = max(1, -(-result.total // size))
         keep = "&".join(
-            f"{k}={quote(str(v))}" for k, v in (("state", state), ("due", due), ("q", q)) if v not in (None, "")
+            f"{k}={quote(str(v))}"
+            for k, v in (("state", state), ("due", due), ("q", q), ("group", group))
+            if v not in (None, "")
         )
         return page(
             session,
@@ -195,6 +226,8 @@ def console_router(services: Services) -> APIRouter:
             pages=pages,
             keep=keep,
             states=["REGISTERED", "ACTIVE", "DUE", "EXPIRED", "REVOKED"],
+            group=group or "",
+            groups=list(settings.policy.groups),
         )
 
     @router.get("/users/new")

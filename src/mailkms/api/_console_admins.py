@@ -11,8 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
-from mailkms.api._console import SECURITY_HEADERS, render
-from mailkms.api._console_approvals import console_session
+from mailkms.api._console import SECURITY_HEADERS, console_session, render
 from mailkms.api._schemas import RowId
 from mailkms.errors import Malformed, RoleForbidden
 from mailkms.services import ConsoleSession, Permission, Services, parse_role

@@ -5,30 +5,17 @@ pages under the console's ordinary CSP; forms carry the session's CSRF token."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response, UploadFile
 from fastapi.responses import RedirectResponse
 
-from mailkms.api._console import COOKIE, SECURITY_HEADERS, render
+from mailkms.api._console import SECURITY_HEADERS, console_session, page_for
 from mailkms.api._schemas import RowId
-from mailkms.errors import AdminAuthRequired, ApprovalNotFound, CSRFRefused, MailkmsError, Malformed
+from mailkms.errors import AdminAuthRequired, ApprovalNotFound, MailkmsError, Malformed
 from mailkms.services import ConsoleSession, Permission, Services
 
 MAX_SHARE = 64 * 1024
-
-
-def console_session(services: Services, request: Request, csrf: str | None, *, form: bool) -> ConsoleSession:
-    """The live session of the cookie; for a form post (`form`) its CSRF token, compared in constant time."""
-    cookie = request.cookies.get(COOKIE)
-    if not cookie:
-        raise AdminAuthRequired("log in first")
-    session = services.admins.session(cookie)
-    request.state.console_session = session
-    if form and (not csrf or not secrets.compare_digest(csrf, session.csrf)):
-        raise CSRFRefused("the form's CSRF token is missing or wrong; reload the page and try again")
-    return session
 
 
 def approvals_router(services: Services) -> APIRouter:
@@ -39,12 +26,10 @@ def approvals_router(services: Services) -> APIRouter:
         return console_session(services, request, csrf, form=form)
 
     def page(session: ConsoleSession, template: str, status: int = 200, **context: object) -> Response:
-        return render(
+        return page_for(
+            session,
             template,
             status,
-            me=session.principal,
-            csrf=session.csrf,
-            may_write=session.principal.may(Permission.USERS),
             may_recover=session.principal.may(Permission.RECOVERY),
             now=services.clock.now(),
             **context,

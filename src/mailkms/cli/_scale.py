@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mailkms.cli._exit import exit_on_error
 from mailkms.cli._remote import local_services
 from mailkms.errors import MailkmsError, Malformed
-from mailkms.services import UserState, UserView, normalise_mailbox
+from mailkms.services import UserState, UserView, names_by_mailbox, parse_users_csv
 
 err_console = Console(stderr=True)
 _DURATION = re.compile(r"^\s*(\d+)\s*([dhw])\s*$")
@@ -61,13 +61,6 @@ IMPORT_BATCH = 500  # users per transaction in `user import`
 IMPORT_PROGRESS_EVERY = 10_000  # without a terminal, a progress line on stderr this often
 
 
-def normalised_or_same(email: str) -> str:
-    try:
-        return normalise_mailbox(email)
-    except MailkmsError:
-        return email
-
-
 _services = local_services
 
 
@@ -81,20 +74,8 @@ def _open_secret_file(path: Path) -> int:
 
 def read_users_csv(path: Path) -> list[tuple[str, str, str | None]]:
     """email,name[,group] per line; a header line starting with 'email' is skipped; '#' lines are comments."""
-    rows: list[tuple[str, str, str | None]] = []
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        for n, row in enumerate(csv.reader(fh), start=1):
-            cells = [c.strip() for c in row]
-            if not cells or not cells[0] or cells[0].startswith("#"):
-                continue
-            if n == 1 and cells[0].lower() == "email":
-                continue
-            if len(cells) > 3:
-                raise Malformed(f"{path}:{n}: expected email,name[,group], found {len(cells)} columns")
-            name = cells[1] if len(cells) > 1 else ""
-            group = cells[2] if len(cells) > 2 and cells[2] else None
-            rows.append((cells[0], name, group))
-    return rows
+        return parse_users_csv(fh, str(path))
 
 
 def register(app: typer.Typer) -> None:
@@ -162,7 +143,7 @@ def register(app: typer.Typer) -> None:
                 task = progress.add_task("users", total=len(rows))
                 for start in range(0, len(rows), IMPORT_BATCH):
                     batch = rows[start : start + IMPORT_BATCH]
-                    names = {normalised_or_same(email): name for email, name, _ in batch}
+                    names = names_by_mailbox(batch)
                     # Tokens are written only after their batch is committed: the file never names a user
                     # that is not in the store.
                     expires = services.clock.now() + dt.timedelta(days=ttl)

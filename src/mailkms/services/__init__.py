@@ -32,6 +32,7 @@ from mailkms.services._directory import Directory, DirectoryEntry
 from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
+from mailkms.services._imports import ImportJob, Issued, Refused, UserImports, names_by_mailbox, parse_users_csv
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
@@ -57,6 +58,7 @@ from mailkms.services._renewal import Renewal, RenewalAccepted
 from mailkms.services._revocation import CRLView, Revocation, RevocationReport, parse_serial
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
+from mailkms.services._status import ConsoleStatus, CRLScope, NextReminder, PoolStatus, ReminderStatus
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
@@ -87,6 +89,7 @@ __all__ = [
     "CAPaths",
     "CRLJob",
     "CRLPartitions",
+    "CRLScope",
     "CRLView",
     "CRLWorkers",
     "Ceremony",
@@ -97,6 +100,7 @@ __all__ = [
     "ChallengeView",
     "Composer",
     "ConsoleSession",
+    "ConsoleStatus",
     "Dashboard",
     "Directory",
     "DirectoryEntry",
@@ -105,11 +109,14 @@ __all__ = [
     "FileResponderKeys",
     "Finding",
     "GroupCommit",
+    "ImportJob",
     "Imported",
     "InitResult",
+    "Issued",
     "KeyPool",
     "KeySource",
     "NewOfficer",
+    "NextReminder",
     "Nonces",
     "OCSPAnswer",
     "OCSPResponder",
@@ -122,10 +129,13 @@ __all__ = [
     "Passkeys",
     "Permission",
     "PoolKeyring",
+    "PoolStatus",
     "Principal",
     "Recovery",
     "RecoveryResult",
     "Refusals",
+    "Refused",
+    "ReminderStatus",
     "ReminderSweep",
     "Renewal",
     "RenewalAccepted",
@@ -141,6 +151,7 @@ __all__ = [
     "SignerPool",
     "SweepReport",
     "UserAdmin",
+    "UserImports",
     "UserPage",
     "UserState",
     "UserView",
@@ -152,12 +163,14 @@ __all__ = [
     "import_signed",
     "init_ca",
     "is_recorded",
+    "names_by_mailbox",
     "new_bootstrap_passphrase",
     "new_token",
     "normalise_mailbox",
     "open_database",
     "parse_role",
     "parse_serial",
+    "parse_users_csv",
     "partition_scope",
     "passphrase_source",
     "public_urls",

@@ -27,6 +27,7 @@ from mailkms.services._dashboard import Dashboard
 from mailkms.services._directory import Directory
 from mailkms.services._enrolment import Enrolment
 from mailkms.services._est import EST
+from mailkms.services._imports import UserImports
 from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._keypool import KeyPool, PoolKeyring
 from mailkms.services._nonces import Nonces
@@ -39,6 +40,7 @@ from mailkms.services._renewal import Renewal
 from mailkms.services._revocation import Revocation
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
+from mailkms.services._status import ConsoleStatus
 from mailkms.services._tokens import TokenSealer
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
@@ -87,6 +89,8 @@ class Services:
     dashboard: Dashboard
     cmp: CMP
     acme: ACME
+    imports: UserImports
+    status: ConsoleStatus
     key_pool: KeyPool | None = None
 
     @classmethod
@@ -121,13 +125,14 @@ class Services:
         sealer = TokenSealer(keyring)
         est = EST(db, ca, issuer, renewal, nonces, settings, clock, audit, refusals, commits)
         revocation = Revocation(db, ca, settings, clock, audit, on_revoked=[ocsp.forget])
+        users = UserAdmin(db, settings, clock, audit, sealer)
         return cls(
             settings=settings,
             clock=clock,
             db=db,
             ca=ca,
             audit=audit,
-            users=UserAdmin(db, settings, clock, audit, sealer),
+            users=users,
             enrolment=Enrolment(db, issuer, clock, audit, settings.server.effective_mail_from, refusals, commits),
             nonces=nonces,
             renewal=renewal,
@@ -153,6 +158,8 @@ class Services:
             dashboard=Dashboard(db, clock),
             cmp=CMP(db, ca, est, renewal, revocation, sealer, settings, clock, audit, refusals),
             acme=ACME(db, ca, issuer, nonces, settings, clock, audit, refusals, revocation),
+            imports=UserImports(users, clock, settings.policy.token_ttl_days),
+            status=ConsoleStatus(db, settings, clock),
         )
 
     def close(self) -> None:

@@ -6,10 +6,11 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, false, func, insert, or_, select, true
+from sqlalchemy import Column, ColumnElement, and_, false, func, insert, inspect, or_, select, true
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
@@ -109,6 +110,21 @@ class UserPage:
 _CLAMP_WINDOW = dt.timedelta(days=4)
 MAX_OFFSET = 10**9
 MAX_DAYS = 36_600  # a century: certificates live at most 825 days
+
+
+def probe_dates(condition: ColumnElement[bool], cert: type[Certificate]) -> ColumnElement[bool]:
+    """`condition` with the certificate's dates as coalesce(d, d): the same value, but no index on
+    a date can serve it, so the join goes through (user_id, kind, generation)."""
+    dates = {"not_before", "not_after"}
+    table = inspect(cert).selectable
+
+    def swap(element: Any) -> Any:
+        if isinstance(element, Column) and element.table is table and element.key in dates:
+            return func.coalesce(element, element)
+        return None
+
+    options: dict[str, Any] = {}
+    return cast(ColumnElement[bool], replacement_traverse(condition, options, swap))  # type: ignore[call-overload]
 
 
 def current_signing(session: Session, user: User) -> Certificate | None:
@@ -299,11 +315,13 @@ class UserAdmin:
         state: UserState | None = None,
         due_within_days: int | None = None,
         query: str | None = None,
+        group: str | None = None,
         offset: int = 0,
         limit: int = 50,
     ) -> UserPage:
         """Server-side paging and filtering (state, certificates expiring within N days, text in the
-        mailbox or name) on indexed columns; the states agree with `renewal_state`."""
+        mailbox or name, policy group: "" for the default) on indexed columns; the states agree
+        with `renewal_state`."""
         if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= 500:
             raise Malformed(f"offset must be 0..{MAX_OFFSET} and limit 1..500")
         if due_within_days is not None and not 0 <= due_within_days <= MAX_DAYS:
@@ -316,6 +334,8 @@ class UserAdmin:
             if query:
                 like = f"%{query.strip().lower()}%"
                 conds.append(or_(User.email.like(like), func.lower(User.display_name).like(like)))
+            if group is not None:
+                conds.append(User.group.is_(None) if group == "" else User.group == group)
             live = and_(User.status != "revoked", cert.id.is_not(None), cert.not_after >= now)
             if state is not None:
                 conds.append(self._state_condition(session, state, cert, live, now))
@@ -328,7 +348,12 @@ class UserAdmin:
                 return (query_.outerjoin(cert, joined) if needs_cert else query_).where(*conds)
 
             total = session.execute(filtered(func.count(User.id))).scalar_one()
-            # In e-mail order (the unique index): the database stops after offset + limit matches.
+            # In e-mail order (the unique index), each user's certificate found by (user, kind,
+            # generation): the database stops after offset + limit matches. The dates are wrapped so
+            # that no planner drives this from a date index and sorts every match by e-mail (1 s at
+            # 100,000 users on SQLite; docs/PERFORMANCE.md).
+            if state is not None and due_within_days is None:  # dense matches; "expiring within" is sparse
+                conds = [probe_dates(c, cert) for c in conds]
             ids = list(session.execute(filtered(User).order_by(User.email).offset(offset).limit(limit)).scalars())
             views = tuple(self._view(session, u, with_certs=False) for u in ids)
         return UserPage(views, int(total), offset, limit)
