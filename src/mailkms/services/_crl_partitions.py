@@ -52,7 +52,12 @@ def partition_scope(partition: int | None) -> str:
 
 @dataclass(frozen=True)
 class CRLJob:
-    """One CRL to build: its scope, the number it gets, its times and its IDP URL (None: no IDP)."""
+    """One CRL to build: its scope, the number it gets, its times and its IDP URL (None: no IDP).
+
+    `previous_update` is the thisUpdate of the scope's CRL this one follows (number - 1; None: none
+    signed yet): an expired certificate's entry stays until a CRL issued after its expiry has listed
+    it (RFC 5280 §3.3), i.e. while notAfter >= previous_update.
+    """
 
     scope: str
     partition: int | None
@@ -60,6 +65,7 @@ class CRLJob:
     this_update: dt.datetime
     next_update: dt.datetime
     distribution_point: str | None
+    previous_update: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,15 @@ class _Counter:
 KEY_COMPROMISE = "keyCompromise"  # as stored in certificates.revocation_reason
 
 
-def revoked_entries(session: Session, partition: int | None, this_update: dt.datetime) -> Iterator[RevokedEntry]:
-    """The partition's revoked, unexpired certificates, streamed from the covering partial index.
+def revoked_entries(
+    session: Session, partition: int | None, previous_update: dt.datetime | None
+) -> Iterator[RevokedEntry]:
+    """The partition's revoked certificates still to be listed, streamed from the covering partial index.
+
+    Listed: every unexpired one, and an expired one until it has been on one CRL issued after its
+    expiry (RFC 5280 §3.3): the previous CRL of the scope (thisUpdate `previous_update`, None: there
+    was none) came after its notAfter, so it was listed there and leaves now. A compromised key's
+    entry stays: a signature it makes later, with a signing time claimed in the validity, stays refused.
 
     Read through Core with the time as the driver gives it (SQLite: text, parsed by fromisoformat;
     PostgreSQL: a datetime): the ORM's per-row type processing was a third of a 100k build. A naive
@@ -92,13 +105,11 @@ def revoked_entries(session: Session, partition: int | None, this_update: dt.dat
     in_scope = Certificate.crl_partition.is_(None) if partition is None else Certificate.crl_partition == partition
     query = select(
         Certificate.serial, type_coerce(Certificate.revoked_at, String()), Certificate.revocation_reason
-    ).where(
-        in_scope,
-        Certificate.revoked_at.is_not(None),
-        # entries leave the CRL once the certificate expires, except for a compromised key: a
-        # signature it makes later, with a signing time claimed in the validity, stays refused
-        or_(Certificate.not_after >= this_update, Certificate.revocation_reason == KEY_COMPROMISE),
-    )
+    ).where(in_scope, Certificate.revoked_at.is_not(None))
+    if previous_update is not None:
+        query = query.where(
+            or_(Certificate.not_after >= previous_update, Certificate.revocation_reason == KEY_COMPROMISE)
+        )
     parse = dt.datetime.fromisoformat
     rows = session.connection().execution_options(yield_per=STREAM_ROWS).execute(query)
     for serial, revoked_at, reason in rows:
@@ -111,7 +122,7 @@ def build_scope(session: Session, signer: CASigner, job: CRLJob) -> BuiltCRL:
     counted = _Counter()
     crl = build_crl(
         signer,
-        counted.through(revoked_entries(session, job.partition, job.this_update)),
+        counted.through(revoked_entries(session, job.partition, job.previous_update)),
         number=job.number,
         this_update=job.this_update,
         next_update=job.next_update,

@@ -278,7 +278,13 @@ class Revocation:
             partitioned = any(r.partition is not None for r in rows)
             jobs = [
                 CRLJob(
-                    r.scope, r.partition, r.number + 1, this_update, next_update, self._idp(r.partition, partitioned)
+                    r.scope,
+                    r.partition,
+                    r.number + 1,
+                    this_update,
+                    next_update,
+                    self._idp(r.partition, partitioned),
+                    previous_update=r.this_update if r.der is not None else None,
                 )
                 for r in rows
                 if r.scope in wanted
@@ -369,8 +375,9 @@ class Revocation:
     def _retired_scopes(self, session: Session, rows: Sequence[PublishedCRL]) -> set[str]:
         """Partitions no longer re-signed: full (no certificate will join them), every certificate
         expired before their last CRL was signed, none revoked for key compromise. That last CRL is
-        their final one (its entries already left with their certificates' expiry, as
-        revoked_entries does); nothing a relying party could still ask about is on it. A compromised
+        their final one: issued after every expiry, it lists each revoked certificate once after its
+        expiry (RFC 5280 §3.3, as revoked_entries keeps them), and nothing a relying party could still
+        ask about is valid. A compromised
         key's entry stays listed after expiry, so its partition keeps being re-signed. A revocation
         still rebuilds a retired partition and a forced refresh re-signs it. Checked once per
         candidate: retirement cannot end (a full partition gets no new certificates).
