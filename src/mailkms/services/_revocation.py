@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
@@ -73,6 +73,9 @@ class CRLView:
     scope: str = ISSUING_SCOPE
 
 
+# The partitions' rows as the publisher reads them to decide: never their DER (with 1M revoked
+# entries, 10 partitions hold ~40 MB of it; loading it doubled the server's peak while publishing).
+_WITHOUT_DER = select(PublishedCRL).options(defer(PublishedCRL.der, raiseload=True))
 CRLBuilder = Callable[[Sequence[CRLJob]], Iterator[tuple[CRLJob, BuiltCRL]]]
 
 
@@ -265,7 +268,7 @@ class Revocation:
         this_update = self._clock.now().replace(microsecond=0)
         next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
         with self._db.read_only() as session:
-            rows = list(session.execute(select(PublishedCRL).order_by(PublishedCRL.partition)).scalars())
+            rows = list(session.execute(_WITHOUT_DER.order_by(PublishedCRL.partition)).scalars())
             flagged = next(r for r in rows if r.scope == ISSUING_SCOPE)
             revision, dirty_since = flagged.revision, flagged.dirty_since
             retired = self._retired_scopes(session, rows)
@@ -284,7 +287,7 @@ class Revocation:
                     this_update,
                     next_update,
                     self._idp(r.partition, partitioned),
-                    previous_update=r.this_update if r.der is not None else None,
+                    previous_update=r.this_update,
                 )
                 for r in rows
                 if r.scope in wanted
@@ -299,7 +302,7 @@ class Revocation:
             if view is None:
                 complete = False  # another publisher took this number: leave the flag for the next round
                 continue
-            self._remember(view)
+            self._remember(view, hold=False)
             last, whole = view, view if view.scope == ISSUING_SCOPE else whole
         if complete and dirty_since is not None:
             with self._db.transaction() as session:  # unless a revocation came meanwhile
@@ -321,7 +324,7 @@ class Revocation:
     def _build_here(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
         for job in jobs:
             with self._db.read_only() as session:
-                yield job, build_scope(session, self._ca.issuing, job)
+                yield job, build_scope(session.connection(), self._ca.issuing, job)
 
     def _store(self, job: CRLJob, built: BuiltCRL, actor: str) -> CRLView | None:
         with self._db.transaction() as session:
@@ -358,14 +361,14 @@ class Revocation:
             self._insert_issuing_row(session)
 
     def _stale(self, row: PublishedCRL, now: dt.datetime) -> bool:
-        if row.der is None or row.this_update is None:
+        if row.this_update is None:  # never signed (this_update and der are stored together)
             return True
         return now - row.this_update >= dt.timedelta(hours=self._cfg.crl_refresh_hours)
 
     def crl_due(self) -> bool:
         now = self._clock.now()
         with self._db.read_only() as session:
-            rows = list(session.execute(select(PublishedCRL)).scalars())
+            rows = list(session.execute(_WITHOUT_DER).scalars())
             flagged = [r for r in rows if r.scope == ISSUING_SCOPE]
             if not flagged or flagged[0].dirty_since is not None:
                 return True
@@ -423,11 +426,16 @@ class Revocation:
                 return None
             return CRLView(row.number, row.this_update, row.next_update, row.entries, row.der, scope)
 
-    def _remember(self, view: CRLView) -> None:
+    def _remember(self, view: CRLView, *, hold: bool = True) -> None:
+        """Note `view` as the newest of its scope. Without `hold` (a partition this process just
+        published) it is kept only if this process already held that scope: publishing all
+        partitions does not fill the cache with ~4 MB per CRL that nobody asked this process for."""
         with self._views_lock:
             if view.number < self._numbers.get(view.scope, -1):
                 return
             self._numbers[view.scope] = view.number
+            if not hold and view.scope != ISSUING_SCOPE and view.scope not in self._views:
+                return  # loaded from the store when asked for (refresh_scope)
             self._views[view.scope] = view
             self._views.move_to_end(view.scope)
             partitions = [s for s in self._views if s != ISSUING_SCOPE]
