@@ -81,6 +81,8 @@ CRLBuilder = Callable[[Sequence[CRLJob]], Iterator[tuple[CRLJob, BuiltCRL]]]
 
 PARTITION_VIEWS = 4  # partition CRLs a process keeps in memory to serve
 PUBLISH_ROUNDS = 20  # rounds one publish_crl call tries before leaving the rest to the scheduler
+LOSER_WAIT_SECONDS = 2.0  # how long a publisher that lost a number waits for the winner to clear the flag
+LOSER_POLLS = 40
 
 
 class Revocation:
@@ -312,9 +314,26 @@ class Revocation:
                     .values(dirty_since=None)
                 )
         if not complete:
-            with self._db.read_only() as session:
-                complete = session.get(PublishedCRL, ISSUING_SCOPE).dirty_since is None  # type: ignore[union-attr]
+            complete = self._winner_settles(revision)
         return whole or last, complete
+
+    def _winner_settles(self, revision: int) -> bool:
+        """This round lost a number to another publisher, which clears the flag right after storing
+        its CRLs: wait a moment for that (up to LOSER_WAIT_SECONDS) instead of racing it at once with
+        another CRL of the same entries. True once the flag is clear; False when a revocation came
+        meanwhile (the revision moved) or the wait ran out: then the caller goes again. A timed wait
+        on an Event, not time.sleep (libfaketime)."""
+        pause = threading.Event()
+        flag = select(PublishedCRL.dirty_since, PublishedCRL.revision).where(PublishedCRL.scope == ISSUING_SCOPE)
+        for _ in range(LOSER_POLLS):
+            with self._db.read_only() as session:
+                dirty_since, now = session.execute(flag).one()
+            if dirty_since is None:
+                return True
+            if now != revision:
+                return False
+            pause.wait(LOSER_WAIT_SECONDS / LOSER_POLLS)
+        return False
 
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
