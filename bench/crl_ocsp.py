@@ -526,6 +526,15 @@ async def drive(port: int, payloads: list[bytes], keep_alive: bool, conns: int, 
     """`conns` connections, each sending its next request as soon as the previous answer is in."""
     loop = asyncio.get_running_loop()
     counts = {"ok": 0, "failed": 0}
+    # Each distinct answer body is parsed by cryptography once; the same bytes again are the same
+    # answer (cached answers are byte-identical): the load generator's CPU goes to the connections.
+    checked: set[bytes] = set()
+
+    def successful(body: bytes) -> bool:
+        if ocsp.load_der_ocsp_response(body).response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return False
+        checked.add(body)
+        return True
 
     async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bytes:
         writer.write(payload)
@@ -548,8 +557,7 @@ async def drive(port: int, payloads: list[bytes], keep_alive: bool, conns: int, 
                     conn = await asyncio.open_connection("127.0.0.1", port)
                 data = await exchange(*conn, payload)
                 head, _, body = data.partition(b"\r\n\r\n")
-                good = b" 200 " in head.split(b"\r\n", 1)[0]
-                good = good and ocsp.load_der_ocsp_response(body).response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+                good = b" 200 " in head.split(b"\r\n", 1)[0] and (body in checked or successful(body))
             except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
                 good = False
             counts["ok" if good else "failed"] += 1
@@ -569,7 +577,9 @@ def child_load(args: dict[str, object]) -> dict[str, float]:
     go = float(str(args["go"]))
     while time.time() < go:  # every load process starts together
         time.sleep(0.005)
-    result = asyncio.run(
+    import uvloop  # the load generator on the same event loop as the servers: its CPU is half the machine
+
+    result = uvloop.run(
         drive(
             int(str(args["port"])),
             payloads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import time
 
 import pytest
 from sqlalchemy import text
@@ -166,3 +167,51 @@ def test_verify_chain_reads_in_its_own_transaction(chained: Services) -> None:
     with chained.db.transaction() as session:
         report = verify_chain(session)
     assert report.ok and report.records == RECORDS
+
+
+def test_two_first_writers_on_a_fresh_store_both_append(db_url: str) -> None:
+    """No head row yet, two writers at once: the second waits for the first's head instead of
+    clashing with it on the primary key (PostgreSQL: IntegrityError before the fix)."""
+    import threading
+
+    from mailkms.clock import FakeClock
+    from mailkms.services._audit import AuditLog
+    from mailkms.store import AuditHead, Database
+
+    first, second = Database(db_url), Database(db_url)
+    first.migrate()
+    audit = AuditLog(FakeClock())
+    inserted, failures = threading.Event(), []
+
+    def write_first() -> None:
+        with first.transaction() as session:
+            audit.append(session, "admin:a", "test.first", "a@example.org")
+            session.flush()
+            inserted.set()  # the head row is in, uncommitted: the other writer comes now
+            time.sleep(0.5)
+
+    def write_second() -> None:
+        inserted.wait(10)
+        try:
+            with second.transaction() as session:
+                audit.append(session, "admin:b", "test.second", "b@example.org")
+        except Exception as exc:  # the failure is the finding
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write_first), threading.Thread(target=write_second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert failures == []
+        with first.transaction() as session:
+            head = session.get(AuditHead, 1)
+            assert head is not None and head.seq == 2
+            actions = [r.action for r in session.query(AuditRecord).order_by(AuditRecord.seq)]
+            report = verify_chain(session)
+        assert actions == ["test.first", "test.second"]
+        assert report.ok, report.problems
+    finally:
+        first.dispose()
+        second.dispose()

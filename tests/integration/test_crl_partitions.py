@@ -167,8 +167,11 @@ def test_worker_processes_build_the_same_crls_off_the_server(partitioned: Servic
         services.revocation.refresh_latest()
         found: dict[int, str] = {}
         for n in (1, 2):
-            view = services.revocation.latest_of(f"issuing-{n}")
+            # publishing does not fill this process's cache with partitions nobody asked it for
+            assert services.revocation.latest_of(f"issuing-{n}") is None
+            view = services.revocation.refresh_scope(f"issuing-{n}")
             assert view is not None and view.number == 2
+            assert services.revocation.latest_of(f"issuing-{n}") == view  # held once asked for
             crl = x509.load_der_x509_crl(view.der)
             assert crl.is_signature_valid(services.ca.issuing.certificate.public_key())  # type: ignore[arg-type]
             found.update({entry.serial_number: f"issuing-{n}" for entry in crl})
@@ -196,7 +199,9 @@ def test_a_full_partition_whose_certificates_all_expired_gets_a_final_crl_then_n
     with services.db.read_only() as session:
         der = session.execute(select(PublishedCRL.der).where(PublishedCRL.scope == "issuing-1")).scalar_one()
     assert der is not None
-    assert len(x509.load_der_x509_crl(der)) == 0  # the entries left with their certificates' expiry
+    revoked = {c.serial_number for c in users[0].certs}
+    # RFC 5280 §3.3: the final CRL, the first one issued after they expired, still lists them
+    assert {e.serial_number for e in x509.load_der_x509_crl(der)} == revoked
     clock.advance(dt.timedelta(hours=25))  # past crl_refresh_hours
     assert services.revocation.crl_due()  # the open partition and the whole-CA CRL are still refreshed
     services.revocation.publish_crl()
@@ -207,6 +212,9 @@ def test_a_full_partition_whose_certificates_all_expired_gets_a_final_crl_then_n
     assert not services.revocation.crl_due()  # and the poller does not spin on it
     services.revocation.publish_crl(force=True)  # an administrator's forced refresh still signs it
     assert _numbers(services)["issuing-1"] == final["issuing-1"] + 1
+    with services.db.read_only() as session:
+        der = session.execute(select(PublishedCRL.der).where(PublishedCRL.scope == "issuing-1")).scalar_one()
+    assert der is not None and len(x509.load_der_x509_crl(der)) == 0  # their one CRL after expiry was the final
 
 
 def test_a_full_expired_partition_with_a_compromised_key_keeps_being_resigned(partitioned: Services, clock) -> None:  # type: ignore[no-untyped-def]

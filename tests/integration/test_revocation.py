@@ -385,8 +385,9 @@ def test_bad_revocation_requests_are_refused_and_change_nothing(services) -> Non
 
 
 def test_expired_certificates_drop_off_the_crl_except_compromised_keys(services, clock) -> None:
-    """Once a certificate expires its entry leaves the CRL, except after keyCompromise: a signature
-    the thief makes later, claiming a signing time inside the validity, is still found revoked."""
+    """An expired certificate's entry stays on the first CRL issued after its expiry (RFC 5280 §3.3)
+    and leaves with the next one, except after keyCompromise: a signature the thief makes later,
+    claiming a signing time inside the validity, is still found revoked."""
     from mailkms.client._mail import CRLChecker
     from mailkms.pki import RevocationStatus, revoked_signature_problem
 
@@ -399,8 +400,15 @@ def test_expired_certificates_drop_off_the_crl_except_compromised_keys(services,
     clock.advance(dt.timedelta(days=19 * 31))
     view = services.revocation.publish_crl()
     assert view is not None and view.number == number + 1  # due (older than crl_refresh_hours)
+    first_after = x509.load_der_x509_crl(view.der)
+    assert all(c.not_valid_after_utc < first_after.last_update_utc for c in ivan.certs + judy.certs)
+    everyone = {c.serial_number for c in ivan.certs + judy.certs}
+    assert {e.serial_number for e in first_after} == everyone  # on one CRL issued after their expiry
+    clock.advance(dt.timedelta(hours=25))
+    view = services.revocation.publish_crl()
+    assert view is not None and view.number == number + 2
     crl = x509.load_der_x509_crl(view.der)
-    assert {e.serial_number for e in crl} == {c.serial_number for c in judy.certs}  # ivan's left
+    assert {e.serial_number for e in crl} == {c.serial_number for c in judy.certs}  # then ivan's left
     verdict = pkilint(
         "lint_crl", ["-t", "CRL", "-p", "BR", "-s", "WARNING"], crl.public_bytes(serialization.Encoding.PEM)
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import event, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
@@ -82,6 +84,23 @@ def audit_rewind(session: Session, mark: int) -> None:
         del pending[mark:]
 
 
+def lock_audit_head(session: Session) -> AuditHead:
+    """The head row, locked FOR UPDATE in the caller's transaction; made first on a fresh store.
+
+    Race-free for first writers: the genesis row goes in with ON CONFLICT DO NOTHING, so a second
+    writer waits for the first one's row (PostgreSQL: on its uncommitted key) and then locks it,
+    instead of failing on the primary key.
+    """
+    query = select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    head = session.execute(query).scalar_one_or_none()
+    if head is not None:
+        return head
+    dialect = session.get_bind().dialect.name
+    upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(upsert(AuditHead).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
+    return session.execute(query.execution_options(populate_existing=True)).scalar_one()
+
+
 class AuditLog:
     def __init__(self, clock: Clock, observers: Sequence[AuditObserver] = ()) -> None:
         self._clock = clock
@@ -122,11 +141,7 @@ class AuditLog:
         head: AuditHead | None = session.info.get(_HEAD)
         if head is not None:
             return head
-        head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
-        if head is None:
-            head = AuditHead(id=1, seq=0, hash=GENESIS)
-            session.add(head)
-            session.flush()
+        head = lock_audit_head(session)
         session.info[_HEAD] = head
         return head
 

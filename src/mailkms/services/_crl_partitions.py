@@ -22,102 +22,38 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import multiprocessing
-import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import String, or_, select, type_coerce
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailkms.clock import Clock
-from mailkms.pki import SUBSCRIBER_REASONS, CASigner, PublicURLs, RevokedEntry, SoftSigner, build_crl
+from mailkms.crl_build import (
+    KEY_COMPROMISE,
+    BuiltCRL,
+    CRLJob,
+    build_in_worker,
+    build_scope,
+    init_worker,
+    revoked_entries,
+    started,
+)
+from mailkms.pki import PublicURLs, build_crl
 from mailkms.services._audit import AuditLog
-from mailkms.services._ca import CAContext, load_key_at
-from mailkms.store import Certificate, Database, PublishedCRL
+from mailkms.services._ca import CAContext
+from mailkms.store import PublishedCRL
+
+__all__ = ["KEY_COMPROMISE", "BuiltCRL", "CRLJob", "CRLPartitions", "CRLWorkers", "build_scope", "revoked_entries"]
 
 ISSUING_SCOPE = "issuing"
-STREAM_ROWS = 20_000
 
 
 def partition_scope(partition: int | None) -> str:
     return ISSUING_SCOPE if partition is None else f"{ISSUING_SCOPE}-{partition}"
-
-
-@dataclass(frozen=True)
-class CRLJob:
-    """One CRL to build: its scope, the number it gets, its times and its IDP URL (None: no IDP)."""
-
-    scope: str
-    partition: int | None
-    number: int
-    this_update: dt.datetime
-    next_update: dt.datetime
-    distribution_point: str | None
-
-
-@dataclass(frozen=True)
-class BuiltCRL:
-    der: bytes
-    entries: int
-
-
-class _Counter:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def through(self, items: Iterator[RevokedEntry]) -> Iterator[RevokedEntry]:
-        for item in items:
-            self.count += 1
-            yield item
-
-
-KEY_COMPROMISE = "keyCompromise"  # as stored in certificates.revocation_reason
-
-
-def revoked_entries(session: Session, partition: int | None, this_update: dt.datetime) -> Iterator[RevokedEntry]:
-    """The partition's revoked, unexpired certificates, streamed from the covering partial index.
-
-    Read through Core with the time as the driver gives it (SQLite: text, parsed by fromisoformat;
-    PostgreSQL: a datetime): the ORM's per-row type processing was a third of a 100k build. A naive
-    time is UTC (the store writes UTC; cryptography reads naive times as UTC).
-    """
-    reasons = SUBSCRIBER_REASONS
-    in_scope = Certificate.crl_partition.is_(None) if partition is None else Certificate.crl_partition == partition
-    query = select(
-        Certificate.serial, type_coerce(Certificate.revoked_at, String()), Certificate.revocation_reason
-    ).where(
-        in_scope,
-        Certificate.revoked_at.is_not(None),
-        # entries leave the CRL once the certificate expires, except for a compromised key: a
-        # signature it makes later, with a signing time claimed in the validity, stays refused
-        or_(Certificate.not_after >= this_update, Certificate.revocation_reason == KEY_COMPROMISE),
-    )
-    parse = dt.datetime.fromisoformat
-    rows = session.connection().execution_options(yield_per=STREAM_ROWS).execute(query)
-    for serial, revoked_at, reason in rows:
-        at: dt.datetime = revoked_at if isinstance(revoked_at, dt.datetime) else parse(revoked_at)
-        yield RevokedEntry(int(serial, 16), at, reasons.get(reason) if reason else None)
-
-
-def build_scope(session: Session, signer: CASigner, job: CRLJob) -> BuiltCRL:
-    """One CRL in one pass: rows stream into the builder, no second list of the entries."""
-    counted = _Counter()
-    crl = build_crl(
-        signer,
-        counted.through(revoked_entries(session, job.partition, job.this_update)),
-        number=job.number,
-        this_update=job.this_update,
-        next_update=job.next_update,
-        distribution_point=job.distribution_point,
-    )
-    return BuiltCRL(crl.public_bytes(serialization.Encoding.DER), counted.count)
 
 
 class CRLPartitions:
@@ -144,6 +80,7 @@ class CRLPartitions:
             return None
         newest = (
             select(PublishedCRL)
+            .options(defer(PublishedCRL.der, raiseload=True))  # the lock and the count, not the CRL
             .where(PublishedCRL.partition.is_not(None))
             .order_by(PublishedCRL.partition.desc())
             .limit(1)
@@ -189,44 +126,24 @@ class CRLPartitions:
             self._audit.append(
                 session, "system", "crl.published", scope, number=1, entries=0, bytes=len(der), opened=True
             )
-        return session.execute(select(PublishedCRL).where(PublishedCRL.scope == scope).with_for_update()).scalar_one()
+        opened = (
+            select(PublishedCRL).options(defer(PublishedCRL.der, raiseload=True)).where(PublishedCRL.scope == scope)
+        )
+        return session.execute(opened.with_for_update()).scalar_one()
 
 
 # --- worker processes ----------------------------------------------------------------------------------
-_worker: tuple[Database, SoftSigner] | None = None
-
-
-def _init_worker(database_url: str, cert_pem: bytes, key_path: str, passphrase: bytes) -> None:
-    """Once per worker process: the issuing CA key (from its encrypted file) and a store connection."""
-    global _worker
-    key = load_key_at(Path(key_path), passphrase)
-    _worker = (Database(database_url), SoftSigner(x509.load_pem_x509_certificate(cert_pem), key))
-
-
-def _started() -> int:
-    # long enough that each of the first jobs lands on a worker of its own. A timed wait, not time.sleep: under libfaketime with a large offset (the e2e
-    # tests) clock_nanosleep on an absolute deadline fails with EINVAL and kills the worker.
-    threading.Event().wait(0.2)
-    return os.getpid()
-
-
-def _build_in_worker(job: CRLJob) -> BuiltCRL:
-    assert _worker is not None, "the CRL worker was not initialised"
-    db, signer = _worker
-    with db.read_only() as session:
-        return build_scope(session, signer, job)
-
-
 class CRLWorkers:
     """`workers` processes that build CRLs (spawned, not forked: the server has threads)."""
 
     def __init__(self, database_url: str, ca: CAContext, workers: int) -> None:
         cert_pem = ca.issuing.certificate.public_bytes(serialization.Encoding.PEM)
-        # The passphrase reaches the child through its start-up pipe, never the disk or the log.
+        # The passphrase reaches the child through its start-up pipe, never the disk or the log. The
+        # children run mailkms.crl_build only: they never import the services, the ORM or alembic.
         self._executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
+            initializer=init_worker,
             initargs=(database_url, cert_pem, str(ca.paths.issuing_key), ca.at_rest_passphrase),
         )
 
@@ -237,12 +154,12 @@ class CRLWorkers:
         answered: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(answered) < wanted and time.monotonic() < deadline:  # until each has answered once
-            answered |= {f.result() for f in [executor.submit(_started) for _ in range(wanted)]}
+            answered |= {f.result() for f in [executor.submit(started) for _ in range(wanted)]}
         return sorted(answered)
 
     def __call__(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
         """The jobs on every worker at once; results in order, each as soon as it and those before it are done."""
-        return zip(jobs, self._executor.map(_build_in_worker, jobs), strict=True)
+        return zip(jobs, self._executor.map(build_in_worker, jobs), strict=True)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -81,12 +81,11 @@ from mailkms.pki import (
 )
 from mailkms.pki._recovery import MAX_OFFICERS, SCRYPT_N
 from mailkms.pki._shamir import combine_kek, split_kek
-from mailkms.services._audit import AuditLog
+from mailkms.services._audit import AuditLog, lock_audit_head
 from mailkms.services._tokens import issue_token, token_hash
 from mailkms.services._users import normalise_mailbox
 from mailkms.store import (
     ArchivedKey,
-    AuditHead,
     Certificate,
     Database,
     RecoveryCeremony,
@@ -453,7 +452,7 @@ class Recovery:
         holds from its first audit record on), then the recovery head -- so that a re-wrap, a
         recovery and an issuance never wait for each other in a cycle. The ceremony the shares
         opened must still be the current one."""
-        session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update())
+        lock_audit_head(session)
         ceremony = current_ceremony(session, self._dir, self._audit, lock=lock)
         if ceremony.id != unlocked_id:
             raise ShareFromEarlierCeremony("the recovery ceremony was replaced while the shares were being checked")

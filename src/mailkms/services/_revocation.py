@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
@@ -73,11 +73,16 @@ class CRLView:
     scope: str = ISSUING_SCOPE
 
 
+# The partitions' rows as the publisher reads them to decide: never their DER (with 1M revoked
+# entries, 10 partitions hold ~40 MB of it; loading it doubled the server's peak while publishing).
+_WITHOUT_DER = select(PublishedCRL).options(defer(PublishedCRL.der, raiseload=True))
 CRLBuilder = Callable[[Sequence[CRLJob]], Iterator[tuple[CRLJob, BuiltCRL]]]
 
 
 PARTITION_VIEWS = 4  # partition CRLs a process keeps in memory to serve
 PUBLISH_ROUNDS = 20  # rounds one publish_crl call tries before leaving the rest to the scheduler
+LOSER_WAIT_SECONDS = 2.0  # how long a publisher that lost a number waits for the winner to clear the flag
+LOSER_POLLS = 40
 
 
 class Revocation:
@@ -265,7 +270,7 @@ class Revocation:
         this_update = self._clock.now().replace(microsecond=0)
         next_update = this_update + dt.timedelta(days=self._cfg.crl_validity_days)
         with self._db.read_only() as session:
-            rows = list(session.execute(select(PublishedCRL).order_by(PublishedCRL.partition)).scalars())
+            rows = list(session.execute(_WITHOUT_DER.order_by(PublishedCRL.partition)).scalars())
             flagged = next(r for r in rows if r.scope == ISSUING_SCOPE)
             revision, dirty_since = flagged.revision, flagged.dirty_since
             retired = self._retired_scopes(session, rows)
@@ -278,7 +283,13 @@ class Revocation:
             partitioned = any(r.partition is not None for r in rows)
             jobs = [
                 CRLJob(
-                    r.scope, r.partition, r.number + 1, this_update, next_update, self._idp(r.partition, partitioned)
+                    r.scope,
+                    r.partition,
+                    r.number + 1,
+                    this_update,
+                    next_update,
+                    self._idp(r.partition, partitioned),
+                    previous_update=r.this_update,
                 )
                 for r in rows
                 if r.scope in wanted
@@ -293,7 +304,7 @@ class Revocation:
             if view is None:
                 complete = False  # another publisher took this number: leave the flag for the next round
                 continue
-            self._remember(view)
+            self._remember(view, hold=False)
             last, whole = view, view if view.scope == ISSUING_SCOPE else whole
         if complete and dirty_since is not None:
             with self._db.transaction() as session:  # unless a revocation came meanwhile
@@ -303,9 +314,26 @@ class Revocation:
                     .values(dirty_since=None)
                 )
         if not complete:
-            with self._db.read_only() as session:
-                complete = session.get(PublishedCRL, ISSUING_SCOPE).dirty_since is None  # type: ignore[union-attr]
+            complete = self._winner_settles(revision)
         return whole or last, complete
+
+    def _winner_settles(self, revision: int) -> bool:
+        """This round lost a number to another publisher, which clears the flag right after storing
+        its CRLs: wait a moment for that (up to LOSER_WAIT_SECONDS) instead of racing it at once with
+        another CRL of the same entries. True once the flag is clear; False when a revocation came
+        meanwhile (the revision moved) or the wait ran out: then the caller goes again. A timed wait
+        on an Event, not time.sleep (libfaketime)."""
+        pause = threading.Event()
+        flag = select(PublishedCRL.dirty_since, PublishedCRL.revision).where(PublishedCRL.scope == ISSUING_SCOPE)
+        for _ in range(LOSER_POLLS):
+            with self._db.read_only() as session:
+                dirty_since, now = session.execute(flag).one()
+            if dirty_since is None:
+                return True
+            if now != revision:
+                return False
+            pause.wait(LOSER_WAIT_SECONDS / LOSER_POLLS)
+        return False
 
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
@@ -315,7 +343,7 @@ class Revocation:
     def _build_here(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
         for job in jobs:
             with self._db.read_only() as session:
-                yield job, build_scope(session, self._ca.issuing, job)
+                yield job, build_scope(session.connection(), self._ca.issuing, job)
 
     def _store(self, job: CRLJob, built: BuiltCRL, actor: str) -> CRLView | None:
         with self._db.transaction() as session:
@@ -352,14 +380,14 @@ class Revocation:
             self._insert_issuing_row(session)
 
     def _stale(self, row: PublishedCRL, now: dt.datetime) -> bool:
-        if row.der is None or row.this_update is None:
+        if row.this_update is None:  # never signed (this_update and der are stored together)
             return True
         return now - row.this_update >= dt.timedelta(hours=self._cfg.crl_refresh_hours)
 
     def crl_due(self) -> bool:
         now = self._clock.now()
         with self._db.read_only() as session:
-            rows = list(session.execute(select(PublishedCRL)).scalars())
+            rows = list(session.execute(_WITHOUT_DER).scalars())
             flagged = [r for r in rows if r.scope == ISSUING_SCOPE]
             if not flagged or flagged[0].dirty_since is not None:
                 return True
@@ -369,8 +397,9 @@ class Revocation:
     def _retired_scopes(self, session: Session, rows: Sequence[PublishedCRL]) -> set[str]:
         """Partitions no longer re-signed: full (no certificate will join them), every certificate
         expired before their last CRL was signed, none revoked for key compromise. That last CRL is
-        their final one (its entries already left with their certificates' expiry, as
-        revoked_entries does); nothing a relying party could still ask about is on it. A compromised
+        their final one: issued after every expiry, it lists each revoked certificate once after its
+        expiry (RFC 5280 §3.3, as revoked_entries keeps them), and nothing a relying party could still
+        ask about is valid. A compromised
         key's entry stays listed after expiry, so its partition keeps being re-signed. A revocation
         still rebuilds a retired partition and a forced refresh re-signs it. Checked once per
         candidate: retirement cannot end (a full partition gets no new certificates).
@@ -416,11 +445,16 @@ class Revocation:
                 return None
             return CRLView(row.number, row.this_update, row.next_update, row.entries, row.der, scope)
 
-    def _remember(self, view: CRLView) -> None:
+    def _remember(self, view: CRLView, *, hold: bool = True) -> None:
+        """Note `view` as the newest of its scope. Without `hold` (a partition this process just
+        published) it is kept only if this process already held that scope: publishing all
+        partitions does not fill the cache with ~4 MB per CRL that nobody asked this process for."""
         with self._views_lock:
             if view.number < self._numbers.get(view.scope, -1):
                 return
             self._numbers[view.scope] = view.number
+            if not hold and view.scope != ISSUING_SCOPE and view.scope not in self._views:
+                return  # loaded from the store when asked for (refresh_scope)
             self._views[view.scope] = view
             self._views.move_to_end(view.scope)
             partitions = [s for s in self._views if s != ISSUING_SCOPE]
