@@ -192,8 +192,8 @@ def register(ca_app: typer.Typer) -> None:
         files: Annotated[list[Path], typer.Argument(help="certificates and root CRLs from the ceremony")],
         as_json: JsonOpt = False,
     ) -> None:
-        """Install what the root ceremony signed (checked against the root first). A running server reads
-        a new root CRL at its daily check; restart it for a new intermediate."""
+        """Install what the root ceremony signed (checked against the root first). A running server takes
+        it within [ca] reload_check_seconds (5 s), or at once on SIGHUP; no restart."""
         with exit_on_error(as_json):
             paths, passphrase = _server_ca()
             clock = SystemClock()

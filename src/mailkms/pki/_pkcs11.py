@@ -156,6 +156,16 @@ class Token:
                     _unavailable(self.uri, "the token is not present", exc)
             try:
                 self._session = found.open(user_pin=pin, rw=True)
+            except p11.PinLocked as exc:  # CKR_PIN_LOCKED: too many wrong tries; SoftHSM2 never locks
+                _unavailable(
+                    self.uri,
+                    "the user PIN is locked after too many wrong tries: unlock it with the SO PIN "
+                    "(C_InitPIN, e.g. `pkcs11-tool --login --login-type so --init-pin`), then put the new "
+                    f"PIN in {self.uri.pin_path}",
+                    exc,
+                )
+            except p11.PinIncorrect as exc:
+                _unavailable(self.uri, f"log-in failed: the PIN in {self.uri.pin_path} is wrong", exc)
             except p11.PKCS11Error as exc:
                 _unavailable(self.uri, "log-in failed (PIN wrong or locked?)", exc)
             return self._session
@@ -282,6 +292,21 @@ class Token:
             return bytes(private.sign(data, mechanism=mechanism))
 
         return bytes(self.call("signing", run))
+
+    def destroy(self, key_id: bytes) -> int:
+        """Destroy the key pair with this CKA_ID (private and public objects) in the token: a retired
+        key no certificate in force needs any more. Returns how many objects were destroyed."""
+        import pkcs11
+
+        def run(session: Any) -> int:
+            found = list(session.get_objects({pkcs11.Attribute.ID: key_id}))
+            for obj in found:
+                obj.destroy()
+            return len(found)
+
+        with self._lock:
+            self._private.pop(key_id, None)
+            return int(self.call("destroying a retired key", run))
 
 
 def open_token_key(ref: TokenKeyRef) -> TokenRSAKey | TokenECKey:

@@ -4,6 +4,7 @@ cryptography's key interface, judged by cryptography's own verification and open
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import pickle
 import subprocess
@@ -145,3 +146,98 @@ def test_wrong_pin_and_missing_token_are_key_store_unavailable(token: tuple[Toke
     no_pin_file = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{folder}/nope")
     with pytest.raises(ConfigError, match="PIN"):
         no_pin_file.session()
+
+
+def _objects_with_id(key_id: bytes) -> list[str]:
+    """What the token itself holds under this CKA_ID, read on a session of our own (python-pkcs11)."""
+    import pkcs11
+
+    token = pkcs11.lib(MODULE).get_token(token_label="unit")
+    try:
+        session = token.open(user_pin="1111")
+    except pkcs11.exceptions.UserAlreadyLoggedIn:  # the log-in is the process's, shared by its sessions
+        session = token.open()
+    with session:
+        return sorted(str(o.object_class.name) for o in session.get_objects({pkcs11.Attribute.ID: key_id}))
+
+
+def test_retired_token_keys_are_destroyed_once_their_certificates_expired(
+    token: tuple[Token, Path], tmp_path: Path
+) -> None:
+    """Issue 15 §1: OCSP-responder (30 days) and mail-signer (12 months) keys renewed in the token are
+    destroyed there once the certificate of the old key has expired, not before; a token that is away
+    at that moment is tried again at the next check."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.services import CAContext, CAPaths
+    from tests.testca import URLS as urls
+    from tests.testca import init_server_ca
+
+    tok, folder = token
+    uri = f"pkcs11:token=unit;object=retire?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    start = dt.datetime(2026, 3, 1, 10, 0, 0, tzinfo=UTC)
+    clock, paths = FakeClock(start), CAPaths(tmp_path / "data")
+    names, mail_from = ["kms.example.org"], "mailkms@kms.example.org"
+    init_server_ca(paths, clock, key_store=uri)
+    ctx = CAContext.load(paths, passphrase_env="", urls=urls, key_store=uri)
+    first = ctx.require_ocsp_responder()
+    assert isinstance(first.private_key, TokenRSAKey | TokenECKey)
+    first_id = first.private_key.reference.key_id
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+
+    clock.set(start + dt.timedelta(days=21))  # renewed 10 days before the 30-day certificate ends
+    assert "ocsp-responder" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]  # its certificate is still valid
+
+    # The token refuses at the moment the key is due: kept, and destroyed at the next check.
+    clock.set(first.certificate.not_valid_after_utc + dt.timedelta(seconds=1))
+    (folder / "pin").write_text("9999\n")
+    Token.for_uri(uri).forget()
+    tok.forget()
+    try:
+        assert "ocsp-key-destroyed" not in ctx.ensure_server_identities(names, mail_from, clock)
+    finally:
+        (folder / "pin").write_text("1111\n")
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+    assert ctx.ensure_server_identities(names, mail_from, clock) == ["ocsp-key-destroyed"]
+    assert _objects_with_id(first_id) == []
+    current = ctx.require_ocsp_responder()
+    assert isinstance(current.private_key, TokenRSAKey | TokenECKey)
+    assert _objects_with_id(current.private_key.reference.key_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+
+    mail = ctx.require_mail_signer()
+    assert isinstance(mail.private_key, TokenRSAKey | TokenECKey)
+    clock.set(mail.certificate.not_valid_after_utc - dt.timedelta(days=80))  # renewed 90 days before its end
+    assert "mail-signer" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(mail.private_key.reference.key_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+    clock.set(mail.certificate.not_valid_after_utc + dt.timedelta(hours=1))
+    assert "mail-key-destroyed" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(mail.private_key.reference.key_id) == []
+    assert json.loads(paths.retired_token_keys.read_text()) == [] or all(
+        dt.datetime.fromisoformat(e["not_after"]) > clock.now()
+        for e in json.loads(paths.retired_token_keys.read_text())
+    )
+
+
+def test_a_locked_pin_is_key_store_unavailable_with_what_to_do(
+    token: tuple[Token, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CKR_PIN_LOCKED. SoftHSM2 has no retry counter (its maintainers: SoftHSMv2 issues 221 and 399), so
+    the token's C_Login is stood in for here; a wrong PIN is tried for real above and in test_hsm_e2e."""
+    import pkcs11.exceptions as p11
+
+    _, folder = token
+
+    class LockedToken:
+        def open(self, **_: object) -> None:
+            raise p11.PinLocked()
+
+    class Lib:
+        def get_token(self, **_: object) -> LockedToken:
+            return LockedToken()
+
+    locked = Token.for_uri(f"pkcs11:token=unit;object=locked?module-path={MODULE}&pin-source=file:{folder / 'pin'}")
+    monkeypatch.setattr(locked, "_lib", Lib)
+    with pytest.raises(KeyStoreUnavailable, match=r"PIN is locked after too many wrong tries.*SO PIN") as caught:
+        locked.session()
+    assert caught.value.http_status == 503 and caught.value.exit_code == 75  # cli/_exit.py: exit 75
+    assert "1111" not in str(caught.value)
