@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.config import CONFIG_FILE, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError, Conflict, Malformed
 from mailkms.pki import (
     BR_MAX_ARL_VALIDITY,
@@ -35,8 +35,10 @@ from mailkms.services import (
     Services,
     ca_passphrase,
     import_signed,
+    migrate_keys_to_token,
     public_urls,
     request_intermediate,
+    set_key_store_in_config,
     take_root_offline,
 )
 
@@ -217,6 +219,43 @@ def register(ca_app: typer.Typer) -> None:
                 {"imported": rows},
                 as_json,
                 "\n".join(f"imported {r['what']} {r['serial']} (until {r['not_after'][:10]})" for r in rows),
+            )
+
+    @ca_app.command("migrate-key")
+    def ca_migrate_key(
+        key_store: Annotated[
+            str,
+            typer.Option(
+                "--key-store", help="pkcs11:token=NAME;object=LABEL?module-path=...&pin-source=file:... (RFC 7512)"
+            ),
+        ],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Put the CA keys that are still files (issuing CA, OCSP responder, mail signer) into a PKCS#11
+        token: imported sensitive and not extractable, each file removed only after a signature by the
+        token verifies; [ca] key_store is written to mailkms.toml. Restart `mailkms serve` afterwards."""
+        with exit_on_error(as_json):
+            settings = load_settings(data_dir_from_env(), ca={"key_store": key_store})  # the URI checked here
+            current = load_settings(data_dir_from_env()).ca.key_store
+            if current and current != key_store:
+                raise Conflict(f"mailkms.toml names another key store already: {current}")
+            paths, passphrase = _server_ca()
+            done = migrate_keys_to_token(paths, passphrase, settings.ca.key_store)
+            if not current:
+                set_key_store_in_config(settings.data_dir / CONFIG_FILE, key_store)
+            services = Services.build(load_settings(data_dir_from_env()), SystemClock())
+            try:
+                with services.db.transaction() as session:
+                    for item in done:
+                        services.audit.append(session, ADMIN, "ca.key-migrated", item.role, label=item.label)
+            finally:
+                services.close()
+            rows = [{"role": m.role, "label": m.label, "id": m.key_id} for m in done]
+            _emit(
+                {"migrated": rows, "key_store": key_store},
+                as_json,
+                "\n".join(f"{r['role']} key now in the token as {r['label']!r} (CKA_ID {r['id']})" for r in rows)
+                + "\nthe key files were removed; restart `mailkms serve`",
             )
 
     @ca_app.command("move-root")

@@ -33,6 +33,7 @@ from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
+from mailkms.services._key_migration import Migrated, migrate_keys_to_token, set_key_store_in_config
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
@@ -107,6 +108,7 @@ __all__ = [
     "InitResult",
     "KeyPool",
     "KeySource",
+    "Migrated",
     "NewOfficer",
     "Nonces",
     "OCSPAnswer",
@@ -150,6 +152,7 @@ __all__ = [
     "import_signed",
     "init_ca",
     "is_recorded",
+    "migrate_keys_to_token",
     "new_bootstrap_passphrase",
     "new_token",
     "normalise_mailbox",
@@ -164,6 +167,7 @@ __all__ = [
     "request_intermediate",
     "search_records",
     "serial_hex",
+    "set_key_store_in_config",
     "take_root_offline",
     "tls_hostnames",
     "token_hash",

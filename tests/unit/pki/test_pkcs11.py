@@ -8,8 +8,10 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -135,6 +137,8 @@ def test_token_keys_do_not_leave_the_token(token: tuple[Token, Path]) -> None:
 
 def test_wrong_pin_and_missing_token_are_key_store_unavailable(token: tuple[Token, Path]) -> None:
     _, folder = token
+    for opened in list(Token._open.values()):  # log-in is per process: log out (close every session) first
+        opened.forget()
     wrong = folder / "wrong-pin"
     wrong.write_text("9999\n")
     bad_pin = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{wrong}")
@@ -152,13 +156,18 @@ def _objects_with_id(key_id: bytes) -> list[str]:
     """What the token itself holds under this CKA_ID, read on a session of our own (python-pkcs11)."""
     import pkcs11
 
+    with _own_session() as session:
+        return sorted(str(o.object_class.name) for o in session.get_objects({pkcs11.Attribute.ID: key_id}))
+
+
+def _own_session() -> Any:
+    import pkcs11
+
     token = pkcs11.lib(MODULE).get_token(token_label="unit")
     try:
-        session = token.open(user_pin="1111")
+        return token.open(user_pin="1111")
     except pkcs11.exceptions.UserAlreadyLoggedIn:  # the log-in is the process's, shared by its sessions
-        session = token.open()
-    with session:
-        return sorted(str(o.object_class.name) for o in session.get_objects({pkcs11.Attribute.ID: key_id}))
+        return token.open()
 
 
 def test_retired_token_keys_are_destroyed_once_their_certificates_expired(
@@ -241,3 +250,80 @@ def test_a_locked_pin_is_key_store_unavailable_with_what_to_do(
         locked.session()
     assert caught.value.http_status == 503 and caught.value.exit_code == 75  # cli/_exit.py: exit 75
     assert "1111" not in str(caught.value)
+
+
+def _token_attributes(key_id: bytes) -> dict[str, object]:
+    import pkcs11
+    from pkcs11 import Attribute
+
+    with _own_session() as session:
+        private = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=key_id)
+        wanted = ("SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "SIGN", "DECRYPT")
+        return {name: bool(private[getattr(Attribute, name)]) for name in wanted}
+
+
+def test_an_existing_soft_ca_is_migrated_into_the_token(token: tuple[Token, Path], tmp_path: Path) -> None:
+    """`mailkms ca migrate-key --key-store URI` (the real command): the issuing CA, OCSP-responder and
+    mail-signer keys go into the token, sensitive and not extractable by the token's own attributes;
+    the key files are gone; the server then signs with the token; a second run is refused (exit 5)."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.config import load_settings
+    from mailkms.services import CAContext, CAPaths
+    from tests.testca import URLS, init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=migrated?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    clock, paths = FakeClock(dt.datetime(2026, 3, 1, tzinfo=UTC)), CAPaths(tmp_path / "data")
+    init_server_ca(paths, clock, KeyType.RSA3072)
+    env = {**os.environ, "MAILKMS_DATA": str(paths.data_dir), "PYTHONDONTWRITEBYTECODE": ""}
+    command = [str(Path(sys.executable).parent / "mailkms"), "ca", "migrate-key", "--key-store", uri, "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    moved = json.loads(done.stdout)["migrated"]
+    assert [(m["role"], m["label"]) for m in moved] == [
+        ("issuing", "migrated"),
+        ("ocsp", "migrated-ocsp"),
+        ("mail", "migrated-mail"),
+    ]
+    for key_path in (paths.issuing_key, paths.ocsp_key, paths.mail_key):
+        assert not key_path.exists() and key_path.with_suffix(".pkcs11").exists()
+    for m in moved:
+        assert _token_attributes(bytes.fromhex(m["id"])) == {
+            "SENSITIVE": True,
+            "EXTRACTABLE": False,
+            "ALWAYS_SENSITIVE": False,  # the token says the truth: the key was outside before
+            "NEVER_EXTRACTABLE": False,
+            "SIGN": True,
+            "DECRYPT": False,
+        }
+    assert load_settings(paths.data_dir).ca.key_store == uri
+    ctx = CAContext.load(paths, passphrase_env="", urls=URLS, key_store=uri)
+    assert isinstance(ctx.issuing.private_key, TokenRSAKey)
+    issued = ctx.issuer.issue(
+        ctx.issuer.prepare_ocsp_responder(ec.generate_private_key(ec.SECP256R1()).public_key(), clock.now())
+    )
+    issued.verify_directly_issued_by(ctx.issuing.certificate)  # signed in the token, verifies under the old certificate
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 5 and "in a token already" in again.stdout, again.stdout + again.stderr
+
+
+def test_migration_keeps_the_file_when_the_tokens_signature_does_not_verify(
+    token: tuple[Token, Path], tmp_path: Path
+) -> None:
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.errors import Internal
+    from mailkms.services import CAPaths, migrate_keys_to_token
+    from tests.testca import init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=mismatch?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    paths = CAPaths(tmp_path / "data")
+    init_server_ca(paths, FakeClock(dt.datetime(2026, 3, 1, tzinfo=UTC)))
+    paths.issuing_cert.write_bytes(paths.infrastructure_cert.read_bytes())  # a certificate of another key
+    before = paths.issuing_key.read_bytes()
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    with pytest.raises(Internal, match="does not verify"):
+        migrate_keys_to_token(paths, passphrase, uri)
+    assert paths.issuing_key.read_bytes() == before and not paths.issuing_key.with_suffix(".pkcs11").exists()
+    assert Token.for_uri(uri).find_label("mismatch") is None  # destroyed again in the token
