@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -261,6 +263,11 @@ def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
             time.sleep(0.5)
         for path, der in wanted.items():
             assert _fetch_published(dep, PUBLIC_URL + path) == der, path
+        assert dep.proc is not None  # SIGHUP: looked at once, and the server stays up
+        os.kill(dep.proc.pid, signal.SIGHUP)
+        while "SIGHUP: the CA files are unchanged" not in dep.log():
+            assert time.monotonic() < deadline + 30 and dep.proc.poll() is None, dep.log()
+            time.sleep(0.2)
         assert _metrics(dep)["mailkms_root_crl_due"] == 0
         chain = _served_chain(dep, root_pem, tmp_path, WARN_DAY)  # new handshakes: the new TLS certificate
         assert chain[1] == infra_new and chain[0].issuer == infra_new.subject

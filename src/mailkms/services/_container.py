@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -88,6 +89,8 @@ class Services:
     cmp: CMP
     acme: ACME
     key_pool: KeyPool | None = None
+    # the daily check and the CA-file watcher of serve (two threads) never change the CA files at once
+    _identity_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -161,6 +164,10 @@ class Services:
         self.db.dispose()
 
     def ensure_server_identities(self) -> list[str]:
+        with self._identity_lock:
+            return self._ensure_server_identities()
+
+    def _ensure_server_identities(self) -> list[str]:
         names = tls_hostnames(self.settings.server.hostname, self.settings.server.extra_tls_names)
         renewed = self.ca.ensure_server_identities(
             names,
@@ -190,6 +197,10 @@ class Services:
         """Take what `mailkms ca import` wrote (serve: when the CA files change, or on SIGHUP) without
         a restart: the new issuing CA certificate for the chains served and the signer processes, a
         new infrastructure CA (a new TLS certificate and CRL follow), a newer root CRL."""
+        with self._identity_lock:
+            return self._reload_ca()
+
+    def _reload_ca(self) -> list[str]:
         changed = self.ca.reload_from_files()
         if "issuing-ca" in changed:
             self.signers.use(self.ca.issuing)
