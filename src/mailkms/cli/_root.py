@@ -28,14 +28,17 @@ from mailkms.pki import (
     fingerprint_sha256,
     parse_reason,
 )
+from mailkms.pki._pkcs11 import parse_key_store_uri
 from mailkms.services import (
     OFFLINE_ROOT_CRL_VALIDITY,
     CAPaths,
     RootCeremony,
+    RootFolder,
     Services,
     ca_passphrase,
     import_signed,
     migrate_keys_to_token,
+    migrate_root_key_to_token,
     public_urls,
     request_intermediate,
     set_key_store_in_config,
@@ -80,6 +83,12 @@ def root_passphrase(fd: int | None, *, new: bool) -> bytes:
     return value.encode()
 
 
+def _open_ceremony(root: Path, passphrase_fd: int | None) -> RootCeremony:
+    """No passphrase is asked when the root key is in a token (the folder names it)."""
+    in_token = RootFolder(root).in_token
+    return RootCeremony.open(root, None if in_token else root_passphrase(passphrase_fd, new=False))
+
+
 def _emit(data: dict[str, object], as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if as_json else text)
 
@@ -102,7 +111,7 @@ def sign_ca(
 ) -> None:
     """Sign an intermediate (the S/MIME issuing CA or the infrastructure CA) from the server's CSR."""
     with exit_on_error(as_json):
-        ceremony = RootCeremony.open(root, root_passphrase(passphrase_fd, new=False))
+        ceremony = _open_ceremony(root, passphrase_fd)
         kind, cert = ceremony.sign_intermediate(csr.read_bytes(), SystemClock().now(), dt.timedelta(days=days))
         _write_new(out, cert.public_bytes(serialization.Encoding.PEM))
         data: dict[str, object] = {
@@ -144,7 +153,7 @@ def sign_crl(
                 wanted.append((int(serial.replace(":", ""), 16), parse_reason(reason or None)))
             except ValueError:
                 raise Malformed(f"--revoke {item!r}: a hex serial, optionally :reason") from None
-        ceremony = RootCeremony.open(root, root_passphrase(passphrase_fd, new=False))
+        ceremony = _open_ceremony(root, passphrase_fd)
         crl = ceremony.sign_crl(SystemClock().now(), dt.timedelta(days=days), tuple(wanted))
         _write_new(out, crl.public_bytes(serialization.Encoding.DER))
         assert crl.next_update_utc is not None
@@ -160,6 +169,32 @@ def sign_crl(
             as_json,
             f"root CRL {data['crl_number']} signed, next update {crl.next_update_utc:%Y-%m-%d}, "
             f"{len(revoked)} revoked\nwritten to {out}: carry it to the server, `mailkms ca import {out.name}`",
+        )
+
+
+@ceremony_app.command("migrate-key")
+def ceremony_migrate_key(
+    root: RootDirOpt,
+    key_store: Annotated[
+        str,
+        typer.Option(
+            "--key-store", help="pkcs11:token=NAME;object=LABEL?module-path=...&pin-source=file:... (RFC 7512)"
+        ),
+    ],
+    passphrase_fd: RootFdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put the root key into a PKCS#11 token (an HSM at the offline machine): imported sensitive and not
+    extractable; root.key.pem is removed only after a signature by the token verifies under the root
+    certificate. Later ceremonies use the token (its PIN file) and ask no root passphrase."""
+    with exit_on_error(as_json):
+        parse_key_store_uri(key_store)
+        done = migrate_root_key_to_token(root, root_passphrase(passphrase_fd, new=False), key_store)
+        _emit(
+            {"role": done.role, "label": done.label, "id": done.key_id, "root": str(root)},
+            as_json,
+            f"the root key is now in the token as {done.label!r} (CKA_ID {done.key_id}); "
+            f"{root / 'root.key.pem'} was removed",
         )
 
 

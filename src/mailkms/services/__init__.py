@@ -33,12 +33,17 @@ from mailkms.services._doctor import Finding, health_checks, passphrase_source
 from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
-from mailkms.services._key_migration import Migrated, migrate_keys_to_token, set_key_store_in_config
+from mailkms.services._key_migration import (
+    Migrated,
+    migrate_keys_to_token,
+    migrate_root_key_to_token,
+    set_key_store_in_config,
+)
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
-from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony
+from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony, RootFolder
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._passkeys import Ceremony, Passkeys, PasskeyView, credential_text
 from mailkms.services._recovery import (
@@ -134,6 +139,7 @@ __all__ = [
     "RevocationReport",
     "Role",
     "RootCeremony",
+    "RootFolder",
     "Series",
     "ServerKey",
     "Services",
@@ -153,6 +159,7 @@ __all__ = [
     "init_ca",
     "is_recorded",
     "migrate_keys_to_token",
+    "migrate_root_key_to_token",
     "new_bootstrap_passphrase",
     "new_token",
     "normalise_mailbox",

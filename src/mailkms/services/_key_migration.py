@@ -19,6 +19,8 @@ from mailkms.errors import ConfigError, Conflict, Internal
 from mailkms.pki import load_private_key
 from mailkms.pki._pkcs11 import Token, TokenECKey, TokenRSAKey
 from mailkms.services._ca import CAPaths, KeyMaker, token_ref_path
+from mailkms.services._files import write_atomically
+from mailkms.services._offline_root import RootCeremony, RootFolder
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,29 @@ def set_key_store_in_config(config: Path, key_store: str) -> None:
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + "\n[ca]\n" + line
     config.write_text(text)
+
+
+def migrate_root_key_to_token(root_dir: Path, passphrase: bytes, key_store: str) -> Migrated:
+    """At the offline machine: the root folder's key goes into a PKCS#11 token (label OBJECT), checked
+    by a signature of the token under the root certificate; then root.key.pem is removed and
+    root.key.pkcs11 names the token key. Later ceremonies need the token and its PIN file, no passphrase."""
+    ceremony = RootCeremony.open(root_dir, passphrase)
+    folder = RootFolder(root_dir)
+    if folder.in_token:
+        raise Conflict(f"the root key of {root_dir} is in a token already")
+    key = ceremony.signer.private_key
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise Internal("the root key is neither an RSA nor an EC key")
+    token = Token.for_uri(key_store)
+    label = token.uri.object
+    if token.find_label(label) is not None:
+        raise Conflict(f"the token {token.uri.token!r} already holds a key labelled {label}")
+    key_id = os.urandom(16)
+    moved = token.import_key(key, key_id, label)
+    if not _token_signature_verifies(moved, ceremony.root):
+        token.destroy(key_id)
+        raise Internal(f"a signature by the token's copy of the root key does not verify: {folder.key} kept")
+    text = json.dumps({"uri": moved.reference.uri, "id": key_id.hex()})
+    write_atomically(folder.token_ref, (text + "\n").encode())
+    folder.key.unlink()
+    return Migrated("root", label, key_id.hex())

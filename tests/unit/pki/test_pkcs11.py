@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 
@@ -327,3 +327,57 @@ def test_migration_keeps_the_file_when_the_tokens_signature_does_not_verify(
         migrate_keys_to_token(paths, passphrase, uri)
     assert paths.issuing_key.read_bytes() == before and not paths.issuing_key.with_suffix(".pkcs11").exists()
     assert Token.for_uri(uri).find_label("mismatch") is None  # destroyed again in the token
+
+
+def test_the_offline_root_key_goes_into_a_token_for_the_ceremony(token: tuple[Token, Path], tmp_path: Path) -> None:
+    """`mailkms ca root-ceremony migrate-key` (the real command) puts the root folder's key into the
+    token; the next ceremony (`sign-crl`) signs with the token and asks no root passphrase. Judged by
+    the token's attributes, `openssl crl -CAfile root` and pkilint (ARL); the server imports the CRL."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.services import CAPaths, import_signed
+    from tests.judges import pkilint
+    from tests.testca import init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=offline-root?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    paths, root_dir, secret = CAPaths(tmp_path / "data"), tmp_path / "root", "a root passphrase for this test run"
+    init_server_ca(
+        paths, FakeClock(dt.datetime.now(UTC)), KeyType.P384, offline_root=root_dir, root_passphrase=secret.encode()
+    )
+    mailkms = str(Path(sys.executable).parent / "mailkms")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": ""}
+    env.pop("MAILKMS_ROOT_PASSPHRASE", None)
+    moved = subprocess.run(
+        [mailkms, "ca", "root-ceremony", "migrate-key", "--root", str(root_dir), "--key-store", uri, "--json"],
+        env={**env, "MAILKMS_ROOT_PASSPHRASE": secret},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert not (root_dir / "root.key.pem").exists() and (root_dir / "root.key.pkcs11").exists()
+    attributes = _token_attributes(bytes.fromhex(json.loads(moved.stdout)["id"]))
+    assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"], attributes
+
+    crl_file = tmp_path / "root.crl"
+    signed = subprocess.run(
+        [mailkms, "ca", "root-ceremony", "sign-crl", "--root", str(root_dir), "--out", str(crl_file), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,  # no terminal and no passphrase: the token's PIN file is enough
+    )
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    assert json.loads(signed.stdout)["crl_number"] == 2
+    checked = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-in", str(crl_file), "-CAfile", str(root_dir / "root.crt.pem"), "-noout"],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0 and "verify OK" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    pem = x509.load_der_x509_crl(crl_file.read_bytes()).public_bytes(serialization.Encoding.PEM)
+    verdict = pkilint("lint_crl", ["-t", "ARL", "-p", "BR", "-s", "WARNING"], pem)
+    assert verdict.exit_code == 0, str(verdict)
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    assert import_signed(paths, passphrase, crl_file.read_bytes(), dt.datetime.now(UTC)).serial == 2
