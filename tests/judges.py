@@ -109,14 +109,19 @@ def openssl_verify(
     *,
     purpose: str,
     at: dt.datetime,
+    crls: Sequence[x509.CertificateRevocationList] = (),
 ) -> Verdict:
-    """`openssl verify -x509_strict -purpose P -attime T -CAfile root -untrusted chain leaf`."""
+    """`openssl verify -x509_strict -purpose P -attime T -CAfile root -untrusted chain leaf`; with
+    `crls`, `-crl_check_all -CRLfile crls` (every certificate of the chain needs its CRL)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "root.pem").write_bytes(pem(root))
         (d / "leaf.pem").write_bytes(pem(leaf))
         cmd = ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-attime", str(int(at.timestamp()))]
         cmd += ["-CAfile", str(d / "root.pem")]
+        if crls:
+            (d / "crls.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
+            cmd += ["-crl_check_all", "-CRLfile", str(d / "crls.pem")]
         if untrusted:
             (d / "untrusted.pem").write_bytes(b"".join(pem(c) for c in untrusted))
             cmd += ["-untrusted", str(d / "untrusted.pem")]

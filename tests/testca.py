@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -28,6 +29,10 @@ from mailkms.pki import (
     make_root,
     subscriber_validity,
 )
+
+if TYPE_CHECKING:
+    from mailkms.clock import Clock
+    from mailkms.services import CAPaths
 
 START = dt.datetime(2026, 1, 15, 9, 30, 0, tzinfo=UTC)
 URLS = PublicURLs("http://kms.example.org/")
@@ -84,3 +89,23 @@ def ca_of(key_type: KeyType, tag: str = "main", country: str | None = COUNTRY) -
 def key_of(key_type: KeyType, tag: int = 0) -> PrivateKey:
     """A subscriber key per (type, tag), made once per session."""
     return generate_key(key_type)
+
+
+def init_server_ca(paths: CAPaths, clock: Clock, key_type: KeyType = KeyType.P256, **extra: Any) -> None:
+    """`mailkms init` in process (services.init_ca) for kms.example.org, with the arguments the tests
+    share; `extra`: offline_root, root_passphrase, key_store, country..."""
+    from mailkms.services import init_ca
+
+    init_ca(
+        paths,
+        passphrase_env="",
+        key_type=key_type,
+        organization=ORGANIZATION,
+        country=extra.pop("country", COUNTRY),
+        urls=URLS,
+        hostnames=["kms.example.org"],
+        mail_from="mailkms@kms.example.org",
+        clock=clock,
+        recovery_passphrase="recovery passphrase for this test run",
+        **extra,
+    )

@@ -129,6 +129,9 @@ class CAConfig(_Frozen):
     # CA keys in a PKCS#11 token (README, Keys in an HSM): an RFC 7512 URI with module-path and
     # pin-source=file:..., never the PIN. Empty: the keys are encrypted files under DATA/.
     key_store: str = ""
+    # A running `mailkms serve` looks this often whether `mailkms ca import` changed the CA files
+    # (issuing or infrastructure CA certificate, root CRL) and takes them without a restart; SIGHUP: at once.
+    reload_check_seconds: float = Field(default=5.0, gt=0, le=86400)
 
     @field_validator("key_store")
     @classmethod
@@ -651,6 +654,7 @@ organization = "mailkms"
 # country = "DE"
 production = false                  # true: the CA passphrase never from DATA/ca/passphrase (README, Security)
 crl_partition_size = 0              # e.g. 100000: new certificates go into CRL partitions of at most this many (README, Revocation)
+reload_check_seconds = 5            # a running server takes what `mailkms ca import` wrote within this (SIGHUP: at once)
 
 [audit]
 checkpoints_file = ""               # signed checkpoints of the audit chain; default DATA/audit/checkpoints.jsonl

@@ -276,10 +276,14 @@ def test_ca_keys_in_softhsm_enrol_est_crl_ocsp_token_gone_and_renewal(
     )
     assert kur.returncode == 0, said(kur)
     judge(x509.load_pem_x509_certificate(frank_renewed.read_bytes()), root, issuing, later)
+    # The keys of the first responder (30 days) and mail signer (12 months) are destroyed in the token:
+    # their certificates have expired; only the current ones are left (the token's own listing).
     keys = token_keys(hsm)
-    assert len(keys["mailkms-ca-ocsp"]["spki"]) == 2 and len(keys["mailkms-ca-mail"]["spki"]) == 2, keys  # type: ignore[arg-type]
     new_responder = x509.load_pem_x509_certificate((dep.data / "ocsp/responder.crt.pem").read_bytes())
-    assert spki(new_responder) in keys["mailkms-ca-ocsp"]["spki"] and spki(new_responder) != spki(responder)  # type: ignore[operator]
+    new_mail = x509.load_pem_x509_certificate((dep.data / "mail/signer.crt.pem").read_bytes())
+    assert spki(new_responder) != spki(responder)
+    assert keys["mailkms-ca-ocsp"]["spki"] == [spki(new_responder)], keys
+    assert keys["mailkms-ca-mail"]["spki"] == [spki(new_mail)], keys
 
     # -- a locked token (wrong PIN) for a new process: exit 75 and a plain reason, no traceback ---------
     hsm.pin_file.write_text("not-the-pin\n")

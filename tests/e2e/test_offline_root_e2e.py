@@ -13,15 +13,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.e2e.conftest import BIN, PUBLIC_URL, Deployment, Result, _env, enrolled, openssl
+from tests.e2e.conftest import BIN, PUBLIC_URL, ClientHome, Deployment, Result, _env, enrolled, openssl
 from tests.judges import lint_pkix, lint_serverauth, lint_smime, pkilint
 
 ROOT_PASSPHRASE = "root passphrase for this e2e run, 42 & more"
@@ -75,6 +78,44 @@ def _lint_crl(der: bytes, kind: str) -> None:
     assert verdict.exit_code == 0, f"{kind}: {verdict}"
 
 
+def _fetch_published(dep: Deployment, url: str) -> bytes:
+    """A URL written into a certificate (PUBLIC_URL...), fetched from the server's plain-http port."""
+    assert url.startswith(PUBLIC_URL), url
+    got = httpx.get(f"http://127.0.0.1:{dep.http_port}/{url.removeprefix(PUBLIC_URL)}", timeout=10)
+    assert got.status_code == 200, f"{url}: {got.status_code} {got.text}"
+    return got.content
+
+
+def _tls_chain_checks_crls(
+    dep: Deployment, chain: list[x509.Certificate], root_pem: Path, work: Path, days: int
+) -> None:
+    """The TLS leaf's CDP and AIA resolve on the server; `openssl verify -crl_check_all` passes on the
+    whole TLS chain with the CRLs found there (root CRL for the infrastructure CA, its CRL for the
+    leaf); pkilint finds nothing in the infrastructure CA's CRL (BR CRL profile)."""
+    leaf, infra = chain[0], chain[1]
+    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    [crl_url] = [str(n.value) for p in cdp for n in p.full_name or []]
+    aia = leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    [issuer_url] = [str(a.access_location.value) for a in aia]
+    assert x509.load_der_x509_certificate(_fetch_published(dep, issuer_url)) == infra
+    infra_crl = _fetch_published(dep, crl_url)
+    _lint_crl(infra_crl, "CRL")  # the leaf names localhost here: pkilint judges it in the unit test (kms.example.org)
+    root_crl = _fetch_published(dep, PUBLIC_URL + "crl/root.crl")
+    work.mkdir(exist_ok=True)
+    (work / "tls-leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (work / "tls-infra.pem").write_bytes(infra.public_bytes(serialization.Encoding.PEM))
+    (work / "tls-crls.pem").write_bytes(
+        b"".join(x509.load_der_x509_crl(d).public_bytes(serialization.Encoding.PEM) for d in (infra_crl, root_crl))
+    )
+    attime = str(int((dt.datetime.now(dt.UTC) + dt.timedelta(days=days, minutes=5)).timestamp()))
+    ok = openssl(
+        *("verify", "-x509_strict", "-purpose", "sslserver", "-attime", attime, "-CAfile", str(root_pem)),
+        *("-untrusted", str(work / "tls-infra.pem"), "-crl_check_all", "-CRLfile", str(work / "tls-crls.pem")),
+        str(work / "tls-leaf.pem"),
+    )
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
+
+
 def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
     dep = Deployment(tmp_path / "data")
     root_dir = tmp_path / "removable" / "root"
@@ -119,6 +160,7 @@ def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
         chain = _served_chain(dep, root_pem, tmp_path)
         assert [c.subject for c in chain] == [chain[0].subject, infra_old.subject]
         assert chain[0].issuer == infra_old.subject  # TLS from the infrastructure CA, not from the root
+        _tls_chain_checks_crls(dep, chain, root_pem, tmp_path / "tls0", 0)
         alice = enrolled(dep, tmp_path, "alice@example.org")
         for kind in ("signing", "encryption"):
             verdict = lint_smime(x509.load_pem_x509_certificate(alice.run("cert", kind).out.encode()))
@@ -205,13 +247,39 @@ def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
         ).json()
         assert [i["what"] for i in imported["imported"]] == ["issuing-ca", "infrastructure-ca", "root-crl"]  # type: ignore[index]
 
-        dep.stop()
-        dep.start(offset_days=WARN_DAY)
+        # No restart: the running server notices the files ([ca] reload_check_seconds, 5 s) and takes them.
+        wanted = {
+            "ca/issuing.crt": issuing_new.public_bytes(serialization.Encoding.DER),
+            "ca/infrastructure.crt": infra_new.public_bytes(serialization.Encoding.DER),
+            "crl/root.crl": (work / "root.crl").read_bytes(),
+        }
+        everything = ["infrastructure-ca", "infrastructure-crl", "issuing-ca", "root-crl", "tls"]
+        deadline = time.monotonic() + 60
+        while True:  # the import writes file by file: one round or several, each logged when done
+            taken = re.findall(r"CA files changed: took ([a-z, -]+) without a restart", dep.log())
+            if sorted(w for line in taken for w in line.split(", ")) == everything:
+                break
+            assert time.monotonic() < deadline, dep.log()
+            time.sleep(0.5)
+        for path, der in wanted.items():
+            assert _fetch_published(dep, PUBLIC_URL + path) == der, path
+        assert dep.proc is not None  # SIGHUP: looked at once, and the server stays up
+        os.kill(dep.proc.pid, signal.SIGHUP)
+        while "SIGHUP: the CA files are unchanged" not in dep.log():
+            assert time.monotonic() < deadline + 30 and dep.proc.poll() is None, dep.log()
+            time.sleep(0.2)
         assert _metrics(dep)["mailkms_root_crl_due"] == 0
-        chain = _served_chain(dep, root_pem, tmp_path, WARN_DAY)
+        chain = _served_chain(dep, root_pem, tmp_path, WARN_DAY)  # new handshakes: the new TLS certificate
         assert chain[1] == infra_new and chain[0].issuer == infra_new.subject
-        cacerts = httpx.get(f"http://127.0.0.1:{dep.http_port}/ca/issuing.crt", timeout=10)
-        assert cacerts.status_code == 200
+        _tls_chain_checks_crls(dep, chain, root_pem, tmp_path / "tls160", WARN_DAY)  # the new key signs its CRL
+        # Issuance goes on after the swap: the signer processes were replaced by ones holding the new certificate.
+        bob = ClientHome(tmp_path / "client-bob", "bob@example.org")
+        assert bob.enroll(dep, dep.add_user("bob@example.org", offset_days=WARN_DAY), offset_days=WARN_DAY).code == 0
+        dep.wait_for_mails("bob@example.org", 1)
+        assert bob.run("sync", offset_days=WARN_DAY).code == 0
+        bob_cert = x509.load_pem_x509_certificate(bob.run("cert", "signing", offset_days=WARN_DAY).out.encode())
+        assert bob_cert.issuer == issuing_new.subject
+        bob_cert.verify_directly_issued_by(issuing_new)
         served_root_crl = httpx.get(f"http://127.0.0.1:{dep.http_port}/crl/root.crl", timeout=10).content
         assert served_root_crl == (work / "root.crl").read_bytes()
 

@@ -29,7 +29,7 @@ from mailkms.api._problems import (
 )
 from mailkms.api._revocation import OCSPEndpoint, revocation_router
 from mailkms.api._schemas import Accepted, EnrolmentRequest, ServerInfo, SignedRequestBody, StatusAnswer
-from mailkms.errors import MailkmsError
+from mailkms.errors import MailkmsError, NotFound
 from mailkms.pki import fingerprint_sha256
 from mailkms.services import RenewalAccepted, Services
 
@@ -81,6 +81,17 @@ def publication_router(services: Services) -> APIRouter:
     @router.get("/ca/issuing.crt", response_class=Response, summary="Issuing CA certificate (DER)")
     def issuing_der() -> Response:
         return Response(ca.issuing.certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+
+    @router.get(
+        "/ca/infrastructure.crt",
+        response_class=Response,
+        summary="Infrastructure CA certificate, the TLS certificate's issuer (DER)",
+        responses={404: {}},
+    )
+    def infrastructure_der() -> Response:
+        if ca.infrastructure is None:
+            raise NotFound("this server has no infrastructure CA (its TLS certificate comes from the root)")
+        return Response(ca.infrastructure.certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
 
     @router.get("/healthz", summary="Liveness")
     def health() -> dict[str, str]:

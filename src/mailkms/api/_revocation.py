@@ -1,6 +1,7 @@
 """CRL and OCSP over plain http (the S/MIME BR want http for CDP and AIA) and https.
 
 The paths are the ones `PublicURLs` writes into certificates: /crl/issuing.crl, /crl/root.crl,
+/crl/infrastructure.crl (the TLS certificate's CDP),
 /ocsp (POST) and /ocsp/<base64 request> (GET, RFC 6960 appendix A.1).
 """
 
@@ -43,6 +44,11 @@ def _crl_response(der: bytes, number: int, this_update_http: str, pem: bool) -> 
         body = x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
         return Response(body, media_type=PEM_FILE, headers=headers)
     return Response(der, media_type=PKIX_CRL, headers=headers)
+
+
+def _whole_crl(crl: x509.CertificateRevocationList, request: Request) -> Response:
+    der = crl.public_bytes(serialization.Encoding.DER)
+    return _crl_response(der, crl_number(crl), format_datetime(crl.last_update_utc, usegmt=True), _wants_pem(request))
 
 
 def revocation_router(services: Services) -> APIRouter:
@@ -96,10 +102,19 @@ def revocation_router(services: Services) -> APIRouter:
         crl = ca.root_crl
         if crl is None:
             raise Internal("the root CA has no CRL yet")
-        der = crl.public_bytes(serialization.Encoding.DER)
-        return _crl_response(
-            der, crl_number(crl), format_datetime(crl.last_update_utc, usegmt=True), _wants_pem(request)
-        )
+        return _whole_crl(crl, request)
+
+    @router.get(
+        "/crl/infrastructure.crl",
+        response_class=Response,
+        summary="CRL of the infrastructure CA, covering the server's TLS certificates (DER, or PEM as above)",
+        responses={200: {"content": {PKIX_CRL: {}, PEM_FILE: {}}}, 404: {}},
+    )
+    async def infrastructure_crl(request: Request) -> Response:
+        crl = ca.infrastructure_crl
+        if crl is None:
+            raise CRLNotFound("this server has no infrastructure CA (its TLS certificate comes from the root)")
+        return _whole_crl(crl, request)
 
     return router
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
-from mailkms.config import data_dir_from_env, load_settings
+from mailkms.config import CONFIG_FILE, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError, Conflict, Malformed
 from mailkms.pki import (
     BR_MAX_ARL_VALIDITY,
@@ -28,15 +28,20 @@ from mailkms.pki import (
     fingerprint_sha256,
     parse_reason,
 )
+from mailkms.pki._pkcs11 import parse_key_store_uri
 from mailkms.services import (
     OFFLINE_ROOT_CRL_VALIDITY,
     CAPaths,
     RootCeremony,
+    RootFolder,
     Services,
     ca_passphrase,
     import_signed,
+    migrate_keys_to_token,
+    migrate_root_key_to_token,
     public_urls,
     request_intermediate,
+    set_key_store_in_config,
     take_root_offline,
 )
 
@@ -78,6 +83,12 @@ def root_passphrase(fd: int | None, *, new: bool) -> bytes:
     return value.encode()
 
 
+def _open_ceremony(root: Path, passphrase_fd: int | None) -> RootCeremony:
+    """No passphrase is asked when the root key is in a token (the folder names it)."""
+    in_token = RootFolder(root).in_token
+    return RootCeremony.open(root, None if in_token else root_passphrase(passphrase_fd, new=False))
+
+
 def _emit(data: dict[str, object], as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if as_json else text)
 
@@ -100,7 +111,7 @@ def sign_ca(
 ) -> None:
     """Sign an intermediate (the S/MIME issuing CA or the infrastructure CA) from the server's CSR."""
     with exit_on_error(as_json):
-        ceremony = RootCeremony.open(root, root_passphrase(passphrase_fd, new=False))
+        ceremony = _open_ceremony(root, passphrase_fd)
         kind, cert = ceremony.sign_intermediate(csr.read_bytes(), SystemClock().now(), dt.timedelta(days=days))
         _write_new(out, cert.public_bytes(serialization.Encoding.PEM))
         data: dict[str, object] = {
@@ -142,7 +153,7 @@ def sign_crl(
                 wanted.append((int(serial.replace(":", ""), 16), parse_reason(reason or None)))
             except ValueError:
                 raise Malformed(f"--revoke {item!r}: a hex serial, optionally :reason") from None
-        ceremony = RootCeremony.open(root, root_passphrase(passphrase_fd, new=False))
+        ceremony = _open_ceremony(root, passphrase_fd)
         crl = ceremony.sign_crl(SystemClock().now(), dt.timedelta(days=days), tuple(wanted))
         _write_new(out, crl.public_bytes(serialization.Encoding.DER))
         assert crl.next_update_utc is not None
@@ -158,6 +169,32 @@ def sign_crl(
             as_json,
             f"root CRL {data['crl_number']} signed, next update {crl.next_update_utc:%Y-%m-%d}, "
             f"{len(revoked)} revoked\nwritten to {out}: carry it to the server, `mailkms ca import {out.name}`",
+        )
+
+
+@ceremony_app.command("migrate-key")
+def ceremony_migrate_key(
+    root: RootDirOpt,
+    key_store: Annotated[
+        str,
+        typer.Option(
+            "--key-store", help="pkcs11:token=NAME;object=LABEL?module-path=...&pin-source=file:... (RFC 7512)"
+        ),
+    ],
+    passphrase_fd: RootFdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put the root key into a PKCS#11 token (an HSM at the offline machine): imported sensitive and not
+    extractable; root.key.pem is removed only after a signature by the token verifies under the root
+    certificate. Later ceremonies use the token (its PIN file) and ask no root passphrase."""
+    with exit_on_error(as_json):
+        parse_key_store_uri(key_store)
+        done = migrate_root_key_to_token(root, root_passphrase(passphrase_fd, new=False), key_store)
+        _emit(
+            {"role": done.role, "label": done.label, "id": done.key_id, "root": str(root)},
+            as_json,
+            f"the root key is now in the token as {done.label!r} (CKA_ID {done.key_id}); "
+            f"{root / 'root.key.pem'} was removed",
         )
 
 
@@ -192,8 +229,8 @@ def register(ca_app: typer.Typer) -> None:
         files: Annotated[list[Path], typer.Argument(help="certificates and root CRLs from the ceremony")],
         as_json: JsonOpt = False,
     ) -> None:
-        """Install what the root ceremony signed (checked against the root first). A running server reads
-        a new root CRL at its daily check; restart it for a new intermediate."""
+        """Install what the root ceremony signed (checked against the root first). A running server takes
+        it within [ca] reload_check_seconds (5 s), or at once on SIGHUP; no restart."""
         with exit_on_error(as_json):
             paths, passphrase = _server_ca()
             clock = SystemClock()
@@ -217,6 +254,43 @@ def register(ca_app: typer.Typer) -> None:
                 {"imported": rows},
                 as_json,
                 "\n".join(f"imported {r['what']} {r['serial']} (until {r['not_after'][:10]})" for r in rows),
+            )
+
+    @ca_app.command("migrate-key")
+    def ca_migrate_key(
+        key_store: Annotated[
+            str,
+            typer.Option(
+                "--key-store", help="pkcs11:token=NAME;object=LABEL?module-path=...&pin-source=file:... (RFC 7512)"
+            ),
+        ],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Put the CA keys that are still files (issuing CA, OCSP responder, mail signer) into a PKCS#11
+        token: imported sensitive and not extractable, each file removed only after a signature by the
+        token verifies; [ca] key_store is written to mailkms.toml. Restart `mailkms serve` afterwards."""
+        with exit_on_error(as_json):
+            settings = load_settings(data_dir_from_env(), ca={"key_store": key_store})  # the URI checked here
+            current = load_settings(data_dir_from_env()).ca.key_store
+            if current and current != key_store:
+                raise Conflict(f"mailkms.toml names another key store already: {current}")
+            paths, passphrase = _server_ca()
+            done = migrate_keys_to_token(paths, passphrase, settings.ca.key_store)
+            if not current:
+                set_key_store_in_config(settings.data_dir / CONFIG_FILE, key_store)
+            services = Services.build(load_settings(data_dir_from_env()), SystemClock())
+            try:
+                with services.db.transaction() as session:
+                    for item in done:
+                        services.audit.append(session, ADMIN, "ca.key-migrated", item.role, label=item.label)
+            finally:
+                services.close()
+            rows = [{"role": m.role, "label": m.label, "id": m.key_id} for m in done]
+            _emit(
+                {"migrated": rows, "key_store": key_store},
+                as_json,
+                "\n".join(f"{r['role']} key now in the token as {r['label']!r} (CKA_ID {r['id']})" for r in rows)
+                + "\nthe key files were removed; restart `mailkms serve`",
             )
 
     @ca_app.command("move-root")

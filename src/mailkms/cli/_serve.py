@@ -99,6 +99,36 @@ async def _daily_loop(services: Services, stop: asyncio.Event, reload_tls: Calla
             log.exception("daily maintenance failed")
 
 
+async def _ca_watch_loop(
+    services: Services, stop: asyncio.Event, wake: asyncio.Event, reload_tls: Callable[[], None], every: float
+) -> None:
+    """What `mailkms ca import` wrote is taken without a restart: the CA files are looked at every
+    `every` seconds ([ca] reload_check_seconds), and at once on SIGHUP (`wake`)."""
+    stamp = services.ca.files_stamp()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=every)
+        if stop.is_set():
+            return
+        forced = wake.is_set()
+        wake.clear()
+        now = services.ca.files_stamp()
+        if now == stamp and not forced:
+            continue
+        stamp = now
+        try:
+            changed = await asyncio.to_thread(services.reload_ca)
+        except Exception:
+            log.exception("could not take the changed CA files; the server goes on with the ones it has")
+            continue
+        if "tls" in changed:
+            reload_tls()
+        if changed:
+            log.info("CA files changed: took %s without a restart", ", ".join(changed))
+        elif forced:
+            log.info("SIGHUP: the CA files are unchanged")
+
+
 async def serve(
     services: Services,
     *,
@@ -198,14 +228,18 @@ async def serve(
         )
     loop = asyncio.get_running_loop()
 
+    wake = asyncio.Event()
+
     def _stop() -> None:
         stop.set()
+        wake.set()
         for server in servers:
             server.should_exit = True
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _stop)
+        loop.add_signal_handler(signal.SIGHUP, wake.set)  # take what `mailkms ca import` wrote, now
 
     async def _stopper() -> None:
         await stop.wait()
@@ -222,6 +256,7 @@ async def serve(
             _outbox_loop(worker, stop, outbox_interval or settings.outbox.poll_seconds, settings.outbox.batch_size)
         ),
         asyncio.create_task(_daily_loop(services, stop, reload_tls, maintenance_every)),
+        asyncio.create_task(_ca_watch_loop(services, stop, wake, reload_tls, settings.ca.reload_check_seconds)),
         asyncio.create_task(_stopper()),
         asyncio.create_task(_housekeeping_loop(services, stop)),
         *_background.start(services, stop),

@@ -208,11 +208,14 @@ def certify_ca(
     return builder.sign(root.private_key, signature_hash_for(root.private_key))
 
 
-def make_tls_server(root: CASigner, public: PublicKey, hostnames: Sequence[str], now: dt.datetime) -> x509.Certificate:
-    """`root` is the infrastructure CA's signer (the root itself on installs from before it)."""
+def make_tls_server(
+    root: CASigner, public: PublicKey, hostnames: Sequence[str], now: dt.datetime, urls: PublicURLs | None = None
+) -> x509.Certificate:
+    """`root` is the infrastructure CA's signer (the root itself on installs from before it); with
+    `urls` the certificate names the infrastructure CA's CRL (CDP) and certificate (AIA)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
     validity = fixed_validity(now - dt.timedelta(minutes=5), TLS_LIFETIME)
-    ext = tls_server_extensions(hostnames, public, root.certificate)
+    ext = tls_server_extensions(hostnames, public, root.certificate, urls)
     builder = _builder(name, root.certificate.subject, public, random_serial(), validity, ext)
     return builder.sign(root.private_key, signature_hash_for(root.private_key))
 

@@ -155,7 +155,20 @@ class Token:
                 except p11.PKCS11Error as exc:
                     _unavailable(self.uri, "the token is not present", exc)
             try:
-                self._session = found.open(user_pin=pin, rw=True)
+                try:
+                    self._session = found.open(user_pin=pin, rw=True)
+                except p11.UserAlreadyLoggedIn:  # the log-in is per process: another URI of this token did it
+                    self._session = found.open(rw=True)
+            except p11.PinLocked as exc:  # CKR_PIN_LOCKED: too many wrong tries; SoftHSM2 never locks
+                _unavailable(
+                    self.uri,
+                    "the user PIN is locked after too many wrong tries: unlock it with the SO PIN "
+                    "(C_InitPIN, e.g. `pkcs11-tool --login --login-type so --init-pin`), then put the new "
+                    f"PIN in {self.uri.pin_path}",
+                    exc,
+                )
+            except p11.PinIncorrect as exc:
+                _unavailable(self.uri, f"log-in failed: the PIN in {self.uri.pin_path} is wrong", exc)
             except p11.PKCS11Error as exc:
                 _unavailable(self.uri, "log-in failed (PIN wrong or locked?)", exc)
             return self._session
@@ -282,6 +295,66 @@ class Token:
             return bytes(private.sign(data, mechanism=mechanism))
 
         return bytes(self.call("signing", run))
+
+    def import_key(
+        self, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, key_id: bytes, label: str
+    ) -> TokenRSAKey | TokenECKey:
+        """A soft key put into the token (C_CreateObject) as CKA_SENSITIVE, not extractable, for signing
+        only. The token will say CKA_ALWAYS_SENSITIVE / CKA_NEVER_EXTRACTABLE false: it was outside."""
+        from pkcs11 import Attribute
+        from pkcs11.util.ec import decode_ec_private_key, decode_ec_public_key
+        from pkcs11.util.rsa import decode_rsa_private_key, decode_rsa_public_key
+
+        der = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        if isinstance(key, rsa.RSAPrivateKey):
+            private = decode_rsa_private_key(der)
+            public = decode_rsa_public_key(
+                key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+            )
+        else:
+            private = decode_ec_private_key(der)
+            public = decode_ec_public_key(
+                key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        common = {Attribute.ID: key_id, Attribute.LABEL: label, Attribute.TOKEN: True}
+        private.update(common)
+        private.update(
+            {
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.DECRYPT: False,
+                Attribute.UNWRAP: False,
+            }
+        )
+        public.update({**common, Attribute.VERIFY: True})
+
+        def run(session: Any) -> None:
+            session.create_object(public)
+            session.create_object(private)
+
+        self.call("importing a key", run)
+        return self.key(key_id)
+
+    def destroy(self, key_id: bytes) -> int:
+        """Destroy the key pair with this CKA_ID (private and public objects) in the token: a retired
+        key no certificate in force needs any more. Returns how many objects were destroyed."""
+        import pkcs11
+
+        def run(session: Any) -> int:
+            found = list(session.get_objects({pkcs11.Attribute.ID: key_id}))
+            for obj in found:
+                obj.destroy()
+            return len(found)
+
+        with self._lock:
+            self._private.pop(key_id, None)
+            return int(self.call("destroying a retired key", run))
 
 
 def open_token_key(ref: TokenKeyRef) -> TokenRSAKey | TokenECKey:

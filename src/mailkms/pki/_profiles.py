@@ -58,6 +58,15 @@ class PublicURLs:
         return self._join("crl/root.crl")
 
     @property
+    def infrastructure_crl(self) -> str:
+        """The infrastructure CA's CRL: the CDP of the server's TLS certificate."""
+        return self._join("crl/infrastructure.crl")
+
+    @property
+    def infrastructure_cert(self) -> str:
+        return self._join("ca/infrastructure.crt")
+
+    @property
     def issuing_cert(self) -> str:
         return self._join("ca/issuing.crt")
 
@@ -219,9 +228,12 @@ def _under_root(public_key: PublicKey, root: x509.Certificate, urls: PublicURLs)
     ]
 
 
-def tls_server_extensions(hostnames: Sequence[str], public_key: PublicKey, issuer: x509.Certificate) -> list[Extension]:
+def tls_server_extensions(
+    hostnames: Sequence[str], public_key: PublicKey, issuer: x509.Certificate, urls: PublicURLs | None = None
+) -> list[Extension]:
     """Issued from the infrastructure CA (or, on installs from before it, the root): an
-    emailProtection-only issuing CA makes OpenSSL refuse TLS."""
+    emailProtection-only issuing CA makes OpenSSL refuse TLS. With `urls` (the infrastructure CA)
+    the CDP names its CRL and AIA caIssuers its certificate, both http."""
     names: list[x509.GeneralName] = []
     for host in hostnames:
         try:
@@ -234,9 +246,17 @@ def tls_server_extensions(hostnames: Sequence[str], public_key: PublicKey, issue
         (usage, True),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
         (x509.SubjectAlternativeName(names), False),
+        *(_published_by_infrastructure(urls) if urls is not None else []),
         (_ski(public_key), False),
         (_aki_from(issuer), False),
     ]
+
+
+def _published_by_infrastructure(urls: PublicURLs) -> list[Extension]:
+    issuers = x509.AccessDescription(
+        AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(urls.infrastructure_cert)
+    )
+    return [(_cdp(urls.infrastructure_crl), False), (x509.AuthorityInformationAccess([issuers]), False)]
 
 
 def ocsp_responder_extensions(public_key: PublicKey, issuer: x509.Certificate) -> list[Extension]:

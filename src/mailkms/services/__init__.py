@@ -34,11 +34,17 @@ from mailkms.services._enrolment import Enrolment, EnrolmentAccepted
 from mailkms.services._est import EST, HANDOVER_WINDOW, ServerKey
 from mailkms.services._imports import ImportJob, Issued, Refused, UserImports, names_by_mailbox, parse_users_csv
 from mailkms.services._issuance import KeySource, PairIssuer, queue_message, serial_hex
+from mailkms.services._key_migration import (
+    Migrated,
+    migrate_keys_to_token,
+    migrate_root_key_to_token,
+    set_key_store_in_config,
+)
 from mailkms.services._keypool import KeyPool, PoolKeyring, generate_ders
 from mailkms.services._lifecycle import CertDates, UserState, renewal_state
 from mailkms.services._nonces import Nonces
 from mailkms.services._ocsp import FileResponderKeys, OCSPAnswer, OCSPResponder, ResponderKeys
-from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony
+from mailkms.services._offline_root import OFFLINE_ROOT_CRL_VALIDITY, RootCeremony, RootFolder
 from mailkms.services._outbox import OutboxEntry, OutboxListing, OutboxQueue
 from mailkms.services._passkeys import Ceremony, Passkeys, PasskeyView, credential_text
 from mailkms.services._recovery import (
@@ -115,6 +121,7 @@ __all__ = [
     "Issued",
     "KeyPool",
     "KeySource",
+    "Migrated",
     "NewOfficer",
     "NextReminder",
     "Nonces",
@@ -144,6 +151,7 @@ __all__ = [
     "RevocationReport",
     "Role",
     "RootCeremony",
+    "RootFolder",
     "Series",
     "ServerKey",
     "Services",
@@ -163,6 +171,8 @@ __all__ = [
     "import_signed",
     "init_ca",
     "is_recorded",
+    "migrate_keys_to_token",
+    "migrate_root_key_to_token",
     "names_by_mailbox",
     "new_bootstrap_passphrase",
     "new_token",
@@ -179,6 +189,7 @@ __all__ = [
     "request_intermediate",
     "search_records",
     "serial_hex",
+    "set_key_store_in_config",
     "take_root_offline",
     "tls_hostnames",
     "token_hash",

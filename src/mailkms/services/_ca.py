@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mailkms.clock import Clock
-from mailkms.errors import ConfigError, Conflict, Internal
+from mailkms.errors import ConfigError, Conflict, Internal, KeyStoreUnavailable
 from mailkms.pki import (
     BR_MAX_ARL_VALIDITY,
     CertKind,
@@ -22,6 +23,7 @@ from mailkms.pki import (
     KeyType,
     PrivateKey,
     PublicURLs,
+    RevokedEntry,
     SoftSigner,
     build_crl,
     crl_number,
@@ -42,11 +44,17 @@ from mailkms.services._files import write_atomically
 from mailkms.services._offline_root import RootCeremony, create_offline_root
 from mailkms.services._recovery import init_bootstrap_ceremony
 
+log = logging.getLogger("mailkms.ca")
+
 TLS_RENEW_BEFORE = dt.timedelta(days=30)
 MAIL_SIGNER_RENEW_BEFORE = dt.timedelta(days=90)
 MAIL_SIGNER_MONTHS = 12
 OCSP_RESPONDER_RENEW_BEFORE = dt.timedelta(days=10)  # of a 30-day responder certificate
 ROOT_CRL_VALIDITY = dt.timedelta(days=90)
+# The infrastructure CA's CRL covers end-entity (TLS) certificates: at most 10 days (BR); re-signed
+# at the daily check once less than INFRASTRUCTURE_CRL_RESIGN is left, so a missed day or two is harmless.
+INFRASTRUCTURE_CRL_VALIDITY = dt.timedelta(days=7)
+INFRASTRUCTURE_CRL_RESIGN = dt.timedelta(days=4)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,22 @@ class CAPaths:
     @property
     def root_crl(self) -> Path:
         return self.data_dir / "crl" / "root.crl"
+
+    @property
+    def infrastructure_crl(self) -> Path:
+        return self.data_dir / "crl" / "infrastructure.crl"  # the CDP of the TLS certificate
+
+    @property
+    def superseded_tls(self) -> Path:
+        """TLS certificates the infrastructure CA replaced before they expired: listed on its CRL
+        (superseded) until they expire."""
+        return self.data_dir / "crl" / "infrastructure-superseded.json"
+
+    @property
+    def retired_token_keys(self) -> Path:
+        """OCSP-responder and mail-signer keys replaced in the PKCS#11 token: destroyed there once
+        their certificates have expired."""
+        return self.ca_dir / "retired-token-keys.json"
 
     @property
     def audit_key(self) -> Path:
@@ -339,6 +363,7 @@ class CAContext:
         self.ocsp_responder: SoftSigner | None = None
         self.root_crl: x509.CertificateRevocationList | None = None
         self.infrastructure: SoftSigner | None = None  # None on installs from before: TLS from the root
+        self.infrastructure_crl: x509.CertificateRevocationList | None = None
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
@@ -368,6 +393,8 @@ class CAContext:
             ctx.ocsp_responder = SoftSigner(_load_cert(paths.ocsp_cert), load_key_at(paths.ocsp_key, passphrase))
         if paths.root_crl.exists():
             ctx.root_crl = x509.load_der_x509_crl(paths.root_crl.read_bytes())
+        if paths.infrastructure_crl.exists():
+            ctx.infrastructure_crl = x509.load_der_x509_crl(paths.infrastructure_crl.read_bytes())
         if paths.infrastructure_cert.exists() and paths.infrastructure_key.exists():
             ctx.infrastructure = SoftSigner(
                 _load_cert(paths.infrastructure_cert),
@@ -443,20 +470,26 @@ class CAContext:
         self._ensure_root_crl(now, root_crl_validity, renewed)
         self._ensure_ocsp_responder(now, renewed)
         tls = self.tls_cert
-        tls_issuer = self.infrastructure.certificate if self.infrastructure is not None else self.root
+        infra = self.infrastructure
+        tls_issuer = infra.certificate if infra is not None else self.root
         if (
             tls is None
             or tls.not_valid_after_utc - now < TLS_RENEW_BEFORE
             or _tls_names(tls) != set(hostnames)
             or not issued_by(tls, tls_issuer)
+            or (infra is not None and not _has_cdp(tls))  # made before the infrastructure CA published a CRL
         ):
             key = generate_key(KeyType.P256)
-            cert = make_tls_server(self.infrastructure or self._root_signer(), key.public_key(), hostnames, now)
-            chain = _pem(cert) + (_pem(self.infrastructure.certificate) if self.infrastructure else b"")
+            urls = self.urls if infra is not None else None
+            cert = make_tls_server(infra or self._root_signer(), key.public_key(), hostnames, now, urls)
+            chain = _pem(cert) + (_pem(infra.certificate) if infra else b"")
             write_atomically(self.paths.tls_key, encrypt_private_key(key, self._passphrase), 0o600)
             write_atomically(self.paths.tls_cert, chain)  # the leaf, then the infrastructure CA
+            if tls is not None and infra is not None and issued_by(tls, infra.certificate):
+                self._supersede_tls(tls, infra.certificate, now)  # its key is gone from the data folder
             self.tls_cert = cert
             renewed.append("tls")
+        self._ensure_infrastructure_crl(now, renewed, force="tls" in renewed)
         signer = self.mail_signer
         if (
             signer is None
@@ -473,8 +506,11 @@ class CAContext:
             cert = self.issuer.issue(prepared)
             self._keys.save(key, self.paths.mail_key)
             write_atomically(self.paths.mail_cert, _pem(cert))
+            if signer is not None:
+                self._retire_token_key(signer, "mail")
             self.mail_signer = SoftSigner(cert, key)
             renewed.append("mail-signer")
+        self._destroy_expired_token_keys(now, renewed)
         return renewed
 
     def _ensure_ocsp_responder(self, now: dt.datetime, renewed: list[str]) -> None:
@@ -491,6 +527,8 @@ class CAContext:
         cert = self.issuer.issue(self.issuer.prepare_ocsp_responder(key.public_key(), now))
         self._keys.save(key, self.paths.ocsp_key)
         write_atomically(self.paths.ocsp_cert, _pem(cert))
+        if current is not None:
+            self._retire_token_key(current, "ocsp")
         self.ocsp_responder = SoftSigner(cert, key)
         renewed.append("ocsp-responder")
 
@@ -519,6 +557,147 @@ class CAContext:
         self.root_crl = crl
         renewed.append("root-crl")
 
+    def files_stamp(self) -> tuple[tuple[int, int], ...]:
+        """Changes when `mailkms ca import` (or another node) replaced a CA file this process loaded."""
+        paths = self.paths
+        watched = [paths.issuing_cert, paths.issuing_key, token_ref_path(paths.issuing_key)]
+        watched += [paths.infrastructure_cert, paths.root_crl]
+        stamps = []
+        for path in watched:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                stamps.append((0, 0))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def reload_from_files(self) -> list[str]:
+        """What `mailkms ca import` wrote, taken by a running server: a new issuing CA certificate
+        (with its key when the key changed), a new infrastructure CA, a newer root CRL. Returns what
+        changed; the caller re-checks the server identities (TLS from a new infrastructure CA)."""
+        changed = []
+        issuing: SoftSigner | None = None  # both read and checked before either is taken
+        cert = _load_cert(self.paths.issuing_cert)
+        if cert != self.issuing.certificate:
+            key = self.issuing.private_key
+            if cert.public_key() != key.public_key():
+                key = load_key_at(self.paths.issuing_key, self._passphrase)
+            issuing = SoftSigner(cert, key)
+        infra: SoftSigner | None = None
+        if self.paths.infrastructure_cert.exists() and self.paths.infrastructure_key.exists():
+            cert = _load_cert(self.paths.infrastructure_cert)
+            if self.infrastructure is None or cert != self.infrastructure.certificate:
+                infra = SoftSigner(cert, load_private_key(self.paths.infrastructure_key.read_bytes(), self._passphrase))
+        for signer, path in ((issuing, self.paths.issuing_cert), (infra, self.paths.infrastructure_cert)):
+            if signer is not None and signer.certificate.public_key() != signer.private_key.public_key():
+                raise ConfigError(f"{path} is not the certificate of the key beside it; nothing was taken")
+        if issuing is not None:
+            self.issuing = issuing
+            self.issuer = Issuer(issuing, self.urls)
+            changed.append("issuing-ca")
+        if infra is not None:
+            self.infrastructure = infra
+            changed.append("infrastructure-ca")
+        before = self.root_crl
+        self._reload_root_crl()
+        if self.root_crl is not before:
+            changed.append("root-crl")
+        return changed
+
+    def _retire_token_key(self, old: SoftSigner, role: str) -> None:
+        """A replaced OCSP-responder or mail-signer key that lives in the token: noted, to be destroyed
+        there once its certificate has expired (until then an answer or mail it signed still verifies)."""
+        key = old.private_key
+        if not isinstance(key, TokenRSAKey | TokenECKey):
+            return  # a key file is simply overwritten
+        listed = self._retired_keys()
+        listed.append(
+            {
+                "uri": key.reference.uri,
+                "id": key.reference.key_id.hex(),
+                "role": role,
+                "not_after": old.certificate.not_valid_after_utc.isoformat(),
+            }
+        )
+        write_atomically(self.paths.retired_token_keys, json.dumps(listed, indent=2).encode())
+
+    def _retired_keys(self) -> list[dict[str, str]]:
+        path = self.paths.retired_token_keys
+        return list(json.loads(path.read_text())) if path.exists() else []
+
+    def _destroy_expired_token_keys(self, now: dt.datetime, renewed: list[str]) -> None:
+        """At start and daily. A token that is away now is tried again at the next check."""
+        listed = self._retired_keys()
+        due = [e for e in listed if dt.datetime.fromisoformat(e["not_after"]) <= now]
+        if not due:
+            return
+        kept = [e for e in listed if e not in due]
+        for entry in due:
+            try:
+                Token.for_uri(entry["uri"]).destroy(bytes.fromhex(entry["id"]))
+            except KeyStoreUnavailable:
+                kept.append(entry)
+                log.warning("a retired %s key could not be destroyed now: the token is unavailable", entry["role"])
+                continue
+            renewed.append(f"{entry['role']}-key-destroyed")
+        write_atomically(self.paths.retired_token_keys, json.dumps(kept, indent=2).encode())
+
+    def _supersede_tls(self, old: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> None:
+        """Kept until the old certificate expires, tagged with its CA's key (a new infrastructure key
+        from a ceremony starts a CRL of its own)."""
+        listed = [e for e in self._superseded() if dt.datetime.fromisoformat(e["not_after"]) > now]
+        if old.not_valid_after_utc > now:
+            listed.append(
+                {
+                    "serial": f"{old.serial_number:x}",
+                    "at": now.replace(microsecond=0).isoformat(),
+                    "not_after": old.not_valid_after_utc.isoformat(),
+                    "issuer_key": _key_id(issuer),
+                }
+            )
+        write_atomically(self.paths.superseded_tls, json.dumps(listed, indent=2).encode())
+
+    def _superseded(self) -> list[dict[str, str]]:
+        path = self.paths.superseded_tls
+        return list(json.loads(path.read_text())) if path.exists() else []
+
+    def _ensure_infrastructure_crl(self, now: dt.datetime, renewed: list[str], force: bool = False) -> None:
+        """The infrastructure CA's CRL (the TLS certificate's CDP): the replaced TLS certificates still
+        within their validity, as superseded; re-signed at start after a new TLS certificate, once
+        less than INFRASTRUCTURE_CRL_RESIGN is left, or when the infrastructure CA changed (import)."""
+        infra = self.infrastructure
+        if infra is None:
+            return
+        path = self.paths.infrastructure_crl
+        current = x509.load_der_x509_crl(path.read_bytes()) if path.exists() else None
+        if (  # another node on the same data folder may have signed it: taken as it is
+            not force
+            and current is not None
+            and current.next_update_utc is not None
+            and current.next_update_utc - now > INFRASTRUCTURE_CRL_RESIGN
+            and current.issuer == infra.certificate.subject
+            and current.is_signature_valid(infra.certificate.public_key())  # type: ignore[arg-type]
+        ):
+            self.infrastructure_crl = current
+            return
+        entries = [
+            RevokedEntry(int(e["serial"], 16), dt.datetime.fromisoformat(e["at"]), x509.ReasonFlags.superseded)
+            for e in self._superseded()
+            if dt.datetime.fromisoformat(e["not_after"]) > now and e.get("issuer_key") == _key_id(infra.certificate)
+        ]
+        this_update = now.replace(microsecond=0)
+        crl = build_crl(
+            infra,
+            entries,
+            number=crl_number(current) + 1 if current is not None else 1,
+            this_update=this_update,
+            next_update=this_update + INFRASTRUCTURE_CRL_VALIDITY,
+        )
+        write_atomically(path, crl.public_bytes(serialization.Encoding.DER))
+        self.infrastructure_crl = crl
+        renewed.append("infrastructure-crl")
+
     def _reload_root_crl(self) -> None:
         if not self.paths.root_crl.exists():
             return
@@ -540,6 +719,18 @@ def _tls_names(cert: x509.Certificate) -> set[str]:
     return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
         str(v) for v in san.get_values_for_type(x509.IPAddress)
     }
+
+
+def _key_id(ca: x509.Certificate) -> str:
+    return x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest.hex()
+
+
+def _has_cdp(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    except x509.ExtensionNotFound:
+        return False
+    return True
 
 
 def _mailboxes(cert: x509.Certificate) -> list[str]:

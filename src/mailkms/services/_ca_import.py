@@ -99,7 +99,7 @@ class Imported:
 
 def import_signed(paths: CAPaths, passphrase: bytes, data: bytes, now: dt.datetime) -> Imported:
     """A root CRL or an intermediate from the ceremony, checked against the root before anything is
-    written. A running server reads a new root CRL at its daily check; a new intermediate at its next start."""
+    written. A running server takes it without a restart (serve: _ca_watch_loop, SIGHUP)."""
     root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
     crl = _as_crl(data)
     if crl is not None:

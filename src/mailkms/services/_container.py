@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -92,6 +93,8 @@ class Services:
     imports: UserImports
     status: ConsoleStatus
     key_pool: KeyPool | None = None
+    # the daily check and the CA-file watcher of serve (two threads) never change the CA files at once
+    _identity_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock, db: Database | None = None) -> Services:
@@ -168,6 +171,10 @@ class Services:
         self.db.dispose()
 
     def ensure_server_identities(self) -> list[str]:
+        with self._identity_lock:
+            return self._ensure_server_identities()
+
+    def _ensure_server_identities(self) -> list[str]:
         names = tls_hostnames(self.settings.server.hostname, self.settings.server.extra_tls_names)
         renewed = self.ca.ensure_server_identities(
             names,
@@ -180,11 +187,35 @@ class Services:
                 if what == "root-crl" and self.ca.root_crl is not None:
                     number = crl_number(self.ca.root_crl)
                     self.audit.append(session, "system", "crl.published", "root", number=number, entries=0)
+                elif what.endswith("-key-destroyed"):  # a retired token key whose certificate expired
+                    self.audit.append(session, "system", "key.destroyed", what.removesuffix("-key-destroyed"))
+                elif what == "infrastructure-crl" and self.ca.infrastructure_crl is not None:
+                    crl = self.ca.infrastructure_crl
+                    self.audit.append(
+                        session, "system", "crl.published", "infrastructure", number=crl_number(crl), entries=len(crl)
+                    )
                 else:
                     self.audit.append(session, "system", "server-identity.renewed", what)
             self._register_server_certificates(session)
         self.watch_root_crl()
         return renewed
+
+    def reload_ca(self) -> list[str]:
+        """Take what `mailkms ca import` wrote (serve: when the CA files change, or on SIGHUP) without
+        a restart: the new issuing CA certificate for the chains served and the signer processes, a
+        new infrastructure CA (a new TLS certificate and CRL follow), a newer root CRL."""
+        with self._identity_lock:
+            return self._reload_ca()
+
+    def _reload_ca(self) -> list[str]:
+        changed = self.ca.reload_from_files()
+        if "issuing-ca" in changed:
+            self.signers.use(self.ca.issuing)
+        if changed:
+            with self.db.transaction() as session:
+                for what in changed:
+                    self.audit.append(session, "system", "ca.reloaded", what)
+        return changed + self.ensure_server_identities() if changed else []
 
     def watch_root_crl(self) -> dt.timedelta | None:
         """Time left before the root CRL's nextUpdate, on /metrics; with the root offline nothing here

@@ -44,11 +44,13 @@ from mailkms.pki import (
     make_root,
     signature_hash_for,
 )
+from mailkms.pki._pkcs11 import TokenKeyRef, open_token_key
 from mailkms.services._files import write_atomically
 
 ROOT_KEY = "root.key.pem"
 ROOT_CERT = "root.crt.pem"
 STATE = "ceremony.json"
+ROOT_TOKEN_REF = "root.key.pkcs11"
 OFFLINE_ROOT_CRL_VALIDITY = dt.timedelta(days=180)  # the ARL may run 365 days (BR); a ceremony twice a year
 
 
@@ -71,6 +73,15 @@ class RootFolder:
     @property
     def state(self) -> Path:
         return self.path / STATE
+
+    @property
+    def token_ref(self) -> Path:
+        """With the root key in a PKCS#11 token (`root-ceremony migrate-key`): the URI (no PIN) and CKA_ID."""
+        return self.path / ROOT_TOKEN_REF
+
+    @property
+    def in_token(self) -> bool:
+        return self.token_ref.exists()
 
 
 def create_offline_root(
@@ -122,14 +133,23 @@ class RootCeremony:
         self._state = state
 
     @classmethod
-    def open(cls, path: Path, passphrase: bytes) -> RootCeremony:
+    def open(cls, path: Path, passphrase: bytes | None) -> RootCeremony:
+        """The root key from the folder (under `passphrase`), or from the PKCS#11 token the folder
+        names (the token's PIN from its pin-source file; no passphrase)."""
         folder = RootFolder(path)
-        if not folder.key.exists() or not folder.state.exists():
-            raise NotFound(f"{path} holds no offline root ({ROOT_KEY}, {STATE})")
-        try:
-            key = load_private_key(folder.key.read_bytes(), passphrase)
-        except ValueError:
-            raise ConfigError("the root passphrase does not open the root key") from None
+        if not (folder.key.exists() or folder.in_token) or not folder.state.exists():
+            raise NotFound(f"{path} holds no offline root ({ROOT_KEY} or {ROOT_TOKEN_REF}, {STATE})")
+        key: PrivateKey
+        if folder.in_token:
+            ref = json.loads(folder.token_ref.read_text())
+            key = open_token_key(TokenKeyRef(str(ref["uri"]), bytes.fromhex(str(ref["id"]))))
+        elif passphrase is None:
+            raise ConfigError("the root key is a file: give the root passphrase")
+        else:
+            try:
+                key = load_private_key(folder.key.read_bytes(), passphrase)
+            except ValueError:
+                raise ConfigError("the root passphrase does not open the root key") from None
         root = x509.load_pem_x509_certificate(folder.cert.read_bytes())
         if root.public_key() != key.public_key():
             raise ConfigError(f"{folder.key} is not the key of {folder.cert}")

@@ -51,6 +51,7 @@ class SignerPool:
 
     def __init__(self, signer: SoftSigner, urls: PublicURLs, processes: int, chunk: int) -> None:
         self._signer = signer
+        self._urls = urls
         self._issuer = Issuer(signer, urls)
         self._public_url = urls.base
         self.processes = processes
@@ -78,6 +79,16 @@ class SignerPool:
         return key.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+
+    def use(self, signer: SoftSigner) -> None:
+        """A new issuing CA certificate (or key) imported into a running server: the next chunks go
+        to new worker processes that hold it; chunks already sent finish on the old ones."""
+        with self._lock:
+            self._signer = signer
+            self._issuer = Issuer(signer, self._urls)
+            old, self._executor = self._executor, None
+        if old is not None:
+            old.shutdown(wait=False)
 
     def start(self) -> None:
         """Start the workers now (a server at start-up), so the first requests do not wait for them."""

@@ -4,15 +4,18 @@ cryptography's key interface, judged by cryptography's own verification and open
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import pickle
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 
@@ -134,6 +137,8 @@ def test_token_keys_do_not_leave_the_token(token: tuple[Token, Path]) -> None:
 
 def test_wrong_pin_and_missing_token_are_key_store_unavailable(token: tuple[Token, Path]) -> None:
     _, folder = token
+    for opened in list(Token._open.values()):  # log-in is per process: log out (close every session) first
+        opened.forget()
     wrong = folder / "wrong-pin"
     wrong.write_text("9999\n")
     bad_pin = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{wrong}")
@@ -145,3 +150,234 @@ def test_wrong_pin_and_missing_token_are_key_store_unavailable(token: tuple[Toke
     no_pin_file = Token.for_uri(f"pkcs11:token=unit;object=ca?module-path={MODULE}&pin-source=file:{folder}/nope")
     with pytest.raises(ConfigError, match="PIN"):
         no_pin_file.session()
+
+
+def _objects_with_id(key_id: bytes) -> list[str]:
+    """What the token itself holds under this CKA_ID, read on a session of our own (python-pkcs11)."""
+    import pkcs11
+
+    with _own_session() as session:
+        return sorted(str(o.object_class.name) for o in session.get_objects({pkcs11.Attribute.ID: key_id}))
+
+
+def _own_session() -> Any:
+    import pkcs11
+
+    token = pkcs11.lib(MODULE).get_token(token_label="unit")
+    try:
+        return token.open(user_pin="1111")
+    except pkcs11.exceptions.UserAlreadyLoggedIn:  # the log-in is the process's, shared by its sessions
+        return token.open()
+
+
+def test_retired_token_keys_are_destroyed_once_their_certificates_expired(
+    token: tuple[Token, Path], tmp_path: Path
+) -> None:
+    """Issue 15 §1: OCSP-responder (30 days) and mail-signer (12 months) keys renewed in the token are
+    destroyed there once the certificate of the old key has expired, not before; a token that is away
+    at that moment is tried again at the next check."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.services import CAContext, CAPaths
+    from tests.testca import URLS as urls
+    from tests.testca import init_server_ca
+
+    tok, folder = token
+    uri = f"pkcs11:token=unit;object=retire?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    start = dt.datetime(2026, 3, 1, 10, 0, 0, tzinfo=UTC)
+    clock, paths = FakeClock(start), CAPaths(tmp_path / "data")
+    names, mail_from = ["kms.example.org"], "mailkms@kms.example.org"
+    init_server_ca(paths, clock, key_store=uri)
+    ctx = CAContext.load(paths, passphrase_env="", urls=urls, key_store=uri)
+    first = ctx.require_ocsp_responder()
+    assert isinstance(first.private_key, TokenRSAKey | TokenECKey)
+    first_id = first.private_key.reference.key_id
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+
+    clock.set(start + dt.timedelta(days=21))  # renewed 10 days before the 30-day certificate ends
+    assert "ocsp-responder" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]  # its certificate is still valid
+
+    # The token refuses at the moment the key is due: kept, and destroyed at the next check.
+    clock.set(first.certificate.not_valid_after_utc + dt.timedelta(seconds=1))
+    (folder / "pin").write_text("9999\n")
+    Token.for_uri(uri).forget()
+    tok.forget()
+    try:
+        assert "ocsp-key-destroyed" not in ctx.ensure_server_identities(names, mail_from, clock)
+    finally:
+        (folder / "pin").write_text("1111\n")
+    assert _objects_with_id(first_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+    assert ctx.ensure_server_identities(names, mail_from, clock) == ["ocsp-key-destroyed"]
+    assert _objects_with_id(first_id) == []
+    current = ctx.require_ocsp_responder()
+    assert isinstance(current.private_key, TokenRSAKey | TokenECKey)
+    assert _objects_with_id(current.private_key.reference.key_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+
+    mail = ctx.require_mail_signer()
+    assert isinstance(mail.private_key, TokenRSAKey | TokenECKey)
+    clock.set(mail.certificate.not_valid_after_utc - dt.timedelta(days=80))  # renewed 90 days before its end
+    assert "mail-signer" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(mail.private_key.reference.key_id) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+    clock.set(mail.certificate.not_valid_after_utc + dt.timedelta(hours=1))
+    assert "mail-key-destroyed" in ctx.ensure_server_identities(names, mail_from, clock)
+    assert _objects_with_id(mail.private_key.reference.key_id) == []
+    assert json.loads(paths.retired_token_keys.read_text()) == [] or all(
+        dt.datetime.fromisoformat(e["not_after"]) > clock.now()
+        for e in json.loads(paths.retired_token_keys.read_text())
+    )
+
+
+def test_a_locked_pin_is_key_store_unavailable_with_what_to_do(
+    token: tuple[Token, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CKR_PIN_LOCKED. SoftHSM2 has no retry counter (its maintainers: SoftHSMv2 issues 221 and 399), so
+    the token's C_Login is stood in for here; a wrong PIN is tried for real above and in test_hsm_e2e."""
+    import pkcs11.exceptions as p11
+
+    _, folder = token
+
+    class LockedToken:
+        def open(self, **_: object) -> None:
+            raise p11.PinLocked()
+
+    class Lib:
+        def get_token(self, **_: object) -> LockedToken:
+            return LockedToken()
+
+    locked = Token.for_uri(f"pkcs11:token=unit;object=locked?module-path={MODULE}&pin-source=file:{folder / 'pin'}")
+    monkeypatch.setattr(locked, "_lib", Lib)
+    with pytest.raises(KeyStoreUnavailable, match=r"PIN is locked after too many wrong tries.*SO PIN") as caught:
+        locked.session()
+    assert caught.value.http_status == 503 and caught.value.exit_code == 75  # cli/_exit.py: exit 75
+    assert "1111" not in str(caught.value)
+
+
+def _token_attributes(key_id: bytes) -> dict[str, object]:
+    import pkcs11
+    from pkcs11 import Attribute
+
+    with _own_session() as session:
+        private = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=key_id)
+        wanted = ("SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "SIGN", "DECRYPT")
+        return {name: bool(private[getattr(Attribute, name)]) for name in wanted}
+
+
+def test_an_existing_soft_ca_is_migrated_into_the_token(token: tuple[Token, Path], tmp_path: Path) -> None:
+    """`mailkms ca migrate-key --key-store URI` (the real command): the issuing CA, OCSP-responder and
+    mail-signer keys go into the token, sensitive and not extractable by the token's own attributes;
+    the key files are gone; the server then signs with the token; a second run is refused (exit 5)."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.config import load_settings
+    from mailkms.services import CAContext, CAPaths
+    from tests.testca import URLS, init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=migrated?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    clock, paths = FakeClock(dt.datetime(2026, 3, 1, tzinfo=UTC)), CAPaths(tmp_path / "data")
+    init_server_ca(paths, clock, KeyType.RSA3072)
+    env = {**os.environ, "MAILKMS_DATA": str(paths.data_dir), "PYTHONDONTWRITEBYTECODE": ""}
+    command = [str(Path(sys.executable).parent / "mailkms"), "ca", "migrate-key", "--key-store", uri, "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    moved = json.loads(done.stdout)["migrated"]
+    assert [(m["role"], m["label"]) for m in moved] == [
+        ("issuing", "migrated"),
+        ("ocsp", "migrated-ocsp"),
+        ("mail", "migrated-mail"),
+    ]
+    for key_path in (paths.issuing_key, paths.ocsp_key, paths.mail_key):
+        assert not key_path.exists() and key_path.with_suffix(".pkcs11").exists()
+    for m in moved:
+        assert _token_attributes(bytes.fromhex(m["id"])) == {
+            "SENSITIVE": True,
+            "EXTRACTABLE": False,
+            "ALWAYS_SENSITIVE": False,  # the token says the truth: the key was outside before
+            "NEVER_EXTRACTABLE": False,
+            "SIGN": True,
+            "DECRYPT": False,
+        }
+    assert load_settings(paths.data_dir).ca.key_store == uri
+    ctx = CAContext.load(paths, passphrase_env="", urls=URLS, key_store=uri)
+    assert isinstance(ctx.issuing.private_key, TokenRSAKey)
+    issued = ctx.issuer.issue(
+        ctx.issuer.prepare_ocsp_responder(ec.generate_private_key(ec.SECP256R1()).public_key(), clock.now())
+    )
+    issued.verify_directly_issued_by(ctx.issuing.certificate)  # signed in the token, verifies under the old certificate
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 5 and "in a token already" in again.stdout, again.stdout + again.stderr
+
+
+def test_migration_keeps_the_file_when_the_tokens_signature_does_not_verify(
+    token: tuple[Token, Path], tmp_path: Path
+) -> None:
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.errors import Internal
+    from mailkms.services import CAPaths, migrate_keys_to_token
+    from tests.testca import init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=mismatch?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    paths = CAPaths(tmp_path / "data")
+    init_server_ca(paths, FakeClock(dt.datetime(2026, 3, 1, tzinfo=UTC)))
+    paths.issuing_cert.write_bytes(paths.infrastructure_cert.read_bytes())  # a certificate of another key
+    before = paths.issuing_key.read_bytes()
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    with pytest.raises(Internal, match="does not verify"):
+        migrate_keys_to_token(paths, passphrase, uri)
+    assert paths.issuing_key.read_bytes() == before and not paths.issuing_key.with_suffix(".pkcs11").exists()
+    assert Token.for_uri(uri).find_label("mismatch") is None  # destroyed again in the token
+
+
+def test_the_offline_root_key_goes_into_a_token_for_the_ceremony(token: tuple[Token, Path], tmp_path: Path) -> None:
+    """`mailkms ca root-ceremony migrate-key` (the real command) puts the root folder's key into the
+    token; the next ceremony (`sign-crl`) signs with the token and asks no root passphrase. Judged by
+    the token's attributes, `openssl crl -CAfile root` and pkilint (ARL); the server imports the CRL."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.services import CAPaths, import_signed
+    from tests.judges import pkilint
+    from tests.testca import init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=offline-root?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    paths, root_dir, secret = CAPaths(tmp_path / "data"), tmp_path / "root", "a root passphrase for this test run"
+    init_server_ca(
+        paths, FakeClock(dt.datetime.now(UTC)), KeyType.P384, offline_root=root_dir, root_passphrase=secret.encode()
+    )
+    mailkms = str(Path(sys.executable).parent / "mailkms")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": ""}
+    env.pop("MAILKMS_ROOT_PASSPHRASE", None)
+    moved = subprocess.run(
+        [mailkms, "ca", "root-ceremony", "migrate-key", "--root", str(root_dir), "--key-store", uri, "--json"],
+        env={**env, "MAILKMS_ROOT_PASSPHRASE": secret},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert not (root_dir / "root.key.pem").exists() and (root_dir / "root.key.pkcs11").exists()
+    attributes = _token_attributes(bytes.fromhex(json.loads(moved.stdout)["id"]))
+    assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"], attributes
+
+    crl_file = tmp_path / "root.crl"
+    signed = subprocess.run(
+        [mailkms, "ca", "root-ceremony", "sign-crl", "--root", str(root_dir), "--out", str(crl_file), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,  # no terminal and no passphrase: the token's PIN file is enough
+    )
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    assert json.loads(signed.stdout)["crl_number"] == 2
+    checked = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-in", str(crl_file), "-CAfile", str(root_dir / "root.crt.pem"), "-noout"],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0 and "verify OK" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    pem = x509.load_der_x509_crl(crl_file.read_bytes()).public_bytes(serialization.Encoding.PEM)
+    verdict = pkilint("lint_crl", ["-t", "ARL", "-p", "BR", "-s", "WARNING"], pem)
+    assert verdict.exit_code == 0, str(verdict)
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    assert import_signed(paths, passphrase, crl_file.read_bytes(), dt.datetime.now(UTC)).serial == 2
