@@ -61,6 +61,8 @@ def check_answer(method: str, path: str, status: int, headers: Any, body: bytes)
     text = body.decode("latin-1")
     assert status < 500, f"{method} {path} -> {status}: {text[:300]}"
     for leak in INTERNAL_TEXT:
+        if leak in path:  # the client's own input echoed back (e.g. "'sqlalchemy' is not a valid e-mail address")
+            continue
         assert leak not in text, f"{method} {path} -> {status} shows {leak!r}: {text[:300]}"
     if not 400 <= status < 500:
         return

@@ -97,7 +97,10 @@ class ImportJob:
 
     @property
     def percent(self) -> int:
-        return 100 if self.total == 0 else self.done * 100 // self.total
+        # 100 % only once the job is finished: the last batch's rows are counted before the job ends,
+        # and a page at "100 %" that still reloads itself would tell two different stories
+        done = 100 if self.total == 0 else self.done * 100 // self.total
+        return min(done, 99) if self.running else done
 
     @property
     def running(self) -> bool:
