@@ -62,7 +62,7 @@ def pages_router(services: Services) -> APIRouter:
     def import_progress(request: Request, job_id: str) -> Response:
         session = current(request)
         session.principal.require(Permission.USERS)
-        job = services.imports.get(job_id, session.principal.actor)
+        job = services.imports.get(job_id, session.principal.actor).snapshot()
         return page_for(session, "import_progress.html", job=job, refresh=REFRESH_SECONDS if job.running else None)
 
     @router.post("/imports/{job_id}/tokens")

@@ -16,7 +16,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mailkms.clock import Clock
 from mailkms.errors import Conflict, MailkmsError, Malformed, NotFound
@@ -105,6 +105,11 @@ class ImportJob:
     @property
     def running(self) -> bool:
         return self.finished_at is None
+
+    def snapshot(self) -> ImportJob:
+        """A copy that the import thread no longer changes: a page rendered from the live job could
+        read "running" (and so reload itself) and then "100 %" once the thread finished in between."""
+        return replace(self, refused=list(self.refused), tokens=[])
 
 
 class UserImports:
