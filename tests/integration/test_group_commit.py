@@ -111,6 +111,13 @@ def _hold_the_writer(commits: GroupCommit) -> tuple[threading.Event, threading.E
     return entered, release, held
 
 
+def _actions_in_an_intact_chain(db: Database) -> list[str]:
+    with db.read_only() as session:
+        chain = verify_chain(session)
+        assert chain.ok, chain.problems
+        return list(session.execute(select(AuditRecord.action).order_by(AuditRecord.seq)).scalars())
+
+
 def _appends(services: Services, n: int):  # type: ignore[no-untyped-def]
     """A unit of work that appends one audit record and returns its sequence number."""
     return lambda session: services.audit.append(session, "test", "test.ok", f"u{n}@example.org", n=n).seq
@@ -162,9 +169,7 @@ def test_a_failing_unit_without_savepoint_is_run_alone_and_the_others_still_comm
         with pytest.raises(Conflict):
             bad.result(30)
     assert commits.retried_batches == 1
-    with fast_services.db.read_only() as session:
-        actions = session.execute(select(AuditRecord.action)).scalars().all()
-        assert verify_chain(session).ok
+    actions = _actions_in_an_intact_chain(fast_services.db)
     assert actions.count("test.ok") == 4 and "test.broken" not in actions
 
 
@@ -257,3 +262,61 @@ def test_a_killed_signer_process_is_replaced(fast_services: Services) -> None:
     assert serial_hex(cert.serial_number) in stored(fast_services.db)
     assert pids[0] not in _signer_pids()
     assert fast_services.verify_audit().ok
+
+
+def _release_and_expect_conflict(
+    release: threading.Event,
+    held: concurrent.futures.Future[None],
+    futures: list[concurrent.futures.Future[None]],
+    bad: concurrent.futures.Future[None],
+) -> None:
+    release.set()
+    held.result(30)
+    for f in futures:
+        f.result(30)
+    with pytest.raises(Conflict):
+        bad.result(30)
+
+
+def test_deferred_rows_survive_a_refused_unit_later_in_the_batch_and_vanish_with_a_failed_batch(
+    fast_services: Services,
+) -> None:
+    """Bulk units (rows written by one INSERT at commit) beside isolated ones in one transaction:
+    a refused unit's savepoint does not take the bulk rows queued before it; a batch that fails as
+    a whole writes none of its bulk rows, and each unit is then run (and stored) alone."""
+    commits, audit = fast_services.commits, fast_services.audit
+
+    def bulk(n: int):  # type: ignore[no-untyped-def]
+        return lambda session: audit.append_deferred(session, "test", "test.bulk", f"b{n}@example.org", n=n)
+
+    def refused(session: Session) -> None:
+        audit.append_deferred(session, "test", "test.refused", "bad@example.org")
+        raise Conflict("refused after queueing a bulk row")
+
+    _, release, held = _hold_the_writer(commits)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(commits.run, bulk(n), isolated=False) for n in range(3)]
+        time.sleep(0.2)  # queued in this order
+        bad = pool.submit(commits.run, refused)
+        time.sleep(0.2)
+        futures += [pool.submit(commits.run, bulk(n), isolated=False) for n in range(3, 5)]
+        time.sleep(0.3)
+        batches_before = commits.batches
+        _release_and_expect_conflict(release, held, futures, bad)
+    assert commits.batches - batches_before == 1
+    actions = _actions_in_an_intact_chain(fast_services.db)
+    assert actions.count("test.bulk") == 5 and "test.refused" not in actions
+
+    def broken(session: Session) -> None:
+        audit.append_deferred(session, "test", "test.broken", "bad@example.org")
+        raise Conflict("broken")
+
+    _, release, held = _hold_the_writer(commits)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(commits.run, bulk(n), isolated=False) for n in range(5, 8)]
+        bad = pool.submit(commits.run, broken, isolated=False)
+        time.sleep(0.3)
+        _release_and_expect_conflict(release, held, futures, bad)
+    assert commits.retried_batches == 1
+    actions = _actions_in_an_intact_chain(fast_services.db)
+    assert actions.count("test.bulk") == 8 and "test.broken" not in actions

@@ -8,6 +8,7 @@ in shared/PKILINT-PROFILES.md.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,17 +84,32 @@ def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
 
 
+@functools.lru_cache(maxsize=16)  # the same few issuers for every certificate (immutable values)
 def _aki_from(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
+@functools.cache
 def _policies() -> x509.CertificatePolicies:
     return x509.CertificatePolicies([x509.PolicyInformation(SMIME_MAILBOX_STRICT, None)])
 
 
+@functools.lru_cache(maxsize=1024)  # one per CRL partition
 def _cdp(url: str) -> x509.CRLDistributionPoints:
     return x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)])
+
+
+@functools.lru_cache(maxsize=16)
+def _aia(issuing_cert: str, ocsp: str) -> x509.AuthorityInformationAccess:
+    return x509.AuthorityInformationAccess(
+        [
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(issuing_cert)
+            ),
+            x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp)),
+        ]
+    )
 
 
 def ca_name(common_name: str, organization: str, country: str | None) -> x509.Name:
@@ -155,21 +171,7 @@ def subscriber_extensions(
         (x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), False),
         (_policies(), False),
         (_cdp(urls.issuing_crl_for(crl_partition)), False),
-        (
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.CA_ISSUERS,
-                        x509.UniformResourceIdentifier(urls.issuing_cert),
-                    ),
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.OCSP,
-                        x509.UniformResourceIdentifier(urls.ocsp),
-                    ),
-                ]
-            ),
-            False,
-        ),
+        (_aia(urls.issuing_cert, urls.ocsp), False),
         (_ski(public_key), False),
         (_aki_from(issuer), False),
     ]

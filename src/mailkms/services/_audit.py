@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from mailkms.clock import Clock
 from mailkms.errors import ConfigError
 from mailkms.pki import Checkpoint, CheckpointInvalid, key_id_of, sign_checkpoint, verify_checkpoint
+from mailkms.services._bulk import defer_insert
 from mailkms.services._files import write_atomically
 from mailkms.store import AuditHead, AuditRecord, Database
 
@@ -115,6 +116,12 @@ class AuditLog:
         session.add(record)
         return record
 
+    def append_deferred(self, session: Session, actor: str, action: str, subject: str, **details: object) -> None:
+        """As `append`, but the record is written with the transaction's other deferred rows, in one
+        INSERT with them just before the commit (`defer_insert`): for bulk units of group commit."""
+        head = self._locked_head(session)
+        defer_insert(session, AuditRecord, self._fields(session, head, actor, action, subject, details))
+
     def append_many(
         self, session: Session, actor: str, entries: Sequence[tuple[str, str, Mapping[str, object]]]
     ) -> None:
@@ -125,14 +132,8 @@ class AuditLog:
         if not entries:
             return
         head = self._locked_head(session)
-        rows = [self._next(session, head, actor, action, subject, details) for action, subject, details in entries]
-        session.execute(
-            insert(AuditRecord),
-            [
-                {c: getattr(r, c) for c in ("seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash")}
-                for r in rows
-            ],
-        )
+        rows = [self._fields(session, head, actor, action, subject, details) for action, subject, details in entries]
+        session.execute(insert(AuditRecord), rows)
         session.flush()
 
     @staticmethod
@@ -149,6 +150,12 @@ class AuditLog:
         self, session: Session, head: AuditHead, actor: str, action: str, subject: str, details: Mapping[str, object]
     ) -> AuditRecord:
         """The record after `head` (not yet added to the session); moves the head."""
+        return AuditRecord(**self._fields(session, head, actor, action, subject, details))
+
+    def _fields(
+        self, session: Session, head: AuditHead, actor: str, action: str, subject: str, details: Mapping[str, object]
+    ) -> dict[str, object]:
+        """The columns of the record after `head`; moves the head."""
         for key in details:
             if any(word in key.lower() for word in _SECRET_WORDS) and not key.endswith("_id"):
                 raise ValueError(f"audit detail {key!r} looks like a secret; audit records never hold secrets")
@@ -156,9 +163,16 @@ class AuditLog:
         at = self._clock.now()
         text = json.dumps(details, sort_keys=True, default=str, separators=(",", ":"))
         digest = record_hash(seq, at, actor, action, subject, text, head.hash)
-        record = AuditRecord(
-            seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=head.hash, hash=digest
-        )
+        record = {
+            "seq": seq,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "details": text,
+            "prev_hash": head.hash,
+            "hash": digest,
+        }
         head.seq = seq
         head.hash = digest
         if self._observers:

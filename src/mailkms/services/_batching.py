@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy.orm import Session
 
 from mailkms.services._audit import audit_mark, audit_rewind
+from mailkms.services._bulk import flush_deferred
 from mailkms.store import Database
 
 log = logging.getLogger("mailkms.batching")
@@ -165,6 +166,7 @@ class GroupCommit:
                     except Exception as exc:
                         raise _Abort() from exc
                     continue
+                flush_deferred(session)  # earlier units' bulk rows stay out of this unit's savepoint
                 mark = audit_mark(session)
                 try:
                     with session.begin_nested():

@@ -48,16 +48,23 @@ def certificate_row(
     cert: x509.Certificate, user_id: int | None, kind: str, generation: int, crl_partition: int | None = None
 ) -> Certificate:
     """The store's row of an issued certificate (its CRL partition: the one its CDP names, if any)."""
-    return Certificate(
-        crl_partition=crl_partition,
-        serial=serial_hex(cert.serial_number),
-        user_id=user_id,
-        kind=kind,
-        generation=generation,
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        der=cert.public_bytes(serialization.Encoding.DER),
-    )
+    return Certificate(**certificate_values(cert, user_id, kind, generation, crl_partition))
+
+
+def certificate_values(
+    cert: x509.Certificate, user_id: int | None, kind: str, generation: int, crl_partition: int | None = None
+) -> dict[str, Any]:
+    """The columns of `certificate_row`, for a bulk INSERT."""
+    return {
+        "crl_partition": crl_partition,
+        "serial": serial_hex(cert.serial_number),
+        "user_id": user_id,
+        "kind": kind,
+        "generation": generation,
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "der": cert.public_bytes(serialization.Encoding.DER),
+    }
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ from mailkms.config import Settings
 from mailkms.pki import CertKind, SignJob, subscriber_validity
 from mailkms.services._audit import AuditLog
 from mailkms.services._batching import GroupCommit
-from mailkms.services._issuance import certificate_row, serial_hex
+from mailkms.services._bulk import defer_insert
+from mailkms.services._issuance import certificate_values, serial_hex
 from mailkms.services._signers import SignerPool
 from mailkms.services._users import normalise_mailbox
+from mailkms.store import Certificate
 
 
 class CertificateIssuance:
@@ -58,10 +60,11 @@ class CertificateIssuance:
         return certs
 
     def _record(self, session: Session, issued: Sequence[tuple[str, x509.Certificate]], actor: str) -> None:
+        """Rows and records go in with the batch's other issuances, one INSERT per table (bulk)."""
         for mailbox, cert in issued:
             serial = serial_hex(cert.serial_number)
-            session.add(certificate_row(cert, None, "signing", 0))
-            self._audit.append(
+            defer_insert(session, Certificate, certificate_values(cert, None, "signing", 0))
+            self._audit.append_deferred(
                 session,
                 actor,
                 "certificate.issued",

@@ -315,3 +315,42 @@ def test_subject_and_san_of_the_request_are_never_copied(rsa_ca: SessionCA) -> N
     der = cert.public_bytes(DER)
     for word in (b"Mallory", b"mallory", b"evil", b"Evil", b"ceo@"):
         assert word not in der
+
+
+# --- the fast parse (cryptography) reads what the lenient one (asn1crypto) reads ------------------------------
+def _spki(key: object) -> bytes:
+    if isinstance(key, bytes):
+        return key
+    assert isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+    return key.public_bytes(DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize("key_type", [KeyType.RSA2048, KeyType.RSA3072, KeyType.P256, KeyType.P384])
+@pytest.mark.parametrize(
+    "emails",
+    [[MAILBOX], [], [MAILBOX.upper()], [MAILBOX, MAILBOX], [MAILBOX, "other@example.org"]],
+    ids=["one", "none", "upper", "twice", "two-different"],
+)
+def test_fast_parse_agrees_with_the_lenient_parse_or_declines(key_type: KeyType, emails: list[str]) -> None:
+    from mailkms.pki._csr import _parse_fast, _parse_lenient
+
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, "someone")]
+    names += [x509.NameAttribute(NameOID.EMAIL_ADDRESS, e) for e in emails]
+    der = csr_with(key_of(key_type), names).public_bytes(DER)
+    fast, lenient = _parse_fast(der), _parse_lenient(der)
+    if len(emails) > 1:
+        assert fast is None  # out of the ordinary: the lenient parse alone decides, as before
+        return
+    assert fast is not None
+    assert _spki(fast[0]) == _spki(lenient[0])
+    assert fast[1:] == lenient[1:]  # algorithm, hash, signature, signed bytes, claimed e-mails
+
+
+def test_fast_parse_declines_what_cryptography_refuses_and_the_lenient_parse_takes_it() -> None:
+    from mailkms.pki._csr import _parse_fast
+
+    key = key_of(KeyType.RSA2048)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    der = asn1_csr(key, certmonger_name(), algorithm={"algorithm": "sha256_rsa"}, sign=rsa_pkcs1(key, hashes.SHA256()))
+    assert _parse_fast(der) is None
+    assert same_public_key(check_csr(der).public_key, key.public_key())
