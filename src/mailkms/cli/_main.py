@@ -83,7 +83,7 @@ ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
 console = Console()
 
 
-REMOTE_TOP = {"user", "revoke", "audit"}
+REMOTE_TOP = {"user", "revoke", "audit", "admin"}
 
 
 @app.callback()
