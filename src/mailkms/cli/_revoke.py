@@ -40,7 +40,7 @@ def _print_waiting(request_id: int, count: int, as_json: bool, approval: dict[st
     print(
         f"{count} users is more than [admin] bulk_revoke_approval_threshold: nothing revoked yet.\n"
         f"approval request {request_id} waits; other administrators approve it in the console "
-        f"(/admin/approvals/{request_id}) or with `mailkms --server URL approvals approve {request_id}`,\n"
+        f"(/admin/approvals/{request_id}) or with POST /api/v1/admin/approvals/{request_id}/approve,\n"
         "and the revocation runs then (or, in an emergency on this machine: --break-glass)"
     )
 
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
 
         More users than [admin] bulk_revoke_approval_threshold at once start a bulk_revoke approval
         request instead (as in the console and the admin API): other administrators approve it
-        (console /admin/approvals, `mailkms --server URL approvals approve ID`) and it runs then.
+        (console /admin/approvals, or POST /api/v1/admin/approvals/ID/approve) and it runs then.
         `--break-glass` (on the server's machine only) revokes at once, loudly audited.
         """
         with exit_on_error(as_json):
