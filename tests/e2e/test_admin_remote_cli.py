@@ -65,6 +65,12 @@ def test_remote_admin_cli(tmp_path: Path) -> None:
         revoked = far(op, "revoke", "bob@example.org", "--reason", "superseded", "--json")
         assert revoked.code == 0, revoked.err
         assert json.loads(far(au, "user", "show", "bob@example.org", "--json").out)["state"] == "REVOKED"
+        for who in ("carol@example.org", "dan@example.org"):
+            assert far(op, "user", "add", who).code == 0
+        both = far(op, "revoke", "carol@example.org", "dan@example.org", "--json")  # POST /revocations
+        assert both.code == 0, both.err + both.out
+        assert sorted(r["email"] for r in json.loads(both.out)["revoked"]) == ["carol@example.org", "dan@example.org"]
+        assert far(op, "revoke", "carol@example.org", "--break-glass").code == 2  # server's machine only
         again = far(op, "user", "reenroll", "bob@example.org", "--json")
         assert again.code == 0 and json.loads(again.out)["token"] != json.loads(added.out)["token"]
         verified = far(au, "audit", "verify", "--json")
