@@ -17,8 +17,10 @@ def test_remote_admin_cli(tmp_path: Path) -> None:
     dep: Deployment = init_deployment(tmp_path / "data")
     dep.admin("admin", "add", "olga", "--role", "operator")
     dep.admin("admin", "add", "aldo", "--role", "auditor")
+    dep.admin("admin", "add", "sue", "--role", "superuser")
     op = json.loads(dep.admin("admin", "token", "olga", "--json").out)["token"]
     au = json.loads(dep.admin("admin", "token", "aldo", "--json").out)["token"]
+    su = json.loads(dep.admin("admin", "token", "sue", "--json").out)["token"]
     root = tmp_path / "root.pem"
     root.write_text(dep.admin("ca", "chain").out.split("-----END CERTIFICATE-----")[1] + "-----END CERTIFICATE-----\n")
     dep.start()
@@ -40,13 +42,35 @@ def test_remote_admin_cli(tmp_path: Path) -> None:
         assert far("mka_wrong", "user", "list").code == 3
         assert far(op, "user", "show", "nobody@example.org").code == 4
         assert far(op, "user", "add", "bob@example.org").code == 5
-        assert far(op, "admin", "list").code == 2  # runs on the server's machine only
+        assert far(op, "admin", "list").code == 6  # administrators: superusers only, decided by the server
+        assert far(op, "admin", "token", "olga").code == 2  # API tokens: on the server's machine only
+
+        # administrators through the admin API (superuser)
+        new = far(su, "admin", "add", "otto", "--role", "operator", "--json")
+        assert new.code == 0, new.err + new.out
+        created = json.loads(new.out)
+        assert len(created["password"]) >= 20 and created["otpauth_uri"].startswith("otpauth://totp/")
+        assert far(su, "admin", "role", "otto", "officer").code == 0
+        assert far(su, "admin", "disable", "otto").code == 0
+        names = {a["name"]: a for a in json.loads(far(su, "admin", "list", "--json").out)}
+        assert names["otto"]["role"] == "officer" and names["otto"]["disabled"] is True
+        assert far(su, "admin", "enable", "otto").code == 0 and far(su, "admin", "unlock", "otto").code == 0
+        assert far(su, "admin", "require-passkey", "otto").code == 2  # otto has no passkey yet
+        assert far(su, "admin", "disable", "sue").code == 6  # not on one's own account
+        local = {a["name"]: a for a in json.loads(dep.admin("admin", "list", "--json").out)}
+        assert local["otto"]["role"] == "officer" and local["otto"]["disabled"] is False
         untrusted = far(op, "user", "list", ca=False)  # the server's CA is not in the system store
         assert untrusted.code == 10, untrusted.err
 
         revoked = far(op, "revoke", "bob@example.org", "--reason", "superseded", "--json")
         assert revoked.code == 0, revoked.err
         assert json.loads(far(au, "user", "show", "bob@example.org", "--json").out)["state"] == "REVOKED"
+        for who in ("carol@example.org", "dan@example.org"):
+            assert far(op, "user", "add", who).code == 0
+        both = far(op, "revoke", "carol@example.org", "dan@example.org", "--json")  # POST /revocations
+        assert both.code == 0, both.err + both.out
+        assert sorted(r["email"] for r in json.loads(both.out)["revoked"]) == ["carol@example.org", "dan@example.org"]
+        assert far(op, "revoke", "carol@example.org", "--break-glass").code == 2  # server's machine only
         again = far(op, "user", "reenroll", "bob@example.org", "--json")
         assert again.code == 0 and json.loads(again.out)["token"] != json.loads(added.out)["token"]
         verified = far(au, "audit", "verify", "--json")
@@ -54,7 +78,8 @@ def test_remote_admin_cli(tmp_path: Path) -> None:
         records = dep.admin("audit", "verify", "--json").json()
         assert isinstance(records, dict) and records["ok"]
         audit = dep.log()
-        assert op not in audit and au not in audit  # tokens never reach the log
+        assert op not in audit and au not in audit and su not in audit  # tokens never reach the log
+        assert created["password"] not in audit
     finally:
         dep.stop()
     assert not (tmp_path / "nowhere").exists()

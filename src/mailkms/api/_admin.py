@@ -17,6 +17,7 @@ from mailkms.api._schemas import (
     AdminWhoAmI,
     AuditVerifyAnswer,
 )
+from mailkms.api._token_mail import mail_token_to
 from mailkms.errors import AdminAuthRequired
 from mailkms.services import Permission, Principal, Services, UserState
 
@@ -96,8 +97,13 @@ def admin_router(services: Services) -> APIRouter:
     def add_user(admin: Admin, body: AdminUserAdd) -> AdminUserAdded:
         admin.require(Permission.USERS)
         token = services.users.add(body.email, body.name, body.group, admin.actor)
+        if body.mail_token:
+            mail_token_to(services, body.email, body.name, token, admin.actor)
         return AdminUserAdded(
-            email=body.email.strip().lower(), token=token, expires_in_days=services.settings.policy.token_ttl_days
+            email=body.email.strip().lower(),
+            token=token,
+            expires_in_days=services.settings.policy.token_ttl_days,
+            mailed=body.mail_token,
         )
 
     @router.post(

@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mailkms.api import _observability
 from mailkms.api._acme import acme_router
 from mailkms.api._admin import admin_router
+from mailkms.api._admin_admins import admin_admins_router
 from mailkms.api._admin_approvals import admin_approvals_router
 from mailkms.api._cmp import cmp_router
 from mailkms.api._console import console_router, error_page
@@ -189,6 +190,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(api)
     app.include_router(admin_router(services))
     app.include_router(admin_approvals_router(services))
+    app.include_router(admin_admins_router(services))
     app.include_router(pages_router(services))  # before /admin/users/{email}: /admin/users/import
     app.include_router(console_router(services))
     app.include_router(passkeys_router(services))

@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from mailkms.api._admin import parse_state
 from mailkms.api._charts import bar_chart
+from mailkms.api._token_mail import mail_token_to
 from mailkms.errors import AdminAuthRequired, CSRFRefused, MailkmsError, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
 from mailkms.services import ConsoleSession, Permission, Services
@@ -242,11 +243,14 @@ def console_router(services: Services) -> APIRouter:
         email: Annotated[str, Form(max_length=320)],
         name: Annotated[str, Form(max_length=200)] = "",
         group: Annotated[str, Form(max_length=100)] = "",
+        mail_token: Annotated[str, Form(max_length=10)] = "",
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:
         session = checked(request, csrf)
         session.principal.require(Permission.USERS)
         token = services.users.add(email, name, group or None, session.principal.actor)
+        if mail_token:
+            mail_token_to(services, email, name, token, session.principal.actor)
         return render(
             "token.html",
             me=session.principal,
@@ -255,6 +259,7 @@ def console_router(services: Services) -> APIRouter:
             email=email.strip().lower(),
             token=token,
             ttl=settings.policy.token_ttl_days,
+            mailed=bool(mail_token),
         )
 
     @router.get("/users/{email}")

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from mailkms.api._charts import bar_chart
 from mailkms.api._console import SECURITY_HEADERS, console_session, page_for
+from mailkms.api._token_mail import tokens_by_mail
 from mailkms.errors import Malformed
 from mailkms.services import ConsoleSession, Permission, Services, parse_users_csv
 from mailkms.services._imports import MAX_ROWS
@@ -41,6 +42,7 @@ def pages_router(services: Services) -> APIRouter:
     async def import_start(
         request: Request,
         csv_file: UploadFile,
+        mail_tokens: Annotated[str, Form(max_length=10)] = "",
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:
         session = current(request, csrf, form=True)
@@ -55,7 +57,9 @@ def pages_router(services: Services) -> APIRouter:
         rows = parse_users_csv(io.StringIO(text, newline=""), csv_file.filename or "CSV", limit=MAX_ROWS)
         if not rows:
             raise Malformed("the file names no users (email,name[,group] per line)")
-        job = services.imports.start(rows, session.principal.actor)
+        job = services.imports.start(
+            rows, session.principal.actor, tokens_by_mail(services, session.principal.actor) if mail_tokens else None
+        )
         return RedirectResponse(f"/admin/imports/{job.id}", status_code=303, headers=SECURITY_HEADERS)
 
     @router.get("/imports/{job_id}")

@@ -60,12 +60,16 @@ class AdminUserAdd(BaseModel):
     email: str = Field(description="the user's mailbox")
     name: str = Field(default="", description="display name")
     group: str | None = Field(default=None, description="policy group ([policy.groups])")
+    mail_token: bool = Field(
+        default=False, description="also send the token to the user as a signed mail (sealed in the outbox)"
+    )
 
 
 class AdminUserAdded(BaseModel):
     email: str
     token: str = Field(description="the one-time enrolment token: shown once, never stored")
     expires_in_days: int
+    mailed: bool = Field(default=False, description="the token was queued as a mail to the user")
 
 
 class AdminRevoke(BaseModel):

@@ -6,12 +6,13 @@ import getpass
 import json
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
 from mailkms.cli._exit import exit_on_error
-from mailkms.cli._remote import local_services
+from mailkms.cli._remote import local_services, remote
 from mailkms.errors import Malformed
 from mailkms.services import Role, parse_role
 
@@ -59,15 +60,19 @@ def admin_add(
     """Add an administrator. Without --password-fd/--prompt a one-time initial password is printed, once."""
     with exit_on_error(as_json):
         given = _read_password(password_fd, prompt)
-        services = _services()
-        password = services.admins.add(name, parse_role(role), given, ADMIN)
+        if (far := remote()) is not None:  # the server enrols the TOTP too: its URI comes back once
+            added = far.call("POST", "/admins", body={"name": name, "role": role, "password": given})
+            password, totp = added["password"], True
+        else:
+            services = _services()
+            password = services.admins.add(name, parse_role(role), given, ADMIN)
         data: dict[str, object] = {"name": name, "role": parse_role(role).value}
         text = f"administrator {name} ({parse_role(role).value}) added"
         if given is None:
             data["password"] = password
             text += f"\ninitial password (shown once):\n{password}"
         if totp:
-            uri = services.admins.enrol_totp(name, ADMIN)
+            uri = added["otpauth_uri"] if far is not None else services.admins.enrol_totp(name, ADMIN)
             data["otpauth_uri"] = uri
             text += f"\nTOTP (shown once; scan or paste it into an authenticator app):\n{uri}"
         else:
@@ -100,21 +105,70 @@ def admin_password(
 def admin_list(as_json: JsonOpt = False) -> None:
     """Administrators with their role, second factor and state."""
     with exit_on_error(as_json):
-        views = _services().admins.list()
+        far = remote()
+        views: list[dict[str, Any]] = (
+            far.call("GET", "/admins") if far is not None else [v.to_dict() for v in _services().admins.list()]
+        )
         if as_json:
-            print(json.dumps([v.to_dict() for v in views], indent=2))
+            print(json.dumps(views, indent=2))
             return
         for v in views:
-            state = "disabled" if v.disabled else (f"locked until {v.locked_until:%H:%M:%S}" if v.locked_until else "")
-            print(f"{v.name:24} {v.role.value:10} totp={'yes' if v.totp else 'no':3} {state}".rstrip())
+            locked = f"locked until {v['locked_until'][11:19]}" if v["locked_until"] else ""
+            state = "disabled" if v["disabled"] else locked
+            print(f"{v['name']:24} {v['role']:10} totp={'yes' if v['totp'] else 'no':3} {state}".rstrip())
 
 
 @admin_app.command("disable")
 def admin_disable(name: str, as_json: JsonOpt = False) -> None:
     """No more log-ins for this administrator; their API tokens and sessions end at once."""
     with exit_on_error(as_json):
-        _services().admins.disable(name, ADMIN)
+        _state(name, "disable")
         _emit({"name": name, "disabled": True}, as_json, f"administrator {name} disabled")
+
+
+@admin_app.command("enable")
+def admin_enable(name: str, as_json: JsonOpt = False) -> None:
+    """Log-ins again for a disabled administrator (API tokens ended by `disable` stay ended)."""
+    with exit_on_error(as_json):
+        _state(name, "enable")
+        _emit({"name": name, "disabled": False}, as_json, f"administrator {name} enabled")
+
+
+@admin_app.command("unlock")
+def admin_unlock(name: str, as_json: JsonOpt = False) -> None:
+    """End a lock-out after repeated failed log-ins."""
+    with exit_on_error(as_json):
+        _state(name, "unlock")
+        _emit({"name": name, "locked_until": None}, as_json, f"administrator {name} unlocked")
+
+
+@admin_app.command("role")
+def admin_role(
+    name: str,
+    role: Annotated[str, typer.Argument(help=f"one of {ROLES}")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Change an administrator's role; their console sessions end."""
+    with exit_on_error(as_json):
+        chosen = parse_role(role)
+        if (far := remote()) is not None:
+            far.call("PUT", _path(name) + "/role", body={"role": chosen.value})
+        else:
+            _services().admins.set_role(name, chosen, ADMIN)
+        _emit({"name": name, "role": chosen.value}, as_json, f"administrator {name} is now {chosen.value}")
+
+
+def _path(name: str) -> str:
+    return "/admins/" + quote(name.strip(), safe="")
+
+
+def _state(name: str, act: str) -> None:
+    """disable, enable or unlock: through the admin API with --server, else on the local store."""
+    if (far := remote()) is not None:
+        far.call("POST", f"{_path(name)}/{act}")
+        return
+    admins = _services().admins
+    {"disable": admins.disable, "enable": admins.enable, "unlock": admins.unlock}[act](name, ADMIN)
 
 
 @admin_app.command("require-passkey")
@@ -125,7 +179,10 @@ def admin_require_passkey(
 ) -> None:
     """From now on only a passkey logs NAME in (a password + TOTP code is refused); NAME must have one."""
     with exit_on_error(as_json):
-        _services().admins.require_passkey(name, not off, ADMIN)
+        if (far := remote()) is not None:
+            far.call("PUT", _path(name) + "/passkey-required", body={"required": not off})
+        else:
+            _services().admins.require_passkey(name, not off, ADMIN)
         state = "no longer needs" if off else "must now log in with"
         _emit({"name": name, "passkey_required": not off}, as_json, f"administrator {name} {state} a passkey")
 

@@ -28,6 +28,7 @@ from mailkms.cli._root import root_passphrase
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
 from mailkms.errors import ConfigError, Conflict, Malformed
+from mailkms.mail import token_mailer
 from mailkms.pki import KeyType, check_admin_passphrase, fingerprint_sha256
 from mailkms.services import (
     BOOTSTRAP_PASSPHRASE_FILE,
@@ -35,10 +36,12 @@ from mailkms.services import (
     AuditReport,
     CAPaths,
     Services,
+    TokenMail,
     UserState,
     health_checks,
     init_ca,
     new_bootstrap_passphrase,
+    normalise_mailbox,
     open_database,
     passphrase_source,
     public_urls,
@@ -80,7 +83,7 @@ ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
 console = Console()
 
 
-REMOTE_TOP = {"user", "revoke", "audit"}
+REMOTE_TOP = {"user", "revoke", "audit", "admin"}
 
 
 @app.callback()
@@ -386,21 +389,29 @@ def user_add(
     email: str,
     name: Annotated[str, typer.Option("--name", help="display name")] = "",
     group: Annotated[str | None, typer.Option(help="policy group (see [policy.groups])")] = None,
+    mail_token: Annotated[
+        bool, typer.Option("--mail-token", help="also send the token to the user as a signed mail")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a user; prints their one-time enrolment token, once."""
     with exit_on_error(as_json):
         if (far := remote()) is not None:
-            added = far.call("POST", "/users", body={"email": email, "name": name, "group": group})
+            body = {"email": email, "name": name, "group": group, "mail_token": mail_token}
+            added = far.call("POST", "/users", body=body)
             token, ttl = added["token"], added["expires_in_days"]
         else:
             services = _services()
             token = services.users.add(email, name, group, ADMIN)
             ttl = services.settings.policy.token_ttl_days
+            if mail_token:
+                mailer = token_mailer(services)
+                mailer.send([TokenMail(normalise_mailbox(email), name, token, mailer.expiry())], ADMIN)
+        mailed = f"\n(also queued as a mail to {email.strip().lower()})" if mail_token else ""
         _emit(
-            {"email": email.strip().lower(), "token": token, "expires_in_days": ttl},
+            {"email": email.strip().lower(), "token": token, "expires_in_days": ttl, "mailed": mail_token},
             as_json,
-            f"one-time enrolment token for {email} (valid {ttl} days, shown once):\n{token}",
+            f"one-time enrolment token for {email} (valid {ttl} days, shown once):\n{token}{mailed}",
         )
 
 

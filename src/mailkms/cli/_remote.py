@@ -18,7 +18,10 @@ from mailkms.config import data_dir_from_env, load_settings
 from mailkms.errors import Internal, MailkmsError, Malformed, ServerUnreachable
 from mailkms.services import Services
 
-REMOTE_COMMANDS = "user add|list|show|reenroll, revoke EMAIL..., audit verify"
+REMOTE_COMMANDS = (
+    "user add|list|show|reenroll, revoke EMAIL..., audit verify, "
+    "admin add|list|role|disable|enable|unlock|require-passkey"
+)
 _BY_STATUS: dict[int, type[MailkmsError]] = {
     400: errors.Malformed,
     401: errors.Unauthorized,

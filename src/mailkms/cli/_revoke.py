@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Annotated
@@ -16,10 +17,12 @@ from mailkms.cli._exit import exit_on_error
 from mailkms.cli._remote import local_services, remote
 from mailkms.errors import CRLNotFound, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
-from mailkms.services import partition_scope
+from mailkms.services import Principal, RevocationReport, Role, Services, normalise_mailbox, partition_scope
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
+ADMIN_NAME = os.environ.get("USER", "unknown")
+ADMIN = f"admin:{ADMIN_NAME}"
+log = logging.getLogger("mailkms.revoke")
 
 REASONS = ", ".join(SUBSCRIBER_REASONS)
 crl_app = typer.Typer(help="The issuing CA's CRL.", no_args_is_help=True)
@@ -27,6 +30,38 @@ console = Console(stderr=True)
 
 
 _services = local_services
+
+
+def _print_waiting(request_id: int, count: int, as_json: bool, approval: dict[str, object]) -> None:
+    """More users than the threshold: nothing revoked, an approval request waits."""
+    if as_json:
+        print(json.dumps({"revoked": [], "approval": approval}, indent=2))
+        return
+    print(
+        f"{count} users is more than [admin] bulk_revoke_approval_threshold: nothing revoked yet.\n"
+        f"approval request {request_id} waits; other administrators approve it in the console "
+        f"(/admin/approvals/{request_id}) or with POST /api/v1/admin/approvals/{request_id}/approve,\n"
+        "and the revocation runs then (or, in an emergency on this machine: --break-glass)"
+    )
+
+
+def _break_glass(services: Services, emails: list[str], reason: str | None) -> list[RevocationReport]:
+    """Revoke at once past the threshold: audited as revoke.break_glass BEFORE acting, logged at ERROR."""
+    threshold = services.settings.admin.bulk_revoke_approval_threshold
+    mailboxes = list(dict.fromkeys(normalise_mailbox(e) for e in emails if e.strip()))
+    if len(mailboxes) > threshold:
+        with services.db.transaction() as session:
+            services.audit.append(
+                session, ADMIN, "revoke.break_glass", f"{len(mailboxes)} users", users=mailboxes, reason=reason
+            )
+        log.error(
+            "BREAK GLASS: %s revokes %d users at once without approvals (threshold %d)",
+            ADMIN,
+            len(mailboxes),
+            threshold,
+        )
+        console.print(f"[bold red]BREAK GLASS[/]: {len(mailboxes)} users revoked without approvals; audited")
+    return services.revocation.revoke_users(mailboxes, reason, ADMIN)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,12 +72,25 @@ def register(app: typer.Typer) -> None:
         reason: Annotated[
             str | None, typer.Option("--reason", help=f"RFC 5280 reason: {REASONS}; omit for none")
         ] = None,
+        break_glass: Annotated[
+            bool,
+            typer.Option(
+                "--break-glass",
+                help="revoke more than [admin] bulk_revoke_approval_threshold users at once, without the "
+                "approvals (audited as revoke.break_glass and logged at ERROR)",
+            ),
+        ] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Revoke all current certificates of users (they become REVOKED), or one certificate by serial.
 
         The CRL is published at once (one new CRL for all users named); OCSP answers change within
         seconds on every node. `mailkms user reenroll EMAIL` is the way back for a user.
+
+        More users than [admin] bulk_revoke_approval_threshold at once start a bulk_revoke approval
+        request instead (as in the console and the admin API): other administrators approve it
+        (console /admin/approvals, or POST /api/v1/admin/approvals/ID/approve) and it runs then.
+        `--break-glass` (on the server's machine only) revokes at once, loudly audited.
         """
         with exit_on_error(as_json):
             if emails and serial:
@@ -52,9 +100,18 @@ def register(app: typer.Typer) -> None:
             if (far := remote()) is not None:
                 if serial:
                     raise Malformed("with --server, name users (EMAIL ...); --serial runs on the server's machine")
-                answers = [
-                    far.call("POST", far.user_path(e) + "/revoke", body={"reason": reason}) for e in emails or []
-                ]
+                if break_glass:
+                    raise Malformed("--break-glass runs on the server's machine only; remotely, ask for approvals")
+                if len(emails or []) > 1:  # the server decides: revoked now, or an approval request
+                    bulk = far.call("POST", "/revocations", body={"emails": emails, "reason": reason})
+                    if bulk["approval"] is not None:
+                        _print_waiting(bulk["approval"]["id"], len(emails or []), as_json, bulk["approval"])
+                        return
+                    answers = bulk["revoked"]
+                else:
+                    answers = [
+                        far.call("POST", far.user_path(e) + "/revoke", body={"reason": reason}) for e in emails or []
+                    ]
                 out = [{**a, "subject": a["email"], "user_revoked": True} for a in answers]
                 if as_json:
                     print(json.dumps({"revoked": out, "crl_number": answers[-1]["crl_number"]}, indent=2))
@@ -65,8 +122,14 @@ def register(app: typer.Typer) -> None:
             services = _services()
             if serial:
                 reports = [services.revocation.revoke_serial(serial, reason, ADMIN)]
+            elif break_glass:
+                reports = _break_glass(services, emails or [], reason)
             else:
-                reports = services.revocation.revoke_users(emails or [], reason, ADMIN)
+                outcome = services.approvals.revoke_many(Principal(ADMIN_NAME, Role.OPERATOR), emails or [], reason)
+                if isinstance(outcome, int):
+                    _print_waiting(outcome, len(emails or []), as_json, services.approvals.show(outcome).to_dict())
+                    return
+                reports = outcome
             crl = services.revocation.latest
             data = {
                 "revoked": [

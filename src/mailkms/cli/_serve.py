@@ -182,6 +182,7 @@ async def serve(
         retry_base=settings.smtp.retry_base_seconds,
         retry_max=settings.smtp.retry_max_seconds,
         lease=dt.timedelta(seconds=settings.outbox.lease_seconds),
+        opener=services.outbox_sealer.open,
     )
     paths = services.ca.paths
     https = _Server(

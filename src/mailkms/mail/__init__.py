@@ -11,7 +11,7 @@ from mailkms.mail._outbox import (
     relay_tls_context,
     sender_for,
 )
-from mailkms.mail._reminders import reminder_sweep
+from mailkms.mail._reminders import reminder_sweep, token_mailer
 from mailkms.mail._sink import MaildirHandler, MailSink, file_into_maildir, mailbox_dir
 from mailkms.mail._templates import TemplateComposer, render, signed_alternative
 
@@ -33,4 +33,5 @@ __all__ = [
     "render",
     "sender_for",
     "signed_alternative",
+    "token_mailer",
 ]

@@ -37,7 +37,7 @@ from sqlalchemy import or_, select, update
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import SMTPConfig
-from mailkms.services import AuditLog
+from mailkms.services import AuditLog, SealedBodyError, is_sealed
 from mailkms.services._outbox import outbox_depth
 from mailkms.store import Database, OutboxMessage
 
@@ -93,6 +93,13 @@ _KINDS = [
     FailureKind("message-refused", "message", True, False, "the relay refused the message (5xx after DATA)"),
     FailureKind("temporary", "message", False, False, "the relay asked to try again later (4xx)"),
     FailureKind("smtp", "relay", False, False, "the relay answered something unexpected"),
+    FailureKind(
+        "sealed",
+        "message",
+        False,
+        True,
+        "this node cannot open the sealed mail: start it with the CA passphrase the mail was sealed under",
+    ),
     FailureKind("other", "message", False, False, "an unexpected error in mailkms (see the server log)"),
 ]
 FAILURE_KINDS: dict[str, FailureKind] = {k.code: k for k in _KINDS}
@@ -127,6 +134,8 @@ def classify(exc: BaseException) -> SendFailure:
 
 def _classify(exc: BaseException) -> SendFailure:
     k = FAILURE_KINDS
+    if isinstance(exc, SealedBodyError):
+        return SendFailure(k["sealed"], str(exc))
     if isinstance(exc, ssl.SSLCertVerificationError):
         return SendFailure(k["tls-verify"], f"certificate verify failed: {exc.verify_message}")
     if isinstance(exc, ssl.SSLError):
@@ -272,6 +281,7 @@ class OutboxWorker:
         worker_id: str | None = None,
         on_sent: Callable[[OutboxMessage], None] | None = None,
         lease: dt.timedelta = LEASE,
+        opener: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
         self._db = db
         self._sender = sender
@@ -282,6 +292,7 @@ class OutboxWorker:
         self.worker_id = worker_id or node_name()
         self._on_sent = on_sent
         self._lease = lease
+        self._opener = opener  # opens sealed bodies (services.OutboxSealer.open); None: none expected
 
     def _claim(self, limit: int) -> list[int]:
         now = self._clock.now()
@@ -324,6 +335,10 @@ class OutboxWorker:
                     continue
                 sender, recipient, body, message_id = row.sender, row.recipient, row.body, row.message_id
             try:
+                if is_sealed(body):
+                    if self._opener is None:
+                        raise SealedBodyError("this worker was started without the server's at-rest key")
+                    body = self._opener(message_id, body)
                 self._sender.send(sender, recipient, body)
             except Exception as exc:  # every failure is classified and kept on the row; nothing is dropped
                 failure = classify(exc)

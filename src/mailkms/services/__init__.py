@@ -65,6 +65,15 @@ from mailkms.services._revocation import CRLView, Revocation, RevocationReport, 
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
 from mailkms.services._status import ConsoleStatus, CRLScope, NextReminder, PoolStatus, ReminderStatus
+from mailkms.services._token_mail import (
+    SEALED_MAGIC,
+    TOKEN_MAIL_PURPOSE,
+    OutboxSealer,
+    SealedBodyError,
+    TokenMail,
+    TokenMailer,
+    is_sealed,
+)
 from mailkms.services._tokens import new_token, token_hash
 from mailkms.services._users import UserAdmin, UserPage, UserView, normalise_mailbox
 
@@ -78,6 +87,8 @@ __all__ = [
     "OFFLINE_ROOT_CRL_VALIDITY",
     "PASSPHRASE_SOURCES",
     "ROLE_PERMISSIONS",
+    "SEALED_MAGIC",
+    "TOKEN_MAIL_PURPOSE",
     "AccountView",
     "AdminAccounts",
     "AdminView",
@@ -131,6 +142,7 @@ __all__ = [
     "OutboxEntry",
     "OutboxListing",
     "OutboxQueue",
+    "OutboxSealer",
     "PairIssuer",
     "PasskeyView",
     "Passkeys",
@@ -152,12 +164,15 @@ __all__ = [
     "Role",
     "RootCeremony",
     "RootFolder",
+    "SealedBodyError",
     "Series",
     "ServerKey",
     "Services",
     "ShareInput",
     "SignerPool",
     "SweepReport",
+    "TokenMail",
+    "TokenMailer",
     "UserAdmin",
     "UserImports",
     "UserPage",
@@ -171,6 +186,7 @@ __all__ = [
     "import_signed",
     "init_ca",
     "is_recorded",
+    "is_sealed",
     "migrate_keys_to_token",
     "migrate_root_key_to_token",
     "names_by_mailbox",

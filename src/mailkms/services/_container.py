@@ -42,6 +42,7 @@ from mailkms.services._revocation import Revocation
 from mailkms.services._signers import SignerPool
 from mailkms.services._signing import CertificateIssuance
 from mailkms.services._status import ConsoleStatus
+from mailkms.services._token_mail import OutboxSealer
 from mailkms.services._tokens import TokenSealer
 from mailkms.services._users import UserAdmin
 from mailkms.store import Certificate, Database
@@ -80,6 +81,7 @@ class Services:
     outbox: OutboxQueue
     checkpoints: AuditCheckpoints
     pool_keyring: PoolKeyring
+    outbox_sealer: OutboxSealer
     refusals: Refusals
     commits: GroupCommit
     signers: SignerPool
@@ -151,6 +153,7 @@ class Services:
                 db, settings.checkpoints_path, ca.paths.audit_public_key, clock, ca.audit_signer
             ),
             pool_keyring=keyring,
+            outbox_sealer=OutboxSealer(keyring),
             refusals=refusals,
             commits=commits,
             signers=signers,

@@ -19,6 +19,7 @@ from sqlalchemy import LargeBinary, func, select, type_coerce, update
 from mailkms.clock import Clock
 from mailkms.errors import Conflict, NotFound
 from mailkms.services._audit import AuditLog
+from mailkms.services._token_mail import SEALED_MAGIC
 from mailkms.store import Database, OutboxMessage
 
 HEAD_BYTES = 4096  # enough of a message for its headers (Subject), without loading whole bodies
@@ -33,6 +34,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 def _subject(head: bytes | None) -> str | None:
     if not head:
         return None
+    if head.startswith(SEALED_MAGIC):
+        return "(sealed: carries a secret)"
     header_block = head.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     try:
         subject = BytesHeaderParser(policy=default_policy).parsebytes(header_block + b"\r\n\r\n")["Subject"]
