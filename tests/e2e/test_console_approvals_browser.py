@@ -13,6 +13,7 @@ axe-core (0 serious) on the approval pages; screenshots saved like the other con
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.e2e.conftest import Deployment, enrolled, init_deployment, openssl
-from tests.e2e.test_console_approvals import _approve
+from tests.e2e.test_console_approvals import _approve, officers_ceremony
 from tests.e2e.test_console_browser import UNLABELLED, _admin, _login, _screenshots, _serious
 from tests.e2e.test_console_browser import browser as browser  # the module's Chromium fixture
 
@@ -42,16 +43,17 @@ class Setup:
     logins: dict[str, tuple[str, pyotp.TOTP]]
     shares: dict[str, Path]  # the old officers' share files
     archived_pem: str  # Alice's archived encryption certificate
-    used: dict[str, str]
+    used: dict[str, int]  # the TOTP time step of each one's last log-in
 
     def login(self, context, name: str):  # type: ignore[no-untyped-def]
-        """A page of `context` logged in as `name`; a TOTP code is taken once, so wait for the next."""
+        """A page of `context` logged in as `name`; a TOTP code is good once (the server keeps the
+        last time step used), so a second log-in waits for a step after the first one ended in."""
         password, totp = self.logins[name]
-        while totp.now() == self.used.get(name):
+        while totp.timecode(dt.datetime.now(dt.UTC)) <= self.used.get(name, -1):
             time.sleep(1)
-        self.used[name] = totp.now()
         page = context.new_page()
         _login(page, self.dep, name, password, totp)
+        self.used[name] = totp.timecode(dt.datetime.now(dt.UTC))
         return page
 
 
@@ -65,19 +67,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         alice = enrolled(dep, work, ALICE)
         state = json.loads((alice.home / "state.json").read_text())
         (archived_pem,) = state["encryption_history"].values()
-        recovery = dep.data / "recovery"
-        (work / "officers.pass").write_text("".join(p + "\n" for p in OLD.values()))
-        names = [arg for name in OLD for arg in ("--officer", name)]
-        ceremony = json.loads(
-            dep.admin(
-                "recovery", "init", "--officers", "3", "--threshold", "2", *names,
-                "--passphrase-file", str(work / "officers.pass"),
-                "--share", str(next(recovery.glob("share-*-bootstrap.json"))),
-                "--share-passphrase-file", str(recovery / "bootstrap-passphrase"),
-                "--out-dir", str(work / "shares"), "--json",
-            ).out
-        )  # fmt: skip
-        shares = dict(zip(OLD, (Path(p) for p in ceremony["share_files"]), strict=True))
+        shares = dict(zip(OLD, officers_ceremony(dep, work, OLD), strict=True))
         yield Setup(dep, work, logins, shares, archived_pem, {})
     finally:
         dep.stop()
