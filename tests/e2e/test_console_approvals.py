@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import ClientHome, enrolled, init_deployment, openssl
+from tests.e2e.conftest import ClientHome, Deployment, enrolled, init_deployment, openssl
 from tests.e2e.test_console_browser import CHROMIUM, _admin, _login
 from tests.smime_support import require_tools
 
@@ -35,6 +35,24 @@ def chromium() -> Iterator[object]:
         browser.close()
 
 
+def officers_ceremony(dep: Deployment, work: Path, officers: dict[str, str]) -> list[Path]:
+    """`mailkms recovery init` from the bootstrap share: a 2-of-N split to `officers` (name:
+    passphrase); their share files, in that order, under work/shares."""
+    recovery = dep.data / "recovery"
+    (work / "officers.pass").write_text("".join(p + "\n" for p in officers.values()))
+    names = [arg for name in officers for arg in ("--officer", name)]
+    ceremony = json.loads(
+        dep.admin(
+            "recovery", "init", "--officers", str(len(officers)), "--threshold", "2", *names,
+            "--passphrase-file", str(work / "officers.pass"),
+            "--share", str(next(recovery.glob("share-*-bootstrap.json"))),
+            "--share-passphrase-file", str(recovery / "bootstrap-passphrase"),
+            "--out-dir", str(work / "shares"), "--json",
+        ).out
+    )  # fmt: skip
+    return [Path(p) for p in ceremony["share_files"]]
+
+
 def _approve(page, share: Path, passphrase: str) -> None:  # type: ignore[no-untyped-def]
     page.get_by_label("Your share file").set_input_files(str(share))
     page.get_by_label("Share passphrase").fill(passphrase)
@@ -50,19 +68,7 @@ def test_two_officer_recovery_in_two_browser_contexts(chromium, tmp_path: Path) 
         alice = enrolled(dep, tmp_path, ALICE)
         old_state = json.loads((alice.home / "state.json").read_text())
         (old_serial,) = old_state["encryption_history"]
-        recovery = dep.data / "recovery"
-        (tmp_path / "officers.pass").write_text("".join(p + "\n" for p in OFFICERS.values()))
-        names = [arg for name in OFFICERS for arg in ("--officer", name)]
-        ceremony = json.loads(
-            dep.admin(
-                "recovery", "init", "--officers", "3", "--threshold", "2", *names,
-                "--passphrase-file", str(tmp_path / "officers.pass"),
-                "--share", str(next(recovery.glob("share-*-bootstrap.json"))),
-                "--share-passphrase-file", str(recovery / "bootstrap-passphrase"),
-                "--out-dir", str(tmp_path / "shares"), "--json",
-            ).out
-        )  # fmt: skip
-        olga_share, _, quinn_share = (Path(p) for p in ceremony["share_files"])
+        olga_share, _, quinn_share = officers_ceremony(dep, tmp_path, OFFICERS)
 
         first = chromium.new_context(ignore_https_errors=True)
         page = first.new_page()

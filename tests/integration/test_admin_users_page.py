@@ -93,7 +93,10 @@ def test_state_filters_agree_with_renewal_state(grouped, clock) -> None:
         for state in UserState:
             page = svc.users.page(state=state, limit=500)
             got = {u.email for u in page.users}
-            assert page.total == len(got)
+            assert page.total == len(got) and page.exact
+            capped = svc.users.page(state=state, limit=2, count_up_to=5)  # the console's bounded count
+            n = len(got)
+            assert (capped.total, capped.exact) == ((n, True) if n <= 5 else (5, False)), (state, n)
             assert got == truth.get(state, set()), (
                 f"{state} at {now}: extra {got - truth.get(state, set())}, missing {truth.get(state, set()) - got}"
             )
@@ -120,3 +123,17 @@ def test_paging_is_stable_and_counts_everything(services) -> None:
     assert [u.email for u in services.users.page(query="PERSON 1", limit=50).users] == [
         f"p{i:02d}@example.org" for i in (1, *range(10, 20))
     ]
+
+
+def test_bounded_count_stops_but_never_short_of_the_page(services) -> None:
+    """count_up_to: "more than N" once N match; never less than the end of the page asked for."""
+    for i in range(23):
+        services.users.add(f"b{i:02d}@example.org", f"Bounded {i}", None, "admin:test")
+    first = services.users.page(limit=10, count_up_to=15)
+    assert (first.total, first.exact, len(first.users)) == (15, False, 10)
+    deep = services.users.page(offset=20, limit=10, count_up_to=15)  # the bound moves to the page's end
+    assert (deep.total, deep.exact, len(deep.users)) == (23, True, 3)
+    assert (services.users.page(limit=10, count_up_to=23).total, services.users.page(count_up_to=23).exact) == (
+        23,
+        True,
+    )

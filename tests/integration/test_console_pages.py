@@ -255,3 +255,20 @@ def test_status_pages_and_group_filter(svc, clock) -> None:
     default = au.get("/admin/users", params={"group": "-"}).text
     assert "s1@example.org" in default and "s2@example.org" in default and "s0@example.org" not in default
     assert "2 users" in default
+
+
+def test_users_list_says_more_than_when_its_count_stops(data_dir, db_url, clock, monkeypatch) -> None:
+    """The list counts matches only so far (10,000 in use; 3 here) and then says "more than", with a
+    next page still offered; below the bound the count is exact."""
+    import mailkms.api._console as console
+
+    monkeypatch.setattr(console, "COUNT_UP_TO", 3)
+    svc = Services.build(store_settings(data_dir, db_url, admin={"page_size": 2}), clock)
+    for i in range(5):
+        svc.users.add(f"m{i}@example.org", "", None, "admin:test")
+    au, _ = _client(svc, "aldo", Role.AUDITOR, clock.now())
+    first = au.get("/admin/users").text
+    assert "More than 3 users; page 1 of more than 2." in first and 'rel="next"' in first
+    last = au.get("/admin/users", params={"page": 3}).text  # the bound moves to the page's end: exact
+    assert "5 users; page 3 of 3." in last and 'rel="next"' not in last and "m4@example.org" in last
+    svc.close()

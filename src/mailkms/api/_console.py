@@ -55,6 +55,7 @@ def error_page(request: Request, exc: MailkmsError) -> Response:
     return render("error.html", exc.http_status, error=exc, me=session.principal if session else None, csrf=None)
 
 
+COUNT_UP_TO = 10_000  # the users list counts matches this far, then says "more than 10,000"
 DEFAULT_GROUP = "-"  # the users list's filter value for users in no policy group
 
 
@@ -209,8 +210,9 @@ def console_router(services: Services) -> APIRouter:
             group=parse_group(group),
             offset=(page_no - 1) * size,
             limit=size,
+            count_up_to=COUNT_UP_TO,
         )
-        pages = max(1, -(-result.total // size))
+        pages = max(1, -(-result.total // size))  # at least, when the count stopped (not result.exact)
         keep = "&".join(
             f"{k}={quote(str(v))}"
             for k, v in (("state", state), ("due", due), ("q", q), ("group", group))

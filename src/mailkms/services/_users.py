@@ -89,12 +89,14 @@ class UserView:
 
 @dataclass(frozen=True)
 class UserPage:
-    """One page of users in e-mail order, and how many match the filters in all."""
+    """One page of users in e-mail order, and how many match the filters in all (`exact`), or at
+    least (`exact` False: more than `total` match; the count stopped there)."""
 
     users: tuple[UserView, ...]
     total: int
     offset: int
     limit: int
+    exact: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -318,10 +320,12 @@ class UserAdmin:
         group: str | None = None,
         offset: int = 0,
         limit: int = 50,
+        count_up_to: int | None = None,
     ) -> UserPage:
         """Server-side paging and filtering (state, certificates expiring within N days, text in the
         mailbox or name, policy group: "" for the default) on indexed columns; the states agree
-        with `renewal_state`."""
+        with `renewal_state`. `count_up_to`: count the matches only that far (or to the end of this
+        page if further), as large consoles say "more than 10,000"; None counts them all."""
         if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= 500:
             raise Malformed(f"offset must be 0..{MAX_OFFSET} and limit 1..500")
         if due_within_days is not None and not 0 <= due_within_days <= MAX_DAYS:
@@ -347,7 +351,13 @@ class UserAdmin:
                 query_ = select(what)
                 return (query_.outerjoin(cert, joined) if needs_cert else query_).where(*conds)
 
-            total = session.execute(filtered(func.count(User.id))).scalar_one()
+            if count_up_to is None:
+                total, exact = session.execute(filtered(func.count(User.id))).scalar_one(), True
+            else:  # the planner's own way (a date index for states), stopping after `bound` + 1 matches
+                bound = max(count_up_to, offset + limit)
+                counted = filtered(User.id).limit(bound + 1).subquery()
+                total = session.execute(select(func.count()).select_from(counted)).scalar_one()
+                total, exact = min(total, bound), total <= bound
             # In e-mail order (the unique index), each user's certificate found by (user, kind,
             # generation): the database stops after offset + limit matches. The dates are wrapped so
             # that no planner drives this from a date index and sorts every match by e-mail (1 s at
@@ -356,7 +366,7 @@ class UserAdmin:
                 conds = [probe_dates(c, cert) for c in conds]
             ids = list(session.execute(filtered(User).order_by(User.email).offset(offset).limit(limit)).scalars())
             views = tuple(self._view(session, u, with_certs=False) for u in ids)
-        return UserPage(views, int(total), offset, limit)
+        return UserPage(views, int(total), offset, limit, exact)
 
     def _state_condition(
         self, session: Session, state: UserState, cert: type[Certificate], live: ColumnElement[bool], now: dt.datetime
