@@ -364,6 +364,9 @@ class CAContext:
         self.root_crl: x509.CertificateRevocationList | None = None
         self.infrastructure: SoftSigner | None = None  # None on installs from before: TLS from the root
         self.infrastructure_crl: x509.CertificateRevocationList | None = None
+        # Issuing CA certificates of keys replaced by `mailkms ca rekey` (DATA/ca/previous/*/): what
+        # they issued is still this CA's (renewal, chains); no key of theirs is loaded.
+        self.previous_issuing: list[x509.Certificate] = _previous_issuing(paths)
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
@@ -448,6 +451,10 @@ class CAContext:
         self._audit_key = key
         return key
 
+    def issued_here(self, cert: x509.Certificate) -> bool:
+        """Signed by the issuing CA's current key or by one `mailkms ca rekey` replaced."""
+        return any(issued_by(cert, ca) for ca in (self.issuing.certificate, *self.previous_issuing))
+
     def _root_signer(self) -> SoftSigner:
         # The root key is opened only for the root CRL (and the TLS certificate of installs from
         # before the infrastructure CA), never per request; an offline root is never opened here.
@@ -518,7 +525,7 @@ class CAContext:
         if (
             current is not None
             and current.certificate.not_valid_after_utc - now >= OCSP_RESPONDER_RENEW_BEFORE
-            and current.certificate.issuer == self.issuing.certificate.subject
+            and issued_by(current.certificate, self.issuing.certificate)  # a new issuing key: a new responder
         ):
             return
         # Same family as the CA, so a relying party that verifies the CA verifies the responder.
@@ -595,6 +602,7 @@ class CAContext:
         if issuing is not None:
             self.issuing = issuing
             self.issuer = Issuer(issuing, self.urls)
+            self.previous_issuing = _previous_issuing(self.paths)
             changed.append("issuing-ca")
         if infra is not None:
             self.infrastructure = infra
@@ -709,6 +717,13 @@ class CAContext:
         if self.mail_signer is None:
             raise Internal("the server has no mail-signing certificate")
         return self.mail_signer
+
+
+def _previous_issuing(paths: CAPaths) -> list[x509.Certificate]:
+    """The issuing CA certificates `mailkms ca rekey` kept (DATA/ca/previous/<SKI>/), oldest first."""
+    folder = paths.ca_dir / "previous"
+    certs = [_load_cert(p) for p in folder.glob("*/issuing.crt.pem")] if folder.exists() else []
+    return sorted(certs, key=lambda c: c.not_valid_before_utc)
 
 
 def _tls_names(cert: x509.Certificate) -> set[str]:
