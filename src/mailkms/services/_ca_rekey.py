@@ -40,10 +40,6 @@ def key_id(cert: x509.Certificate) -> str:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
 
 
-def previous_dir(paths: CAPaths) -> Path:
-    return paths.ca_dir / "previous"
-
-
 def rekey_issuing_ca(paths: CAPaths, passphrase: bytes, key_store: str, urls: PublicURLs, now: dt.datetime) -> Rekeyed:
     """A new issuing key and certificate from the online root; the old pair moved to previous/<SKI>/.
     The new certificate is written last, so a server reloading in between still sees a matching pair
@@ -62,7 +58,7 @@ def rekey_issuing_ca(paths: CAPaths, passphrase: bytes, key_store: str, urls: Pu
     if old_key.public_key() != old.public_key():
         raise Internal(f"{paths.issuing_key} is not the key of {paths.issuing_cert}")
     old_id = key_id(old)
-    kept = previous_dir(paths) / old_id
+    kept = paths.previous_dir / old_id
     if kept.exists():
         raise Conflict(f"{kept} exists already")
     keys = KeyMaker(passphrase, key_store)
