@@ -68,6 +68,19 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
     # The old key's answers are signed by the old CA itself; the new key's by its delegated responder.
     old_answer = ocsp.load_der_ocsp_response(services.ocsp.answer(_ocsp_request(ann.signing, old_ca)).der)
     assert old_answer.certificates == [old_ca]
+    # Both issuing CA certificates are published by key identifier (the AIA's /ca/issuing.crt is the current one).
+    from fastapi.testclient import TestClient
+
+    from mailkms.api import create_http_app
+
+    client = TestClient(create_http_app(services))
+    for ca in (old_ca, new_ca):
+        got = client.get(
+            f"/ca/issuing/{ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()}.crt"
+        )
+        assert got.status_code == 200 and x509.load_der_x509_certificate(got.content) == ca
+    assert x509.load_der_x509_certificate(client.get("/ca/issuing.crt").content) == new_ca
+    assert client.get("/ca/issuing/00.crt").status_code == 404
     # A serial asked of the wrong issuer is not that issuer's: unauthorized, unsigned.
     assert services.ocsp.answer(_ocsp_request(ann.signing, new_ca)).status == "unused"
     assert services.ocsp.answer(_ocsp_request(ben.signing, old_ca)).status == "unused"
