@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -82,6 +83,20 @@ def publication_router(services: Services) -> APIRouter:
     @router.get("/ca/issuing.crt", response_class=Response, summary="Issuing CA certificate (DER)")
     def issuing_der() -> Response:
         return Response(ca.issuing.certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+
+    @router.get(
+        "/ca/issuing/{key_id}.crt",
+        response_class=Response,
+        summary="An issuing CA certificate by its Subject Key Identifier (hex): the current key's or one "
+        "`mailkms ca rekey` replaced (DER)",
+        responses={404: {}},
+    )
+    def issuing_by_key(key_id: str) -> Response:
+        for cert in (ca.issuing.certificate, *ca.previous_issuing):
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            if ski.hex() == key_id.lower():
+                return Response(cert.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+        raise NotFound("no issuing CA certificate of this server has that key identifier")
 
     @router.get(
         "/ca/infrastructure.crt",

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import func, select
 
 from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
@@ -40,10 +41,12 @@ from mailkms.services import (
     migrate_keys_to_token,
     migrate_root_key_to_token,
     public_urls,
+    rekey_issuing_ca,
     request_intermediate,
     set_key_store_in_config,
     take_root_offline,
 )
+from mailkms.store._models import Certificate
 
 ROOT_PASSPHRASE_ENV = "MAILKMS_ROOT_PASSPHRASE"
 ADMIN = f"admin:{os.environ.get('USER', 'unknown')}"
@@ -293,6 +296,64 @@ def register(ca_app: typer.Typer) -> None:
                 + "\nthe key files were removed; restart `mailkms serve`",
             )
 
+    @ca_app.command("rekey")
+    def ca_rekey(
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                help="rekey although the current key has live subscriber certificates (their CRL and OCSP "
+                "will be signed by the new key only: not checkable; README)",
+            ),
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """A new key pair for the S/MIME issuing CA (same name, new key identifier), signed by the online
+        root; the old certificate and key are kept in DATA/ca/previous/. Running servers take it within
+        [ca] reload_check_seconds, or at once on SIGHUP."""
+        with exit_on_error(as_json):
+            paths, passphrase = _server_ca()
+            settings = load_settings(data_dir_from_env())
+            clock = SystemClock()
+            services = Services.build(settings, clock)
+            try:
+                now = clock.now()
+                live = _live_subscriber_certificates(services, now)
+                if live and not force:
+                    raise Conflict(
+                        f"the issuing CA key has {live} live subscriber certificates: after a rekey their CRL and "
+                        "OCSP answers would be signed by the new key, which relying parties reject (per-key CRLs "
+                        "are not built yet). Rekey when they have expired or been renewed, or give --force"
+                    )
+                done = rekey_issuing_ca(paths, passphrase, settings.ca.key_store, public_urls(settings), now)
+                with services.db.transaction() as session:
+                    services.audit.append(
+                        session,
+                        ADMIN,
+                        "ca.rekeyed",
+                        "issuing-ca",
+                        old_key_id=done.old_key_id,
+                        new_key_id=done.new_key_id,
+                        serial=f"{done.serial:x}",
+                        not_after=done.not_after,
+                        live_certificates=live,
+                    )
+            finally:
+                services.close()
+            _emit(
+                {
+                    "old_key_id": done.old_key_id,
+                    "new_key_id": done.new_key_id,
+                    "serial": f"{done.serial:x}",
+                    "not_after": done.not_after.isoformat(),
+                    "kept_in": str(done.kept_in),
+                },
+                as_json,
+                f"the issuing CA has a new key {done.new_key_id} (certificate {done.serial:x}, until "
+                f"{done.not_after:%Y-%m-%d}); the old one ({done.old_key_id}) is kept in {done.kept_in}.\n"
+                "Running servers take it within [ca] reload_check_seconds, or at once on SIGHUP.",
+            )
+
     @ca_app.command("move-root")
     def ca_move_root(
         folder: Annotated[Path, typer.Argument(help="the root folder to create (removable disk)")],
@@ -316,6 +377,16 @@ def register(ca_app: typer.Typer) -> None:
                 f"the root key is now only in {folder} (encrypted under the root passphrase) and was removed "
                 "from the data folder.\nKeep the folder offline; restart `mailkms serve`.",
             )
+
+
+def _live_subscriber_certificates(services: Services, now: dt.datetime) -> int:
+    """Unrevoked, unexpired S/MIME certificates of users (the server's own are re-issued by itself)."""
+    kinds = (CertKind.SIGNING.value, CertKind.ENCRYPTION.value)
+    with services.db.read_only() as session:
+        query = select(func.count(Certificate.id)).where(
+            Certificate.kind.in_(kinds), Certificate.revoked_at.is_(None), Certificate.not_after > now
+        )
+        return int(session.scalar(query) or 0)
 
 
 def _server_ca() -> tuple[CAPaths, bytes]:

@@ -24,6 +24,7 @@ from mailkms.services._ca import (
     tls_hostnames,
 )
 from mailkms.services._ca_import import Imported, import_signed, request_intermediate, take_root_offline
+from mailkms.services._ca_rekey import Rekeyed, rekey_issuing_ca
 from mailkms.services._cmp import CMP
 from mailkms.services._container import Services, open_database, public_urls
 from mailkms.services._crl_partitions import ISSUING_SCOPE, CRLJob, CRLPartitions, CRLWorkers, partition_scope
@@ -154,6 +155,7 @@ __all__ = [
     "RecoveryResult",
     "Refusals",
     "Refused",
+    "Rekeyed",
     "ReminderStatus",
     "ReminderSweep",
     "Renewal",
@@ -201,6 +203,7 @@ __all__ = [
     "passphrase_source",
     "public_urls",
     "queue_message",
+    "rekey_issuing_ca",
     "renewal_state",
     "request_intermediate",
     "search_records",

@@ -98,6 +98,10 @@ class CAPaths:
         return self.ca_dir / "retired"  # intermediates replaced by `mailkms ca import`
 
     @property
+    def previous_dir(self) -> Path:
+        return self.ca_dir / "previous"  # issuing CA keys replaced by `mailkms ca rekey`, one folder per SKI
+
+    @property
     def root_offline(self) -> bool:
         """No root key in the data folder: the root is at a ceremony's folder (`init --offline-root`)."""
         return not self.root_key.exists()
@@ -364,6 +368,10 @@ class CAContext:
         self.root_crl: x509.CertificateRevocationList | None = None
         self.infrastructure: SoftSigner | None = None  # None on installs from before: TLS from the root
         self.infrastructure_crl: x509.CertificateRevocationList | None = None
+        # Issuing CA certificates of keys replaced by `mailkms ca rekey` (DATA/ca/previous/*/): what
+        # they issued is still this CA's (renewal, chains); no key of theirs is loaded.
+        self.previous_issuing: list[x509.Certificate] = _previous_issuing(paths)
+        self.previous_signers: list[SoftSigner] = previous_issuing_signers(paths, passphrase)
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
@@ -406,6 +414,9 @@ class CAContext:
     def issuing_certificate(self) -> x509.Certificate:
         return self.issuing.certificate
 
+    def previous_issuers(self) -> list[SoftSigner]:
+        return self.previous_signers
+
     def require_ocsp_responder(self) -> SoftSigner:
         if self.ocsp_responder is None:
             raise Internal("the server has no OCSP responder certificate")
@@ -447,6 +458,10 @@ class CAContext:
             write_atomically(self.paths.audit_public_key, public)
         self._audit_key = key
         return key
+
+    def issued_here(self, cert: x509.Certificate) -> bool:
+        """Signed by the issuing CA's current key or by one `mailkms ca rekey` replaced."""
+        return any(issued_by(cert, ca) for ca in (self.issuing.certificate, *self.previous_issuing))
 
     def _root_signer(self) -> SoftSigner:
         # The root key is opened only for the root CRL (and the TLS certificate of installs from
@@ -495,6 +510,7 @@ class CAContext:
             signer is None
             or signer.certificate.not_valid_after_utc - now < MAIL_SIGNER_RENEW_BEFORE
             or mail_from.lower() not in [m.lower() for m in _mailboxes(signer.certificate)]
+            or not issued_by(signer.certificate, self.issuing.certificate)  # `ca rekey`: chains to the new key
         ):
             validity = subscriber_validity(now, MAIL_SIGNER_MONTHS)
             if validity.not_after > self.issuing.certificate.not_valid_after_utc:
@@ -518,7 +534,7 @@ class CAContext:
         if (
             current is not None
             and current.certificate.not_valid_after_utc - now >= OCSP_RESPONDER_RENEW_BEFORE
-            and current.certificate.issuer == self.issuing.certificate.subject
+            and issued_by(current.certificate, self.issuing.certificate)  # a new issuing key: a new responder
         ):
             return
         # Same family as the CA, so a relying party that verifies the CA verifies the responder.
@@ -595,6 +611,8 @@ class CAContext:
         if issuing is not None:
             self.issuing = issuing
             self.issuer = Issuer(issuing, self.urls)
+            self.previous_issuing = _previous_issuing(self.paths)
+            self.previous_signers = previous_issuing_signers(self.paths, self._passphrase)
             changed.append("issuing-ca")
         if infra is not None:
             self.infrastructure = infra
@@ -709,6 +727,27 @@ class CAContext:
         if self.mail_signer is None:
             raise Internal("the server has no mail-signing certificate")
         return self.mail_signer
+
+
+def _previous_issuing(paths: CAPaths) -> list[x509.Certificate]:
+    """The issuing CA certificates `mailkms ca rekey` kept (DATA/ca/previous/<SKI>/), oldest first."""
+    folder = paths.previous_dir
+    certs = [_load_cert(p) for p in folder.glob("*/issuing.crt.pem")] if folder.exists() else []
+    return sorted(certs, key=lambda c: c.not_valid_before_utc)
+
+
+def previous_issuing_signers(paths: CAPaths, passphrase: bytes) -> list[SoftSigner]:
+    """The keys `mailkms ca rekey` replaced, with their certificates, while these are valid: they sign
+    the OCSP answers for what they issued (RFC 6960 §4.2.2.2: the CA that issued the certificate).
+    Loaded once per process (and at a reload), never per request."""
+    folder = paths.previous_dir
+    signers = []
+    for cert_path in sorted(folder.glob("*/issuing.crt.pem")) if folder.exists() else []:
+        cert = _load_cert(cert_path)
+        key_path = cert_path.with_name("issuing.key.pem")
+        if key_exists(key_path):
+            signers.append(SoftSigner(cert, load_key_at(key_path, passphrase)))
+    return sorted(signers, key=lambda s: s.certificate.not_valid_before_utc)
 
 
 def _tls_names(cert: x509.Certificate) -> set[str]:

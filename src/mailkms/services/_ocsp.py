@@ -47,7 +47,7 @@ from mailkms.pki import (
     parse_request,
     sign_response,
 )
-from mailkms.services._ca import CAPaths, load_key_at
+from mailkms.services._ca import CAPaths, load_key_at, previous_issuing_signers
 from mailkms.services._issuance import serial_hex
 from mailkms.store import Certificate, Database
 
@@ -75,6 +75,25 @@ class _Signed:
     responder: x509.Certificate
 
 
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    hashes: dict[str, tuple[bytes, bytes]]
+    signer: SoftSigner | None  # None: the current key, answered by the delegated responder
+    ski: bytes | None
+
+
+def _ski(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+def _aki(der: bytes) -> bytes | None:
+    try:
+        ext = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    return ext.value.key_identifier
+
+
 class ResponderKeys(Protocol):
     """What an OCSP responder signs with: the CA's CAContext in `serve`, files in an OCSP-only process."""
 
@@ -82,6 +101,8 @@ class ResponderKeys(Protocol):
     def issuing_certificate(self) -> x509.Certificate: ...
 
     def require_ocsp_responder(self) -> CASigner: ...
+
+    def previous_issuers(self) -> list[SoftSigner]: ...
 
 
 class FileResponderKeys:
@@ -94,6 +115,7 @@ class FileResponderKeys:
         self.issuing_certificate = x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
         self._stamp = -1
         self._signer: SoftSigner | None = None
+        self._previous: list[SoftSigner] = []
         self.refresh()
 
     def refresh(self) -> bool:
@@ -107,7 +129,13 @@ class FileResponderKeys:
         cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
         key = load_key_at(self._paths.ocsp_key, self._passphrase)
         self._signer, self._stamp = SoftSigner(cert, key), stamp
+        # A rekey re-issues the responder: the issuing CA and the replaced keys are read again with it.
+        self.issuing_certificate = x509.load_pem_x509_certificate(self._paths.issuing_cert.read_bytes())
+        self._previous = previous_issuing_signers(self._paths, self._passphrase)
         return True
+
+    def previous_issuers(self) -> list[SoftSigner]:
+        return self._previous
 
     def require_ocsp_responder(self) -> SoftSigner:
         if self._signer is None:
@@ -129,13 +157,32 @@ class OCSPResponder:
         self._executor: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(self._cfg.ocsp_sign_threads + self._cfg.ocsp_sign_queue)
         self._pending = 0
-        self._hashes: dict[str, tuple[bytes, bytes]] | None = None
+        # Per issuing CA certificate (the current one, and those of keys `ca rekey` replaced): its
+        # CertID hashes and who signs for it; recomputed when the CA files change (rekey, import).
+        self._issuers: tuple[tuple[x509.Certificate, ...], list[_Issuer]] | None = None
         self._synced_at = clock.now()
 
-    def _issuer_hashes(self, responder: CASigner) -> dict[str, tuple[bytes, bytes]]:
-        if self._hashes is None:
-            self._hashes = issuer_hashes(self._ca.issuing_certificate, responder.certificate)
-        return self._hashes
+    def _signer_for(self, query: OCSPQuery) -> tuple[CASigner, bytes | None] | None:
+        """Who answers for the CertID's issuer: the delegated responder for the current key, the
+        replaced CA key itself for its own certificates (with that CA's SKI, to check the serial's
+        issuer); None when the issuer is not ours."""
+        responder = self._ca.require_ocsp_responder()
+        previous = self._ca.previous_issuers()
+        current = (self._ca.issuing_certificate, responder.certificate, *(p.certificate for p in previous))
+        if self._issuers is None or self._issuers[0] != current:
+            issuers = [_Issuer(issuer_hashes(self._ca.issuing_certificate, responder.certificate), None, None)]
+            # A rekey keeps the CA's name: the responder's issuer name is the replaced keys' too.
+            issuers += [
+                _Issuer(issuer_hashes(p.certificate, responder.certificate), p, _ski(p.certificate)) for p in previous
+            ]
+            self._issuers = (current, issuers)
+        wanted = (query.issuer_name_hash, query.issuer_key_hash)
+        for issuer in self._issuers[1]:
+            if issuer.hashes.get(query.hash_name) == wanted:
+                if issuer.signer is None:  # the current key: it checks AKIs only when there are others
+                    return responder, (_ski(self._ca.issuing_certificate) if len(self._issuers[1]) > 1 else None)
+                return issuer.signer, issuer.ski
+        return None
 
     def answer_cached(self, request_der: bytes) -> OCSPAnswer | None:
         """The fast path (no I/O, no signature): a fresh cached answer, a refusal, or None."""
@@ -151,10 +198,14 @@ class OCSPResponder:
         if isinstance(found, OCSPAnswer):
             return found
         query = found
-        state = self._state_of(query)
+        found_signer = self._signer_for(query)
+        if found_signer is None:
+            return OCSPAnswer(UNAUTHORIZED_RESPONSE, "unauthorized")
+        responder = found_signer[0]
+        ski = found_signer[1]
+        state = self._state_of(query) if ski is None else self._state_of(query, ski)
         if state.status is CertStatus.UNKNOWN:
             return OCSPAnswer(UNAUTHORIZED_RESPONSE, "unused")
-        responder = self._ca.require_ocsp_responder()
         now = self._clock.now()
         try:
             der = sign_response(responder, query, state, now=now, validity=self._validity)
@@ -213,9 +264,10 @@ class OCSPResponder:
             query = parse_request(request_der)
         except Malformed:
             return OCSPAnswer(MALFORMED_RESPONSE, "malformed")
-        responder = self._ca.require_ocsp_responder()
-        if self._issuer_hashes(responder).get(query.hash_name) != (query.issuer_name_hash, query.issuer_key_hash):
+        found = self._signer_for(query)
+        if found is None:
             return OCSPAnswer(UNAUTHORIZED_RESPONSE, "unauthorized")  # RFC 5019 §2.2.3: not our CA
+        responder = found[0]
         now = self._clock.now()
         with self._lock:
             hit = self._cache.get((query.serial, query.hash_name))
@@ -228,16 +280,27 @@ class OCSPResponder:
         # Caches in front of us may keep an answer only until we would re-sign it.
         return max(0, int((signed.signed_at + self._refresh - now).total_seconds()))
 
-    def _state_of(self, query: OCSPQuery) -> CertState:
+    def _state_of(self, query: OCSPQuery, issuer_ski: bytes | None = None) -> CertState:
+        """With `issuer_ski` (the CA has more than one key) the certificate must name that key as its
+        authority key, else it is not that issuer's: unknown."""
+        revoked_at: dt.datetime | None
+        reason: str | None
         with self._db.read_only() as session:
-            row = session.execute(
-                select(Certificate.revoked_at, Certificate.revocation_reason).where(
-                    Certificate.serial == serial_hex(query.serial)
-                )
-            ).one_or_none()
-        if row is None:
-            return CertState(CertStatus.UNKNOWN)
-        revoked_at, reason = row
+            where = Certificate.serial == serial_hex(query.serial)
+            if issuer_ski is None:
+                row = session.execute(
+                    select(Certificate.revoked_at, Certificate.revocation_reason).where(where)
+                ).one_or_none()
+                if row is None:
+                    return CertState(CertStatus.UNKNOWN)
+                revoked_at, reason = row
+            else:
+                full = session.execute(
+                    select(Certificate.revoked_at, Certificate.revocation_reason, Certificate.der).where(where)
+                ).one_or_none()
+                if full is None or _aki(full[2]) != issuer_ski:
+                    return CertState(CertStatus.UNKNOWN)
+                revoked_at, reason = full[0], full[1]
         if revoked_at is None:
             return CertState(CertStatus.GOOD)
         return CertState(CertStatus.REVOKED, revoked_at, SUBSCRIBER_REASONS.get(reason) if reason else None)

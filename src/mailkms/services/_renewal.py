@@ -25,7 +25,7 @@ from mailkms.errors import (
     UnknownIssuer,
     URLMismatch,
 )
-from mailkms.pki import CheckedCSR, PrivateKey, SignedRequest, check_csr, issued_by, verify_request
+from mailkms.pki import CheckedCSR, PrivateKey, SignedRequest, check_csr, verify_request
 from mailkms.services._audit import AuditLog
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext
@@ -77,7 +77,7 @@ class Renewal:
             raise URLMismatch(f"the request was signed for {request.url!r}, not {url!r}")
         # Checks that cost no write come first: only a request signed by a certificate of this CA
         # spends (writes) its nonce.
-        if not issued_by(request.certificate, self._ca.issuing.certificate):
+        if not self._ca.issued_here(request.certificate):
             raise UnknownIssuer("the signing certificate was not issued by this CA")
         self._nonces.consume(request.nonce)
         return request
@@ -126,7 +126,7 @@ class Renewal:
         `csr` is a PKCS#10, or the key and names of a request already checked (CMP's CRMF)."""
         proven: list[str] = []
         try:
-            if not issued_by(certificate, self._ca.issuing.certificate):
+            if not self._ca.issued_here(certificate):
                 raise UnknownIssuer("the signing certificate was not issued by this CA")
             key = self._issuer.key_in_advance()
 
