@@ -79,6 +79,10 @@ def test_a_superuser_manages_administrators_over_the_api(services, clock) -> Non
     assert no_passkey.status_code == 400 and "passkey" in no_passkey.json()["detail"]
     off = client.put("/api/v1/admin/admins/olga/passkey-required", json={"required": False}, headers=h)
     assert off.status_code == 200 and off.json()["passkey_required"] is False
+    # a bearer token may not lift (or set) its own owner's passkey rule: another superuser or the CLI
+    assert (
+        client.put("/api/v1/admin/admins/sue/passkey-required", json={"required": False}, headers=h).status_code == 403
+    )
     assert client.get("/api/v1/admin/admins/nobody", headers=h).status_code == 404
 
     for action, subject in [

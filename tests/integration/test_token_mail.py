@@ -234,3 +234,27 @@ def test_sealing_cost_is_small(services) -> None:  # type: ignore[no-untyped-def
     per_mail = (time.perf_counter() - start) / 1000
     print(f"seal+open of 8 KiB: {per_mail * 1e6:.1f} µs")
     assert per_mail < 0.005
+
+
+def test_a_token_mail_that_cannot_be_queued_still_shows_the_token(  # type: ignore[no-untyped-def]
+    services, clock, monkeypatch
+) -> None:
+    """The user is stored before the mail is queued: when sealing fails (here a node whose CA
+    passphrase does not open the at-rest key), the API and the console still give the token, say
+    it was not mailed, and nothing is queued."""
+    blind = OutboxSealer(PoolKeyring(services.db, b"another passphrase entirely", clock, scrypt_n=2**14))
+    monkeypatch.setattr(services, "outbox_sealer", blind)
+    op, csrf = _client(services, "olga", Role.OPERATOR, clock.now())
+    api_token = services.admins.new_api_token("olga", "admin:test")
+    added = op.post(
+        "/api/v1/admin/users",
+        json={"email": "fay@example.org", "name": "Fay", "mail_token": True},
+        headers={"Authorization": f"Bearer {api_token}"},
+    )
+    assert added.status_code == 201, added.text
+    assert added.json()["mailed"] is False and len(added.json()["token"]) >= 20
+    page = op.post("/admin/users", data={"email": "gus@example.org", "name": "Gus", "csrf": csrf, "mail_token": "1"})
+    assert page.status_code == 200, page.text
+    assert 'id="token"' in page.text and "could not be queued as a mail" in page.text
+    assert _rows(services) == []
+    assert services.users.show("gus@example.org") is not None

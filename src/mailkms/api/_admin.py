@@ -97,13 +97,12 @@ def admin_router(services: Services) -> APIRouter:
     def add_user(admin: Admin, body: AdminUserAdd) -> AdminUserAdded:
         admin.require(Permission.USERS)
         token = services.users.add(body.email, body.name, body.group, admin.actor)
-        if body.mail_token:
-            mail_token_to(services, body.email, body.name, token, admin.actor)
+        mailed = body.mail_token and mail_token_to(services, body.email, body.name, token, admin.actor)
         return AdminUserAdded(
             email=body.email.strip().lower(),
             token=token,
             expires_in_days=services.settings.policy.token_ttl_days,
-            mailed=body.mail_token,
+            mailed=mailed,
         )
 
     @router.post(

@@ -115,6 +115,7 @@ def admin_admins_router(services: Services) -> APIRouter:
         """With `required`, a password and TOTP code no longer log NAME in; refused while NAME has
         no passkey."""
         superuser(admin)
+        not_self(admin, name)  # a bearer token must not lift its own owner's passkey rule
         admins.require_passkey(name, body.required, admin.actor)
         return account(name)
 

@@ -251,8 +251,7 @@ def console_router(services: Services) -> APIRouter:
         session = checked(request, csrf)
         session.principal.require(Permission.USERS)
         token = services.users.add(email, name, group or None, session.principal.actor)
-        if mail_token:
-            mail_token_to(services, email, name, token, session.principal.actor)
+        mailed = bool(mail_token) and mail_token_to(services, email, name, token, session.principal.actor)
         return render(
             "token.html",
             me=session.principal,
@@ -261,7 +260,8 @@ def console_router(services: Services) -> APIRouter:
             email=email.strip().lower(),
             token=token,
             ttl=settings.policy.token_ttl_days,
-            mailed=bool(mail_token),
+            mailed=mailed,
+            mail_asked=bool(mail_token),
         )
 
     @router.get("/users/{email}")

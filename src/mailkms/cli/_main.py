@@ -27,7 +27,7 @@ from mailkms.cli._root import register as _register_root
 from mailkms.cli._root import root_passphrase
 from mailkms.clock import SystemClock
 from mailkms.config import CONFIG_FILE, CONFIG_TEMPLATE, Settings, data_dir_from_env, load_settings
-from mailkms.errors import ConfigError, Conflict, Malformed
+from mailkms.errors import ConfigError, Conflict, MailkmsError, Malformed
 from mailkms.mail import token_mailer
 from mailkms.pki import KeyType, check_admin_passphrase, fingerprint_sha256
 from mailkms.services import (
@@ -405,8 +405,12 @@ def user_add(
             token = services.users.add(email, name, group, ADMIN)
             ttl = services.settings.policy.token_ttl_days
             if mail_token:
-                mailer = token_mailer(services)
-                mailer.send([TokenMail(normalise_mailbox(email), name, token, mailer.expiry())], ADMIN)
+                try:
+                    mailer = token_mailer(services)
+                    mailer.send([TokenMail(normalise_mailbox(email), name, token, mailer.expiry())], ADMIN)
+                except MailkmsError as exc:  # the user is stored: the token must still be shown
+                    _warn(f"the token was not queued as a mail: {exc.detail}")
+                    mail_token = False
         mailed = f"\n(also queued as a mail to {email.strip().lower()})" if mail_token else ""
         _emit(
             {"email": email.strip().lower(), "token": token, "expires_in_days": ttl, "mailed": mail_token},

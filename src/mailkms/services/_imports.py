@@ -160,13 +160,15 @@ class UserImports:
                         refused.append(Refused(email, outcome.code, outcome.detail))
                     else:
                         issued.append(Issued(email, names.get(email, ""), outcome, expires))
-                if on_added is not None and issued:
-                    on_added(issued)
+                # the batch's users are stored: their tokens go to the job before anything else can
+                # fail (a token mail that fails must not leave users whose tokens nobody can see)
                 with self._lock:
                     job.tokens.extend(issued)
                     job.refused.extend(refused)
                     job.added += len(issued)
                     job.done = start + len(batch)
+                if on_added is not None and issued:
+                    on_added(issued)
         except MailkmsError as exc:
             job.failure = f"stopped after {job.done:,} of {job.total:,} rows: {exc.detail}"
         except Exception as exc:
