@@ -117,6 +117,15 @@ def test_break_glass_revokes_at_once_and_is_audited_loudly(gated, tmp_path, capl
         assert s.upper().lstrip("0") in listed.replace(":", "")
 
 
+def test_break_glass_with_an_unknown_user_is_refused_before_it_is_recorded(gated) -> None:  # type: ignore[no-untyped-def]
+    for mailbox in GLASS:
+        gated.users.add(mailbox, "", None, "admin:test")
+    result = CliRunner().invoke(app, ["revoke", *GLASS, "nobody@example.org", "--break-glass", "--json"])
+    assert result.exit_code != 0 and "nobody@example.org" in result.output
+    assert not gated.audit_records(action="revoke.break_glass", limit=10)
+    assert _states(gated, GLASS) == {"REGISTERED": 4}
+
+
 def test_break_glass_is_refused_with_server() -> None:
     result = CliRunner().invoke(
         app, ["--server", "https://kms.invalid:8443", "--token", "t", "revoke", *GLASS, "--break-glass", "--json"]

@@ -17,7 +17,7 @@ from mailkms.cli._exit import exit_on_error
 from mailkms.cli._remote import local_services, remote
 from mailkms.errors import CRLNotFound, Malformed
 from mailkms.pki import SUBSCRIBER_REASONS
-from mailkms.services import Principal, RevocationReport, Role, Services, normalise_mailbox, partition_scope
+from mailkms.services import Principal, RevocationReport, Role, Services, partition_scope
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ADMIN_NAME = os.environ.get("USER", "unknown")
@@ -48,7 +48,9 @@ def _print_waiting(request_id: int, count: int, as_json: bool, approval: dict[st
 def _break_glass(services: Services, emails: list[str], reason: str | None) -> list[RevocationReport]:
     """Revoke at once past the threshold: audited as revoke.break_glass BEFORE acting, logged at ERROR."""
     threshold = services.settings.admin.bulk_revoke_approval_threshold
-    mailboxes = list(dict.fromkeys(normalise_mailbox(e) for e in emails if e.strip()))
+    # the same checks an approval request gets (unknown users, too many): a refused list is not
+    # recorded as a break-glass act
+    mailboxes, _ = services.approvals.bulk_checked(emails, reason)
     if len(mailboxes) > threshold:
         with services.db.transaction() as session:
             services.audit.append(

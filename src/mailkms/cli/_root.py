@@ -302,8 +302,8 @@ def register(ca_app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--force",
-                help="rekey although the current key has live subscriber certificates (their CRL and OCSP "
-                "will be signed by the new key only: not checkable; README)",
+                help="rekey although the current key has live subscriber certificates (OCSP still answers "
+                "for them, but their CRL will be signed by the new key only: not checkable; README)",
             ),
         ] = False,
         as_json: JsonOpt = False,
@@ -321,9 +321,10 @@ def register(ca_app: typer.Typer) -> None:
                 live = _live_subscriber_certificates(services, now)
                 if live and not force:
                     raise Conflict(
-                        f"the issuing CA key has {live} live subscriber certificates: after a rekey their CRL and "
-                        "OCSP answers would be signed by the new key, which relying parties reject (per-key CRLs "
-                        "are not built yet). Rekey when they have expired or been renewed, or give --force"
+                        f"the issuing CA key has {live} live subscriber certificates: after a rekey OCSP still "
+                        "answers for them, but their CRL would be signed by the new key, which relying parties "
+                        "reject (per-key CRLs are not built yet). Rekey when they have expired or been renewed, "
+                        "or give --force"
                     )
                 done = rekey_issuing_ca(paths, passphrase, settings.ca.key_store, public_urls(settings), now)
                 with services.db.transaction() as session:

@@ -187,7 +187,7 @@ class Approvals:
 
     def start_bulk_revoke(self, who: Principal, emails: list[str], reason: str | None) -> int:
         who.require(Permission.USERS)
-        mailboxes, flag = self._bulk_checked(emails, reason)
+        mailboxes, flag = self.bulk_checked(emails, reason)
         subject = f"{len(mailboxes)} users: {', '.join(mailboxes)}"
         if len(subject) > 320:
             subject = subject[:317] + "..."
@@ -239,12 +239,12 @@ class Approvals:
     def revoke_many(self, who: Principal, emails: list[str], reason: str | None) -> list[RevocationReport] | int:
         """Up to [admin] bulk_revoke_approval_threshold users: revoked now. More: an approval request (its id)."""
         who.require(Permission.USERS)
-        mailboxes, _ = self._bulk_checked(emails, reason)
+        mailboxes, _ = self.bulk_checked(emails, reason)
         if len(mailboxes) > self._settings.admin.bulk_revoke_approval_threshold:
             return self.start_bulk_revoke(who, mailboxes, reason)
         return self._revocation.revoke_users(mailboxes, reason, who.actor)
 
-    def _bulk_checked(self, emails: list[str], reason: str | None) -> tuple[list[str], str | None]:
+    def bulk_checked(self, emails: list[str], reason: str | None) -> tuple[list[str], str | None]:
         flag = reason_name(parse_reason(reason))
         mailboxes = list(dict.fromkeys(normalise_mailbox(e) for e in emails if e.strip()))
         if not mailboxes:
