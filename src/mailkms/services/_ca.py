@@ -609,10 +609,11 @@ class CAContext:
             if signer is not None and signer.certificate.public_key() != signer.private_key.public_key():
                 raise ConfigError(f"{path} is not the certificate of the key beside it; nothing was taken")
         if issuing is not None:
-            self.issuing = issuing
-            self.issuer = Issuer(issuing, self.urls)
-            self.previous_issuing = _previous_issuing(self.paths)
-            self.previous_signers = previous_issuing_signers(self.paths, self._passphrase)
+            # the replaced keys are opened before the new key is taken: requests meanwhile see the old set whole
+            previous_issuing = _previous_issuing(self.paths)
+            previous_signers = previous_issuing_signers(self.paths, self._passphrase)
+            self.previous_issuing, self.previous_signers = previous_issuing, previous_signers
+            self.issuing, self.issuer = issuing, Issuer(issuing, self.urls)
             changed.append("issuing-ca")
         if infra is not None:
             self.infrastructure = infra

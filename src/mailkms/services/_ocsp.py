@@ -128,10 +128,16 @@ class FileResponderKeys:
             return False
         cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
         key = load_key_at(self._paths.ocsp_key, self._passphrase)
-        self._signer, self._stamp = SoftSigner(cert, key), stamp
-        # A rekey re-issues the responder: the issuing CA and the replaced keys are read again with it.
-        self.issuing_certificate = x509.load_pem_x509_certificate(self._paths.issuing_cert.read_bytes())
-        self._previous = previous_issuing_signers(self._paths, self._passphrase)
+        # A rekey re-issues the responder: the issuing CA and the replaced keys are read again with it,
+        # all before any is taken (keys take a while to open; requests meanwhile see the old set whole)
+        issuing = x509.load_pem_x509_certificate(self._paths.issuing_cert.read_bytes())
+        previous = previous_issuing_signers(self._paths, self._passphrase)
+        self._signer, self.issuing_certificate, self._previous, self._stamp = (
+            SoftSigner(cert, key),
+            issuing,
+            previous,
+            stamp,
+        )
         return True
 
     def previous_issuers(self) -> list[SoftSigner]:
