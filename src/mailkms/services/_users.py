@@ -362,7 +362,9 @@ class UserAdmin:
             # generation): the database stops after offset + limit matches. The dates are wrapped so
             # that no planner drives this from a date index and sorts every match by e-mail (1 s at
             # 100,000 users on SQLite; docs/PERFORMANCE.md).
-            if state is not None and due_within_days is None:  # dense matches; "expiring within" is sparse
+            # dense matches ("expiring within" is sparse); on SQLite only: PostgreSQL's planner, given
+            # the wrapped dates, scans both tables whole (hash join, 67 ms at 100k) instead
+            if state is not None and due_within_days is None and session.get_bind().dialect.name == "sqlite":
                 conds = [probe_dates(c, cert) for c in conds]
             ids = list(session.execute(filtered(User).order_by(User.email).offset(offset).limit(limit)).scalars())
             views = tuple(self._view(session, u, with_certs=False) for u in ids)
