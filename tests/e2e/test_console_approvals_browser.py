@@ -112,7 +112,7 @@ def test_archive_export_approved_in_two_browser_contexts(browser, setup: Setup) 
     page2.goto(request_url)
     _approve(page2, s.shares["Quinn"], OLD["Quinn"])
     expect(page2.locator("#approvals")).to_contain_text("2 of 2 (olga, quinn)")
-    expect(page2.locator("#outcome")).to_contain_text("1 keys exported")
+    expect(page2.locator("#outcome")).to_contain_text("1 key exported")
     page2.screenshot(path=str(shots / "export-released.png"), full_page=True)
     a11y += _serious(page2, "export released")
     page.reload()  # the first officer's session sees the release too, and may download it
