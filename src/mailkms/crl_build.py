@@ -19,7 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Connection, DateTime, Engine, column, create_engine, or_, select, table
 
-from mailkms.pki import SUBSCRIBER_REASONS, CASigner, RevokedEntry, SoftSigner, build_crl, load_private_key
+from mailkms.pki import (
+    SUBSCRIBER_REASONS,
+    CASigner,
+    PrivateKey,
+    RevokedEntry,
+    SoftSigner,
+    build_crl,
+    ca_key_id,
+    load_private_key,
+)
 
 STREAM_ROWS = 20_000
 KEY_COMPROMISE = "keyCompromise"  # as stored in certificates.revocation_reason
@@ -50,6 +59,7 @@ class CRLJob:
     next_update: dt.datetime
     distribution_point: str | None
     previous_update: dt.datetime | None = None
+    issuer_key_id: str = ""  # SKI hex of the issuing CA key that signs this scope ("": the current one)
 
 
 @dataclass(frozen=True)
@@ -110,22 +120,45 @@ def build_scope(connection: Connection, signer: CASigner, job: CRLJob) -> BuiltC
 
 
 # --- in a worker process ----------------------------------------------------------------------------
-_worker: tuple[Engine, SoftSigner] | None = None
+@dataclass
+class _Worker:
+    engine: Engine
+    ca_files: tuple[str, str, str]  # the issuing CA certificate, its key, the folder of replaced keys
+    passphrase: bytes
+    signers: dict[str, SoftSigner]  # by key id (SKI hex); the current key under "" too
 
 
-def init_worker(database_url: str, cert_pem: bytes, key_path: str, passphrase: bytes) -> None:
-    """Once per worker process: the issuing CA key (from its encrypted file) and a store engine."""
-    global _worker
-    path = Path(key_path)
+_worker: _Worker | None = None
+
+
+def _load_key(path: Path, passphrase: bytes) -> PrivateKey:
     if path.with_suffix(".pkcs11").exists():  # the key lives in a token (services._ca.token_ref_path)
         from mailkms.services._ca import load_key_at
 
-        key = load_key_at(path, passphrase)
-    else:
-        key = load_private_key(path.read_bytes(), passphrase)
+        return load_key_at(path, passphrase)
+    return load_private_key(path.read_bytes(), passphrase)
+
+
+def issuing_signers(cert_path: Path, key_path: Path, previous_dir: Path, passphrase: bytes) -> dict[str, SoftSigner]:
+    """Every issuing CA key on disk by key id: the current one (also under "") and those `mailkms ca rekey`
+    replaced (previous/<SKI>/issuing.crt.pem + issuing.key.pem), each opened once."""
+    current = SoftSigner(x509.load_pem_x509_certificate(cert_path.read_bytes()), _load_key(key_path, passphrase))
+    signers = {"": current, ca_key_id(current.certificate): current}
+    for kept in sorted(previous_dir.glob("*/issuing.crt.pem")) if previous_dir.exists() else []:
+        key = kept.with_name("issuing.key.pem")
+        if key.exists() or key.with_suffix(".pkcs11").exists():
+            old = SoftSigner(x509.load_pem_x509_certificate(kept.read_bytes()), _load_key(key, passphrase))
+            signers.setdefault(ca_key_id(old.certificate), old)
+    return signers
+
+
+def init_worker(database_url: str, ca_files: tuple[str, str, str], passphrase: bytes) -> None:
+    """Once per worker process: the issuing CA keys (from their encrypted files) and a store engine."""
+    global _worker
     sqlite = database_url.startswith("sqlite")
     engine = create_engine(database_url, **({"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}))
-    _worker = (engine, SoftSigner(x509.load_pem_x509_certificate(cert_pem), key))
+    cert, key, previous = (Path(p) for p in ca_files)
+    _worker = _Worker(engine, ca_files, passphrase, issuing_signers(cert, key, previous, passphrase))
 
 
 def started() -> int:
@@ -138,6 +171,12 @@ def started() -> int:
 
 def build_in_worker(job: CRLJob) -> BuiltCRL:
     assert _worker is not None, "the CRL worker was not initialised"
-    engine, signer = _worker
-    with engine.connect() as connection:  # one statement: one consistent snapshot; nothing written
+    signer = _worker.signers.get(job.issuer_key_id)
+    if signer is None:  # a rekey since this worker started: the keys on disk again, once
+        cert, key, previous = (Path(p) for p in _worker.ca_files)
+        _worker.signers = issuing_signers(cert, key, previous, _worker.passphrase)
+        signer = _worker.signers.get(job.issuer_key_id)
+    if signer is None:
+        raise LookupError(f"no issuing CA key {job.issuer_key_id} in the data folder")
+    with _worker.engine.connect() as connection:  # one statement: one consistent snapshot; nothing written
         return build_scope(connection, signer, job)

@@ -86,7 +86,8 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
     assert services.ocsp.answer(_ocsp_request(ben.signing, old_ca)).status == "unused"
 
 
-def test_the_rekey_command_refuses_while_users_hold_live_certificates(services, cli_env) -> None:  # type: ignore[no-untyped-def]
+def test_the_rekey_command_rekeys_with_live_certificates_and_records_them(services, cli_env) -> None:  # type: ignore[no-untyped-def]
+    """CRLs are signed per key now, so live certificates no longer stop a rekey; --force is still accepted."""
     import json
 
     from sqlalchemy import select
@@ -99,16 +100,17 @@ def test_the_rekey_command_refuses_while_users_hold_live_certificates(services, 
     Enrolled(services, "cid@example.org")
     before = services.ca.paths.issuing_cert.read_bytes()
     runner = CliRunner()
-    refused = runner.invoke(app, ["ca", "rekey", "--json"])
-    assert refused.exit_code == 5, refused.output  # Conflict
-    assert "live subscriber certificates" in refused.output
-    assert services.ca.paths.issuing_cert.read_bytes() == before
-    forced = runner.invoke(app, ["ca", "rekey", "--force", "--json"])
-    assert forced.exit_code == 0, forced.output
-    shown = json.loads(forced.output)
+    done = runner.invoke(app, ["ca", "rekey", "--json"])
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.output)
     new = x509.load_pem_x509_certificate(services.ca.paths.issuing_cert.read_bytes())
     assert shown["old_key_id"] != shown["new_key_id"] and new.serial_number == int(shown["serial"], 16)
     assert Path(shown["kept_in"], "issuing.crt.pem").read_bytes() == before
+    forced = runner.invoke(app, ["ca", "rekey", "--force", "--json"])  # scripts from before keep working
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output)["old_key_id"] == shown["new_key_id"]
     with services.db.read_only() as session:
         rows = session.execute(select(AuditRecord).where(AuditRecord.action == "ca.rekeyed")).scalars().all()
-        assert len(rows) == 1 and json.loads(rows[0].details)["new_key_id"] == shown["new_key_id"]
+        details = [json.loads(r.details) for r in rows]
+    assert len(details) == 2 and details[0]["new_key_id"] == shown["new_key_id"]
+    assert details[0]["live_certificates"] == 2  # the pair the old key still answers for

@@ -302,15 +302,16 @@ def register(ca_app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--force",
-                help="rekey although the current key has live subscriber certificates (OCSP still answers "
-                "for them, but their CRL will be signed by the new key only: not checkable; README)",
+                help="accepted for scripts written before CRLs were signed per key; no longer needed",
+                hidden=True,
             ),
         ] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """A new key pair for the S/MIME issuing CA (same name, new key identifier), signed by the online
         root; the old certificate and key are kept in DATA/ca/previous/. Running servers take it within
-        [ca] reload_check_seconds, or at once on SIGHUP."""
+        [ca] reload_check_seconds, or at once on SIGHUP. The old key goes on signing the CRLs and OCSP
+        answers of what it issued; the new key's certificates get CRL partitions of their own."""
         with exit_on_error(as_json):
             paths, passphrase = _server_ca()
             settings = load_settings(data_dir_from_env())
@@ -318,14 +319,7 @@ def register(ca_app: typer.Typer) -> None:
             services = Services.build(settings, clock)
             try:
                 now = clock.now()
-                live = _live_subscriber_certificates(services, now)
-                if live and not force:
-                    raise Conflict(
-                        f"the issuing CA key has {live} live subscriber certificates: after a rekey OCSP still "
-                        "answers for them, but their CRL would be signed by the new key, which relying parties "
-                        "reject (per-key CRLs are not built yet). Rekey when they have expired or been renewed, "
-                        "or give --force"
-                    )
+                live = _live_subscriber_certificates(services, now)  # recorded: what the old key still answers for
                 done = rekey_issuing_ca(paths, passphrase, settings.ca.key_store, public_urls(settings), now)
                 with services.db.transaction() as session:
                     services.audit.append(

@@ -1,7 +1,7 @@
 """The pure PKI core: profiles, CSR checks, issuing, CMS, signed requests. No I/O, no clock."""
 
 from mailkms.pki._batchsign import SignJob, SignOutcome, generate_key_der, init_signer, sign_chunk
-from mailkms.pki._chain import has_email_protection, issued_by, mailboxes_of, verify_email_chain
+from mailkms.pki._chain import ca_key_id, has_email_protection, issued_by, mailboxes_of, verify_email_chain
 from mailkms.pki._cms import (
     VerifiedSignedData,
     certs_only,
@@ -110,7 +110,7 @@ from mailkms.pki._ocsp import (
     sign_response,
 )
 from mailkms.pki._pkcs12 import Bundle, KeyEntry, build_pkcs12, read_pkcs12
-from mailkms.pki._profiles import CertKind, PublicURLs, ca_name
+from mailkms.pki._profiles import CertKind, PublicURLs, ca_name, crl_partition_of
 from mailkms.pki._recovery import (
     KEK_BYTES,
     SealedShare,
@@ -203,6 +203,7 @@ __all__ = [
     "build_crl",
     "build_delivery",
     "build_pkcs12",
+    "ca_key_id",
     "ca_name",
     "certify_ca",
     "certs_only",
@@ -212,6 +213,7 @@ __all__ = [
     "check_officer_name",
     "check_officer_passphrase",
     "crl_number",
+    "crl_partition_of",
     "crl_urls",
     "decode_body",
     "decrypt",

@@ -17,6 +17,11 @@ E = TypeVar("E", bound=x509.ExtensionType)
 _NOT_ISSUED: tuple[type[Exception], ...] = (InvalidSignature, *UNREADABLE)
 
 
+def ca_key_id(ca: x509.Certificate) -> str:
+    """A CA certificate's Subject Key Identifier, hex: what its CRLs' and certificates' AKI name."""
+    return ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """False also when either certificate cannot be read (e.g. the issuer's key is of an unknown
     algorithm): such a certificate is no issuer."""

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mailkms.errors import BadKey, Internal, Malformed
+from mailkms.pki._chain import ca_key_id
 from mailkms.pki._keys import (
     CASigner,
     KeyType,
@@ -62,6 +63,7 @@ class Issuer:
     def __init__(self, signer: CASigner, urls: PublicURLs) -> None:
         self._signer = signer
         self.urls = urls
+        self.key_id = ca_key_id(signer.certificate)  # which CRL scopes its certificates may join
 
     @property
     def certificate(self) -> x509.Certificate:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,23 @@ class PublicURLs:
     @property
     def ocsp(self) -> str:
         return self._join("ocsp")
+
+
+_PARTITION_CDP = re.compile(r"/crl/issuing/([0-9]+)\.crl$")
+
+
+def crl_partition_of(cert: x509.Certificate) -> int | None:
+    """The CRL partition a certificate's CDP names (None: the whole-CA CRL, or no CDP)."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return None
+    for point in points:
+        for name in point.full_name or []:
+            found = _PARTITION_CDP.search(str(name.value))
+            if isinstance(name, x509.UniformResourceIdentifier) and found:
+                return int(found.group(1))
+    return None
 
 
 def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:

@@ -630,8 +630,8 @@ class ACME:
         lifetime, _ = policy.for_group(user.group if user is not None else None)
         validity = subscriber_validity(self._clock.now(), lifetime)
         partitions = self._issuer.partitions
-        partition = partitions.take(session) if partitions is not None else None
         issuer = self._ca.issuer
+        partition = partitions.take(session, issuer.key_id) if partitions is not None else None
         prepared = issuer.prepare_subscriber(
             kind,
             order.mailbox,

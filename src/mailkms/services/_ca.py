@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mailkms.pki import (
     RevokedEntry,
     SoftSigner,
     build_crl,
+    ca_key_id,
     crl_number,
     encrypt_private_key,
     fingerprint_sha256,
@@ -373,6 +375,9 @@ class CAContext:
         self.previous_issuing: list[x509.Certificate] = _previous_issuing(paths)
         self.previous_signers: list[SoftSigner] = previous_issuing_signers(paths, passphrase)
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
+        # The CRL partition a server certificate (the mail signer) of a given issuing key joins; set by
+        # the services (it needs the store). None: the whole-CA CRL, right while the CA has one key.
+        self.server_partition: Callable[[str], int | None] | None = None
 
     @classmethod
     def load(
@@ -416,6 +421,19 @@ class CAContext:
 
     def previous_issuers(self) -> list[SoftSigner]:
         return self.previous_signers
+
+    @property
+    def first_key_id(self) -> str:
+        """The oldest issuing CA key: the one whose certificates the whole-CA CRL lists, signed or not yet."""
+        return ca_key_id((*self.previous_issuing, self.issuing.certificate)[0])
+
+    def signer_for_key(self, key_id: str) -> SoftSigner | None:
+        """The issuing CA key with this identifier (the current one or one `ca rekey` replaced), from
+        memory; None when this server no longer holds it."""
+        for signer in (self.issuing, *self.previous_signers):
+            if ca_key_id(signer.certificate) == key_id:
+                return signer
+        return None
 
     def require_ocsp_responder(self) -> SoftSigner:
         if self.ocsp_responder is None:
@@ -516,8 +534,10 @@ class CAContext:
             if validity.not_after > self.issuing.certificate.not_valid_after_utc:
                 raise Internal("the issuing CA expires within a year; renew the CA")
             key = self._keys.new(KeyType.RSA2048, "mail")  # RSA: every mail program verifies it
+            # after a rekey the whole-CA CRL is the old key's: the new key's certificates name a partition of their own
+            partition = self.server_partition(self.issuer.key_id) if self.server_partition else None
             prepared = self.issuer.prepare_subscriber(
-                CertKind.MAIL_SIGNER, mail_from.lower(), key.public_key(), validity, list(KeyType)
+                CertKind.MAIL_SIGNER, mail_from.lower(), key.public_key(), validity, list(KeyType), partition
             )
             cert = self.issuer.issue(prepared)
             self._keys.save(key, self.paths.mail_key)

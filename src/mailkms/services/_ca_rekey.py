@@ -6,11 +6,9 @@ are kept under DATA/ca/previous/, named by the old key's identifier, never delet
 Running servers take the new key through the CA-file reload (CAContext.reload_from_files, every
 [ca] reload_check_seconds and on SIGHUP); they never load a CA key per request.
 
-OCSP is answered per key (an old key's certificates by that old CA key itself, RFC 6960 §4.2.2.2).
-NOT yet done (README, "Rolling the issuing CA to a new key"): CRLs per key. After a rekey the issuing
-CA's CRLs are signed by the new key only, so a relying party that checks CRLs cannot check a
-certificate the old key issued. `rekey` therefore refuses while the old key has live subscriber
-certificates, unless told otherwise (`force`)."""
+OCSP and CRLs are per key: the old key answers OCSP for what it issued (RFC 6960 §4.2.2.2) and keeps
+signing the CRLs its certificates name; the new key's certificates name CRL partitions of their own
+(services._crl_partitions, RFC 5280 §6.3.3)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.pki import CertKind, PublicURLs, crl_number
+from mailkms.pki import CertKind, PublicURLs, crl_number, crl_partition_of
 from mailkms.services._acme import ACME
 from mailkms.services._admins import AdminAccounts
 from mailkms.services._approvals import Approvals
@@ -120,6 +121,7 @@ class Services:
         partitions = CRLPartitions(
             ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
         )
+        ca.server_partition = functools.partial(partitions.take_alone, db)
         issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers, partitions=partitions)
         # one writer per process: issuance, enrolment, renewal, EST and nonces share its batches
         commits = GroupCommit(db, batching.batch_size, batching.max_wait_ms / 1000)
@@ -261,6 +263,7 @@ class Services:
                         not_before=cert.not_valid_before_utc,
                         not_after=cert.not_valid_after_utc,
                         der=cert.public_bytes(serialization.Encoding.DER),
+                        crl_partition=crl_partition_of(cert),
                     )
                 )
 

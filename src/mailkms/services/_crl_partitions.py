@@ -12,6 +12,12 @@ URL answers from the moment the first certificate names it.
 Certificates without a partition (issued before partitioning, or with it off) stay on the whole-CA
 CRL, `/crl/issuing.crl`; once partitions exist that CRL also carries an IDP naming its own URL.
 
+Every scope belongs to one issuing CA key (`issuer_key_id`, fixed when its first CRL is signed): a
+CRL must be signed by the key that issued the certificates it lists (RFC 5280 §6.3.3). After
+`mailkms ca rekey` the new key's certificates therefore never join a scope of the old key: they
+open partitions of their own, even with partitioning off (then one partition per key, unbounded),
+while the old key keeps signing `/crl/issuing.crl` and its partitions until they retire.
+
 A build streams the rows from a read-only snapshot into one `build_crl` call; `serve` runs it in
 worker processes (`CRLWorkers`) that load the issuing CA key once, so neither the GIL nor the
 store's write lock is held by the server while a CRL is built.
@@ -42,10 +48,11 @@ from mailkms.crl_build import (
     revoked_entries,
     started,
 )
+from mailkms.errors import Internal
 from mailkms.pki import PublicURLs, build_crl
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
-from mailkms.store import PublishedCRL
+from mailkms.store import Database, PublishedCRL
 
 __all__ = ["KEY_COMPROMISE", "BuiltCRL", "CRLJob", "CRLPartitions", "CRLWorkers", "build_scope", "revoked_entries"]
 
@@ -65,18 +72,21 @@ class CRLPartitions:
         self._validity = validity
         self._clock = clock
         self._audit = audit
+        self._whole_key: str | None = None
 
     @property
     def urls(self) -> PublicURLs:
         return self._ca.urls
 
-    def take(self, session: Session) -> int | None:
-        """The partition of one certificate about to be issued in `session`; None without partitioning.
+    def take(self, session: Session, key_id: str) -> int | None:
+        """The partition of one certificate the issuing key `key_id` is about to sign in `session`;
+        None: the whole-CA CRL (no partitioning, and the key is the one that signs that CRL).
 
         Counted under the newest partition row's lock, so a partition never gets more than `size`
-        certificates on any number of nodes; a rolled-back issuance gives its place back.
+        certificates on any number of nodes; a rolled-back issuance gives its place back. A partition
+        of another key is never joined: the newest is of this key or a new one opens.
         """
-        if not self.size:
+        if not self.size and self._whole_ca_key(session) == key_id:
             return None
         newest = (
             select(PublishedCRL)
@@ -87,18 +97,34 @@ class CRLPartitions:
             .with_for_update()
         )
         row = session.execute(newest).scalar_one_or_none()
-        if row is None or row.assigned >= self.size:
-            row = self._open(session, 1 if row is None or row.partition is None else row.partition + 1)
+        if row is None or row.issuer_key_id != key_id or (self.size and row.assigned >= self.size):
+            row = self._open(session, 1 if row is None or row.partition is None else row.partition + 1, key_id)
         row.assigned += 1
         assert row.partition is not None
         return row.partition
 
-    def _open(self, session: Session, partition: int) -> PublishedCRL:
-        """A new partition with its first, empty CRL (one signature per `size` certificates)."""
+    def _whole_ca_key(self, session: Session) -> str:
+        """The key that signs the whole-CA CRL (fixed once signed, so remembered from then on)."""
+        if self._whole_key is None:
+            self._whole_key = session.execute(
+                select(PublishedCRL.issuer_key_id).where(PublishedCRL.scope == ISSUING_SCOPE)
+            ).scalar_one_or_none()
+        return self._whole_key or self._ca.first_key_id
+
+    def take_alone(self, db: Database, key_id: str) -> int | None:
+        """`take` in a transaction of its own (a server certificate, which has no issuance transaction)."""
+        with db.transaction() as session:
+            return self.take(session, key_id)
+
+    def _open(self, session: Session, partition: int, key_id: str) -> PublishedCRL:
+        """A new partition of the key `key_id`, with its first, empty CRL (one signature per `size` certificates)."""
+        signer = self._ca.signer_for_key(key_id)
+        if signer is None:
+            raise Internal(f"no issuing CA key {key_id} on this server: it cannot open a CRL partition for it")
         scope = partition_scope(partition)
         this_update = self._clock.now().replace(microsecond=0)
         crl = build_crl(
-            self._ca.issuing,
+            signer,
             [],
             number=1,
             this_update=this_update,
@@ -116,6 +142,7 @@ class CRLPartitions:
                 entries=0,
                 assigned=0,
                 revision=0,
+                issuer_key_id=key_id,
                 der=der,
                 this_update=this_update,
                 next_update=this_update + self._validity,
@@ -137,14 +164,17 @@ class CRLWorkers:
     """`workers` processes that build CRLs (spawned, not forked: the server has threads)."""
 
     def __init__(self, database_url: str, ca: CAContext, workers: int) -> None:
-        cert_pem = ca.issuing.certificate.public_bytes(serialization.Encoding.PEM)
         # The passphrase reaches the child through its start-up pipe, never the disk or the log. The
         # children run mailkms.crl_build only: they never import the services, the ORM or alembic.
+        # They open every issuing key on disk (a scope is signed by its own key; a job naming a key
+        # they lack makes them look again: `ca rekey` while they run).
+        paths = ca.paths
+        files = (str(paths.issuing_cert), str(paths.issuing_key), str(paths.previous_dir))
         self._executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_worker,
-            initargs=(database_url, cert_pem, str(ca.paths.issuing_key), ca.at_rest_passphrase),
+            initargs=(database_url, files, ca.at_rest_passphrase),
         )
 
     def start(self, timeout: float = 60.0) -> list[int]:

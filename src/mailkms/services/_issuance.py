@@ -211,7 +211,7 @@ class PairIssuer:
 
         validity = subscriber_validity(now, lifetime)
         issuer = self._ca.issuer
-        partitions = [self.partitions.take(session) if self.partitions else None for _ in range(2)]
+        partitions = [self.partitions.take(session, issuer.key_id) if self.partitions else None for _ in range(2)]
         signing = issuer.issue(
             issuer.prepare_subscriber(
                 CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types, partitions[0]

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, defer
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.errors import AlreadyRevoked, CertificateNotFound, MailkmsError, Malformed, UserNotFound
+from mailkms.errors import AlreadyRevoked, CertificateNotFound, Internal, MailkmsError, Malformed, UserNotFound
 from mailkms.pki import parse_reason, reason_name
 from mailkms.services._audit import AuditLog
 from mailkms.services._ca import CAContext
@@ -100,6 +100,7 @@ class Revocation:
         self._cfg = settings.revocation
         self._partition_size = settings.ca.crl_partition_size
         self._retired: set[str] = set()  # partitions whose final CRL was published (once retired, always)
+        self._keyless: set[str] = set()  # scopes whose key is gone from the data folder (logged once)
         self._clock = clock
         self._audit = audit
         self._on_revoked = list(on_revoked)
@@ -290,9 +291,10 @@ class Revocation:
                     next_update,
                     self._idp(r.partition, partitioned),
                     previous_update=r.this_update,
+                    issuer_key_id=self._signing_key(r),
                 )
                 for r in rows
-                if r.scope in wanted
+                if r.scope in wanted and self._signing_key(r)
             ]
         if not jobs and dirty_since is None:
             return None, True
@@ -335,6 +337,23 @@ class Revocation:
             pause.wait(LOSER_WAIT_SECONDS / LOSER_POLLS)
         return False
 
+    def _signing_key(self, row: PublishedCRL) -> str:
+        """The key that signs the scope's next CRL: its own (the key of its certificates); for one never
+        signed, the first key for the whole-CA CRL (partitions get theirs when opened). "" when this
+        server no longer holds it: the scope keeps its last CRL."""
+        key_id = row.issuer_key_id or (self._ca.first_key_id if row.partition is None else self._ca.issuer.key_id)
+        if self._ca.signer_for_key(key_id) is None:
+            if row.scope not in self._keyless:
+                self._keyless.add(row.scope)
+                log.error(
+                    "CRL %s is signed by the issuing CA key %s, which is not in DATA/ca/previous/: "
+                    "it is not re-signed (put the key back to publish it)",
+                    row.scope,
+                    key_id,
+                )
+            return ""
+        return key_id
+
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
             return self._ca.urls.crl_partition(partition)
@@ -342,8 +361,11 @@ class Revocation:
 
     def _build_here(self, jobs: Sequence[CRLJob]) -> Iterator[tuple[CRLJob, BuiltCRL]]:
         for job in jobs:
+            signer = self._ca.signer_for_key(job.issuer_key_id)
+            if signer is None:
+                raise Internal(f"no issuing CA key {job.issuer_key_id} for the CRL {job.scope}")
             with self._db.read_only() as session:
-                yield job, build_scope(session.connection(), self._ca.issuing, job)
+                yield job, build_scope(session.connection(), signer, job)
 
     def _store(self, job: CRLJob, built: BuiltCRL, actor: str) -> CRLView | None:
         with self._db.transaction() as session:
@@ -356,6 +378,7 @@ class Revocation:
                     next_update=job.next_update,
                     entries=built.entries,
                     der=built.der,
+                    issuer_key_id=job.issuer_key_id,
                 )
             )
             if stored.rowcount != 1:  # type: ignore[attr-defined]
@@ -405,13 +428,15 @@ class Revocation:
         candidate: retirement cannot end (a full partition gets no new certificates).
         """
         size = self._partition_size
+        current_key = self._ca.issuer.key_id
         candidates = {
             r.partition: r
             for r in rows
-            if size
-            and r.partition is not None
+            if r.partition is not None
             and r.scope not in self._retired
-            and r.assigned >= size
+            and (
+                (size and r.assigned >= size) or r.issuer_key_id not in (None, current_key)
+            )  # full, or a replaced key's
             and r.this_update is not None
         }
         if not candidates:

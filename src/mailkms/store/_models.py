@@ -204,4 +204,7 @@ class PublishedCRL(Base):
     partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
     assigned: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # bumped by each revocation
+    # SKI (hex) of the issuing CA key that signs this scope, fixed at its first CRL (None: not signed yet).
+    # After `mailkms ca rekey` a scope keeps its key: its certificates were issued by it.
+    issuer_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     __table_args__ = (Index("ix_published_crls_partition", "partition", unique=True),)

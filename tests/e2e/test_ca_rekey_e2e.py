@@ -1,0 +1,112 @@
+"""`mailkms ca rekey` on a running server, real processes (issue 15): the server takes the new key on
+SIGHUP, a user enrolled afterwards gets a certificate of the new key, and each key's certificates
+name a CRL signed by that key. `mailkms revoke` (another process) revokes one user of each key;
+openssl fetches nothing itself, so the test takes each CRL from the URL the certificate's CDP names
+and `openssl verify -crl_check` says error 23 for both revoked ones, OK for an unrevoked one of the
+new key; pkilint finds nothing in either CRL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailkms.pki import ca_key_id, crl_urls
+from tests.e2e.conftest import PUBLIC_URL, Deployment, enrolled, init_deployment
+from tests.judges import pkilint
+
+
+def _verify(cert: Path, crl: Path, issuer: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    cmd = ["openssl", "verify", "-crl_check", "-CAfile", str(root), "-untrusted", str(issuer), "-CRLfile", str(crl)]
+    return subprocess.run([*cmd, str(cert)], capture_output=True, text=True, timeout=60)
+
+
+def _issuing_ca(dep: Deployment) -> x509.Certificate:
+    return x509.load_der_x509_certificate(httpx.get(f"http://127.0.0.1:{dep.http_port}/ca/issuing.crt").content)
+
+
+def _crl_listing(
+    dep: Deployment, cert: x509.Certificate, work: Path, name: str, revoked: bool
+) -> tuple[x509.CertificateRevocationList, Path]:
+    """The CRL the certificate's CDP names; for a revoked one, once the server serves one listing it (30 s at most)."""
+    (url,) = crl_urls(cert)
+    path = url.removeprefix(PUBLIC_URL)
+    deadline = time.monotonic() + 30
+    while True:
+        got = httpx.get(f"http://127.0.0.1:{dep.http_port}/{path}")
+        assert got.status_code == 200, (url, got.status_code)
+        crl = x509.load_der_x509_crl(got.content)
+        listed = crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        if listed == revoked or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out = work / f"{name}.crl.pem"
+    out.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return crl, out
+
+
+def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tmp_path: Path) -> None:
+    dep = init_deployment(tmp_path / "data")
+    work = tmp_path / "work"
+    work.mkdir()
+    root = dep.data / "ca" / "root.crt.pem"
+    dep.start()
+    try:
+        bob = enrolled(dep, work, "bob@example.org")
+        old_ca = _issuing_ca(dep)
+        done = dep.admin("ca", "rekey", "--json")  # another process, while the server runs
+        rekeyed = json.loads(done.out)
+        assert rekeyed["old_key_id"] == ca_key_id(old_ca)
+        assert dep.proc is not None
+        os.kill(dep.proc.pid, signal.SIGHUP)  # take it now rather than within reload_check_seconds
+        deadline = time.monotonic() + 30
+        while ca_key_id(_issuing_ca(dep)) != rekeyed["new_key_id"] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        new_ca = _issuing_ca(dep)
+        assert ca_key_id(new_ca) == rekeyed["new_key_id"]
+        carol = enrolled(dep, work, "carol@example.org")
+        dave = enrolled(dep, work, "dave@example.org")
+
+        issuers = {"old": work / "old-issuing.pem", "new": work / "new-issuing.pem"}
+        issuers["old"].write_bytes(old_ca.public_bytes(serialization.Encoding.PEM))
+        issuers["new"].write_bytes(new_ca.public_bytes(serialization.Encoding.PEM))
+        certs: dict[str, tuple[x509.Certificate, Path]] = {}
+        for name, home in (("bob", bob), ("carol", carol), ("dave", dave)):
+            path = work / f"{name}.pem"
+            path.write_text(home.run("cert", "signing").out)
+            certs[name] = (x509.load_pem_x509_certificate(path.read_bytes()), path)
+        assert crl_urls(certs["bob"][0]) == [f"{PUBLIC_URL}crl/issuing.crl"]  # the old key's, as issued
+        assert crl_urls(certs["carol"][0]) == [f"{PUBLIC_URL}crl/issuing/1.crl"]  # the new key's own
+        for name, key in (("bob", "old"), ("carol", "new"), ("dave", "new")):  # each chains to its own key
+            chain = subprocess.run(
+                ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(issuers[key]), str(certs[name][1])],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert chain.returncode == 0, (name, chain.stdout + chain.stderr)
+
+        dep.admin("revoke", "bob@example.org", "--reason", "keyCompromise")
+        dep.admin("revoke", "carol@example.org", "--reason", "keyCompromise")
+        for name, key, revoked in (("bob", "old", True), ("carol", "new", True), ("dave", "new", False)):
+            cert, path = certs[name]
+            crl, crl_path = _crl_listing(dep, cert, work, name, revoked)
+            expected_ca = old_ca if key == "old" else new_ca
+            assert crl.is_signature_valid(expected_ca.public_key()), name
+            verdict = _verify(path, crl_path, issuers[key], root)
+            out = verdict.stdout + verdict.stderr
+            if revoked:
+                assert verdict.returncode != 0 and "error 23" in out and "certificate revoked" in out, (name, out)
+            else:
+                assert verdict.returncode == 0 and "OK" in out, (name, out)
+            lint = pkilint("lint_crl", ["-t", "CRL", "-p", "BR", "-s", "WARNING"], crl_path.read_bytes())
+            assert lint.exit_code == 0, (name, str(lint))
+    finally:
+        dep.stop()

@@ -1,0 +1,168 @@
+"""CRLs per issuing CA key (issue 15): after `mailkms ca rekey` every CRL is signed by the key that
+issued the certificates it lists (RFC 5280 §6.3.3). The old key keeps `/crl/issuing.crl` (and its
+partitions); the new key's certificates name partitions of their own, even with partitioning off.
+Judged by `openssl verify -crl_check` (error 23 for a revoked certificate of either key, OK for the
+others) and pkilint (`lint_crl -t CRL -p BR`, 0 findings), on SQLite and PostgreSQL, with the CRLs
+built in this process and in a CRL worker process started before the rekey."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from mailkms.api import create_http_app
+from mailkms.config import Settings
+from mailkms.pki import ca_key_id, crl_urls, issued_by
+from mailkms.services import CRLWorkers, Services, rekey_issuing_ca
+from mailkms.store import Certificate, PublishedCRL
+from tests.conftest import CA_PASSPHRASE
+from tests.integration.test_revocation import Enrolled
+from tests.judges import lint_smime, pem, pkilint
+
+
+@pytest.fixture(params=[0, 3], ids=["one-crl-per-key", "partitions-of-3"])
+def sized(request, settings: Settings, clock):  # type: ignore[no-untyped-def]
+    ca = settings.ca.model_copy(update={"crl_partition_size": request.param})
+    svc = Services.build(settings.model_copy(update={"ca": ca}), clock)
+    svc.ensure_server_identities()
+    yield svc
+    svc.close()
+
+
+def openssl_verify_crl(
+    root: x509.Certificate, issuer: x509.Certificate, leaf: x509.Certificate, crl_der: bytes, at: dt.datetime
+) -> tuple[int, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "root.pem").write_bytes(pem(root))
+        (d / "sub.pem").write_bytes(pem(issuer))
+        (d / "leaf.pem").write_bytes(pem(leaf))
+        (d / "crl.pem").write_bytes(x509.load_der_x509_crl(crl_der).public_bytes(serialization.Encoding.PEM))
+        cmd = ["openssl", "verify", "-crl_check", "-attime", str(int(at.timestamp()))]
+        cmd += ["-CAfile", str(d / "root.pem"), "-untrusted", str(d / "sub.pem"), "-CRLfile", str(d / "crl.pem")]
+        done = subprocess.run([*cmd, str(d / "leaf.pem")], capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout + done.stderr
+
+
+def _crl_of(http: TestClient, cert: x509.Certificate) -> bytes:
+    (url,) = crl_urls(cert)
+    got = http.get(url.removeprefix("http://kms.example.org"))
+    assert got.status_code == 200, (url, got.status_code)
+    return got.content
+
+
+def _aki(crl: x509.CertificateRevocationList) -> str:
+    key_id = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    assert key_id is not None
+    return key_id.hex()
+
+
+def _revoke_and_judge(services: Services, clock, people: list[tuple[Enrolled, x509.Certificate]]) -> None:  # type: ignore[no-untyped-def]
+    for who, _ in people:
+        services.revocation.revoke_serial(f"0x{who.signing.serial_number:x}", "keyCompromise", "admin:test")
+    clock.advance(dt.timedelta(minutes=1))
+    services.revocation.refresh_latest()
+    http = TestClient(create_http_app(services))
+    at = clock.now()
+    for who, issuer in people:
+        crl_der = _crl_of(http, who.signing)
+        crl = x509.load_der_x509_crl(crl_der)
+        assert _aki(crl) == ca_key_id(issuer), who.mailbox  # signed by the key that issued it
+        assert crl.is_signature_valid(issuer.public_key())
+        assert crl.get_revoked_certificate_by_serial_number(who.signing.serial_number) is not None
+        code, out = openssl_verify_crl(services.ca.root, issuer, who.signing, crl_der, at)
+        assert code != 0 and "error 23" in out and "certificate revoked" in out, (who.mailbox, out)
+        encryption = next(c for c in who.certs if c != who.signing)  # not revoked: verifies with its own CRL
+        code, out = openssl_verify_crl(services.ca.root, issuer, encryption, _crl_of(http, encryption), at)
+        assert code == 0 and "OK" in out, (who.mailbox, out)
+        verdict = pkilint(
+            "lint_crl", ["-t", "CRL", "-p", "BR", "-s", "WARNING"], crl.public_bytes(serialization.Encoding.PEM)
+        )
+        assert verdict.exit_code == 0, (who.mailbox, str(verdict))
+
+
+def test_each_key_signs_the_crls_of_what_it_issued(sized: Services, clock) -> None:  # type: ignore[no-untyped-def]
+    services = sized
+    ann = Enrolled(services, "ann@example.org")
+    services.revocation.publish_crl(force=True)
+    old_ca = services.ca.issuing.certificate
+    old_urls = {u for c in ann.certs for u in crl_urls(c)}
+
+    rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+    assert "issuing-ca" in services.reload_ca()
+    new_ca = services.ca.issuing.certificate
+    ben = Enrolled(services, "ben@example.org")
+    assert issued_by(ben.signing, new_ca) and issued_by(ann.signing, old_ca)
+    new_urls = {u for c in ben.certs for u in crl_urls(c)}
+    assert not new_urls & old_urls, (new_urls, old_urls)  # never a CRL of the other key
+
+    # The server's own mail signer, re-issued by the new key at the reload, names a new-key CRL too.
+    mail_signer = services.ca.require_mail_signer().certificate
+    assert issued_by(mail_signer, new_ca) and not set(crl_urls(mail_signer)) & old_urls
+    assert lint_smime(mail_signer).exit_code == 0
+    with services.db.read_only() as session:
+        keys = dict(session.execute(select(PublishedCRL.scope, PublishedCRL.issuer_key_id)).all())
+        registered = session.execute(
+            select(Certificate.crl_partition).where(Certificate.serial == f"{mail_signer.serial_number:x}")
+        ).scalar_one_or_none()
+    assert keys["issuing"] == ca_key_id(old_ca)
+    assert {keys[f"issuing-{u.rsplit('/', 1)[1].removesuffix('.crl')}"] for u in new_urls} == {ca_key_id(new_ca)}
+    if registered is not None:
+        assert f"/crl/issuing/{registered}.crl" in crl_urls(mail_signer)[0]
+    for cert in ben.certs:
+        assert lint_smime(cert).exit_code == 0
+
+    _revoke_and_judge(services, clock, [(ann, old_ca), (ben, new_ca)])
+
+
+def test_a_crl_worker_started_before_the_rekey_signs_with_both_keys(settings: Settings, services, clock) -> None:  # type: ignore[no-untyped-def]
+    services.ensure_server_identities()
+    workers = CRLWorkers(settings.effective_database_url, services.ca, 1)
+    try:
+        workers.start()
+        services.revocation.builder = workers
+        cid = Enrolled(services, "cid@example.org")
+        old_ca = services.ca.issuing.certificate
+        rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+        services.reload_ca()
+        dee = Enrolled(services, "dee@example.org")
+        _revoke_and_judge(services, clock, [(cid, old_ca), (dee, services.ca.issuing.certificate)])
+    finally:
+        workers.close()
+
+
+def test_a_scope_whose_key_left_the_data_folder_keeps_its_last_crl(services, clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    services.ensure_server_identities()
+    eve = Enrolled(services, "eve@example.org")
+    services.revocation.publish_crl(force=True)
+    done = rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+    services.reload_ca()
+    fox = Enrolled(services, "fox@example.org")
+    with services.db.read_only() as session:
+        before = session.get(PublishedCRL, "issuing")
+        assert before is not None
+        number = before.number
+    shutil.rmtree(done.kept_in)  # an operator removed the old key
+    services.reload_ca()
+    services.ca.previous_signers = []  # what a restart without the folder loads
+    services.revocation.revoke_serial(f"0x{eve.signing.serial_number:x}", "superseded", "admin:test")
+    services.revocation.revoke_serial(f"0x{fox.signing.serial_number:x}", "superseded", "admin:test")
+    with services.db.read_only() as session:
+        after = session.get(PublishedCRL, "issuing")
+        assert after is not None and after.number == number  # not re-signed by another key
+        (url,) = crl_urls(fox.signing)
+        scope = f"issuing-{url.rsplit('/', 1)[1].removesuffix('.crl')}"
+        fox_crl = session.get(PublishedCRL, scope)
+        assert fox_crl is not None and fox_crl.der is not None
+        assert x509.load_der_x509_crl(fox_crl.der).get_revoked_certificate_by_serial_number(fox.signing.serial_number)
+    assert any("not re-signed" in r.getMessage() for r in caplog.records)
