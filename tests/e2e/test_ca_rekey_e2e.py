@@ -28,8 +28,17 @@ def _verify(cert: Path, crl: Path, issuer: Path, root: Path) -> subprocess.Compl
     return subprocess.run([*cmd, str(cert)], capture_output=True, text=True, timeout=60)
 
 
-def _issuing_ca(dep: Deployment) -> x509.Certificate:
-    return x509.load_der_x509_certificate(httpx.get(f"http://127.0.0.1:{dep.http_port}/ca/issuing.crt").content)
+def _issuing_ca(dep: Deployment, key_id: str | None = None) -> x509.Certificate | None:
+    """/ca/issuing.crt, or the issuing CA certificate of key `key_id` (None while the server does not know it)."""
+    path = f"ca/issuing/{key_id}.crt" if key_id else "ca/issuing.crt"
+    got = httpx.get(f"http://127.0.0.1:{dep.http_port}/{path}")
+    return x509.load_der_x509_certificate(got.content) if got.status_code == 200 else None
+
+
+def _ca_issuers(cert: x509.Certificate) -> str:
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    (url,) = [d.access_location.value for d in aia if d.access_method == x509.AuthorityInformationAccessOID.CA_ISSUERS]
+    return url
 
 
 def _crl_listing(
@@ -61,16 +70,18 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
     try:
         bob = enrolled(dep, work, "bob@example.org")
         old_ca = _issuing_ca(dep)
+        assert old_ca is not None
         done = dep.admin("ca", "rekey", "--json")  # another process, while the server runs
         rekeyed = json.loads(done.out)
         assert rekeyed["old_key_id"] == ca_key_id(old_ca)
         assert dep.proc is not None
         os.kill(dep.proc.pid, signal.SIGHUP)  # take it now rather than within reload_check_seconds
         deadline = time.monotonic() + 30
-        while ca_key_id(_issuing_ca(dep)) != rekeyed["new_key_id"] and time.monotonic() < deadline:
+        while _issuing_ca(dep, rekeyed["new_key_id"]) is None and time.monotonic() < deadline:
             time.sleep(0.3)
-        new_ca = _issuing_ca(dep)
-        assert ca_key_id(new_ca) == rekeyed["new_key_id"]
+        new_ca = _issuing_ca(dep, rekeyed["new_key_id"])
+        assert new_ca is not None and ca_key_id(new_ca) == rekeyed["new_key_id"]
+        assert _issuing_ca(dep) == old_ca  # what the AIA of the old key's certificates names
         carol = enrolled(dep, work, "carol@example.org")
         dave = enrolled(dep, work, "dave@example.org")
 
@@ -84,6 +95,8 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
             certs[name] = (x509.load_pem_x509_certificate(path.read_bytes()), path)
         assert crl_urls(certs["bob"][0]) == [f"{PUBLIC_URL}crl/issuing.crl"]  # the old key's, as issued
         assert crl_urls(certs["carol"][0]) == [f"{PUBLIC_URL}crl/issuing/1.crl"]  # the new key's own
+        assert _ca_issuers(certs["bob"][0]) == f"{PUBLIC_URL}ca/issuing.crt"
+        assert _ca_issuers(certs["carol"][0]) == f"{PUBLIC_URL}ca/issuing/{rekeyed['new_key_id']}.crt"
         for name, key in (("bob", "old"), ("carol", "new"), ("dave", "new")):  # each chains to its own key
             chain = subprocess.run(
                 ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(issuers[key]), str(certs[name][1])],

@@ -68,7 +68,8 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
     # The old key's answers are signed by the old CA itself; the new key's by its delegated responder.
     old_answer = ocsp.load_der_ocsp_response(services.ocsp.answer(_ocsp_request(ann.signing, old_ca)).der)
     assert old_answer.certificates == [old_ca]
-    # Both issuing CA certificates are published by key identifier (the AIA's /ca/issuing.crt is the current one).
+    # Both issuing CA certificates are published by key identifier; /ca/issuing.crt stays the first key's (the AIA
+    # of what it issued), a later key's certificates name its own URL.
     from fastapi.testclient import TestClient
 
     from mailkms.api import create_http_app
@@ -79,7 +80,14 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
             f"/ca/issuing/{ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()}.crt"
         )
         assert got.status_code == 200 and x509.load_der_x509_certificate(got.content) == ca
-    assert x509.load_der_x509_certificate(client.get("/ca/issuing.crt").content) == new_ca
+    assert x509.load_der_x509_certificate(client.get("/ca/issuing.crt").content) == old_ca
+    for who, ca in ((ann.signing, old_ca), (ben.signing, new_ca)):
+        aia = who.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+        (url,) = [
+            d.access_location.value for d in aia if d.access_method == x509.AuthorityInformationAccessOID.CA_ISSUERS
+        ]
+        got = client.get(url.removeprefix("http://kms.example.org"))
+        assert x509.load_der_x509_certificate(got.content) == ca, url
     assert client.get("/ca/issuing/00.crt").status_code == 404
     # A serial asked of the wrong issuer is not that issuer's: unauthorized, unsigned.
     assert services.ocsp.answer(_ocsp_request(ann.signing, new_ca)).status == "unused"

@@ -80,9 +80,14 @@ def publication_router(services: Services) -> APIRouter:
     def root_der() -> Response:
         return Response(ca.root.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
 
-    @router.get("/ca/issuing.crt", response_class=Response, summary="Issuing CA certificate (DER)")
+    @router.get(
+        "/ca/issuing.crt",
+        response_class=Response,
+        summary="Issuing CA certificate (DER): the one the AIA of its certificates names; after `mailkms ca "
+        "rekey` that stays the first key's, and later keys are at /ca/issuing/<key id>.crt",
+    )
     def issuing_der() -> Response:
-        return Response(ca.issuing.certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
+        return Response(ca.first_key_issuing_certificate.public_bytes(serialization.Encoding.DER), media_type=PKIX_CERT)
 
     @router.get(
         "/ca/issuing/{key_id}.crt",

@@ -43,12 +43,12 @@ SignOutcome = bytes | tuple[str, str]  # the certificate's DER, or (error class,
 _ISSUER: Issuer | None = None  # the worker's own, set once by init_signer
 
 
-def init_signer(cert_der: bytes, key: bytes | TokenKeyRef, public_url: str) -> None:
+def init_signer(cert_der: bytes, key: bytes | TokenKeyRef, public_url: str, ca_issuers: str | None = None) -> None:
     """`key`: PKCS#8 DER, or where the key lives in a PKCS#11 token (this process opens its own session)."""
     global _ISSUER
     private = open_token_key(key) if isinstance(key, TokenKeyRef) else load_private_key_der(key)
     signer = SoftSigner(x509.load_der_x509_certificate(cert_der), private)
-    _ISSUER = Issuer(signer, PublicURLs(public_url))
+    _ISSUER = Issuer(signer, PublicURLs(public_url), ca_issuers)
 
 
 def _sign_one(issuer: Issuer, job: SignJob) -> bytes:

@@ -60,10 +60,12 @@ class PreparedCertificate:
 class Issuer:
     """Holds only signing. Policy (who may get what) lives in services."""
 
-    def __init__(self, signer: CASigner, urls: PublicURLs) -> None:
+    def __init__(self, signer: CASigner, urls: PublicURLs, ca_issuers: str | None = None) -> None:
         self._signer = signer
         self.urls = urls
         self.key_id = ca_key_id(signer.certificate)  # which CRL scopes its certificates may join
+        # AIA caIssuers: where this key's certificate is published (None: /ca/issuing.crt, the first key's)
+        self.ca_issuers = ca_issuers
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -87,7 +89,7 @@ class Issuer:
             raise Internal("the issuing CA expires before this certificate would; renew the issuing CA")
         serial = random_serial()
         extensions = subscriber_extensions(
-            kind, mailbox, public_key, self._signer.certificate, self.urls, crl_partition
+            kind, mailbox, public_key, self._signer.certificate, self.urls, crl_partition, self.ca_issuers
         )
         builder = _builder(
             mailbox_name(mailbox),

@@ -70,7 +70,12 @@ class PublicURLs:
 
     @property
     def issuing_cert(self) -> str:
+        """The issuing CA's first key's certificate (AIA caIssuers of what that key issues)."""
         return self._join("ca/issuing.crt")
+
+    def issuing_cert_of(self, key_id: str) -> str:
+        """An issuing CA certificate by key identifier: the AIA of what a key after `ca rekey` issues."""
+        return self._join(f"ca/issuing/{key_id}.crt")
 
     @property
     def root_cert(self) -> str:
@@ -171,10 +176,12 @@ def subscriber_extensions(
     issuer: x509.Certificate,
     urls: PublicURLs,
     crl_partition: int | None = None,
+    ca_issuers: str | None = None,
 ) -> list[Extension]:
     """Signing, encryption and the server's mail signer: S/MIME BR strict, mailbox-validated.
 
-    The CDP names the certificate's CRL partition, or the issuing CA's CRL when it has none."""
+    The CDP names the certificate's CRL partition, or the issuing CA's CRL when it has none; the AIA
+    names `ca_issuers`, the URL of the issuing CA certificate (default: the first key's)."""
     key_type = key_type_of(public_key)
     if kind in (CertKind.SIGNING, CertKind.MAIL_SIGNER):
         key_usage = _ku(digital_signature=True)
@@ -189,7 +196,7 @@ def subscriber_extensions(
         (x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), False),
         (_policies(), False),
         (_cdp(urls.issuing_crl_for(crl_partition)), False),
-        (_aia(urls.issuing_cert, urls.ocsp), False),
+        (_aia(ca_issuers or urls.issuing_cert, urls.ocsp), False),
         (_ski(public_key), False),
         (_aki_from(issuer), False),
     ]

@@ -363,7 +363,6 @@ class CAContext:
         self.root = root
         self.issuing = issuing
         self.urls = urls
-        self.issuer = Issuer(issuing, urls)
         self.mail_signer: SoftSigner | None = None
         self.tls_cert: x509.Certificate | None = None
         self.ocsp_responder: SoftSigner | None = None
@@ -374,6 +373,7 @@ class CAContext:
         # they issued is still this CA's (renewal, chains); no key of theirs is loaded.
         self.previous_issuing: list[x509.Certificate] = _previous_issuing(paths)
         self.previous_signers: list[SoftSigner] = previous_issuing_signers(paths, passphrase)
+        self.issuer = self._issuer_of(issuing)
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
         # The CRL partition a server certificate (the mail signer) of a given issuing key joins; set by
         # the services (it needs the store). None: the whole-CA CRL, right while the CA has one key.
@@ -422,10 +422,21 @@ class CAContext:
     def previous_issuers(self) -> list[SoftSigner]:
         return self.previous_signers
 
+    def _issuer_of(self, signer: SoftSigner) -> Issuer:
+        """The first key's certificates name /ca/issuing.crt in their AIA; a later key's, its own URL."""
+        key_id = ca_key_id(signer.certificate)
+        first = ca_key_id((*self.previous_issuing, signer.certificate)[0])
+        return Issuer(signer, self.urls, None if key_id == first else self.urls.issuing_cert_of(key_id))
+
+    @property
+    def first_key_issuing_certificate(self) -> x509.Certificate:
+        """What /ca/issuing.crt serves: the certificate of the key whose certificates name that URL."""
+        return (*self.previous_issuing, self.issuing.certificate)[0]
+
     @property
     def first_key_id(self) -> str:
         """The oldest issuing CA key: the one whose certificates the whole-CA CRL lists, signed or not yet."""
-        return ca_key_id((*self.previous_issuing, self.issuing.certificate)[0])
+        return ca_key_id(self.first_key_issuing_certificate)
 
     def signer_for_key(self, key_id: str) -> SoftSigner | None:
         """The issuing CA key with this identifier (the current one or one `ca rekey` replaced), from
@@ -633,7 +644,7 @@ class CAContext:
             previous_issuing = _previous_issuing(self.paths)
             previous_signers = previous_issuing_signers(self.paths, self._passphrase)
             self.previous_issuing, self.previous_signers = previous_issuing, previous_signers
-            self.issuing, self.issuer = issuing, Issuer(issuing, self.urls)
+            self.issuing, self.issuer = issuing, self._issuer_of(issuing)
             changed.append("issuing-ca")
         if infra is not None:
             self.infrastructure = infra

@@ -117,7 +117,9 @@ class Services:
         if settings.pool.size > 0:
             pool = KeyPool(db, keyring, clock, settings.policy.encryption_key_type, settings.pool.size)
         batching = settings.issuance
-        signers = SignerPool(ca.issuing, ca.urls, batching.signer_processes, batching.signer_chunk)
+        signers = SignerPool(
+            ca.issuing, ca.urls, batching.signer_processes, batching.signer_chunk, ca.issuer.ca_issuers
+        )
         partitions = CRLPartitions(
             ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
         )
@@ -215,7 +217,7 @@ class Services:
     def _reload_ca(self) -> list[str]:
         changed = self.ca.reload_from_files()
         if "issuing-ca" in changed:
-            self.signers.use(self.ca.issuing)
+            self.signers.use(self.ca.issuing, self.ca.issuer.ca_issuers)
         if changed:
             with self.db.transaction() as session:
                 for what in changed:

@@ -49,10 +49,13 @@ def _error(name: str, detail: str) -> MailkmsError:
 class SignerPool:
     """`sign(jobs)` -> certificates, signed by `processes` workers (or in process when 0)."""
 
-    def __init__(self, signer: SoftSigner, urls: PublicURLs, processes: int, chunk: int) -> None:
+    def __init__(
+        self, signer: SoftSigner, urls: PublicURLs, processes: int, chunk: int, ca_issuers: str | None = None
+    ) -> None:
         self._signer = signer
         self._urls = urls
-        self._issuer = Issuer(signer, urls)
+        self._ca_issuers = ca_issuers
+        self._issuer = Issuer(signer, urls, ca_issuers)
         self._public_url = urls.base
         self.processes = processes
         self._chunk = chunk
@@ -68,7 +71,12 @@ class SignerPool:
                     self.processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=init_signer,
-                    initargs=(self._signer.certificate.public_bytes(serialization.Encoding.DER), key, self._public_url),
+                    initargs=(
+                        self._signer.certificate.public_bytes(serialization.Encoding.DER),
+                        key,
+                        self._public_url,
+                        self._ca_issuers,
+                    ),
                 )
             return self._executor
 
@@ -80,12 +88,13 @@ class SignerPool:
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
-    def use(self, signer: SoftSigner) -> None:
+    def use(self, signer: SoftSigner, ca_issuers: str | None = None) -> None:
         """A new issuing CA certificate (or key) imported into a running server: the next chunks go
         to new worker processes that hold it; chunks already sent finish on the old ones."""
         with self._lock:
             self._signer = signer
-            self._issuer = Issuer(signer, self._urls)
+            self._ca_issuers = ca_issuers
+            self._issuer = Issuer(signer, self._urls, ca_issuers)
             old, self._executor = self._executor, None
         if old is not None:
             old.shutdown(wait=False)
