@@ -42,7 +42,7 @@ from mailkms.pki import (
     subscriber_validity,
 )
 from mailkms.pki._pkcs11 import Token, TokenECKey, TokenKeyRef, TokenRSAKey, open_token_key
-from mailkms.services._files import write_atomically
+from mailkms.services._files import exclusive, write_atomically
 from mailkms.services._offline_root import RootCeremony, create_offline_root
 from mailkms.services._recovery import init_bootstrap_ceremony
 
@@ -720,6 +720,14 @@ class CAContext:
         if infra is None:
             return
         path = self.paths.infrastructure_crl
+        # Read, number, sign and write under one lock: two server processes on this data folder
+        # never sign two different CRLs with the same number.
+        with exclusive(path.with_name(f".{path.name}.lock")):
+            self._sign_infrastructure_crl(infra, path, now, renewed, force)
+
+    def _sign_infrastructure_crl(
+        self, infra: SoftSigner, path: Path, now: dt.datetime, renewed: list[str], force: bool
+    ) -> None:
         current = x509.load_der_x509_crl(path.read_bytes()) if path.exists() else None
         if (  # another node on the same data folder may have signed it: taken as it is
             not force
