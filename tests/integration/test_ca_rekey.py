@@ -35,7 +35,8 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
     old_ca = services.ca.issuing.certificate
     done = rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
     changed = services.reload_ca()  # serve: every [ca] reload_check_seconds, and on SIGHUP
-    assert changed[:2] == ["issuing-ca", "ocsp-responder"] and "mail-signer" in changed, changed
+    assert changed[0] == "issuing-ca" and {"ocsp-responder", "mail-signer"} <= set(changed), changed
+    assert "ocsp-responder:" + done.old_key_id in changed  # the old key certified the new responder key
     assert issued_by(services.ca.require_mail_signer().certificate, services.ca.issuing.certificate)
     assert len(services.ca.previous_issuers()) == 1
     new_ca = services.ca.issuing.certificate
@@ -65,9 +66,30 @@ def test_old_and_new_key_certificates_renew_revoke_and_answer_ocsp(services, clo
         assert "Response verify OK" in out and "Cert Status: revoked" in out, out
         verdict = pkilint("lint_ocsp_response", ["-s", "WARNING"], answer.der)
         assert verdict.exit_code == 0, str(verdict)
-    # The old key's answers are signed by the old CA itself; the new key's by its delegated responder.
+    # Each key's answers come from a delegated responder that key issued, for one responder key pair:
+    # no process answering OCSP needs a CA key.
     old_answer = ocsp.load_der_ocsp_response(services.ocsp.answer(_ocsp_request(ann.signing, old_ca)).der)
-    assert old_answer.certificates == [old_ca]
+    (old_responder,) = old_answer.certificates
+    assert issued_by(old_responder, old_ca) and old_responder != old_ca
+    assert old_responder.public_key() == services.ca.require_ocsp_responder().certificate.public_key()
+    assert old_responder.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING]
+    )
+    # The OCSP-only listener's view: the responder files only, and it answers for both keys.
+    from mailkms.services._ocsp import FileResponderKeys, OCSPResponder
+
+    files = FileResponderKeys(services.ca.paths, CA_PASSPHRASE.encode())
+    assert [c.public_key() for c, _ in files.answering_for_previous()] == [old_ca.public_key()]
+    assert all(s.certificate == old_responder for _, s in files.answering_for_previous())
+    listener = OCSPResponder(services.db, files, services.settings, clock)
+    try:
+        for who, issuer in ((ann, old_ca), (ben, new_ca)):
+            heard = listener.answer(_ocsp_request(who.signing, issuer))
+            assert heard.status == "revoked", who.mailbox
+            out = _openssl_ocsp(tmp_path, f"listener-{who.mailbox}", heard.der, issuer, services.ca.root, at)
+            assert "Response verify OK" in out and "Cert Status: revoked" in out, out
+    finally:
+        listener.close()
     # Both issuing CA certificates are published by key identifier; /ca/issuing.crt stays the first key's (the AIA
     # of what it issued), a later key's certificates name its own URL.
     from fastapi.testclient import TestClient

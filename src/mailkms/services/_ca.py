@@ -19,6 +19,7 @@ from mailkms.clock import Clock
 from mailkms.errors import ConfigError, Conflict, Internal, KeyStoreUnavailable
 from mailkms.pki import (
     BR_MAX_ARL_VALIDITY,
+    CASigner,
     CertKind,
     Issuer,
     KeyType,
@@ -374,6 +375,9 @@ class CAContext:
         self.previous_issuing: list[x509.Certificate] = _previous_issuing(paths)
         self.previous_signers: list[SoftSigner] = previous_issuing_signers(paths, passphrase)
         self.issuer = self._issuer_of(issuing)
+        # The OCSP responder's key certified by each replaced key (DATA/ca/previous/<SKI>/ocsp.crt.pem):
+        # a delegated responder per key, so no process that answers OCSP needs a CA key (RFC 6960 §4.2.2.2).
+        self.previous_responders: dict[str, SoftSigner] = {}
         self._audit_key: ec.EllipticCurvePrivateKey | None = None
         # The CRL partition a server certificate (the mail signer) of a given issuing key joins; set by
         # the services (it needs the store). None: the whole-CA CRL, right while the CA has one key.
@@ -421,6 +425,14 @@ class CAContext:
 
     def previous_issuers(self) -> list[SoftSigner]:
         return self.previous_signers
+
+    def answering_for_previous(self) -> list[tuple[x509.Certificate, CASigner]]:
+        """Each replaced key's CA certificate and who answers OCSP for what it issued: the delegated
+        responder it certified, or (before `ensure_server_identities` made one) the old CA key itself."""
+        return [
+            (old.certificate, self.previous_responders.get(ca_key_id(old.certificate), old))
+            for old in self.previous_signers
+        ]
 
     def _issuer_of(self, signer: SoftSigner) -> Issuer:
         """The first key's certificates name /ca/issuing.crt in their AIA; a later key's, its own URL."""
@@ -567,17 +579,45 @@ class CAContext:
             and current.certificate.not_valid_after_utc - now >= OCSP_RESPONDER_RENEW_BEFORE
             and issued_by(current.certificate, self.issuing.certificate)  # a new issuing key: a new responder
         ):
+            self._certify_by_previous(current.private_key, now, renewed, every=False)
             return
         # Same family as the CA, so a relying party that verifies the CA verifies the responder.
         kind = KeyType.RSA2048 if key_type_of(self.issuing.private_key).is_rsa else KeyType.P256
         key = self._keys.new(kind, "ocsp")
         cert = self.issuer.issue(self.issuer.prepare_ocsp_responder(key.public_key(), now))
         self._keys.save(key, self.paths.ocsp_key)
+        # the replaced keys certify the new responder key before its certificate is written: an OCSP-only
+        # process that reloads on that file then finds every key's responder for the new key
+        self._certify_by_previous(key, now, renewed, every=True)
         write_atomically(self.paths.ocsp_cert, _pem(cert))
         if current is not None:
             self._retire_token_key(current, "ocsp")
         self.ocsp_responder = SoftSigner(cert, key)
         renewed.append("ocsp-responder")
+
+    def _certify_by_previous(self, key: PrivateKey, now: dt.datetime, renewed: list[str], every: bool) -> None:
+        """The responder key `key` certified by each replaced issuing key whose certificate is still valid:
+        all of them (`every`, a new responder key) or those whose certificate is missing or expiring."""
+        made: dict[str, SoftSigner] = {}
+        for old in self.previous_signers:
+            if old.certificate.not_valid_after_utc <= now:
+                continue  # nothing it issued is valid any more
+            key_id = ca_key_id(old.certificate)
+            path = self.paths.previous_dir / key_id / "ocsp.crt.pem"
+            cert = _load_cert(path) if path.exists() else None
+            if (
+                every
+                or cert is None
+                or cert.public_key() != key.public_key()
+                or cert.not_valid_after_utc - now < OCSP_RESPONDER_RENEW_BEFORE
+                or not issued_by(cert, old.certificate)
+            ):
+                issuer = Issuer(old, self.urls)
+                cert = issuer.issue(issuer.prepare_ocsp_responder(key.public_key(), now))
+                write_atomically(path, _pem(cert))
+                renewed.append(f"ocsp-responder:{key_id}")
+            made[key_id] = SoftSigner(cert, key)
+        self.previous_responders = made
 
     def _ensure_root_crl(self, now: dt.datetime, validity: dt.timedelta, renewed: list[str]) -> None:
         """The root's CRL (ARL) covers the issuing CA; refreshed when a third of its life is left.
@@ -774,6 +814,18 @@ def _previous_issuing(paths: CAPaths) -> list[x509.Certificate]:
     folder = paths.previous_dir
     certs = [_load_cert(p) for p in folder.glob("*/issuing.crt.pem")] if folder.exists() else []
     return sorted(certs, key=lambda c: c.not_valid_before_utc)
+
+
+def previous_responder_certificates(paths: CAPaths) -> list[tuple[x509.Certificate, x509.Certificate]]:
+    """(replaced issuing CA certificate, the OCSP responder certificate it issued) for each replaced key
+    that has one: what an OCSP-only process answers with, holding no CA key."""
+    folder = paths.previous_dir
+    found = []
+    for cert_path in sorted(folder.glob("*/issuing.crt.pem")) if folder.exists() else []:
+        responder = cert_path.with_name("ocsp.crt.pem")
+        if responder.exists():
+            found.append((_load_cert(cert_path), _load_cert(responder)))
+    return found
 
 
 def previous_issuing_signers(paths: CAPaths, passphrase: bytes) -> list[SoftSigner]:

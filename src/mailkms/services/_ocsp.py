@@ -47,7 +47,7 @@ from mailkms.pki import (
     parse_request,
     sign_response,
 )
-from mailkms.services._ca import CAPaths, load_key_at, previous_issuing_signers
+from mailkms.services._ca import CAPaths, load_key_at, previous_responder_certificates
 from mailkms.services._issuance import serial_hex
 from mailkms.store import Certificate, Database
 
@@ -78,7 +78,7 @@ class _Signed:
 @dataclass(frozen=True, slots=True)
 class _Issuer:
     hashes: dict[str, tuple[bytes, bytes]]
-    signer: SoftSigner | None  # None: the current key, answered by the delegated responder
+    signer: CASigner | None  # None: the current key, answered by the delegated responder
     ski: bytes | None
 
 
@@ -102,36 +102,51 @@ class ResponderKeys(Protocol):
 
     def require_ocsp_responder(self) -> CASigner: ...
 
-    def previous_issuers(self) -> list[SoftSigner]: ...
+    def answering_for_previous(self) -> list[tuple[x509.Certificate, CASigner]]: ...
 
 
 class FileResponderKeys:
     """The delegated responder's certificate and key from DATA/ocsp (no CA key), re-read when `serve`
-    renews them: `refresh` compares the certificate file's mtime."""
+    renews them: `refresh` compares the certificate files' mtimes. After `ca rekey`, the responder
+    certificates the replaced keys issued for the same responder key (DATA/ca/previous/<SKI>/ocsp.crt.pem)
+    answer for what those keys issued: still no CA key in this process."""
 
     def __init__(self, paths: CAPaths, passphrase: bytes) -> None:
         self._paths = paths
         self._passphrase = passphrase
         self.issuing_certificate = x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
-        self._stamp = -1
         self._signer: SoftSigner | None = None
-        self._previous: list[SoftSigner] = []
+        self._previous: list[tuple[x509.Certificate, CASigner]] = []
+        self._stamp: tuple[int, ...] = ()
         self.refresh()
 
+    def _files_stamp(self) -> tuple[int, ...]:
+        folder = self._paths.previous_dir
+        kept = sorted(folder.glob("*/ocsp.crt.pem")) if folder.exists() else []
+        stamps = []
+        for path in (self._paths.ocsp_cert, *kept):
+            try:
+                stamps.append(path.stat().st_mtime_ns)
+            except FileNotFoundError:
+                stamps.append(0)
+        return tuple(stamps)
+
     def refresh(self) -> bool:
-        """Load the responder again if its certificate file changed; True when it did."""
-        try:
-            stamp = self._paths.ocsp_cert.stat().st_mtime_ns
-        except FileNotFoundError:
+        """Load the responder again if its certificate files changed; True when they did."""
+        if not self._paths.ocsp_cert.exists():
             return False
+        stamp = self._files_stamp()
         if stamp == self._stamp:
             return False
         cert = x509.load_pem_x509_certificate(self._paths.ocsp_cert.read_bytes())
         key = load_key_at(self._paths.ocsp_key, self._passphrase)
-        # A rekey re-issues the responder: the issuing CA and the replaced keys are read again with it,
-        # all before any is taken (keys take a while to open; requests meanwhile see the old set whole)
+        # A rekey re-issues the responder: the issuing CA and the replaced keys' responders are read again
+        # with it, all before any is taken (requests meanwhile see the old set whole)
         issuing = x509.load_pem_x509_certificate(self._paths.issuing_cert.read_bytes())
-        previous = previous_issuing_signers(self._paths, self._passphrase)
+        previous: list[tuple[x509.Certificate, CASigner]] = []
+        for old_ca, responder in previous_responder_certificates(self._paths):
+            if responder.public_key() == cert.public_key():  # certified for this responder key
+                previous.append((old_ca, SoftSigner(responder, key)))
         self._signer, self.issuing_certificate, self._previous, self._stamp = (
             SoftSigner(cert, key),
             issuing,
@@ -140,7 +155,7 @@ class FileResponderKeys:
         )
         return True
 
-    def previous_issuers(self) -> list[SoftSigner]:
+    def answering_for_previous(self) -> list[tuple[x509.Certificate, CASigner]]:
         return self._previous
 
     def require_ocsp_responder(self) -> SoftSigner:
@@ -173,13 +188,18 @@ class OCSPResponder:
         replaced CA key itself for its own certificates (with that CA's SKI, to check the serial's
         issuer); None when the issuer is not ours."""
         responder = self._ca.require_ocsp_responder()
-        previous = self._ca.previous_issuers()
-        current = (self._ca.issuing_certificate, responder.certificate, *(p.certificate for p in previous))
+        previous = self._ca.answering_for_previous()
+        current = (
+            self._ca.issuing_certificate,
+            responder.certificate,
+            *(c for old_ca, signer in previous for c in (old_ca, signer.certificate)),
+        )
         if self._issuers is None or self._issuers[0] != current:
             issuers = [_Issuer(issuer_hashes(self._ca.issuing_certificate, responder.certificate), None, None)]
             # A rekey keeps the CA's name: the responder's issuer name is the replaced keys' too.
             issuers += [
-                _Issuer(issuer_hashes(p.certificate, responder.certificate), p, _ski(p.certificate)) for p in previous
+                _Issuer(issuer_hashes(old_ca, responder.certificate), signer, _ski(old_ca))
+                for old_ca, signer in previous
             ]
             self._issuers = (current, issuers)
         wanted = (query.issuer_name_hash, query.issuer_key_hash)
