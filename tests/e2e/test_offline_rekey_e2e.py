@@ -21,8 +21,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.e2e.conftest import PUBLIC_URL, ClientHome, Deployment, enrolled, openssl
-from tests.e2e.test_offline_root_e2e import _mailkms, _pem
+from tests.e2e.conftest import ClientHome, Deployment, enrolled, openssl
+from tests.e2e.test_offline_root_e2e import _mailkms, _pem, init_offline
 from tests.judges import lint_pkix, lint_serverauth, lint_smime
 
 
@@ -64,20 +64,7 @@ def _audit(dep: Deployment, action: str) -> list[dict[str, object]]:
 
 
 def test_ceremony_rekeys_the_issuing_ca_and_a_running_server_takes_it(tmp_path: Path) -> None:
-    dep = Deployment(tmp_path / "data")
-    root_dir = tmp_path / "removable" / "root"
-    init = [
-        "init",
-        "--hostname",
-        "localhost",
-        "--public-url",
-        PUBLIC_URL,
-        "--offline-root",
-        str(root_dir),
-        "--country",
-        "DE",
-    ]
-    _mailkms(dep, *init, root=True)
+    dep, root_dir = init_offline(tmp_path)
     config = dep.data / "mailkms.toml"
     text, n = re.subn(r"(?m)^reload_check_seconds = 5\b", "reload_check_seconds = 3600", config.read_text())
     assert n == 1, "mailkms.toml names no reload_check_seconds"

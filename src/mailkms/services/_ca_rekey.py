@@ -1,7 +1,9 @@
 """`mailkms ca rekey`: the S/MIME issuing CA rolled to a new key pair (same subject name, new Subject
 Key Identifier), signed by the online root. The new key is made where the current one lives (the
 PKCS#11 token when a key store is configured, else an encrypted file); the old certificate and key
-are kept under DATA/ca/previous/, named by the old key's identifier, never deleted here.
+are kept under DATA/ca/previous/, named by the old key's identifier, never deleted here. With an
+offline root the same roll is `ca request --kind issuing --new-key` + ceremony + `ca import`
+(services/_ca_import.py), which keeps the old pair with `keep_old_pair` from here.
 
 Running servers take the new key through the CA-file reload (CAContext.reload_from_files, every
 [ca] reload_check_seconds and on SIGHUP); they never load a CA key per request.
