@@ -48,6 +48,15 @@ def _mailkms(dep: Deployment, *args: str, offset_days: float | None = None, root
     return result
 
 
+def init_offline(tmp_path: Path) -> tuple[Deployment, Path]:
+    """`mailkms init --offline-root` into tmp/data, the root folder at tmp/removable/root."""
+    dep = Deployment(tmp_path / "data")
+    root_dir = tmp_path / "removable" / "root"
+    init = ["init", "--hostname", "localhost", "--public-url", PUBLIC_URL, "--offline-root", str(root_dir)]
+    _mailkms(dep, *init, "--country", "DE", root=True)
+    return dep, root_dir
+
+
 def _pem(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
@@ -117,21 +126,7 @@ def _tls_chain_checks_crls(
 
 
 def test_offline_root_ceremony_import_and_renewal(tmp_path: Path) -> None:
-    dep = Deployment(tmp_path / "data")
-    root_dir = tmp_path / "removable" / "root"
-    _mailkms(
-        dep,
-        "init",
-        "--hostname",
-        "localhost",
-        "--public-url",
-        PUBLIC_URL,
-        "--offline-root",
-        str(root_dir),
-        "--country",
-        "DE",
-        root=True,
-    )
+    dep, root_dir = init_offline(tmp_path)
     ca = dep.data / "ca"
     root_pem = ca / "root.crt.pem"
     root = _pem(root_pem)

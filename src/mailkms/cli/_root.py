@@ -10,12 +10,14 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from mailkms.cli._exit import exit_on_error
 from mailkms.clock import SystemClock
@@ -33,6 +35,7 @@ from mailkms.pki._pkcs11 import parse_key_store_uri
 from mailkms.services import (
     OFFLINE_ROOT_CRL_VALIDITY,
     CAPaths,
+    Rekeyed,
     RootCeremony,
     RootFolder,
     Services,
@@ -92,7 +95,7 @@ def _open_ceremony(root: Path, passphrase_fd: int | None) -> RootCeremony:
     return RootCeremony.open(root, None if in_token else root_passphrase(passphrase_fd, new=False))
 
 
-def _emit(data: dict[str, object], as_json: bool, text: str) -> None:
+def _emit(data: Mapping[str, object], as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if as_json else text)
 
 
@@ -209,7 +212,12 @@ def register(ca_app: typer.Typer) -> None:
         kind: Annotated[str, typer.Option("--kind", help="issuing (S/MIME) or infrastructure (TLS)")],
         out: Annotated[Path, typer.Option("--out", help="write the CSR (PEM) here, to carry to the root")],
         new_key: Annotated[
-            bool, typer.Option("--new-key", help="a new key (infrastructure CA only); default: the current key")
+            bool,
+            typer.Option(
+                "--new-key",
+                help="a new key (kept in DATA/ca/pending until `ca import`; the issuing CA's is made in the "
+                "token when [ca] key_store is set); default: the current key",
+            ),
         ] = False,
         as_json: JsonOpt = False,
     ) -> None:
@@ -218,7 +226,9 @@ def register(ca_app: typer.Typer) -> None:
             if kind not in KINDS:
                 raise Malformed(f"--kind is one of {', '.join(KINDS)}")
             paths, passphrase = _server_ca()
-            csr = request_intermediate(paths, passphrase, KINDS[kind], new_key=new_key)
+            key_store = load_settings(data_dir_from_env()).ca.key_store
+            now = SystemClock().now()
+            csr = request_intermediate(paths, passphrase, KINDS[kind], new_key=new_key, key_store=key_store, now=now)
             out.write_bytes(csr)
             _emit(
                 {"kind": KINDS[kind].value, "file": str(out)},
@@ -233,13 +243,16 @@ def register(ca_app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Install what the root ceremony signed (checked against the root first). A running server takes
-        it within [ca] reload_check_seconds (5 s), or at once on SIGHUP; no restart."""
+        it within [ca] reload_check_seconds (5 s), or at once on SIGHUP; no restart. The issuing CA's
+        certificate for the key of `ca request --new-key` rekeys it: the old certificate and key are
+        kept in DATA/ca/previous/ (they go on answering OCSP for what the old key issued)."""
         with exit_on_error(as_json):
             paths, passphrase = _server_ca()
             clock = SystemClock()
             done = [import_signed(paths, passphrase, f.read_bytes(), clock.now()) for f in files]
             services = Services.build(load_settings(data_dir_from_env()), clock)
             try:
+                live = _live_subscriber_certificates(services, clock.now()) if any(i.rekeyed for i in done) else 0
                 with services.db.transaction() as session:
                     for item in done:
                         services.audit.append(
@@ -250,13 +263,24 @@ def register(ca_app: typer.Typer) -> None:
                             serial=f"{item.serial:x}",
                             not_after=item.not_after,
                         )
+                        if item.rekeyed is not None:
+                            _audit_rekeyed(services, session, item.rekeyed, live)
             finally:
                 services.close()
-            rows = [{"what": i.what, "serial": f"{i.serial:x}", "not_after": i.not_after.isoformat()} for i in done]
+            rows: list[dict[str, str]] = []
+            for i in done:
+                row = {"what": i.what, "serial": f"{i.serial:x}", "not_after": i.not_after.isoformat()}
+                if i.rekeyed is not None:
+                    row |= _rekeyed_row(i.rekeyed)
+                rows.append(row)
             _emit(
                 {"imported": rows},
                 as_json,
-                "\n".join(f"imported {r['what']} {r['serial']} (until {r['not_after'][:10]})" for r in rows),
+                "\n".join(
+                    f"imported {r['what']} {r['serial']} (until {r['not_after'][:10]})"
+                    + (f"; new key {r['new_key_id']}, the old one kept in {r['kept_in']}" if "kept_in" in r else "")
+                    for r in rows
+                ),
             )
 
     @ca_app.command("migrate-key")
@@ -322,27 +346,11 @@ def register(ca_app: typer.Typer) -> None:
                 live = _live_subscriber_certificates(services, now)  # recorded: what the old key still answers for
                 done = rekey_issuing_ca(paths, passphrase, settings.ca.key_store, public_urls(settings), now)
                 with services.db.transaction() as session:
-                    services.audit.append(
-                        session,
-                        ADMIN,
-                        "ca.rekeyed",
-                        "issuing-ca",
-                        old_key_id=done.old_key_id,
-                        new_key_id=done.new_key_id,
-                        serial=f"{done.serial:x}",
-                        not_after=done.not_after,
-                        live_certificates=live,
-                    )
+                    _audit_rekeyed(services, session, done, live)
             finally:
                 services.close()
             _emit(
-                {
-                    "old_key_id": done.old_key_id,
-                    "new_key_id": done.new_key_id,
-                    "serial": f"{done.serial:x}",
-                    "not_after": done.not_after.isoformat(),
-                    "kept_in": str(done.kept_in),
-                },
+                _rekeyed_row(done),
                 as_json,
                 f"the issuing CA has a new key {done.new_key_id} (certificate {done.serial:x}, until "
                 f"{done.not_after:%Y-%m-%d}); the old one ({done.old_key_id}) is kept in {done.kept_in}.\n"
@@ -372,6 +380,30 @@ def register(ca_app: typer.Typer) -> None:
                 f"the root key is now only in {folder} (encrypted under the root passphrase) and was removed "
                 "from the data folder.\nKeep the folder offline; restart `mailkms serve`.",
             )
+
+
+def _audit_rekeyed(services: Services, session: Session, done: Rekeyed, live: int) -> None:
+    services.audit.append(
+        session,
+        ADMIN,
+        "ca.rekeyed",
+        "issuing-ca",
+        old_key_id=done.old_key_id,
+        new_key_id=done.new_key_id,
+        serial=f"{done.serial:x}",
+        not_after=done.not_after,
+        live_certificates=live,
+    )
+
+
+def _rekeyed_row(done: Rekeyed) -> dict[str, str]:
+    return {
+        "old_key_id": done.old_key_id,
+        "new_key_id": done.new_key_id,
+        "serial": f"{done.serial:x}",
+        "not_after": done.not_after.isoformat(),
+        "kept_in": str(done.kept_in),
+    }
 
 
 def _live_subscriber_certificates(services: Services, now: dt.datetime) -> int:

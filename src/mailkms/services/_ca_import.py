@@ -20,10 +20,12 @@ from mailkms.pki import (
     crl_number,
     encrypt_private_key,
     issued_by,
+    key_type_of,
     load_private_key,
     make_infrastructure_ca,
 )
-from mailkms.services._ca import CAPaths
+from mailkms.services._ca import CAPaths, KeyMaker, key_exists, load_key_at, token_ref_path
+from mailkms.services._ca_rekey import Rekeyed, keep_old_pair, key_id
 from mailkms.services._files import write_atomically
 from mailkms.services._offline_root import (
     INTERMEDIATE_CN,
@@ -44,22 +46,26 @@ def _files(paths: CAPaths, kind: CertKind) -> tuple[Path, Path]:
 
 
 def _pending_key(paths: CAPaths, kind: CertKind) -> Path:
+    """A new key waiting for its certificate: the encrypted file, or (a PKCS#11 key store) `.pkcs11` beside it."""
     return paths.pending_dir / f"{kind.value}.key.pem"
 
 
-def request_intermediate(paths: CAPaths, passphrase: bytes, kind: CertKind, *, new_key: bool) -> bytes:
+def request_intermediate(
+    paths: CAPaths,
+    passphrase: bytes,
+    kind: CertKind,
+    *,
+    new_key: bool,
+    key_store: str = "",
+    now: dt.datetime | None = None,
+) -> bytes:
     """A CSR for a new certificate of the S/MIME issuing CA or the infrastructure CA, signed with its
     key: the current one (a new certificate for the same key, e.g. before it expires), or with
-    `new_key` a new one kept in DATA/ca/pending until the certificate comes back.
-
-    A new key for the S/MIME issuing CA is refused: the certificates it issued keep pointing at its
-    CRLs and OCSP, which the server signs with the current key."""
+    `new_key` a new one kept in DATA/ca/pending until the certificate comes back. The issuing CA's new
+    key is made where its keys live (in the token of `key_store` when one is configured); its CSR
+    carries the issuing CA's name, so the root signs the same name with a new key identifier, and
+    `import_signed` then keeps the old pair in DATA/ca/previous/ as `mailkms ca rekey` does."""
     cert_path, key_path = _files(paths, kind)
-    if new_key and kind is CertKind.ISSUING_CA:
-        raise Conflict(
-            "a new key for the S/MIME issuing CA is not supported: its certificates' CRLs and OCSP answers "
-            "are signed with the current key; request a new certificate for the same key"
-        )
     root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
     if cert_path.exists():
         name = x509.load_pem_x509_certificate(cert_path.read_bytes()).subject
@@ -71,16 +77,18 @@ def request_intermediate(paths: CAPaths, passphrase: bytes, kind: CertKind, *, n
         name = ca_name(
             f"{organization} {INTERMEDIATE_CN[kind]}", organization, str(country[0].value) if country else None
         )
-    current = load_private_key(key_path.read_bytes(), passphrase) if key_path.exists() else None
+    current = load_key_at(key_path, passphrase) if key_exists(key_path) else None
     key: PrivateKey
     if new_key:
         pending = _pending_key(paths, kind)
-        if pending.exists():  # asked again: the same pending key, not a second one
-            key = load_private_key(pending.read_bytes(), passphrase)
+        if key_exists(pending):  # asked again: the same pending key, not a second one
+            key = load_key_at(pending, passphrase)
         else:
-            like = current or load_private_key(paths.issuing_key.read_bytes(), passphrase)
-            key = new_key_like(like)
-            write_atomically(pending, encrypt_private_key(key, passphrase), 0o600)
+            like = current or load_key_at(paths.issuing_key, passphrase)
+            keys = KeyMaker(passphrase, key_store if kind is CertKind.ISSUING_CA else "")
+            label = f"issuing-{now:%Y%m%dT%H%M%S}" if now else "issuing-new"  # in a token: LABEL-<this>
+            key = keys.new(key_type_of(like), label)
+            keys.save(key, pending)
     else:
         if current is None:
             raise NotFound(f"no key at {key_path}")
@@ -95,11 +103,16 @@ class Imported:
     what: str  # "root-crl", "issuing-ca" or "infrastructure-ca"
     serial: int  # the CRL number or the certificate serial
     not_after: dt.datetime
+    rekeyed: Rekeyed | None = None  # the issuing CA took the new key of `ca request --new-key`
 
 
 def import_signed(paths: CAPaths, passphrase: bytes, data: bytes, now: dt.datetime) -> Imported:
     """A root CRL or an intermediate from the ceremony, checked against the root before anything is
-    written. A running server takes it without a restart (serve: _ca_watch_loop, SIGHUP)."""
+    written. A running server takes it without a restart (serve: _ca_watch_loop, SIGHUP).
+
+    The issuing CA's certificate for the pending new key: the old certificate and key are kept in
+    DATA/ca/previous/<old SKI>/ (as `mailkms ca rekey` keeps them: they go on answering OCSP for
+    what they issued), the new key takes the old one's place, and the new certificate is written last."""
     root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
     crl = _as_crl(data)
     if crl is not None:
@@ -112,27 +125,37 @@ def import_signed(paths: CAPaths, passphrase: bytes, data: bytes, now: dt.dateti
     kind = kind_of_intermediate(cert)
     cert_path, key_path = _files(paths, kind)
     pending = _pending_key(paths, kind)
-    if key_path.exists() and load_private_key(key_path.read_bytes(), passphrase).public_key() == cert.public_key():
-        new_key = None
-    elif pending.exists() and load_private_key(pending.read_bytes(), passphrase).public_key() == cert.public_key():
-        new_key = pending
+    requested = load_key_at(pending, passphrase) if key_exists(pending) else None
+    new_key: PrivateKey | None = None
+    if key_exists(key_path) and load_key_at(key_path, passphrase).public_key() == cert.public_key():
+        pass
+    elif requested is not None and requested.public_key() == cert.public_key():
+        new_key = requested
     else:
         raise Malformed(f"the {kind.value} certificate is for no key of this server (current or requested)")
-    if cert_path.exists():
-        old = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        if old == cert:
-            raise Conflict(f"that {kind.value} certificate is already in use")
-        write_atomically(paths.retired_dir / f"{kind.value}-{old.serial_number:x}.crt.pem", cert_path.read_bytes())
-    if new_key is not None:
-        if key_path.exists():
+    old = x509.load_pem_x509_certificate(cert_path.read_bytes()) if cert_path.exists() else None
+    if old == cert:
+        raise Conflict(f"that {kind.value} certificate is already in use")
+    rekeyed = None
+    if new_key is not None and kind is CertKind.ISSUING_CA and old is not None:
+        if cert.subject != old.subject:
+            raise Malformed("the new issuing CA certificate does not carry the issuing CA's name")
+        kept = keep_old_pair(paths, old, now)
+        rekeyed = Rekeyed(key_id(old), key_id(cert), cert.serial_number, cert.not_valid_after_utc, kept)
+    else:
+        if old is not None:
+            write_atomically(paths.retired_dir / f"{kind.value}-{old.serial_number:x}.crt.pem", cert_path.read_bytes())
+        if new_key is not None and key_path.exists():
             write_atomically(
                 paths.retired_dir / f"{kind.value}.{now:%Y%m%dT%H%M%S}.key.pem", key_path.read_bytes(), 0o600
             )
-        write_atomically(key_path, new_key.read_bytes(), 0o600)
-        new_key.unlink()
+    if new_key is not None:
+        KeyMaker(passphrase, "").save(new_key, key_path)  # a token's key: its reference only
+        pending.unlink(missing_ok=True)
+        token_ref_path(pending).unlink(missing_ok=True)
     write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     (paths.pending_dir / f"{kind.value}.csr.pem").unlink(missing_ok=True)
-    return Imported(kind.value, cert.serial_number, cert.not_valid_after_utc)
+    return Imported(kind.value, cert.serial_number, cert.not_valid_after_utc, rekeyed)
 
 
 def _import_crl(

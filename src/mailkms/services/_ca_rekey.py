@@ -1,7 +1,9 @@
 """`mailkms ca rekey`: the S/MIME issuing CA rolled to a new key pair (same subject name, new Subject
 Key Identifier), signed by the online root. The new key is made where the current one lives (the
 PKCS#11 token when a key store is configured, else an encrypted file); the old certificate and key
-are kept under DATA/ca/previous/, named by the old key's identifier, never deleted here.
+are kept under DATA/ca/previous/, named by the old key's identifier, never deleted here. With an
+offline root the same roll is `ca request --kind issuing --new-key` + ceremony + `ca import`
+(services/_ca_import.py), which keeps the old pair with `keep_old_pair` from here.
 
 Running servers take the new key through the CA-file reload (CAContext.reload_from_files, every
 [ca] reload_check_seconds and on SIGHUP); they never load a CA key per request.
@@ -45,7 +47,8 @@ def rekey_issuing_ca(paths: CAPaths, passphrase: bytes, key_store: str, urls: Pu
     (reload_from_files loads the key named beside a certificate whose public key changed)."""
     if paths.root_offline:
         raise ConfigError(
-            "the root is offline: a new issuing CA key needs the root ceremony, which does not support it yet"
+            "the root is offline: give the issuing CA a new key at a root ceremony (ca request --kind issuing "
+            "--new-key, root-ceremony sign-ca, ca import)"
         )
     root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
     old = x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
@@ -57,16 +60,33 @@ def rekey_issuing_ca(paths: CAPaths, passphrase: bytes, key_store: str, urls: Pu
     if old_key.public_key() != old.public_key():
         raise Internal(f"{paths.issuing_key} is not the key of {paths.issuing_cert}")
     old_id = key_id(old)
-    kept = paths.previous_dir / old_id
-    if kept.exists():
-        raise Conflict(f"{kept} exists already")
+    previous_folder(paths, old)  # refused before a key is made
     keys = KeyMaker(passphrase, key_store)
     new_key = keys.new(key_type_of(old_key), f"issuing-{now:%Y%m%dT%H%M%S}")
     new = certify_ca(SoftSigner(root, root_key), CertKind.ISSUING_CA, new_key.public_key(), old.subject, urls, now)
     if key_id(new) == old_id:
         raise Internal("the new issuing key has the identifier of the old one")
-    # The old pair first (copied, not moved: the files stay valid until the new pair is complete).
-    write_atomically(kept / "issuing.crt.pem", paths.issuing_cert.read_bytes())
+    kept = keep_old_pair(paths, old, now)
+    keys.save(new_key, paths.issuing_key)
+    write_atomically(paths.issuing_cert, new.public_bytes(serialization.Encoding.PEM))
+    return Rekeyed(old_id, key_id(new), new.serial_number, new.not_valid_after_utc, kept)
+
+
+def previous_folder(paths: CAPaths, old: x509.Certificate) -> Path:
+    """DATA/ca/previous/<SKI of `old`>/, which must not exist yet."""
+    kept = paths.previous_dir / key_id(old)
+    if kept.exists():
+        raise Conflict(f"{kept} exists already")
+    return kept
+
+
+def keep_old_pair(paths: CAPaths, old: x509.Certificate, now: dt.datetime) -> Path:
+    """The issuing CA's current certificate `old` and its key (the encrypted file, or the reference to
+    the token's key) copied to previous/<old SKI>/ with retired.json, before a new key takes their
+    place (`ca rekey`, and `ca import` of a certificate for the key `ca request --new-key` made).
+    Copied, not moved: the files stay valid until the new pair is complete."""
+    kept = previous_folder(paths, old)
+    write_atomically(kept / "issuing.crt.pem", old.public_bytes(serialization.Encoding.PEM))
     ref = token_ref_path(paths.issuing_key)
     if ref.exists():
         write_atomically(token_ref_path(kept / "issuing.key.pem"), ref.read_bytes())
@@ -78,6 +98,4 @@ def rekey_issuing_ca(paths: CAPaths, passphrase: bytes, key_store: str, urls: Pu
         "serial": f"{old.serial_number:x}",
     }
     write_atomically(kept / "retired.json", json.dumps(info, indent=2).encode())
-    keys.save(new_key, paths.issuing_key)
-    write_atomically(paths.issuing_cert, new.public_bytes(serialization.Encoding.PEM))
-    return Rekeyed(old_id, key_id(new), new.serial_number, new.not_valid_after_utc, kept)
+    return kept

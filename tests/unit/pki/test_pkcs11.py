@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 
 from mailkms.errors import ConfigError, KeyStoreUnavailable
-from mailkms.pki import KeyType, key_type_of, signature_hash_for
+from mailkms.pki import CertKind, KeyType, key_type_of, signature_hash_for
 from mailkms.pki._pkcs11 import Token, TokenECKey, TokenRSAKey, open_token_key, parse_key_store_uri
 from tests.smime_support import require_tools
 
@@ -381,3 +381,45 @@ def test_the_offline_root_key_goes_into_a_token_for_the_ceremony(token: tuple[To
     assert verdict.exit_code == 0, str(verdict)
     passphrase = paths.passphrase_file.read_bytes().strip()
     assert import_signed(paths, passphrase, crl_file.read_bytes(), dt.datetime.now(UTC)).serial == 2
+
+
+def test_a_ceremony_rekey_makes_the_new_issuing_key_in_the_token(token: tuple[Token, Path], tmp_path: Path) -> None:
+    """Issue 15: with [ca] key_store, `ca request --kind issuing --new-key` makes the new key inside the
+    token (pending: its reference only); `ca import` of the root's certificate for it puts that
+    reference in place and keeps the old one in previous/<SKI>/, whose key still signs (OCSP)."""
+    from mailkms.clock import UTC, FakeClock
+    from mailkms.services import CAContext, CAPaths, import_signed, request_intermediate
+    from mailkms.services._ca_rekey import key_id
+    from mailkms.services._offline_root import RootCeremony
+    from tests.testca import URLS as urls
+    from tests.testca import init_server_ca
+
+    _, folder = token
+    uri = f"pkcs11:token=unit;object=offline-rekey?module-path={MODULE}&pin-source=file:{folder / 'pin'}"
+    start = dt.datetime(2026, 3, 1, 10, 0, 0, tzinfo=UTC)
+    paths, root_dir, secret = CAPaths(tmp_path / "data"), tmp_path / "root", b"a root passphrase for this test run"
+    init_server_ca(paths, FakeClock(start), KeyType.P256, offline_root=root_dir, root_passphrase=secret, key_store=uri)
+    passphrase = paths.passphrase_file.read_bytes().strip()
+    old_ref = json.loads((paths.ca_dir / "issuing.key.pkcs11").read_text())
+    old_ca = x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
+
+    csr = request_intermediate(paths, passphrase, CertKind.ISSUING_CA, new_key=True, key_store=uri, now=start)
+    pending = paths.pending_dir / "issuing-ca.key.pkcs11"
+    assert pending.exists() and not (paths.pending_dir / "issuing-ca.key.pem").exists()
+    new_ref = json.loads(pending.read_text())
+    attributes = _token_attributes(bytes.fromhex(new_ref["id"]))
+    assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"], attributes
+    _, new_ca = RootCeremony.open(root_dir, secret).sign_intermediate(csr, start)
+    done = import_signed(paths, passphrase, new_ca.public_bytes(serialization.Encoding.PEM), start)
+    assert done.rekeyed is not None and done.rekeyed.new_key_id == key_id(new_ca)
+    assert json.loads((paths.ca_dir / "issuing.key.pkcs11").read_text()) == new_ref and not pending.exists()
+    kept = paths.previous_dir / key_id(old_ca)
+    assert json.loads((kept / "issuing.key.pkcs11").read_text()) == old_ref
+    assert not any(p.name.endswith("key.pem") for p in kept.iterdir())  # no key left the token
+
+    ctx = CAContext.load(paths, passphrase_env="", urls=urls, key_store=uri)
+    assert ctx.issuing.certificate == new_ca
+    assert isinstance(ctx.issuing.private_key, TokenRSAKey | TokenECKey)
+    assert ctx.issuing.private_key.reference.key_id.hex() == new_ref["id"]
+    [previous] = ctx.previous_issuers()
+    assert previous.certificate == old_ca and previous.private_key.public_key() == old_ca.public_key()
