@@ -190,9 +190,15 @@ class ClientHome:
     home: Path
     mailbox: str
 
-    def run(self, *args: str, offset_days: float | None = None, input_text: str | None = None) -> Result:
+    def run(
+        self,
+        *args: str,
+        offset_days: float | None = None,
+        input_text: str | None = None,
+        env_extra: dict[str, str] | None = None,
+    ) -> Result:
         cmd = [str(BIN / "mailkms-client"), "--home", str(self.home), *args]
-        env = _env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE}, offset_days)
+        env = _env({"MAILKMS_CLIENT_PASSPHRASE": CLIENT_PASSPHRASE, **(env_extra or {})}, offset_days)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, input=input_text)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailkms.pki import ca_key_id, crl_urls
-from tests.e2e.conftest import PUBLIC_URL, Deployment, enrolled, init_deployment
+from tests.e2e.conftest import PUBLIC_URL, ClientHome, Deployment, enrolled, init_deployment
 from tests.judges import pkilint
 
 
@@ -59,6 +59,57 @@ def _crl_listing(
     out = work / f"{name}.crl.pem"
     out.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     return crl, out
+
+
+def _signed_without_chain(home: ClientHome, work: Path) -> Path:
+    """A mail signed by `home`'s signing key (from its PKCS#12 export) that carries the signer's certificate only."""
+    p12 = work / f"{home.mailbox}.p12"
+    exported = home.run("export", "--out", str(p12), env_extra={"MAILKMS_EXPORT_PASSWORD": "export-pw-run"})
+    assert exported.code == 0, exported.err
+    signing = x509.load_pem_x509_certificate(home.run("cert", "signing").out.encode())
+    keys = subprocess.run(
+        ["openssl", "pkcs12", "-in", str(p12), "-passin", "pass:export-pw-run", "-nocerts", "-nodes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    blocks = [b.split("-----END PRIVATE KEY-----")[0] for b in keys.split("-----BEGIN PRIVATE KEY-----")[1:]]
+    loaded = [
+        serialization.load_pem_private_key(f"-----BEGIN PRIVATE KEY-----{b}-----END PRIVATE KEY-----\n".encode(), None)
+        for b in blocks
+    ]
+    (key,) = [k for k in loaded if k.public_key() == signing.public_key()]
+    key_pem = work / "signer.key"
+    key_pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_pem = work / "signer.pem"
+    cert_pem.write_bytes(signing.public_bytes(serialization.Encoding.PEM))
+    body = work / "body.txt"
+    body.write_text(
+        f"To: someone@example.org\r\nFrom: {home.mailbox}\r\nSubject: hello\r\n\r\nsigned by the old key\r\n"
+    )
+    out = work / "signed.eml"
+    done = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-sign",
+            "-in",
+            str(body),
+            "-signer",
+            str(cert_pem),
+            "-inkey",
+            str(key_pem),
+            "-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tmp_path: Path) -> None:
@@ -106,6 +157,13 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
             )
             assert chain.returncode == 0, (name, chain.stdout + chain.stderr)
 
+        # carol (enrolled after the rekey) learnt the old issuing CA from her delivery mail: a mail bob signs
+        # with his old-key certificate alone (no chain in it) is trusted by her client, CRL checked.
+        mail = _signed_without_chain(bob, work)
+        verdict = carol.run("verify", str(mail), "--json")
+        assert verdict.code == 0, verdict.out + verdict.err
+        assert "bob@example.org" in verdict.out
+
         dep.admin("revoke", "bob@example.org", "--reason", "keyCompromise")
         dep.admin("revoke", "carol@example.org", "--reason", "keyCompromise")
         for name, key, revoked in (("bob", "old", True), ("carol", "new", True), ("dave", "new", False)):
@@ -121,5 +179,39 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
                 assert verdict.returncode == 0 and "OK" in out, (name, out)
             lint = pkilint("lint_crl", ["-t", "CRL", "-p", "BR", "-s", "WARNING"], crl_path.read_bytes())
             assert lint.exit_code == 0, (name, str(lint))
+    finally:
+        dep.stop()
+
+
+def test_openssl_cmp_renews_a_certificate_of_the_replaced_key(tmp_path: Path) -> None:
+    """`openssl cmp -cmd kur` (with its certConf) signed with a certificate the replaced key issued, a year
+    on under faketime: the new certificate comes from the new key, and verifies with the new chain."""
+    from tests.e2e.test_cmp_openssl import YEAR_LATER, World, enrol, said
+
+    dep = init_deployment(tmp_path / "data")
+    chain = tmp_path / "chain.pem"
+    chain.write_text(dep.admin("ca", "chain").out)
+    root = tmp_path / "root.pem"
+    root.write_bytes(x509.load_pem_x509_certificates(chain.read_bytes())[-1].public_bytes(serialization.Encoding.PEM))
+    world = World(dep, tmp_path, root, chain)
+    dep.start()
+    try:
+        key, cert = world.key("erin.key"), tmp_path / "erin.pem"
+        done = enrol(world, "erin@example.org", dep.add_user("erin@example.org"), key, cert)
+        assert done.returncode == 0, said(done)
+        old_ca = _issuing_ca(dep)
+        assert old_ca is not None
+        x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(old_ca)
+        rekeyed = json.loads(dep.admin("ca", "rekey", "--json").out)
+        world.restart(YEAR_LATER)  # a year on: due for renewal; the server starts with the new key
+        renewed = tmp_path / "erin-renewed.pem"
+        kur = world.cmp(
+            "-cmd", "kur", "-cert", str(cert), "-key", str(key), "-newkey", str(world.key("erin2.key")),
+            "-certout", str(renewed),
+        )  # fmt: skip
+        assert kur.returncode == 0, said(kur)
+        new_ca = _issuing_ca(dep, rekeyed["new_key_id"])
+        assert new_ca is not None
+        x509.load_pem_x509_certificate(renewed.read_bytes()).verify_directly_issued_by(new_ca)
     finally:
         dep.stop()

@@ -124,16 +124,15 @@ def _response_doc(media: str, what: str, basic: bool = True) -> dict[int | str, 
 def est_router(services: Services) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["est"])
     est = services.est
-    cacerts_der = est.cacerts()
 
     @router.get(
         "/cacerts",
         response_class=Response,
-        summary="CA certificates (RFC 7030 §4.1): issuing CA and root, certs-only, base64",
+        summary="CA certificates (RFC 7030 §4.1): issuing CA (after a rekey, every key's) and root, certs-only, base64",
         responses={200: {"content": {CERTS_ONLY: {"schema": {"type": "string", "format": "base64"}}}}},
     )
     def cacerts() -> Response:
-        return _base64_response(cacerts_der, CERTS_ONLY)
+        return _base64_response(est.cacerts(), CERTS_ONLY)
 
     @router.get("/csrattrs", status_code=204, response_class=Response, summary="CSR attributes (RFC 7030 §4.5)")
     def csrattrs() -> Response:

@@ -44,6 +44,7 @@ from mailkms.pki import (
     decrypt,
     fingerprint_sha256,
     generate_key,
+    issuing_cas_under,
     load_private_key_der,
     mailboxes_of,
     open_delivery,
@@ -327,6 +328,9 @@ class Client:
                 chain.append(issuing)
             if state.mailbox not in mailboxes_of(cert):
                 raise DeliveryRefused("a delivered certificate is for another mailbox")
+        # after `ca rekey` the delivery also carries the replaced keys' CA certificates: kept, so mail
+        # signed with a colleague's certificate of the old key still verifies without its chain
+        chain += [c for c in issuing_cas_under(content.certificates, root) if c not in chain]
         passphrase = self.passphrase()
         pending = state.pending
         if pending is None or pending.request_id != manifest.request_id:
@@ -379,7 +383,9 @@ class Client:
                 request_id=manifest.request_id,
             )
         )
-        state.ca_chain_pem = [*(cert_to_pem(c) for c in checked.chain), state.root_pem]
+        known = [cert_to_pem(c) for c in checked.chain]
+        known += [p for p in state.ca_chain_pem if p not in known and p != state.root_pem]  # never forgotten
+        state.ca_chain_pem = [*known, state.root_pem]
         state.pending = None
         return f"installed generation {manifest.generation} ({manifest.kind}), valid until {signing.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
 

@@ -1,7 +1,14 @@
 """The pure PKI core: profiles, CSR checks, issuing, CMS, signed requests. No I/O, no clock."""
 
 from mailkms.pki._batchsign import SignJob, SignOutcome, generate_key_der, init_signer, sign_chunk
-from mailkms.pki._chain import ca_key_id, has_email_protection, issued_by, mailboxes_of, verify_email_chain
+from mailkms.pki._chain import (
+    ca_key_id,
+    has_email_protection,
+    issued_by,
+    issuing_cas_under,
+    mailboxes_of,
+    verify_email_chain,
+)
 from mailkms.pki._cms import (
     VerifiedSignedData,
     certs_only,
@@ -232,6 +239,7 @@ __all__ = [
     "is_delivery",
     "issued_by",
     "issuer_hashes",
+    "issuing_cas_under",
     "key_id_of",
     "key_type_of",
     "load_certs_only",

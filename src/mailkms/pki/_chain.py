@@ -68,6 +68,15 @@ def _name(cert: x509.Certificate) -> str:
         return "(unreadable name)"
 
 
+def issuing_cas_under(candidates: Iterable[x509.Certificate], root: x509.Certificate) -> list[x509.Certificate]:
+    """The CA certificates among `candidates` that `root` signed (not the root itself), in order, once each."""
+    found: list[x509.Certificate] = []
+    for cert in candidates:
+        if cert != root and cert not in found and _is_ca(cert) and issued_by(cert, root):
+            found.append(cert)
+    return found
+
+
 def verify_email_chain(
     leaf: x509.Certificate,
     candidates: Iterable[x509.Certificate],

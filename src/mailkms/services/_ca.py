@@ -469,6 +469,13 @@ class CAContext:
         return (self.issuing.certificate, self.root)
 
     @property
+    def issuing_certificates(self) -> tuple[x509.Certificate, ...]:
+        """The current issuing CA certificate, then those of the keys `ca rekey` replaced, newest first:
+        what a relying party needs for any certificate this CA issued (EST cacerts, CMP caCerts, the
+        client's trust)."""
+        return (self.issuing.certificate, *reversed(self.previous_issuing))
+
+    @property
     def tls_key_password(self) -> str:
         return self._passphrase.decode()
 

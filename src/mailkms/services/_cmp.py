@@ -50,7 +50,7 @@ from mailkms.errors import (
     TokenInvalid,
     UnknownIssuer,
 )
-from mailkms.pki import CheckedCSR, issued_by, same_public_key
+from mailkms.pki import CheckedCSR, same_public_key
 from mailkms.pki._cmp import (
     IT_CA_CERTS,
     IT_CA_KEY_UPDATE_INFO,
@@ -297,7 +297,7 @@ class CMP:
         items: list[tuple[str, bytes | None]] = []
         for oid in wanted:
             if oid == IT_CA_CERTS:
-                items.append((oid, certificates_value((self._ca.issuing.certificate, self._ca.root))))
+                items.append((oid, certificates_value((*self._ca.issuing_certificates, self._ca.root))))
             elif oid == IT_SIGN_KEY_PAIR_TYPES:
                 items.append((oid, key_pair_types_value(self._settings.policy.signing_key_types)))
             elif oid == IT_CURRENT_CRL:
@@ -335,7 +335,7 @@ class CMP:
                 fail=CMPFailInfo.NOT_AUTHORIZED,
             )
         signer = verify_cmp_signature(request)
-        if not issued_by(signer, self._ca.issuing.certificate):
+        if not self._ca.issued_here(signer):  # the current key, or one `ca rekey` replaced
             raise UnknownIssuer("the signing certificate was not issued by this CA")
         return signer
 
@@ -462,7 +462,7 @@ class CMP:
         if request.protection is not CMPProtection.SIGNATURE:
             raise BadCMPProtection("the certConf must be signed with the certificate that signed the request")
         signer = verify_cmp_signature(request)
-        if serial_hex(signer.serial_number) != row.signer_serial or not issued_by(signer, self._ca.issuing.certificate):
+        if serial_hex(signer.serial_number) != row.signer_serial or not self._ca.issued_here(signer):
             raise BadCMPProtection("the certConf is signed by another certificate than the request was")
         return None
 

@@ -108,11 +108,17 @@ class EST:
         self._settings = settings
         self._clock = clock
         self._audit = audit
+        self._cacerts: tuple[tuple[x509.Certificate, ...], bytes] | None = None
 
     def cacerts(self) -> bytes:
-        """certs-only with the issuing CA and the root: every certificate a client needs to build
-        the path from what EST issues to the trust anchor (RFC 7030 §4.1.3)."""
-        return certs_only(self._ca.chain)
+        """certs-only with the issuing CA (the current key's, then the replaced keys') and the root:
+        every certificate a client needs to build the path from what this CA issued to the trust
+        anchor (RFC 7030 §4.1.3). Follows a CA reload (rekey, ceremony import)."""
+        certs = (*self._ca.issuing_certificates, self._ca.root)
+        cached = self._cacerts
+        if cached is None or cached[0] != certs:
+            cached = self._cacerts = (certs, certs_only(certs))
+        return cached[1]
 
     # -- enrolment -----------------------------------------------------------------------------
     def simpleenroll(self, username: str, token: str, csr: bytes) -> x509.Certificate:

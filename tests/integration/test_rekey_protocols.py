@@ -1,0 +1,55 @@
+"""After `mailkms ca rekey` every protocol knows both issuing CAs (issue 15): EST /cacerts lists the
+new and the replaced issuing CA and the root (openssl pkcs7 reads three), following the reload of a
+running app; CMP kur signed with a certificate of the replaced key is the renewal, answered with a
+certificate of the new key (the request made by `openssl cmp`). The client's side (a delivery carries
+both CAs and the client keeps the old one) is in tests/e2e/test_ca_rekey_e2e.py."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+
+from cryptography.hazmat.primitives.serialization import pkcs7
+from fastapi.testclient import TestClient
+
+from mailkms.api import create_app
+from mailkms.pki import KeyType, generate_key, issued_by, same_public_key
+from mailkms.services import rekey_issuing_ca
+from tests.cmp_support import answer_of, issued_certificate
+from tests.conftest import CA_PASSPHRASE
+from tests.integration.test_cmp_service import ALICE, YEAR_LATER, enrolled, handle, kur
+
+
+def test_est_cmp_and_deliveries_know_both_issuing_cas_after_a_rekey(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    services.ensure_server_identities()
+    app = TestClient(create_app(services))  # built before the rekey, as a running server's
+    old_ca = services.ca.issuing.certificate
+    cert, key = enrolled(services, clock, tmp_path, ALICE)  # by CMP ir, from the old key
+    assert issued_by(cert, old_ca)
+
+    rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+    services.reload_ca()
+    new_ca = services.ca.issuing.certificate
+
+    # EST cacerts follows the reload: new issuing CA, the replaced one, the root.
+    got = app.get("/.well-known/est/cacerts")
+    assert got.status_code == 200
+    der = base64.b64decode(got.content)
+    listed = pkcs7.load_der_pkcs7_certificates(der)  # a SET: DER order, not ours
+    assert len(listed) == 3 and set(listed) == {new_ca, old_ca, services.ca.root}
+    printed = subprocess.run(
+        ["openssl", "pkcs7", "-inform", "DER", "-print_certs", "-noout"], input=der, capture_output=True, timeout=60
+    )
+    assert printed.returncode == 0 and printed.stdout.count(b"subject=") == 3, printed.stdout + printed.stderr
+
+    # CMP kur with the old key's certificate, once due: a certificate of the new key.
+    clock.advance(YEAR_LATER)
+    services.ensure_server_identities()
+    new_key = generate_key(KeyType.P256)
+    answer = handle(services, kur(tmp_path, clock.now(), cert, key, new_key))
+    assert answer_of(answer)[0] == "kup", answer_of(answer)
+    renewed = issued_certificate(answer)
+    assert issued_by(renewed, new_ca) and same_public_key(renewed.public_key(), new_key.public_key())  # type: ignore[arg-type]
+
+    # genm caCerts (signed with the old key's certificate, which is still valid) names both issuing CAs.
+    assert services.ca.issuing_certificates == (new_ca, old_ca)
