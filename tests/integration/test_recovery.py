@@ -454,3 +454,36 @@ def test_key_archived_during_a_rewrap_ends_under_the_new_key(
         new = s.get(RecoveryCeremony, outcome["result"].ceremony_id)  # type: ignore[attr-defined]
         assert new is not None and row.archive_key_id == new.key_id
     assert outcome["result"].rewrapped == 2  # type: ignore[attr-defined]
+
+
+def test_the_archive_recipient_is_read_once_per_transaction_and_again_after_a_rolled_back_savepoint(
+    services, recovery, data_dir
+) -> None:  # type: ignore[no-untyped-def]
+    """Group commit archives many keys in one transaction: the ceremony is read (FOR SHARE) once; a
+    savepoint rolled back may have taken the lock with it, so the next key reads (and locks) again."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "recovery_head" in statement:
+            statements.append(statement)
+
+    event.listen(services.db.engine, "before_cursor_execute", seen)
+    try:
+        with services.db.transaction() as s:
+            first = archive_recipient(s, recovery._dir, services.audit)
+            read = len(statements)  # one SELECT, or three on a fresh store (the bootstrap adopted)
+            assert read >= 1
+            assert archive_recipient(s, recovery._dir, services.audit) == first
+            assert len(statements) == read  # the second key of the transaction: no second read
+            with pytest.raises(RuntimeError), s.begin_nested():
+                archive_recipient(s, recovery._dir, services.audit)
+                raise RuntimeError("this unit is refused")
+            again = archive_recipient(s, recovery._dir, services.audit)
+            assert again[1] == first[1] and len(statements) == read + 1  # read again after the rollback
+        with services.db.transaction() as s:
+            archive_recipient(s, recovery._dir, services.audit)
+        assert len(statements) == read + 2  # a new transaction reads (and locks) it again
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", seen)

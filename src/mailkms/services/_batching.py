@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy.orm import Session
 
 from mailkms.services._audit import audit_mark, audit_rewind
-from mailkms.services._bulk import flush_deferred
+from mailkms.services._bulk import discard_deferred, flush_deferred
 from mailkms.store import Database
 
 log = logging.getLogger("mailkms.batching")
@@ -173,6 +173,9 @@ class GroupCommit:
                         value = work(session)
                 except Exception as exc:  # noqa: BLE001 -- this unit only: its savepoint is rolled back
                     audit_rewind(session, mark)
+                    # Deferred rows waiting now are this unit's only (earlier units' were flushed
+                    # above): they go with its savepoint.
+                    discard_deferred(session)
                     outcomes.append((future, False, exc))
                 else:
                     outcomes.append((future, True, value))

@@ -6,6 +6,11 @@ the session and written by one multi-row INSERT per table just before the transa
 (or before the next savepoint of the batch begins, so later units see them). A rollback drops them
 with the rest of the transaction. Each row is still a row of its own; only the round trips and the
 ORM's per-object bookkeeping are shared.
+
+Savepoint rule: a unit that defers rows inside a savepoint of its own (group commit's isolated
+units) may still fail after deferring them; `GroupCommit` flushes every earlier unit's rows before
+the savepoint opens and discards what is deferred when the savepoint rolls back, so a refused unit
+leaves no row behind.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from mailkms.pki import (
     subscriber_validity,
 )
 from mailkms.services._audit import AuditLog
+from mailkms.services._bulk import defer_insert
 from mailkms.services._ca import CAContext
 from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._recovery import archive_recipient
@@ -235,12 +236,14 @@ class PairIssuer:
             )
         )
         enc_der = private_key_der(enc_key)
+        # The rows that cannot clash (fresh random serials, audit records) are deferred: written by
+        # one multi-row INSERT per table at the end of the batch (services/_bulk.py).
         for cert, cert_kind, partition in (
             (signing, "signing", partitions[0]),
             (encryption, "encryption", partitions[1]),
         ):
-            session.add(certificate_row(cert, user.id, cert_kind, generation, partition))
-            self._audit.append(
+            defer_insert(session, Certificate, certificate_values(cert, user.id, cert_kind, generation, partition))
+            self._audit.append_deferred(
                 session,
                 actor,
                 "certificate.issued",
@@ -252,16 +255,18 @@ class PairIssuer:
                 request_id=request.id,
             )
         archive, archive_fp = archive_recipient(session, self._ca.paths.recovery_dir, self._audit)
-        session.add(
-            ArchivedKey(
-                user_id=user.id,
-                certificate_serial=serial_hex(encryption.serial_number),
-                envelope=envelope(enc_der, [archive]),
-                archive_key_id=archive_fp,
-                created_at=now,
-            )
+        defer_insert(
+            session,
+            ArchivedKey,
+            {
+                "user_id": user.id,
+                "certificate_serial": serial_hex(encryption.serial_number),
+                "envelope": envelope(enc_der, [archive]),
+                "archive_key_id": archive_fp,
+                "created_at": now,
+            },
         )
-        self._audit.append(
+        self._audit.append_deferred(
             session,
             "system",
             "key.archived",

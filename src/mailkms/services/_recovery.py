@@ -33,7 +33,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, event, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -358,13 +358,37 @@ def _adopt_bootstrap(session: Session, recovery_dir: Path, audit: AuditLog) -> N
         pass  # another process adopted it at the same moment: theirs is the same ceremony
 
 
+_RECIPIENT = "mailkms_archive_recipient"  # read (and locked FOR SHARE) once per transaction
+
+
+def _forget_recipient(session: Session, *_: object) -> None:
+    session.info.pop(_RECIPIENT, None)
+
+
+def _forget_recipient_at_commit(session: Session) -> None:
+    if not session.in_nested_transaction():  # a savepoint released: the transaction and its lock go on
+        session.info.pop(_RECIPIENT, None)
+
+
+event.listen(Session, "after_commit", _forget_recipient_at_commit)
+event.listen(Session, "after_rollback", _forget_recipient)
+# A savepoint rolled back may have taken the FOR SHARE lock with it: read (and lock) it again.
+event.listen(Session, "after_soft_rollback", _forget_recipient)
+
+
 def archive_recipient(session: Session, recovery_dir: Path, audit: AuditLog) -> tuple[x509.Certificate, str]:
     """For PairIssuer: the certificate to envelope a new archived key to, and its key id.
 
     Reads the current ceremony FOR SHARE, so the key is archived before or after a re-wrap,
-    never to a recovery key that a concurrent re-wrap is replacing."""
+    never to a recovery key that a concurrent re-wrap is replacing. The lock holds to the end of
+    the transaction, so later issuances of the same transaction (group commit) reuse the answer."""
+    cached: tuple[x509.Certificate, str] | None = session.info.get(_RECIPIENT)
+    if cached is not None:
+        return cached
     ceremony = current_ceremony(session, recovery_dir, audit, lock="share")
-    return x509.load_der_x509_certificate(ceremony.certificate), ceremony.key_id
+    found = (x509.load_der_x509_certificate(ceremony.certificate), ceremony.key_id)
+    session.info[_RECIPIENT] = found
+    return found
 
 
 def _hold_context(user_id: int, token_id: int) -> bytes:

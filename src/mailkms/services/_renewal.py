@@ -33,7 +33,7 @@ from mailkms.services._issuance import PairIssuer, serial_hex
 from mailkms.services._lifecycle import UserState
 from mailkms.services._nonces import Nonces
 from mailkms.services._refusals import Refusals
-from mailkms.services._users import current_encryption, normalise_mailbox, state_of
+from mailkms.services._users import current_encryption, normalise_mailbox, state_of, state_with
 from mailkms.store import Certificate, Database, IssuanceRequest, User
 
 
@@ -158,7 +158,8 @@ class Renewal:
                 return RenewalAccepted(served.id, served.generation, True, user.email)
         if cert.generation != user.generation:
             raise NotCurrentCertificate("this is not your current signing certificate")
-        state, _ = state_of(session, user, self._settings, self._clock.now())
+        # `cert` is the current signing certificate (checked just above): no second read of it.
+        state = state_with(user, cert, self._settings, self._clock.now())
         if state is UserState.EXPIRED:
             raise ReenrolmentRequired(
                 "your certificates have expired and cannot be renewed; ask an administrator to enrol you again"

@@ -151,10 +151,15 @@ def state_of(
     session: Session, user: User, settings: Settings, now: dt.datetime
 ) -> tuple[UserState, Certificate | None]:
     cert = current_signing(session, user)
+    return state_with(user, cert, settings, now), cert
+
+
+def state_with(user: User, cert: Certificate | None, settings: Settings, now: dt.datetime) -> UserState:
+    """`state_of` for a caller that already read the user's current signing certificate `cert`."""
     _, reminder = settings.policy.for_group(user.group)
     dates = CertDates(cert.not_before, cert.not_after) if cert else None
     revoked = user.status == "revoked"
-    return renewal_state(dates, revoked, now, reminder), cert
+    return renewal_state(dates, revoked, now, reminder)
 
 
 class UserAdmin:
