@@ -166,3 +166,41 @@ def test_a_scope_whose_key_left_the_data_folder_keeps_its_last_crl(services, clo
         assert fox_crl is not None and fox_crl.der is not None
         assert x509.load_der_x509_crl(fox_crl.der).get_revoked_certificate_by_serial_number(fox.signing.serial_number)
     assert any("not re-signed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_without_the_new_key_leaves_its_crls_to_a_node_with_it(services, settings: Settings, clock) -> None:  # type: ignore[no-untyped-def]
+    """Two nodes on one store and data folder: A takes the rekey, B has not yet (within its
+    reload_check_seconds). B revokes a certificate of the new key: it cannot sign that partition's
+    CRL, so the revocations-waiting flag stays for A, whose next publication lists it."""
+    services.ensure_server_identities()
+    node_b = Services.build(settings, clock)
+    try:
+        rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+        services.reload_ca()  # node A only
+        gil = Enrolled(services, "gil@example.org")
+        (url,) = crl_urls(gil.signing)
+        scope = f"issuing-{url.rsplit('/', 1)[1].removesuffix('.crl')}"
+        clock.advance(dt.timedelta(minutes=1))
+        node_b.revocation.revoke_serial(f"0x{gil.signing.serial_number:x}", "superseded", "admin:test")
+        with services.db.read_only() as session:
+            waiting = session.get(PublishedCRL, "issuing")
+            partition = session.get(PublishedCRL, scope)
+            assert waiting is not None and waiting.dirty_since is not None  # left for a node with the key
+            assert partition is not None and partition.der is not None
+            assert (
+                x509.load_der_x509_crl(partition.der).get_revoked_certificate_by_serial_number(
+                    gil.signing.serial_number
+                )
+                is None
+            )
+        services.revocation.publish_crl()  # node A's next scheduler round
+        with services.db.read_only() as session:
+            partition = session.get(PublishedCRL, scope)
+            assert partition is not None and partition.der is not None
+            crl = x509.load_der_x509_crl(partition.der)
+            assert crl.get_revoked_certificate_by_serial_number(gil.signing.serial_number) is not None
+            assert crl.is_signature_valid(services.ca.issuing.certificate.public_key())  # type: ignore[arg-type]
+            waiting = session.get(PublishedCRL, "issuing")
+            assert waiting is not None and waiting.dirty_since is None
+    finally:
+        node_b.close()

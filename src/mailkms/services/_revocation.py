@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ PARTITION_VIEWS = 4  # partition CRLs a process keeps in memory to serve
 PUBLISH_ROUNDS = 20  # rounds one publish_crl call tries before leaving the rest to the scheduler
 LOSER_WAIT_SECONDS = 2.0  # how long a publisher that lost a number waits for the winner to clear the flag
 LOSER_POLLS = 40
+KEYLESS_GRACE_SECONDS = 600.0  # a scope's key missing longer than this is gone, not a reload still to come
 
 
 class Revocation:
@@ -100,7 +102,9 @@ class Revocation:
         self._cfg = settings.revocation
         self._partition_size = settings.ca.crl_partition_size
         self._retired: set[str] = set()  # partitions whose final CRL was published (once retired, always)
-        self._keyless: set[str] = set()  # scopes whose key is gone from the data folder (logged once)
+        # scopes whose key this process lacks, since when (monotonic): another node's rekey not taken
+        # here yet (for a reload_check_seconds or so), or a key folder removed (for good)
+        self._keyless: dict[str, float] = {}
         self._clock = clock
         self._audit = audit
         self._on_revoked = list(on_revoked)
@@ -296,6 +300,8 @@ class Revocation:
                 for r in rows
                 if r.scope in wanted and self._signing_key(r)
             ]
+            # what this process cannot sign is left flagged for a node that can (see _waiting_for_key)
+            keep_flag = any(self._waiting_for_key(scope) for scope in wanted)
         if not jobs and dirty_since is None:
             return None, True
         last: CRLView | None = None  # not a list: with 1M revoked the partitions' DER is ~40 MB
@@ -308,6 +314,8 @@ class Revocation:
                 continue
             self._remember(view, hold=False)
             last, whole = view, view if view.scope == ISSUING_SCOPE else whole
+        if keep_flag:
+            return whole or last, True  # settled for this process; the flag waits for a node with the key
         if complete and dirty_since is not None:
             with self._db.transaction() as session:  # unless a revocation came meanwhile
                 session.execute(
@@ -344,15 +352,23 @@ class Revocation:
         key_id = row.issuer_key_id or (self._ca.first_key_id if row.partition is None else self._ca.issuer.key_id)
         if self._ca.signer_for_key(key_id) is None:
             if row.scope not in self._keyless:
-                self._keyless.add(row.scope)
+                self._keyless[row.scope] = time.monotonic()
                 log.error(
-                    "CRL %s is signed by the issuing CA key %s, which is not in DATA/ca/previous/: "
-                    "it is not re-signed (put the key back to publish it)",
+                    "CRL %s is signed by the issuing CA key %s, which this server does not hold: a rekey "
+                    "on another node not taken here yet, or the key's folder removed from DATA/ca/previous/ "
+                    "(then put it back); not re-signed here",
                     row.scope,
                     key_id,
                 )
             return ""
+        self._keyless.pop(row.scope, None)
         return key_id
+
+    def _waiting_for_key(self, scope: str) -> bool:
+        """A scope skipped for want of its key lately: a node that holds the key must publish it, so
+        the revocations-waiting flag stays. After KEYLESS_GRACE the key counts as gone for good."""
+        since = self._keyless.get(scope)
+        return since is not None and time.monotonic() - since < KEYLESS_GRACE_SECONDS
 
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
