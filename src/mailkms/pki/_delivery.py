@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.parser import BytesParser
 
 from cryptography import x509
 
 from mailkms.errors import BadMessage
+from mailkms.pki import _mime as mime
 from mailkms.pki._cms import certs_only, envelope, load_certs_only, sign_opaque, verify_signed_data
 from mailkms.pki._keys import PrivateKey
 from mailkms.pki._unreadable import unreadable
@@ -144,53 +143,63 @@ def build_delivery(
     date: dt.datetime,
 ) -> bytes:
     """keys: (certificate serial, PKCS#8 DER, recipient certificate to envelope it to)."""
-    inner = MIMEMultipart("mixed")
     note = _NOTE.get(manifest.kind, _NOTE["enrolment"]).format(mailbox=manifest.mailbox)
     note += (
         "\n\nmailkms-client installs them for you: run `mailkms-client sync` or log on"
         " with `mailkms-client logon`. Nothing else needs to be done.\n"
     )
-    inner.attach(MIMEText(note, "plain", "utf-8"))
-    inner.attach(
-        _attachment(
-            json.dumps(manifest.to_dict(), sort_keys=True).encode(),
-            "application",
-            "json",
-            MANIFEST_NAME,
-        )
-    )
-    certs_part = _attachment(certs_only(certificates), "application", "pkcs7-mime", "certs.p7c")
-    certs_part.set_param("smime-type", "certs-only")
-    inner.attach(certs_part)
+    parts = [
+        mime.utf8_text(note),
+        mime.base64_attachment(
+            json.dumps(manifest.to_dict(), sort_keys=True).encode(), "application/json", MANIFEST_NAME
+        ),
+        mime.base64_attachment(certs_only(certificates), "application/pkcs7-mime", "certs.p7c", "certs-only"),
+    ]
     for serial, key_der, recipient in keys:
-        part = _attachment(envelope(key_der, [recipient]), "application", "pkcs7-mime", f"key-{serial}.p7m")
-        part.set_param("smime-type", "enveloped-data")
-        inner.attach(part)
-    content = wire_bytes(inner)
+        parts.append(
+            mime.base64_attachment(
+                envelope(key_der, [recipient]), "application/pkcs7-mime", f"key-{serial}.p7m", "enveloped-data"
+            )
+        )
+    content = mime.multipart("mixed", parts)
     signed = sign_opaque(content, signer_cert, signer_key, signer_chain)
+    headers = {
+        "From": sender,
+        "To": manifest.mailbox,
+        "Subject": _SUBJECT.get(manifest.kind, _SUBJECT["enrolment"]),
+        "Date": email.utils.format_datetime(date),
+        "Message-ID": message_id,
+        DELIVERY_HEADER: f"{manifest.kind}; request={manifest.request_id}",
+    }
+    return _outer(signed, headers)
 
+
+_SUBJECT = {
+    "enrolment": "Your S/MIME certificates",
+    "renewal": "Your renewed S/MIME certificates",
+    "recovery": "Your recovered S/MIME keys",
+}
+
+
+def _outer(signed: bytes, headers: dict[str, str]) -> bytes:
+    """The signed CMS as the whole message. Header lines mailkms can write as they are (ASCII,
+    short) are written directly; otherwise (a long or non-ASCII From, say) `email.policy.SMTP`
+    encodes and folds them."""
+    lines = [f"{name}: {value}" for name, value in headers.items()]
+    if all(line.isascii() and len(line) <= mime.FOLD_AT and "\r" not in line and "\n" not in line for line in lines):
+        return mime.entity(
+            [
+                mime.base64_attachment_headers("application/pkcs7-mime", "smime.p7m", "signed-data"),
+                *(line.encode() + b"\r\n" for line in lines),
+            ],
+            mime.base64_body(signed),
+        )
     outer = MIMEApplication(signed, "pkcs7-mime", name="smime.p7m")
     outer.set_param("smime-type", "signed-data")
     outer.add_header("Content-Disposition", "attachment", filename="smime.p7m")
-    outer["From"] = sender
-    outer["To"] = manifest.mailbox
-    outer["Subject"] = {
-        "enrolment": "Your S/MIME certificates",
-        "renewal": "Your renewed S/MIME certificates",
-        "recovery": "Your recovered S/MIME keys",
-    }.get(manifest.kind, "Your S/MIME certificates")
-    outer["Date"] = email.utils.format_datetime(date)
-    outer["Message-ID"] = message_id
-    outer[DELIVERY_HEADER] = f"{manifest.kind}; request={manifest.request_id}"
+    for name, value in headers.items():
+        outer[name] = value
     return outer.as_bytes(policy=email.policy.SMTP)
-
-
-def _attachment(data: bytes, maintype: str, subtype: str, filename: str) -> MIMEApplication:
-    part = MIMEApplication(data, subtype, name=filename)
-    if maintype != "application":
-        raise ValueError("attachments are application/*")
-    part.add_header("Content-Disposition", "attachment", filename=filename)
-    return part
 
 
 def is_delivery(message: Message) -> bool:

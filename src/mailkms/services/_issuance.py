@@ -314,6 +314,7 @@ class PairIssuer:
             recipient=user.email,
             body=self.delivery_bytes(manifest, [signing, encryption, *history], keys, message_id),
             purpose=f"delivery:{kind}",
+            fresh=True,  # the Message-ID holds the new request's own id: no row can have it yet
         )
 
     @property
@@ -381,10 +382,16 @@ def queue_message(
     recipient: str,
     body: bytes,
     purpose: str,
+    fresh: bool = False,
 ) -> OutboxMessage:
-    existing = session.execute(select(OutboxMessage).where(OutboxMessage.message_id == message_id)).scalar_one_or_none()
-    if existing is not None:
-        return existing
+    """The outbox row of a message; a Message-ID already queued gives that row, unless the caller
+    knows the id is new (`fresh`: one read fewer; the unique index still stands guard)."""
+    if not fresh:
+        existing = session.execute(
+            select(OutboxMessage).where(OutboxMessage.message_id == message_id)
+        ).scalar_one_or_none()
+        if existing is not None:
+            return existing
     row = OutboxMessage(
         message_id=message_id,
         sender=sender,
@@ -397,5 +404,7 @@ def queue_message(
     )
     session.add(row)
     session.flush()
-    audit.append(session, "system", "mail.queued", recipient, message_id=message_id, purpose=purpose)
+    # A fresh delivery is a pair's: its other records are deferred already (`_issue`), this one joins them.
+    record = audit.append_deferred if fresh else audit.append
+    record(session, "system", "mail.queued", recipient, message_id=message_id, purpose=purpose)
     return row

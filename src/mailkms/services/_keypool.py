@@ -174,20 +174,24 @@ class KeyPool:
             if self._keyring.open(create=False, session=session) is None:
                 return None
         while True:
-            query = (
-                select(PooledKey)
+            oldest = (
+                select(PooledKey.id)
                 .where(PooledKey.key_type == key_type.value, PooledKey.wrapping_key_id == self._keyring.key_id)
                 .order_by(PooledKey.id)
                 .limit(1)
             )
             if not self._db.is_sqlite:
-                query = query.with_for_update(skip_locked=True)
-            row = session.execute(query).scalar_one_or_none()
-            if row is None:
+                oldest = oldest.with_for_update(skip_locked=True)
+            # One statement takes it: found, deleted and read back (RETURNING; SQLite >= 3.35).
+            taken = session.execute(
+                delete(PooledKey)
+                .where(PooledKey.id == oldest.scalar_subquery())
+                .returning(PooledKey.sealed, PooledKey.key_type)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if taken is None:
                 return None
-            sealed, kind = row.sealed, row.key_type
-            session.delete(row)
-            session.flush()
+            sealed, kind = taken
             try:
                 key = self.unseal(sealed, kind)
             except (InvalidTag, ValueError):

@@ -172,7 +172,7 @@ class Renewal:
         enc = current_encryption(session, user)
         assert enc is not None
         recipient = x509.load_der_x509_certificate(enc.der)
-        self._audit.append(session, user.email, "renewal.received", user.email, serial=cert.serial)
+        self._audit.append_deferred(session, user.email, "renewal.received", user.email, serial=cert.serial)
         pair = self._issuer.issue_pair(
             session, user, "renewal", checked.public_key, recipient, actor=user.email, encryption_key=key
         )
