@@ -97,16 +97,22 @@ def test_a_wrong_token_costs_no_key(svc: Services) -> None:
     assert probe.free == []
 
 
-def test_a_refused_renewal_gives_its_key_to_the_pool(svc: Services) -> None:
+def test_a_renewal_refused_by_its_rules_costs_no_key(svc: Services) -> None:
+    """The rules are checked in a read before anything is signed or made (PairIssuer.presign): a
+    renewal that is not due costs neither a key nor a signature."""
     pool = KeyPool(svc.db, svc.pool_keyring, svc.clock, KeyType.RSA2048, size=4)
     alice = Enrolled(svc, "alice@example.org")
-    svc.issuer.keys = pool  # from now on: an empty pool, so the key is made in advance
+    svc.issuer.keys = pool  # an empty pool: a key would be made in a signer process
+    probe = LockProbe(svc)
+    svc.issuer._maker = probe
+    signed_before = svc.signers._batcher.items
     csr, _ = make_csr(alice.mailbox)
     body = sign_request(
         alice.signing_key, [alice.cert], svc.nonces.new(), URL, {"mailbox": alice.mailbox, "csr": csr.decode()}
     )
-    with pytest.raises(NotDue):  # not due yet: refused inside the transaction, after the key was made
+    with pytest.raises(NotDue):
         svc.renewal.renew(body, URL)
+    assert probe.free == []  # no key made
+    assert svc.signers._batcher.items == signed_before  # nothing signed
     with svc.db.read_only() as session:
-        assert session.execute(select(func.count(PooledKey.id))).scalar_one() == 1
-    assert pool.available(KeyType.RSA2048)
+        assert session.execute(select(func.count(PooledKey.id))).scalar_one() == 0

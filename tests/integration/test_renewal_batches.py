@@ -25,15 +25,16 @@ from tests.integration.test_renewal_service import URL, Enrolled, _request
 USERS = 10
 
 
-@pytest.fixture
-def batching(data_dir: Path, db_url: str, clock):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=[0, 1], ids=["signed-in-transaction", "presigned"])
+def batching(data_dir: Path, db_url: str, clock, request):  # type: ignore[no-untyped-def]
     settings = load_settings(
         data_dir,
         database_url=db_url,
         ca_passphrase=CA_PASSPHRASE,
         server={"hostname": "localhost", "public_url": PUBLIC_URL},
         # the writer lingers 200 ms for more work, so the concurrent requests surely share batches
-        issuance={"signer_processes": 0, "batch_size": 64, "max_wait_ms": 200},
+        # signer_processes 1: renewals are signed by it before their transaction (PairIssuer.presign)
+        issuance={"signer_processes": request.param, "batch_size": 64, "max_wait_ms": 200},
     )
     svc = Services.build(settings, clock)
     yield svc

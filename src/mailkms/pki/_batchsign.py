@@ -36,6 +36,7 @@ class SignJob:
     allowed: tuple[str, ...]  # KeyType values
     csr: bytes = b""
     public_key_der: bytes = b""
+    crl_partition: int | None = None  # the CRL partition its CDP names; None: the whole-CA CRL
 
 
 SignOutcome = bytes | tuple[str, str]  # the certificate's DER, or (error class, detail)
@@ -68,6 +69,7 @@ def _sign_one(issuer: Issuer, job: SignJob) -> bytes:
         public_key,
         Validity(job.not_before, job.not_after),
         [KeyType(a) for a in job.allowed],
+        job.crl_partition,
     )
     return issuer.issue(prepared).public_bytes(serialization.Encoding.DER)
 

@@ -124,7 +124,9 @@ class Services:
             ca, settings.ca.crl_partition_size, dt.timedelta(days=settings.revocation.crl_validity_days), clock, audit
         )
         ca.server_partition = functools.partial(partitions.take_alone, db)
-        issuer = PairIssuer(ca, settings, clock, audit, keys=pool, maker=signers, partitions=partitions)
+        issuer = PairIssuer(
+            ca, settings, clock, audit, keys=pool, maker=signers, partitions=partitions, signers=signers
+        )
         # one writer per process: issuance, enrolment, renewal, EST and nonces share its batches
         commits = GroupCommit(db, batching.batch_size, batching.max_wait_ms / 1000)
         nonces = Nonces(db, clock, dt.timedelta(seconds=settings.policy.nonce_ttl_seconds), commits)

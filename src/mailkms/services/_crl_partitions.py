@@ -86,7 +86,7 @@ class CRLPartitions:
         certificates on any number of nodes; a rolled-back issuance gives its place back. A partition
         of another key is never joined: the newest is of this key or a new one opens.
         """
-        if not self.size and self._whole_ca_key(session) == key_id:
+        if self.none_needed(session, key_id):
             return None
         newest = (
             select(PublishedCRL)
@@ -102,6 +102,10 @@ class CRLPartitions:
         row.assigned += 1
         assert row.partition is not None
         return row.partition
+
+    def none_needed(self, session: Session, key_id: str) -> bool:
+        """Whether `take` would give None for this key (the whole-CA CRL): no lock, no write."""
+        return not self.size and self._whole_ca_key(session) == key_id
 
     def _whole_ca_key(self, session: Session) -> str:
         """The key that signs the whole-CA CRL (fixed once signed, so remembered from then on)."""

@@ -3,9 +3,12 @@ archived, both certificates and the key delivered by e-mail. One transaction, on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
+import logging
 import secrets
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,18 +16,21 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailkms import metrics
 from mailkms.clock import Clock
 from mailkms.config import Settings
+from mailkms.errors import MailkmsError
 from mailkms.pki import (
     CertKind,
     KeyType,
     Manifest,
     PrivateKey,
     PublicKey,
+    SignJob,
     build_delivery,
     envelope,
     generate_key,
@@ -39,6 +45,12 @@ from mailkms.services._crl_partitions import CRLPartitions
 from mailkms.services._recovery import archive_recipient
 from mailkms.services._tokens import token_looks_usable
 from mailkms.store import ArchivedKey, Certificate, Database, IssuanceRequest, OutboxMessage, User
+
+log = logging.getLogger("mailkms.issuance")
+
+
+def public_key_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def serial_hex(serial: int) -> str:
@@ -76,8 +88,24 @@ class IssuedPair:
     encryption: x509.Certificate
 
 
+@dataclass(frozen=True)
+class PresignedPair:
+    """A pair signed before its transaction opened, by the signer processes (`PairIssuer.presign`):
+    used by the transaction only if it is still for the user's next generation and the current
+    issuing key signed it."""
+
+    mailbox: str
+    generation: int
+    key_id: str  # the issuing CA key that signed both
+    signing: x509.Certificate
+    encryption: x509.Certificate
+    encryption_key: PrivateKey
+
+
 class KeySource(Protocol):
     def take(self, session: Session, key_type: KeyType) -> PrivateKey | None: ...
+
+    def claim(self, key_type: KeyType, count: int) -> list[PrivateKey]: ...
 
     def available(self, key_type: KeyType) -> bool: ...
 
@@ -86,6 +114,15 @@ class KeySource(Protocol):
 
 class KeyMaker(Protocol):
     def make_key(self, key_type: KeyType) -> PrivateKey: ...
+
+
+class BatchSigner(Protocol):
+    processes: int
+
+    def sign(self, jobs: Sequence[SignJob]) -> list[x509.Certificate]: ...
+
+
+CLAIM_BATCH = 16  # pool keys a node takes out of the store at once for pre-signed pairs
 
 
 class PairIssuer:
@@ -98,6 +135,7 @@ class PairIssuer:
         keys: KeySource | None = None,
         maker: KeyMaker | None = None,
         partitions: CRLPartitions | None = None,
+        signers: BatchSigner | None = None,
     ) -> None:
         self._ca = ca
         self._settings = settings
@@ -106,6 +144,9 @@ class PairIssuer:
         self.keys = keys  # the key pool, when configured
         self._maker = maker  # the signer processes: keys made on both cores
         self.partitions = partitions  # CRL partitions, when configured
+        self._signers = signers  # worker processes holding the issuing CA key
+        self._claimed: collections.deque[PrivateKey] = collections.deque()  # pool keys taken in advance
+        self._claim_lock = threading.Lock()
 
     def _make_key(self) -> PrivateKey:
         key_type = self._settings.policy.encryption_key_type
@@ -118,6 +159,66 @@ class PairIssuer:
         if self.keys is not None and self.keys.available(self._settings.policy.encryption_key_type):
             return None
         return self._make_key()
+
+    def presigns(self, session: Session) -> bool:
+        """Whether `presign` may sign a pair now: there are signer processes, and the current key's
+        certificates need no CRL partition (a partition is counted in the issuing transaction; then
+        the transaction signs, as before). `session`: a read."""
+        if self._signers is None or self._signers.processes == 0:
+            return False
+        return self.partitions is None or self.partitions.none_needed(session, self._ca.issuer.key_id)
+
+    def presign(self, mailbox: str, group: str | None, generation: int, signing_key: PublicKey) -> PresignedPair | None:
+        """The pair for `mailbox`'s `generation`, signed now by the signer processes, before the
+        transaction that stores it: the server process's core (the GIL) is spared the two CA
+        signatures. Only when `presigns` said so; the caller holds no lock and no transaction. None
+        when the signer processes fail: the transaction then signs, as without them."""
+        assert self._signers is not None
+        issuer = self._ca.issuer
+        policy = self._settings.policy
+        lifetime, _ = policy.for_group(group)
+        validity = subscriber_validity(self._clock.now(), lifetime)
+        enc_key = self._claimed_key()
+        if enc_key is None:
+            metrics.POOL_FALLBACK.inc()
+            enc_key = self._make_key()
+        jobs = [
+            SignJob(
+                CertKind.SIGNING.value,
+                mailbox,
+                validity.not_before,
+                validity.not_after,
+                tuple(k.value for k in policy.signing_key_types),
+                public_key_der=public_key_der(signing_key),
+            ),
+            SignJob(
+                CertKind.ENCRYPTION.value,
+                mailbox,
+                validity.not_before,
+                validity.not_after,
+                (policy.encryption_key_type.value,),
+                public_key_der=public_key_der(enc_key.public_key()),
+            ),
+        ]
+        try:
+            signing, encryption = self._signers.sign(jobs)
+        except MailkmsError:
+            self.unused(enc_key)  # refused (the request's key): nothing was signed for it
+            raise
+        except Exception:
+            log.warning("the signer processes failed; this pair is signed in the server process", exc_info=True)
+            self.unused(enc_key)
+            return None
+        return PresignedPair(mailbox, generation, issuer.key_id, signing, encryption, enc_key)
+
+    def _claimed_key(self) -> PrivateKey | None:
+        """A pool key taken out of the store in advance, CLAIM_BATCH at a time; None: the pool is empty."""
+        if self.keys is None:
+            return None
+        with self._claim_lock:
+            if not self._claimed:
+                self._claimed.extend(self.keys.claim(self._settings.policy.encryption_key_type, CLAIM_BATCH))
+            return self._claimed.popleft() if self._claimed else None
 
     def key_for_token(self, db: Database, mailbox: str, token: str) -> PrivateKey | None:
         """`key_in_advance` for a request authenticated by a one-time token, only when the token
@@ -154,10 +255,12 @@ class PairIssuer:
         actor: str,
         extra_keys: Sequence[tuple[str, bytes]] = (),
         encryption_key: PrivateKey | None = None,
+        presigned: PresignedPair | None = None,
     ) -> IssuedPair:
         """kind: enrolment | renewal | recovery. extra_keys: (serial, PKCS#8) recovered keys to add.
-        encryption_key: made in advance (`key_in_advance`); else one from the pool, else made now."""
-        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor, encryption_key)
+        encryption_key: made in advance (`key_in_advance`); else one from the pool, else made now.
+        presigned: the pair signed before the transaction (`presign`), used if still right."""
+        pair, request, enc_der = self._issue(session, user, kind, signing_key, actor, encryption_key, presigned)
         keys = [(serial_hex(pair.encryption.serial_number), enc_der, key_recipient)]
         keys += [(serial, der, key_recipient) for serial, der in extra_keys]
         _, reminder_months = self._settings.policy.for_group(user.group)
@@ -174,7 +277,7 @@ class PairIssuer:
             reminder_months,
             history,
         )
-        request.outbox_id = outbox.id
+        request.outbox = outbox
         return pair
 
     def issue_pair_undelivered(
@@ -199,42 +302,25 @@ class PairIssuer:
         signing_key: PublicKey,
         actor: str,
         encryption_key: PrivateKey | None = None,
+        presigned: PresignedPair | None = None,
     ) -> tuple[IssuedPair, IssuanceRequest, bytes]:
         now = self._clock.now()
-        policy = self._settings.policy
-        lifetime, _ = policy.for_group(user.group)
         generation = user.generation + 1
         request = IssuanceRequest(
             id=str(uuid.uuid4()), user_id=user.id, kind=kind, generation=generation, created_at=now
         )
+        # Its (user, generation) unique constraint stops a second pair at the first flush (the next
+        # query's autoflush, or the end of the unit): the IntegrityError that `_after_race` answers.
         session.add(request)
-        session.flush()  # the (user, generation) unique constraint stops a second pair here
 
-        validity = subscriber_validity(now, lifetime)
         issuer = self._ca.issuer
-        partitions = [self.partitions.take(session, issuer.key_id) if self.partitions else None for _ in range(2)]
-        signing = issuer.issue(
-            issuer.prepare_subscriber(
-                CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types, partitions[0]
-            )
-        )
-        enc_key = encryption_key
-        if enc_key is None and self.keys is not None:
-            enc_key = self.keys.take(session, policy.encryption_key_type)
-        if enc_key is None or enc_key is encryption_key:
-            metrics.POOL_FALLBACK.inc()  # not from the pool
-        if enc_key is None:
-            enc_key = self._make_key()  # the pool ran dry since key_in_advance looked
-        encryption = issuer.issue(
-            issuer.prepare_subscriber(
-                CertKind.ENCRYPTION,
-                user.email,
-                enc_key.public_key(),
-                validity,
-                (policy.encryption_key_type,),
-                partitions[1],
-            )
-        )
+        if presigned is not None and _still_right(presigned, user.email, generation, issuer.key_id, signing_key):
+            # Signed in the signer processes before this transaction, for this very generation by the
+            # current key; the whole-CA CRL (presign signs nothing that needs a partition).
+            signing, encryption, enc_key = presigned.signing, presigned.encryption, presigned.encryption_key
+            partitions: list[int | None] = [None, None]
+        else:
+            signing, encryption, enc_key, partitions = self._sign_here(session, user, signing_key, encryption_key)
         enc_der = private_key_der(enc_key)
         # The rows that cannot clash (fresh random serials, audit records) are deferred: written by
         # one multi-row INSERT per table at the end of the batch (services/_bulk.py).
@@ -278,6 +364,39 @@ class PairIssuer:
         user.status = "enrolled"
         user.revoked_at = None
         return IssuedPair(request.id, generation, signing, encryption), request, enc_der
+
+    def _sign_here(
+        self, session: Session, user: User, signing_key: PublicKey, encryption_key: PrivateKey | None
+    ) -> tuple[x509.Certificate, x509.Certificate, PrivateKey, list[int | None]]:
+        """The pair signed in this transaction (and this process), its partitions counted here."""
+        policy = self._settings.policy
+        lifetime, _ = policy.for_group(user.group)
+        validity = subscriber_validity(self._clock.now(), lifetime)
+        issuer = self._ca.issuer
+        partitions = [self.partitions.take(session, issuer.key_id) if self.partitions else None for _ in range(2)]
+        signing = issuer.issue(
+            issuer.prepare_subscriber(
+                CertKind.SIGNING, user.email, signing_key, validity, policy.signing_key_types, partitions[0]
+            )
+        )
+        enc_key = encryption_key
+        if enc_key is None and self.keys is not None:
+            enc_key = self.keys.take(session, policy.encryption_key_type)
+        if enc_key is None or enc_key is encryption_key:
+            metrics.POOL_FALLBACK.inc()  # not from the pool
+        if enc_key is None:
+            enc_key = self._make_key()  # the pool ran dry since key_in_advance looked
+        encryption = issuer.issue(
+            issuer.prepare_subscriber(
+                CertKind.ENCRYPTION,
+                user.email,
+                enc_key.public_key(),
+                validity,
+                (policy.encryption_key_type,),
+                partitions[1],
+            )
+        )
+        return signing, encryption, enc_key, partitions
 
     def _queue_delivery(
         self,
@@ -365,6 +484,16 @@ class PairIssuer:
         return msg
 
 
+def _still_right(presigned: PresignedPair, mailbox: str, generation: int, key_id: str, signing_key: PublicKey) -> bool:
+    """A pair signed before the transaction is stored only if nothing it was signed for has changed."""
+    return (
+        presigned.mailbox == mailbox
+        and presigned.generation == generation
+        and presigned.key_id == key_id
+        and public_key_der(presigned.signing.public_key()) == public_key_der(signing_key)
+    )
+
+
 def _certificates(session: Session, serials: Sequence[str]) -> list[x509.Certificate]:
     if not serials:
         return []
@@ -403,7 +532,8 @@ def queue_message(
         attempts=0,
     )
     session.add(row)
-    session.flush()
+    if not fresh:
+        session.flush()  # the row's id, for callers that keep it (a fresh one is linked by the ORM)
     # A fresh delivery is a pair's: its other records are deferred already (`_issue`), this one joins them.
     record = audit.append_deferred if fresh else audit.append
     record(session, "system", "mail.queued", recipient, message_id=message_id, purpose=purpose)

@@ -199,6 +199,18 @@ class KeyPool:
             metrics.POOL_TAKEN.inc()
             return key
 
+    def claim(self, key_type: KeyType, count: int) -> list[PrivateKey]:
+        """Up to `count` keys taken in one transaction of their own (a commit per batch of requests,
+        not per request); fewer, or none, when the pool holds fewer."""
+        keys: list[PrivateKey] = []
+        with self._db.transaction() as session:
+            while len(keys) < count:
+                key = self.take(session, key_type)
+                if key is None:
+                    break
+                keys.append(key)
+        return keys
+
     def available(self, key_type: KeyType) -> bool:
         """Whether a key of this type waits (a read that takes no lock; `take` may still find none)."""
         with self._db.read_only() as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -25,11 +26,11 @@ from mailkms.errors import (
     UnknownIssuer,
     URLMismatch,
 )
-from mailkms.pki import CheckedCSR, PrivateKey, SignedRequest, check_csr, verify_request
+from mailkms.pki import CheckedCSR, PrivateKey, PublicKey, SignedRequest, check_csr, verify_request
 from mailkms.services._audit import AuditLog
 from mailkms.services._batching import GroupCommit
 from mailkms.services._ca import CAContext
-from mailkms.services._issuance import PairIssuer, serial_hex
+from mailkms.services._issuance import PairIssuer, PresignedPair, serial_hex
 from mailkms.services._lifecycle import UserState
 from mailkms.services._nonces import Nonces
 from mailkms.services._refusals import Refusals
@@ -103,16 +104,9 @@ class Renewal:
             csr_text = request.payload.get("csr")
             if not isinstance(csr_text, str):
                 raise BadJWS("the payload has no csr")
-            key = self._issuer.key_in_advance()  # the signer proved their key: no lock held meanwhile
-
-            def work(session: Session) -> RenewalAccepted:
-                cert, user = self._certificate_owner(session, request, proven)
-                return self._renew(session, cert, user, csr_text.encode(), key)
-
-            with self._issuer.keep_unused(key) as served:
-                served.append(self._commits.run(work))
-            accepted: RenewalAccepted = served[0]
-            return accepted
+            return self._serve(
+                proven, lambda session: self._certificate_owner(session, request, proven), csr_text.encode()
+            )
         except IntegrityError:
             # Another request for the same generation won the race: answer with its result.
             return self._after_race(proven[0])
@@ -125,37 +119,60 @@ class Renewal:
         `certificate` (EST simplereenroll, CMP kur). The same rules and the same issuance as `renew`;
         `csr` is a PKCS#10, or the key and names of a request already checked (CMP's CRMF)."""
         proven: list[str] = []
+
+        def owner(session: Session) -> tuple[Certificate, User]:
+            cert, user = _known_signing(session, certificate)
+            proven.append(user.email)
+            return cert, user
+
         try:
             if not self._ca.issued_here(certificate):
                 raise UnknownIssuer("the signing certificate was not issued by this CA")
-            key = self._issuer.key_in_advance()
-
-            def work(session: Session) -> RenewalAccepted:
-                cert, user = _known_signing(session, certificate)
-                proven.append(user.email)
-                return self._renew(session, cert, user, csr, key)
-
-            with self._issuer.keep_unused(key) as served:
-                served.append(self._commits.run(work))
-            accepted: RenewalAccepted = served[0]
-            return accepted
+            return self._serve(proven, owner, csr)
         except IntegrityError:
             return self._after_race(proven[0])
         except MailkmsError as exc:
             self._refused(proven, "renewal.refused", exc, via=via)
             raise
 
-    def _renew(
-        self, session: Session, cert: Certificate, user: User, csr: bytes | CheckedCSR, key: PrivateKey | None = None
+    def _serve(
+        self, proven: list[str], owner: Callable[[Session], tuple[Certificate, User]], csr: bytes | CheckedCSR
     ) -> RenewalAccepted:
-        """The renewal rules: revoked, repeat, not current, expired, not due; then a new pair."""
+        """The rules checked first in a read (a refusal costs no signature), the pair signed by the
+        signer processes with no transaction open, then the rules again and the rows in the batch's
+        transaction. Without signer processes (or when a CRL partition must be counted) the pair is
+        signed in the transaction, as before."""
+        wanted: tuple[str, str | None, int, PublicKey] | None = None
+        with self._db.read_only() as session:
+            cert, user = owner(session)
+            checked = self._check(session, cert, user, csr)
+            if checked is not None:  # None: a repeat, answered in the transaction
+                csr = checked
+                if self._issuer.presigns(session):
+                    wanted = (user.email, user.group, user.generation + 1, checked.public_key)
+        presigned = self._issuer.presign(*wanted) if wanted is not None else None  # no transaction open
+        del proven[1:]  # the owner is read again below
+        key = None if presigned is not None else self._issuer.key_in_advance()  # no lock held meanwhile
+
+        def work(session: Session) -> RenewalAccepted:
+            cert, user = owner(session)
+            return self._renew(session, cert, user, csr, key, presigned)
+
+        # A pre-signed pair's encryption key is never given back to the pool: a certificate names it.
+        with self._issuer.keep_unused(key) as served:
+            served.append(self._commits.run(work))
+        accepted: RenewalAccepted = served[0]
+        return accepted
+
+    def _check(self, session: Session, cert: Certificate, user: User, csr: bytes | CheckedCSR) -> CheckedCSR | None:
+        """The renewal rules: revoked, not current, expired, not due, the request's names; None for a
+        repeat of a renewal already served (the caller answers it with that one)."""
         if user.status == "revoked" or cert.revoked_at is not None:
             raise Revoked("the certificates were revoked; ask an administrator to enrol you again")
         if cert.generation == user.generation - 1:
             served = self._request_for(session, user, user.generation)
             if served is not None and served.kind == "renewal":
-                self._audit.append(session, user.email, "renewal.repeated", user.email, request_id=served.id)
-                return RenewalAccepted(served.id, served.generation, True, user.email)
+                return None
         if cert.generation != user.generation:
             raise NotCurrentCertificate("this is not your current signing certificate")
         # `cert` is the current signing certificate (checked just above): no second read of it.
@@ -169,12 +186,37 @@ class Renewal:
         checked = csr if isinstance(csr, CheckedCSR) else check_csr(csr)
         if any(normalise_mailbox(e) != user.email for e in checked.claimed_emails):
             raise BadCSR("the certificate request names another mailbox")
+        return checked
+
+    def _renew(
+        self,
+        session: Session,
+        cert: Certificate,
+        user: User,
+        csr: bytes | CheckedCSR,
+        key: PrivateKey | None = None,
+        presigned: PresignedPair | None = None,
+    ) -> RenewalAccepted:
+        """The rules (`_check`), again inside the transaction; then the repeat's answer or a new pair."""
+        checked = self._check(session, cert, user, csr)
+        if checked is None:
+            served = self._request_for(session, user, user.generation)
+            assert served is not None
+            self._audit.append(session, user.email, "renewal.repeated", user.email, request_id=served.id)
+            return RenewalAccepted(served.id, served.generation, True, user.email)
         enc = current_encryption(session, user)
         assert enc is not None
         recipient = x509.load_der_x509_certificate(enc.der)
         self._audit.append_deferred(session, user.email, "renewal.received", user.email, serial=cert.serial)
         pair = self._issuer.issue_pair(
-            session, user, "renewal", checked.public_key, recipient, actor=user.email, encryption_key=key
+            session,
+            user,
+            "renewal",
+            checked.public_key,
+            recipient,
+            actor=user.email,
+            encryption_key=key,
+            presigned=presigned,
         )
         return RenewalAccepted(pair.request_id, pair.generation, False, user.email)
 
@@ -249,16 +291,14 @@ class Renewal:
 
 def _known_signing(session: Session, certificate: x509.Certificate) -> tuple[Certificate, User]:
     """The stored signing certificate that is exactly `certificate`, and its owner."""
-    row = session.execute(
-        select(Certificate).where(Certificate.serial == serial_hex(certificate.serial_number))
-    ).scalar_one_or_none()
-    if (
-        row is None
-        or row.kind != "signing"
-        or row.user_id is None
-        or row.der != certificate.public_bytes(serialization.Encoding.DER)
-    ):
+    found = session.execute(
+        select(Certificate, User)
+        .join(User, User.id == Certificate.user_id)  # one statement for both
+        .where(Certificate.serial == serial_hex(certificate.serial_number))
+    ).one_or_none()
+    if found is None:
         raise NotCurrentCertificate("the certificate is not a signing certificate this server knows")
-    user = session.get(User, row.user_id)
-    assert user is not None
+    row, user = found
+    if row.kind != "signing" or row.der != certificate.public_bytes(serialization.Encoding.DER):
+        raise NotCurrentCertificate("the certificate is not a signing certificate this server knows")
     return row, user

@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -127,6 +127,8 @@ class IssuanceRequest(Base):
     generation: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"), nullable=True)
+    # Set with the outbox row still unflushed: the ORM inserts the row first and fills outbox_id.
+    outbox: Mapped[OutboxMessage | None] = relationship(lazy="raise")
     __table_args__ = (UniqueConstraint("user_id", "generation", name="uq_request_user_generation"),)
 
 
