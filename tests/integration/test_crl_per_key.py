@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from mailkms.api import create_http_app
 from mailkms.config import Settings
 from mailkms.pki import ca_key_id, crl_urls, issued_by
 from mailkms.services import CRLWorkers, Services, rekey_issuing_ca
+from mailkms.services._revocation import KEYLESS_GRACE_SECONDS
 from mailkms.store import Certificate, PublishedCRL
 from tests.conftest import CA_PASSPHRASE
 from tests.integration.test_revocation import Enrolled
@@ -200,6 +202,70 @@ def test_a_node_without_the_new_key_leaves_its_crls_to_a_node_with_it(services, 
             crl = x509.load_der_x509_crl(partition.der)
             assert crl.get_revoked_certificate_by_serial_number(gil.signing.serial_number) is not None
             assert crl.is_signature_valid(services.ca.issuing.certificate.public_key())  # type: ignore[arg-type]
+            waiting = session.get(PublishedCRL, "issuing")
+            assert waiting is not None and waiting.dirty_since is None
+    finally:
+        node_b.close()
+
+
+def test_nodes_on_two_keys_fill_their_own_partitions(settings: Settings, clock) -> None:  # type: ignore[no-untyped-def]
+    """During a rekey, one node on the new key and one still on the old issue in turn: each fills
+    its own key's newest partition (partitions of 3: 6 certificates a node, at most 2 new
+    partitions each) instead of opening a new partition whenever the newest is the other key's
+    (then 3 each, every one holding a single pair)."""
+    ca = settings.ca.model_copy(update={"crl_partition_size": 3})
+    sized_settings = settings.model_copy(update={"ca": ca})
+    node_a = Services.build(sized_settings, clock)
+    node_b = Services.build(sized_settings, clock)
+    try:
+        node_a.ensure_server_identities()
+        rekey_issuing_ca(node_a.ca.paths, CA_PASSPHRASE.encode(), "", node_a.ca.urls, clock.now())
+        node_a.reload_ca()  # node B keeps the old key (within its reload_check_seconds)
+        with node_a.db.read_only() as session:
+            before = set(session.execute(select(PublishedCRL.partition)).scalars())
+        for i in range(3):  # each enrolment: a signing and an encryption certificate
+            Enrolled(node_a, f"new{i}@example.org")
+            Enrolled(node_b, f"old{i}@example.org")
+        with node_a.db.read_only() as session:
+            opened = session.execute(
+                select(PublishedCRL.partition, PublishedCRL.issuer_key_id, PublishedCRL.assigned).where(
+                    PublishedCRL.partition.is_not(None)
+                )
+            ).all()
+        opened = [row for row in opened if row.partition not in before]
+        by_key: dict[str, list[int]] = {}
+        for row in opened:
+            by_key.setdefault(row.issuer_key_id, []).append(row.assigned)
+        # (a partition of either key opened before may take the first certificates)
+        assert len(by_key[node_a.ca.issuer.key_id]) <= 2 and len(by_key.get(node_b.ca.issuer.key_id, [])) <= 2
+    finally:
+        node_b.close()
+        node_a.close()
+
+
+def test_a_node_long_without_a_key_leaves_a_new_revocation_to_a_node_with_it(  # type: ignore[no-untyped-def]
+    services, settings: Settings, clock, monkeypatch
+) -> None:
+    """Node B has lacked the new key for longer than KEYLESS_GRACE when it revokes a certificate
+    of that key: the grace counts from the revocation, so the flag still waits for node A. Once
+    the revocation has waited KEYLESS_GRACE, B counts the key as gone and clears the flag."""
+    services.ensure_server_identities()
+    node_b = Services.build(settings, clock)
+    try:
+        rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+        services.reload_ca()  # node A only
+        hal = Enrolled(services, "hal@example.org")
+        node_b.revocation.publish_crl(force=True)  # B misses the new key's partition from now on
+        real_monotonic = time.monotonic
+        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + 2 * KEYLESS_GRACE_SECONDS)
+        clock.advance(dt.timedelta(seconds=2 * KEYLESS_GRACE_SECONDS))
+        node_b.revocation.revoke_serial(f"0x{hal.signing.serial_number:x}", "superseded", "admin:test")
+        with services.db.read_only() as session:
+            waiting = session.get(PublishedCRL, "issuing")
+            assert waiting is not None and waiting.dirty_since is not None  # left for node A
+        clock.advance(dt.timedelta(seconds=KEYLESS_GRACE_SECONDS + 60))
+        node_b.revocation.publish_crl()  # the revocation waited the grace: the key counts as gone
+        with services.db.read_only() as session:
             waiting = session.get(PublishedCRL, "issuing")
             assert waiting is not None and waiting.dirty_since is None
     finally:

@@ -4,14 +4,17 @@ that changed before the transaction is never stored."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from mailkms.pki import KeyType, generate_key, issued_by
+from mailkms.pki import KeyType, crl_urls, generate_key, issued_by, signer_key_id
 from mailkms.services import KeyPool, Services, rekey_issuing_ca
 from mailkms.services._issuance import CLAIM_BATCH, PresignedPair, _still_right, public_key_der
 from mailkms.store import Certificate, User
@@ -68,21 +71,102 @@ def test_a_renewal_stores_the_pair_the_signer_processes_signed(presigning, clock
     assert svc.verify_audit().ok
 
 
-def test_a_pair_signed_for_what_changed_is_not_stored() -> None:
+def test_a_pair_signed_for_what_changed_is_not_stored(presigning) -> None:  # type: ignore[no-untyped-def]
+    svc, _ = presigning
     key = generate_key(KeyType.P256)
     other = generate_key(KeyType.P256)
-
-    class _Cert:
-        def public_key(self):  # type: ignore[no-untyped-def]
-            return key.public_key()
-
-    pair = PresignedPair("a@example.org", 3, "ab", _Cert(), _Cert(), key)  # type: ignore[arg-type]
-    assert _still_right(pair, "a@example.org", 3, "ab", key.public_key())
-    assert not _still_right(pair, "b@example.org", 3, "ab", key.public_key())  # another user
-    assert not _still_right(pair, "a@example.org", 4, "ab", key.public_key())  # a concurrent renewal won
-    assert not _still_right(pair, "a@example.org", 3, "cd", key.public_key())  # `ca rekey` in between
-    assert not _still_right(pair, "a@example.org", 3, "ab", other.public_key())  # another request's key
+    lifetime, _ = svc.settings.policy.for_group(None)
+    key_id = svc.ca.issuer.key_id
+    pair = svc.issuer.presign("a@example.org", None, 3, key.public_key())
+    assert pair is not None
+    assert _still_right(pair, "a@example.org", 3, key_id, key.public_key(), lifetime)
+    assert not _still_right(pair, "b@example.org", 3, key_id, key.public_key(), lifetime)  # another user
+    assert not _still_right(pair, "a@example.org", 4, key_id, key.public_key(), lifetime)  # a concurrent renewal won
+    assert not _still_right(pair, "a@example.org", 3, "cd" * 20, key.public_key(), lifetime)  # `ca rekey` in between
+    assert not _still_right(pair, "a@example.org", 3, key_id, other.public_key(), lifetime)  # another request's key
+    assert not _still_right(pair, "a@example.org", 3, key_id, key.public_key(), lifetime + 1)  # the group changed
     assert public_key_der(key.public_key()) != public_key_der(other.public_key())
+    # a pair whose two certificates name different issuing keys is right for neither
+    rekey_issuing_ca(svc.ca.paths, CA_PASSPHRASE.encode(), "", svc.ca.urls, svc.clock.now())
+    svc.reload_ca()
+    new_pair = svc.issuer.presign("a@example.org", None, 3, key.public_key())
+    assert new_pair is not None
+    new_key_id = svc.ca.issuer.key_id
+    assert _still_right(new_pair, "a@example.org", 3, new_key_id, key.public_key(), lifetime)
+    mixed = dataclasses.replace(pair, encryption=new_pair.encryption)
+    assert not _still_right(mixed, "a@example.org", 3, key_id, key.public_key(), lifetime)
+    assert not _still_right(mixed, "a@example.org", 3, new_key_id, key.public_key(), lifetime)
+
+
+def test_a_rekey_before_the_signer_processes_sign_gives_the_new_key_its_partition(presigning, clock) -> None:  # type: ignore[no-untyped-def]
+    """`ca rekey` taken after the read that allowed pre-signing (the old key needed no partition)
+    but before the signer processes sign: they sign with the new key, whose certificates must name
+    a partition of their own (the whole-CA CRL is the old key's). The transaction signs again."""
+    svc, pool = presigning
+    user = Enrolled(svc, "q@example.org")
+    pool.refill_once(batch=CLAIM_BATCH + 4)
+    clock.advance(dt.timedelta(days=366))
+    real = svc.issuer.presign
+
+    def rekey_then_presign(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rekey_issuing_ca(svc.ca.paths, CA_PASSPHRASE.encode(), "", svc.ca.urls, clock.now())
+        svc.reload_ca()
+        pair = real(*args, **kwargs)
+        assert pair is not None and signer_key_id(pair.signing) == svc.ca.issuer.key_id  # the new key signed it
+        return pair
+
+    svc.issuer.presign = rekey_then_presign  # type: ignore[method-assign]
+    accepted = svc.renewal.renew(_request(svc, user), URL)
+    assert accepted.generation == 2
+    with svc.db.read_only() as session:
+        rows = session.execute(
+            select(Certificate).join(User).where(User.email == user.mailbox, Certificate.generation == 2)
+        ).scalars()
+        partitions = {row.kind: row.crl_partition for row in rows}
+    assert set(partitions) == {"signing", "encryption"}
+    assert all(p is not None for p in partitions.values())  # counted in a partition of the new key
+    for kind, cert in _stored(svc, user.mailbox, 2).items():
+        assert signer_key_id(cert) == svc.ca.issuer.key_id
+        (url,) = crl_urls(cert)
+        assert url.endswith(f"/crl/issuing/{partitions[kind]}.crl")  # not the old key's whole-CA CRL
+
+
+def test_a_failed_claim_makes_the_key_instead(presigning, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The store refusing the pool-key claim (a lock timeout, a lost connection) costs the request
+    nothing: the key is made, as with an empty pool."""
+    svc, pool = presigning
+
+    def broken_claim(key_type, count):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    pool.claim = broken_claim  # type: ignore[method-assign]
+    key = generate_key(KeyType.P256)
+    pair = svc.issuer.presign("c@example.org", None, 2, key.public_key())
+    assert pair is not None and pair.encryption.public_key() == pair.encryption_key.public_key()
+    assert any("could not be claimed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_key_submitted_to_a_failed_signing_job_never_returns_to_the_pool(presigning) -> None:  # type: ignore[no-untyped-def]
+    """The signer processes may sign the encryption certificate before the job fails: its key is
+    named by a certificate, so it is dropped, not given to the pool for someone else."""
+    svc, pool = presigning
+    pool.refill_once(batch=CLAIM_BATCH + 4)
+    stored_back: list[bytes] = []
+    real_store = pool.store
+
+    def watch_store(ders):  # type: ignore[no-untyped-def]
+        stored_back.extend(ders)
+        return real_store(ders)
+
+    pool.store = watch_store  # type: ignore[method-assign]
+
+    def failing_sign(jobs):  # type: ignore[no-untyped-def]
+        raise BrokenProcessPool("killed after the encryption certificate was signed")
+
+    svc.issuer._signers.sign = failing_sign  # type: ignore[union-attr]
+    key = generate_key(KeyType.P256)
+    assert svc.issuer.presign("d@example.org", None, 2, key.public_key()) is None  # signed in the transaction
+    assert stored_back == []
 
 
 def test_a_rekey_between_presign_and_transaction_signs_again_with_the_new_key(presigning, clock) -> None:  # type: ignore[no-untyped-def]

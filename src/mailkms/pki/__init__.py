@@ -7,6 +7,7 @@ from mailkms.pki._chain import (
     issued_by,
     issuing_cas_under,
     mailboxes_of,
+    signer_key_id,
     verify_email_chain,
 )
 from mailkms.pki._cms import (
@@ -291,6 +292,7 @@ __all__ = [
     "sign_request",
     "sign_response",
     "signature_hash_for",
+    "signer_key_id",
     "subscriber_validity",
     "unwrap_recovery_key",
     "verify_checkpoint",

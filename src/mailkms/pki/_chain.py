@@ -22,6 +22,15 @@ def ca_key_id(ca: x509.Certificate) -> str:
     return ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
 
 
+def signer_key_id(cert: x509.Certificate) -> str | None:
+    """The key id (hex) a certificate's AKI names: which CA key signed it. None without one."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+    return aki.hex() if aki is not None else None
+
+
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """False also when either certificate cannot be read (e.g. the issuer's key is of an unknown
     algorithm): such a certificate is no issuer."""

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 
@@ -83,25 +83,32 @@ class CRLPartitions:
         None: the whole-CA CRL (no partitioning, and the key is the one that signs that CRL).
 
         Counted under the newest partition row's lock, so a partition never gets more than `size`
-        certificates on any number of nodes; a rolled-back issuance gives its place back. A partition
-        of another key is never joined: the newest is of this key or a new one opens.
+        certificates on any number of nodes; a rolled-back issuance gives its place back. Only this
+        key's partitions are looked at: during a rekey, nodes still on the old key and nodes on the
+        new one each fill their own newest partition instead of opening one at every turn.
         """
         if self.none_needed(session, key_id):
             return None
-        newest = (
+        newest_of_key = (
             select(PublishedCRL)
             .options(defer(PublishedCRL.der, raiseload=True))  # the lock and the count, not the CRL
-            .where(PublishedCRL.partition.is_not(None))
+            .where(PublishedCRL.partition.is_not(None), PublishedCRL.issuer_key_id == key_id)
             .order_by(PublishedCRL.partition.desc())
             .limit(1)
             .with_for_update()
         )
-        row = session.execute(newest).scalar_one_or_none()
-        if row is None or row.issuer_key_id != key_id or (self.size and row.assigned >= self.size):
-            row = self._open(session, 1 if row is None or row.partition is None else row.partition + 1, key_id)
+        row = session.execute(newest_of_key).scalar_one_or_none()
+        while row is None or not self._has_room(row, key_id):
+            # Another node may open the same number first, for this key (then it is joined) or for
+            # another (then the number after it is tried).
+            last = session.execute(select(func.max(PublishedCRL.partition))).scalar_one_or_none()
+            row = self._open(session, (last or 0) + 1, key_id)
         row.assigned += 1
         assert row.partition is not None
         return row.partition
+
+    def _has_room(self, row: PublishedCRL, key_id: str) -> bool:
+        return row.issuer_key_id == key_id and not (self.size and row.assigned >= self.size)
 
     def none_needed(self, session: Session, key_id: str) -> bool:
         """Whether `take` would give None for this key (the whole-CA CRL): no lock, no write."""

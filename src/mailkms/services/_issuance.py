@@ -36,6 +36,7 @@ from mailkms.pki import (
     generate_key,
     private_key_der,
     reminder_point,
+    signer_key_id,
     subscriber_validity,
 )
 from mailkms.services._audit import AuditLog
@@ -91,12 +92,11 @@ class IssuedPair:
 @dataclass(frozen=True)
 class PresignedPair:
     """A pair signed before its transaction opened, by the signer processes (`PairIssuer.presign`):
-    used by the transaction only if it is still for the user's next generation and the current
-    issuing key signed it."""
+    used by the transaction only if it is still for the user's next generation, lifetime and request
+    key, and the current issuing key signed it (its AKI, not what the server thought it held)."""
 
     mailbox: str
     generation: int
-    key_id: str  # the issuing CA key that signed both
     signing: x509.Certificate
     encryption: x509.Certificate
     encryption_key: PrivateKey
@@ -174,7 +174,6 @@ class PairIssuer:
         signatures. Only when `presigns` said so; the caller holds no lock and no transaction. None
         when the signer processes fail: the transaction then signs, as without them."""
         assert self._signers is not None
-        issuer = self._ca.issuer
         policy = self._settings.policy
         lifetime, _ = policy.for_group(group)
         validity = subscriber_validity(self._clock.now(), lifetime)
@@ -200,25 +199,42 @@ class PairIssuer:
                 public_key_der=public_key_der(enc_key.public_key()),
             ),
         ]
+        # Once submitted, the encryption key never goes back to the pool, even when the job fails:
+        # the encryption certificate may have been signed before the failure, and a pool key is
+        # handed out only if no certificate, stored or not, names it.
         try:
             signing, encryption = self._signers.sign(jobs)
         except MailkmsError:
-            self.unused(enc_key)  # refused (the request's key): nothing was signed for it
-            raise
+            raise  # refused (the request's key)
         except Exception:
             log.warning("the signer processes failed; this pair is signed in the server process", exc_info=True)
-            self.unused(enc_key)
             return None
-        return PresignedPair(mailbox, generation, issuer.key_id, signing, encryption, enc_key)
+        return PresignedPair(mailbox, generation, signing, encryption, enc_key)
 
     def _claimed_key(self) -> PrivateKey | None:
-        """A pool key taken out of the store in advance, CLAIM_BATCH at a time; None: the pool is empty."""
+        """A pool key taken out of the store in advance, CLAIM_BATCH at a time; None: the pool is
+        empty, or the store could not be read (the key is then made, as with an empty pool)."""
         if self.keys is None:
             return None
         with self._claim_lock:
             if not self._claimed:
-                self._claimed.extend(self.keys.claim(self._settings.policy.encryption_key_type, CLAIM_BATCH))
+                try:
+                    self._claimed.extend(self.keys.claim(self._settings.policy.encryption_key_type, CLAIM_BATCH))
+                except Exception:
+                    log.warning("pool keys could not be claimed; this pair's key is made instead", exc_info=True)
             return self._claimed.popleft() if self._claimed else None
+
+    def _presigned_fits(
+        self, session: Session, presigned: PresignedPair, user: User, generation: int, signing_key: PublicKey
+    ) -> bool:
+        """Whether a pair signed before this transaction may be stored: still right for the user
+        (`_still_right`), signed by the current issuing key, and that key's certificates still need no
+        CRL partition (a `ca rekey` taken between the read and now changes both)."""
+        key_id = self._ca.issuer.key_id
+        lifetime, _ = self._settings.policy.for_group(user.group)
+        return _still_right(presigned, user.email, generation, key_id, signing_key, lifetime) and (
+            self.partitions is None or self.partitions.none_needed(session, key_id)
+        )
 
     def key_for_token(self, db: Database, mailbox: str, token: str) -> PrivateKey | None:
         """`key_in_advance` for a request authenticated by a one-time token, only when the token
@@ -313,10 +329,9 @@ class PairIssuer:
         # query's autoflush, or the end of the unit): the IntegrityError that `_after_race` answers.
         session.add(request)
 
-        issuer = self._ca.issuer
-        if presigned is not None and _still_right(presigned, user.email, generation, issuer.key_id, signing_key):
+        if presigned is not None and self._presigned_fits(session, presigned, user, generation, signing_key):
             # Signed in the signer processes before this transaction, for this very generation by the
-            # current key; the whole-CA CRL (presign signs nothing that needs a partition).
+            # current key, whose certificates are on the whole-CA CRL (no partition to count).
             signing, encryption, enc_key = presigned.signing, presigned.encryption, presigned.encryption_key
             partitions: list[int | None] = [None, None]
         else:
@@ -484,13 +499,20 @@ class PairIssuer:
         return msg
 
 
-def _still_right(presigned: PresignedPair, mailbox: str, generation: int, key_id: str, signing_key: PublicKey) -> bool:
-    """A pair signed before the transaction is stored only if nothing it was signed for has changed."""
+def _still_right(
+    presigned: PresignedPair, mailbox: str, generation: int, key_id: str, signing_key: PublicKey, lifetime: int
+) -> bool:
+    """A pair signed before the transaction is stored only if nothing it was signed for has changed:
+    the mailbox, the generation, the request's key, the lifetime (the user's group), and the issuing
+    key that signed both certificates (read from their AKI)."""
+    signing, encryption = presigned.signing, presigned.encryption
     return (
         presigned.mailbox == mailbox
         and presigned.generation == generation
-        and presigned.key_id == key_id
-        and public_key_der(presigned.signing.public_key()) == public_key_der(signing_key)
+        and signer_key_id(signing) == key_id
+        and signer_key_id(encryption) == key_id
+        and subscriber_validity(signing.not_valid_before_utc, lifetime).not_after == signing.not_valid_after_utc
+        and public_key_der(signing.public_key()) == public_key_der(signing_key)
     )
 
 

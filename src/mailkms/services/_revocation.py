@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -102,9 +101,9 @@ class Revocation:
         self._cfg = settings.revocation
         self._partition_size = settings.ca.crl_partition_size
         self._retired: set[str] = set()  # partitions whose final CRL was published (once retired, always)
-        # scopes whose key this process lacks, since when (monotonic): another node's rekey not taken
-        # here yet (for a reload_check_seconds or so), or a key folder removed (for good)
-        self._keyless: dict[str, float] = {}
+        # scopes whose key this process lacks: another node's rekey not taken here yet (for a
+        # reload_check_seconds or so), or a key folder removed (for good)
+        self._keyless: set[str] = set()
         self._clock = clock
         self._audit = audit
         self._on_revoked = list(on_revoked)
@@ -280,11 +279,13 @@ class Revocation:
             revision, dirty_since = flagged.revision, flagged.dirty_since
             retired = self._retired_scopes(session, rows)
             wanted = {r.scope for r in rows if force or (self._stale(r, this_update) and r.scope not in retired)}
-            if dirty_since is not None:  # the partitions of what was revoked since (None: the whole-CA CRL)
-                touched = session.execute(
+            touched: set[str] = set()  # the scopes of what was revoked since the flag was set
+            if dirty_since is not None:
+                partitions = session.execute(
                     select(Certificate.crl_partition).where(Certificate.revoked_at >= dirty_since).distinct()
                 ).scalars()
-                wanted |= {partition_scope(p) for p in touched}
+                touched = {partition_scope(p) for p in partitions}  # (None: the whole-CA CRL)
+                wanted |= touched
             partitioned = any(r.partition is not None for r in rows)
             jobs = [
                 CRLJob(
@@ -300,8 +301,8 @@ class Revocation:
                 for r in rows
                 if r.scope in wanted and self._signing_key(r)
             ]
-            # what this process cannot sign is left flagged for a node that can (see _waiting_for_key)
-            keep_flag = any(self._waiting_for_key(scope) for scope in wanted)
+            # what this process cannot sign is left flagged for a node that can (see _waits_for_key)
+            keep_flag = self._waits_for_key(touched, dirty_since)
         if not jobs and dirty_since is None:
             return None, True
         last: CRLView | None = None  # not a list: with 1M revoked the partitions' DER is ~40 MB
@@ -352,7 +353,7 @@ class Revocation:
         key_id = row.issuer_key_id or (self._ca.first_key_id if row.partition is None else self._ca.issuer.key_id)
         if self._ca.signer_for_key(key_id) is None:
             if row.scope not in self._keyless:
-                self._keyless[row.scope] = time.monotonic()
+                self._keyless.add(row.scope)
                 log.error(
                     "CRL %s is signed by the issuing CA key %s, which this server does not hold: a rekey "
                     "on another node not taken here yet, or the key's folder removed from DATA/ca/previous/ "
@@ -361,14 +362,18 @@ class Revocation:
                     key_id,
                 )
             return ""
-        self._keyless.pop(row.scope, None)
+        self._keyless.discard(row.scope)
         return key_id
 
-    def _waiting_for_key(self, scope: str) -> bool:
-        """A scope skipped for want of its key lately: a node that holds the key must publish it, so
-        the revocations-waiting flag stays. After KEYLESS_GRACE the key counts as gone for good."""
-        since = self._keyless.get(scope)
-        return since is not None and time.monotonic() - since < KEYLESS_GRACE_SECONDS
+    def _waits_for_key(self, touched: set[str], dirty_since: dt.datetime | None) -> bool:
+        """Whether revocations wait in a scope this process cannot sign: the revocations-waiting flag
+        then stays for a node that holds the key. Timed from when they began waiting (the flag's
+        time), not from when this process first missed the key: a node that lacked a key for long
+        must not clear the flag of a revocation made a moment ago. After KEYLESS_GRACE the key
+        counts as gone for good (its folder removed), and the flag is cleared as usual."""
+        if dirty_since is None or not touched & self._keyless:
+            return False
+        return self._clock.now() - dirty_since < dt.timedelta(seconds=KEYLESS_GRACE_SECONDS)
 
     def _idp(self, partition: int | None, partitioned: bool) -> str | None:
         if partition is not None:
