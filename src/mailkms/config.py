@@ -106,6 +106,19 @@ class ServerConfig(_Frozen):
                 value += "/"
         return value
 
+    @field_validator("mail_from")
+    @classmethod
+    def _ascii_mailbox(cls, value: str) -> str:
+        # The mail signer's certificate names this mailbox in an rfc822Name (IA5String, RFC 5280),
+        # and the delivery mail's headers are 7-bit: an internationalized address (SMTPUTF8) fits
+        # neither, so it is refused here rather than failing at the first delivery.
+        if value and (not value.isascii() or value.count("@") != 1 or any(c.isspace() or c in '<>"' for c in value)):
+            raise ValueError(
+                "mail_from must be a bare ASCII mailbox such as mailkms@example.org (an internationalized "
+                "domain in its xn-- form; no display name, no non-ASCII local part)"
+            )
+        return value
+
     @property
     def effective_public_url(self) -> str:
         return self.public_url or f"http://{self.hostname}/"
@@ -635,7 +648,7 @@ public_url = "{public_url}"        # http base of CRL/OCSP/CA links written into
 bind = "127.0.0.1"
 https_port = 8443                   # the HTTPS API (mailkms serve --port)
 http_port = 8080                    # plain http for CRL, OCSP, CA certificates; 0 = off
-mail_from = ""                      # default mailkms@<host of public_url>
+mail_from = ""                      # default mailkms@<host of public_url>; a bare ASCII mailbox
 
 [policy]
 lifetime_months = 18                # calendar months; capped at 824 days (S/MIME BR)

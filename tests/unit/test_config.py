@@ -162,6 +162,8 @@ MISTAKES = [
     ("public-url-https", "[server]\npublic_url = 'https://kms.example.org/'\n", {}, "server.public_url"),
     ("public-url-no-scheme", "[server]\npublic_url = 'kms.example.org'\n", {}, "server.public_url"),
     ("public-url-no-host", "[server]\npublic_url = 'http:///crl'\n", {}, "server.public_url"),
+    ("mail-from-non-ascii", "[server]\nmail_from = 'schlüssel@example.org'\n", {}, "server.mail_from"),
+    ("mail-from-display-name", "[server]\nmail_from = 'KMS <kms@example.org>'\n", {}, "server.mail_from"),
     ("unknown-key", "[server]\nhostnmae = 'kms.example.org'\n", {}, "server.hostnmae"),
     ("unknown-section", "[polcy]\nlifetime_months = 12\n", {}, "polcy"),
     ("unknown-env-key", "", {"MAILKMS_POLICY__LIFETIME": "12"}, "policy.lifetime"),
