@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select, update
 
 from mailkms.api import create_http_app
 from mailkms.config import Settings
@@ -228,3 +228,24 @@ def test_a_full_expired_partition_with_a_compromised_key_keeps_being_resigned(pa
     clock.advance(dt.timedelta(hours=25))
     services.revocation.publish_crl()
     assert _numbers(services)["issuing-1"] == final["issuing-1"] + 1  # its entries stay listed after expiry
+
+
+def test_whether_a_key_needs_a_partition_is_read_once(services: Services) -> None:
+    """Asked on every pre-signed renewal (twice): the whole-CA CRL's key is read from the store
+    once, also while that CRL has never been signed (then it is the first key's)."""
+    partitions = services.issuer.partitions
+    assert partitions is not None
+    with services.db.transaction() as session:
+        session.execute(update(PublishedCRL).where(PublishedCRL.scope == "issuing").values(issuer_key_id=None))
+    with services.db.read_only() as session:
+        statements: list[str] = []
+        listen = event.listens_for(session.get_bind(), "before_cursor_execute")
+        recorder = listen(lambda conn, cursor, sql, *rest: statements.append(sql) if "SELECT" in sql else None)
+        try:
+            assert partitions.none_needed(session, services.ca.issuer.key_id)
+            assert len(statements) == 1
+            assert partitions.none_needed(session, services.ca.issuer.key_id)
+            assert not partitions.none_needed(session, "ab" * 20)  # another key: partitions of its own
+            assert len(statements) == 1
+        finally:
+            event.remove(session.get_bind(), "before_cursor_execute", recorder)

@@ -115,12 +115,16 @@ class CRLPartitions:
         return not self.size and self._whole_ca_key(session) == key_id
 
     def _whole_ca_key(self, session: Session) -> str:
-        """The key that signs the whole-CA CRL (fixed once signed, so remembered from then on)."""
+        """The key that signs the whole-CA CRL, remembered once read: fixed once signed, and until
+        then the first key, which is the one that will sign it (RevocationService._signing_key)."""
         if self._whole_key is None:
-            self._whole_key = session.execute(
-                select(PublishedCRL.issuer_key_id).where(PublishedCRL.scope == ISSUING_SCOPE)
-            ).scalar_one_or_none()
-        return self._whole_key or self._ca.first_key_id
+            self._whole_key = (
+                session.execute(
+                    select(PublishedCRL.issuer_key_id).where(PublishedCRL.scope == ISSUING_SCOPE)
+                ).scalar_one_or_none()
+                or self._ca.first_key_id
+            )
+        return self._whole_key
 
     def take_alone(self, db: Database, key_id: str) -> int | None:
         """`take` in a transaction of its own (a server certificate, which has no issuance transaction)."""
