@@ -163,6 +163,17 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
         verdict = carol.run("verify", str(mail), "--json")
         assert verdict.code == 0, verdict.out + verdict.err
         assert "bob@example.org" in verdict.out
+        # bob (enrolled before the rekey, no delivery since) has never seen the new issuing CA: his client
+        # fetches it by the key id in the AKI of carol's certificate (pinned TLS), uses it because the
+        # root signed it, and keeps it, so the next such mail needs no fetch.
+        state = json.loads((bob.home / "state.json").read_text())
+        assert not any(new_ca == x509.load_pem_x509_certificate(p.encode()) for p in state["ca_chain_pem"])
+        mail = _signed_without_chain(carol, work)
+        verdict = bob.run("verify", str(mail), "--json")
+        assert verdict.code == 0, verdict.out + verdict.err
+        assert "carol@example.org" in verdict.out
+        state = json.loads((bob.home / "state.json").read_text())
+        assert any(new_ca == x509.load_pem_x509_certificate(p.encode()) for p in state["ca_chain_pem"])
 
         dep.admin("revoke", "bob@example.org", "--reason", "keyCompromise")
         dep.admin("revoke", "carol@example.org", "--reason", "keyCompromise")

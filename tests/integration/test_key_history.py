@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from mailkms.client import Client
+from mailkms.client._http import Api
 from mailkms.client._mail import CRLChecker, SecureMail, import_pkcs12
 from mailkms.clock import FakeClock
 from mailkms.errors import ClientStateError, UntrustedCertificate
-from mailkms.pki import KeyEntry, build_pkcs12, encrypt_message, fingerprint_sha256, sign_detached
+from mailkms.pki import KeyEntry, build_pkcs12, ca_key_id, encrypt_message, fingerprint_sha256, sign_detached
 from tests.smime_support import MESSAGE, NOW, Identity, SmimePKI, make_pki, require_nss, run
 
 PASS = b"key-store-passphrase"
@@ -94,7 +95,6 @@ def test_import_refuses_a_foreign_root_and_an_existing_store(
 
 
 def _crl(pki: SmimePKI, revoked: list[int]) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -150,3 +150,41 @@ def test_verify_says_who_signed_and_checks_revocation_through_the_cdp(
         sign_detached(MESSAGE, stranger.signing, stranger.signing_key, [stranger_pki.issuing])
     )
     assert not forged.trusted and "not issued by your organisation's CA" in " ".join(forged.problems)
+
+
+def test_an_unknown_issuing_ca_is_fetched_by_key_id_and_kept_only_if_the_root_signed_it(
+    tmp_path: Path, pki: SmimePKI, generations: list[Identity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that has never seen the signer's issuing CA (enrolled before `mailkms ca rekey`, no
+    delivery since) and a mail that carries the signer's certificate alone: the client asks its
+    server for /ca/issuing/<AKI>.crt. What the server hands back counts only if the pinned root
+    signed it; a CA of another root leaves the signature untrusted and is not kept."""
+    mail, clock = _store(tmp_path, pki, generations)
+    clock.set(dt.datetime.now(dt.UTC))
+    state = mail.store.load()
+    state.server = "https://kms.example.org"
+    state.ca_chain_pem = [state.ca_chain_pem[-1]]  # the root only
+    mail.store.save(state)
+    signer = pki.identity("alice@example.org")
+    signed = sign_detached(MESSAGE, signer.signing, signer.signing_key, [])  # no chain in the mail
+    stranger_pki = make_pki(tmp_path / "stranger")
+    asked: list[str] = []
+    served = {"ca": stranger_pki.issuing}
+
+    def issuing_ca(self, key_id: str) -> bytes:  # type: ignore[no-untyped-def]
+        asked.append(key_id)
+        return served["ca"].public_bytes(serialization.Encoding.DER)
+
+    monkeypatch.setattr(Api, "issuing_ca", issuing_ca)
+    offline = SecureMail(mail._client, clock, CRLChecker(lambda url: _crl(pki, [])))
+    forged = offline.verify(signed)
+    assert not forged.trusted and "not issued by your organisation's CA" in " ".join(forged.problems)
+    assert asked == [ca_key_id(pki.issuing)]  # the key id the signer's AKI names
+    assert len(mail.store.load().ca_chain_pem) == 1  # the stranger's CA was not kept
+    served["ca"] = pki.issuing
+    good = offline.verify(signed)
+    assert good.trusted, good.problems
+    assert x509.load_pem_x509_certificate(mail.store.load().ca_chain_pem[0].encode()) == pki.issuing
+    assert mail.store.load().ca_chain_pem[-1] == state.ca_chain_pem[-1]  # the root stays last
+    again = offline.verify(signed)
+    assert again.trusted and len(asked) == 2  # known now: not fetched again

@@ -129,6 +129,10 @@ class Api:
         """Issuing then root CA certificate, PEM."""
         return self._call("GET", "/api/v1/ca/chain").content
 
+    def issuing_ca(self, key_id: str) -> bytes:
+        """The issuing CA certificate of the key `key_id` (hex SKI), current or replaced by a rekey; DER."""
+        return self._call("GET", f"/ca/issuing/{quote(key_id, safe='')}.crt").content
+
     def directory(self, address: str) -> bytes:
         """A colleague's current encryption certificate (and its issuer), certs-only PKCS#7 DER."""
         resp = self._call(

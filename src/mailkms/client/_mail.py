@@ -57,6 +57,7 @@ from mailkms.pki import (
     same_public_key,
     sign_detached,
     sign_opaque_message,
+    signer_key_id,
     verify_email_chain,
     verify_message,
 )
@@ -344,7 +345,7 @@ class SecureMail:
         candidates = [*verified.signed.certificates, *self._known_chain(state)]
         issuing: x509.Certificate | None = None
         try:
-            issuing = verify_email_chain(signer, candidates, root, at)
+            issuing = self._issuing_of(state, signer, candidates, root, at)
         except UnknownIssuer:
             problems.append("the signer's certificate was not issued by your organisation's CA.")
         except BadSignature as exc:
@@ -380,6 +381,46 @@ class SecureMail:
 
     def _known_chain(self, state: ClientState) -> list[x509.Certificate]:
         return [cert_from_pem(p) for p in state.ca_chain_pem]
+
+    def _issuing_of(
+        self,
+        state: ClientState,
+        signer: x509.Certificate,
+        candidates: Sequence[x509.Certificate],
+        root: x509.Certificate,
+        at: dt.datetime,
+    ) -> x509.Certificate:
+        """The signer's issuing CA, from the mail's certificates or those this client knows; else
+        fetched from the server (pinned TLS) by the key id the signer's AKI names: after `mailkms ca
+        rekey`, a client with no delivery since has never seen the new key's CA, and many mail
+        programs send the signer's certificate alone. The fetched CA counts, and is kept for next
+        time, only if the pinned root signed it (verify_email_chain)."""
+        try:
+            return verify_email_chain(signer, candidates, root, at)
+        except UnknownIssuer:
+            fetched = self._fetch_issuing(state, signer)
+            if fetched is None:
+                raise
+        issuing = verify_email_chain(signer, [fetched], root, at)
+        self._remember_issuing(issuing)
+        return issuing
+
+    def _fetch_issuing(self, state: ClientState, signer: x509.Certificate) -> x509.Certificate | None:
+        key_id = signer_key_id(signer)
+        if not state.server or key_id is None or not re.fullmatch(r"[0-9a-f]{2,128}", key_id):
+            return None
+        try:
+            return x509.load_der_x509_certificate(self._client.api(state).issuing_ca(key_id))
+        except (MailkmsError, ValueError):
+            return None  # offline, or not a key of this server: the signer stays untrusted
+
+    def _remember_issuing(self, issuing: x509.Certificate) -> None:
+        with self.store.locked():
+            fresh = self.store.load()
+            pem = cert_to_pem(issuing)
+            if pem not in fresh.ca_chain_pem:
+                fresh.ca_chain_pem = [pem, *fresh.ca_chain_pem]  # the root stays last
+                self.store.save(fresh)
 
     # encrypting --------------------------------------------------------------------------------
     def directory(self, state: ClientState) -> DirectoryClient:
