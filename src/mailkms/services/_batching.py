@@ -135,10 +135,19 @@ class GroupCommit:
         return self._batcher.items
 
     def run(self, work: Callable[[Session], T], *, isolated: bool = True) -> T:
-        if self.batch_size <= 1 or threading.current_thread() is self._batcher.thread:
+        if not self.batches_units:
             with self._db.transaction() as session:
                 return work(session)
-        return cast(T, self._batcher.submit((work, isolated)).result())
+        return self.submit(work, isolated=isolated).result()
+
+    @property
+    def batches_units(self) -> bool:
+        """Whether `submit` may be used here: batches of more than one, and not on the writer itself."""
+        return self.batch_size > 1 and threading.current_thread() is not self._batcher.thread
+
+    def submit(self, work: Callable[[Session], T], *, isolated: bool = True) -> Future[T]:
+        """As `run`, without waiting: the future settles once the unit's batch is committed (or refused)."""
+        return self._batcher.submit((work, isolated))
 
     def _commit(self, batch: list[tuple[Work, Future[Any]]]) -> None:
         try:

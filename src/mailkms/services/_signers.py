@@ -105,18 +105,26 @@ class SignerPool:
             pool = self._pool()
             list(pool.map(_noop, range(self.processes)))
 
+    def submit(self, job: SignJob) -> Future[SignOutcome]:
+        """The job on its way to a signer process (with concurrent callers' jobs in one chunk), its
+        outcome for `certificate`. Only with signer processes (`sign` signs in process without)."""
+        if self.processes == 0:
+            raise errors.Internal("no signer processes to submit to")
+        return self._batcher.submit(job)
+
     def sign(self, jobs: Sequence[SignJob]) -> list[x509.Certificate]:
         if self.processes == 0:
             outcomes = sign_chunk(jobs, self._issuer)
         else:
             futures = [self._batcher.submit(job) for job in jobs]
             outcomes = [f.result() for f in futures]
-        certs = []
-        for value in outcomes:
-            if isinstance(value, tuple):
-                raise _error(*value)
-            certs.append(x509.load_der_x509_certificate(value))
-        return certs
+        return [self.certificate(value) for value in outcomes]
+
+    @staticmethod
+    def certificate(outcome: SignOutcome) -> x509.Certificate:
+        if isinstance(outcome, tuple):
+            raise _error(*outcome)
+        return x509.load_der_x509_certificate(outcome)
 
     def make_key(self, key_type: KeyType) -> PrivateKey:
         """A new key made by a worker process (both cores, the server's GIL free meanwhile); in

@@ -5,13 +5,15 @@ committed; concurrent callers share transactions, never records."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
 
 from cryptography import x509
 from sqlalchemy.orm import Session
 
 from mailkms.clock import Clock
 from mailkms.config import Settings
-from mailkms.pki import CertKind, SignJob, subscriber_validity
+from mailkms.pki import CertKind, SignJob, SignOutcome, subscriber_validity
 from mailkms.services._audit import AuditLog
 from mailkms.services._batching import GroupCommit
 from mailkms.services._bulk import defer_insert
@@ -47,9 +49,29 @@ class CertificateIssuance:
         """A signing certificate for the CSR's key, naming `mailbox` (the CSR may name no other):
         checked and signed by a signer process, stored and audited; returned once durable."""
         job = self._job(csr, mailbox)
-        cert = self._signers.sign([job])[0]
-        self._commits.run(lambda session: self._record(session, [(job.mailbox, cert)], actor), isolated=False)
-        return cert
+        if self._signers.processes == 0 or not self._commits.batches_units:
+            cert = self._signers.sign([job])[0]
+            self._commits.run(lambda session: self._record(session, [(job.mailbox, cert)], actor), isolated=False)
+            return cert
+        # Signed, then stored, without waking the caller in between: the signer's answer hands the
+        # unit to the writer (on the signer pool's result thread), and the caller wakes once, when
+        # its certificate is committed. One thread switch fewer per certificate under load.
+        done: Future[x509.Certificate] = Future()
+
+        def store(outcome: Future[SignOutcome]) -> None:
+            try:
+                cert = self._signers.certificate(outcome.result())
+
+                def work(session: Session) -> x509.Certificate:
+                    self._record(session, [(job.mailbox, cert)], actor)
+                    return cert
+
+                self._commits.submit(work, isolated=False).add_done_callback(lambda unit: _settle(done, unit))
+            except BaseException as exc:  # noqa: BLE001 -- a refusal (or a dead signer) is the caller's answer
+                done.set_exception(exc)
+
+        self._signers.submit(job).add_done_callback(store)
+        return done.result()
 
     def issue_signing_many(self, requests: Sequence[tuple[bytes, str]], actor: str) -> list[x509.Certificate]:
         """Many (CSR, mailbox) at once: all or none (one refused request refuses the call)."""
@@ -77,3 +99,11 @@ class CertificateIssuance:
     def close(self) -> None:
         self._signers.close()
         self._commits.close()
+
+
+def _settle(done: Future[x509.Certificate], unit: Future[Any]) -> None:
+    exc = unit.exception()
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(unit.result())
