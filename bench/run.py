@@ -895,7 +895,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny loops: checks the bench runs, figures meaningless")
     parser.add_argument("--skip-django-ca", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the figures are written (default: docs/PERFORMANCE.md after a full run; a --quick or "
+        "--only run only prints them unless --out is given). The file's own sections after the generated "
+        "Notes (hand-written analyses) are kept.",
+    )
     parser.add_argument("--budget", type=float, default=14 * 60, help="seconds for the whole run")
     parser.add_argument(
         "--only",
@@ -954,9 +961,24 @@ def main() -> int:
         f"- The whole run took {elapsed:.0f} s.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(doc))
+    out = args.out or (None if args.quick or only else ROOT / "docs" / "PERFORMANCE.md")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(doc) + analyses_after_notes(out))
+        print(f"written to {out}")
     return 0
+
+
+def analyses_after_notes(path: Path) -> str:
+    """The sections a file holds after the generated "## Notes" (analyses written by hand): kept."""
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines()
+    notes = next((i for i, line in enumerate(lines) if line == "## Notes"), None)
+    if notes is None:
+        return ""
+    later = next((i for i in range(notes + 1, len(lines)) if lines[i].startswith("## ")), None)
+    return "" if later is None else "\n" + "\n".join(lines[later:]) + "\n"
 
 
 if __name__ == "__main__":
