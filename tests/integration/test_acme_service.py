@@ -349,3 +349,23 @@ def test_the_orders_list_holds_the_accounts_live_orders_only(services: Services)
     assert services.acme.orders(alice.post(alice.kid + "/orders", None), alice_id) == [second]  # invalid: left out
     with pytest.raises(Unauthorized):
         services.acme.orders(mallory.post(alice.kid + "/orders", None), alice_id)
+
+
+def test_a_certificate_downloaded_after_a_rekey_comes_with_the_ca_that_signed_it(services: Services) -> None:
+    """An order finished before `mailkms ca rekey`, its certificate downloaded after: the chain
+    names the replaced issuing CA that signed it (its AKI), not the current one, so it verifies."""
+    from mailkms.pki import issued_by
+    from mailkms.services import rekey_issuing_ca
+
+    alice = Account(services)
+    order_id = valid_order(services, alice, "alice@example.org")
+    csr, _ = make_csr("alice@example.org")
+    der = wire.b64url(x509_der(csr))
+    services.acme.finalize(alice.post(f"{BASE}/order/{order_id}/finalize", {"csr": der}), order_id)
+    old_ca = services.ca.issuing.certificate
+    rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, services.clock.now())
+    services.reload_ca()
+    assert services.ca.issuing.certificate != old_ca
+    pem = services.acme.certificate(alice.post(f"{BASE}/order/{order_id}/certificate", None), order_id)
+    cert, issuer = x509.load_pem_x509_certificates(pem)
+    assert issuer == old_ca and issued_by(cert, issuer)

@@ -668,7 +668,7 @@ class ACME:
                 select(Certificate.der).where(Certificate.serial == order.certificate_serial)
             ).scalar_one()
         cert = x509.load_der_x509_certificate(der)
-        chain = [cert, self._ca.issuing.certificate]
+        chain = [cert, self._ca.chain_of(cert)[0]]  # the key that signed it, also after a `ca rekey`
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
 
     def revoke(self, request: Verified) -> None:

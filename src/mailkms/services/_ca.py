@@ -40,6 +40,7 @@ from mailkms.pki import (
     make_issuing_ca,
     make_root,
     make_tls_server,
+    signer_key_id,
     subscriber_validity,
 )
 from mailkms.pki._pkcs11 import Token, TokenECKey, TokenKeyRef, TokenRSAKey, open_token_key
@@ -468,12 +469,23 @@ class CAContext:
         """Issuing then root."""
         return (self.issuing.certificate, self.root)
 
-    @property
-    def issuing_certificates(self) -> tuple[x509.Certificate, ...]:
-        """The current issuing CA certificate, then those of the keys `ca rekey` replaced, newest first:
-        what a relying party needs for any certificate this CA issued (EST cacerts, CMP caCerts, the
-        client's trust)."""
-        return (self.issuing.certificate, *reversed(self.previous_issuing))
+    def chain_of(self, cert: x509.Certificate) -> tuple[x509.Certificate, x509.Certificate]:
+        """The issuing CA certificate of the key that signed `cert` (its AKI: the current key or one
+        `ca rekey` replaced), then the root: what a certificate issued before a rekey is handed
+        back with, on a repeated request or a later download. The current chain when none matches."""
+        key_id = signer_key_id(cert)
+        for issuing in (self.issuing.certificate, *self.previous_issuing):
+            if ca_key_id(issuing) == key_id:
+                return (issuing, self.root)
+        return self.chain
+
+    def issuing_certificates(self, now: dt.datetime) -> tuple[x509.Certificate, ...]:
+        """The current issuing CA certificate, then those of the keys `ca rekey` replaced that are still
+        valid at `now`, newest first: what a relying party needs for any live certificate this CA
+        issued (EST cacerts, CMP caCerts, the delivery mail). A replaced CA that has expired is left
+        out: every certificate it issued expired with it (none outlives its issuer)."""
+        kept = (c for c in reversed(self.previous_issuing) if c.not_valid_after_utc >= now)
+        return (self.issuing.certificate, *kept)
 
     @property
     def tls_key_password(self) -> str:

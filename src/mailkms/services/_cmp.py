@@ -125,8 +125,13 @@ class CMP:
         self._clock = clock
         self._audit = audit
         self._refusals = refusals
-        issuing = ca.issuing
-        self._signer = CMPSigner(issuing.certificate, issuing.private_key, (ca.root,))
+
+    @property
+    def _signer(self) -> CMPSigner:
+        """The issuing CA key protects every reply: read at each reply, so a running server that took a
+        `ca rekey` or `ca import` (reload) answers with the new key at once (the key is already open)."""
+        issuing = self._ca.issuing
+        return CMPSigner(issuing.certificate, issuing.private_key, (self._ca.root,))
 
     @property
     def _window(self) -> dt.timedelta:
@@ -259,7 +264,9 @@ class CMP:
                 self._audit.append(
                     session, mailbox, "cmp.issued", mailbox, serial=transaction.certificate_serial, body=request.body
                 )
-                return reply.certificate(wanted.cert_req_id, pair.signing, self._ca.chain, (self._ca.root,))
+                return reply.certificate(
+                    wanted.cert_req_id, pair.signing, self._ca.chain_of(pair.signing), (self._ca.root,)
+                )
         except MailkmsError as exc:
             if isinstance(exc, HELD_A_TOKEN) and not proven:
                 proven.append(mailbox)  # a real token of this mailbox, spent or expired
@@ -297,7 +304,9 @@ class CMP:
         items: list[tuple[str, bytes | None]] = []
         for oid in wanted:
             if oid == IT_CA_CERTS:
-                items.append((oid, certificates_value((*self._ca.issuing_certificates, self._ca.root))))
+                items.append(
+                    (oid, certificates_value((*self._ca.issuing_certificates(self._clock.now()), self._ca.root)))
+                )
             elif oid == IT_SIGN_KEY_PAIR_TYPES:
                 items.append((oid, key_pair_types_value(self._settings.policy.signing_key_types)))
             elif oid == IT_CURRENT_CRL:
@@ -367,7 +376,7 @@ class CMP:
             self._audit.append(
                 session, user.email, "cmp.issued", user.email, serial=row.certificate_serial, body=request.body
             )
-        return reply.certificate(wanted.cert_req_id, cert, self._ca.chain)
+        return reply.certificate(wanted.cert_req_id, cert, self._ca.chain_of(cert))
 
     @staticmethod
     def _holder(session: Session, signer: x509.Certificate) -> User:

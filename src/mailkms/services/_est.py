@@ -114,7 +114,7 @@ class EST:
         """certs-only with the issuing CA (the current key's, then the replaced keys') and the root:
         every certificate a client needs to build the path from what this CA issued to the trust
         anchor (RFC 7030 §4.1.3). Follows a CA reload (rekey, ceremony import)."""
-        certs = (*self._ca.issuing_certificates, self._ca.root)
+        certs = (*self._ca.issuing_certificates(self._clock.now()), self._ca.root)
         cached = self._cacerts
         if cached is None or cached[0] != certs:
             cached = self._cacerts = (certs, certs_only(certs))

@@ -465,7 +465,7 @@ class PairIssuer:
         signer = self._ca.require_mail_signer()
         return build_delivery(
             manifest,
-            [*certs, *self._ca.issuing_certificates, self._ca.root],
+            [*certs, *self._ca.issuing_certificates(self._clock.now()), self._ca.root],
             keys,
             sender=self._settings.server.effective_mail_from,
             signer_cert=signer.certificate,
