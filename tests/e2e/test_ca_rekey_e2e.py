@@ -18,7 +18,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailkms.pki import ca_key_id, crl_urls
+from mailkms.pki import ca_key_id, crl_urls, verify_message
 from tests.e2e.conftest import PUBLIC_URL, ClientHome, Deployment, enrolled, init_deployment
 from tests.judges import pkilint
 
@@ -174,6 +174,13 @@ def test_a_rekey_on_a_running_server_keeps_every_certificate_checkable_by_crl(tm
         assert "carol@example.org" in verdict.out
         state = json.loads((bob.home / "state.json").read_text())
         assert any(new_ca == x509.load_pem_x509_certificate(p.encode()) for p in state["ca_chain_pem"])
+        # carol's client knows both issuing CAs; a mail she signs carries hers only
+        message = work / "to-sign.eml"
+        message.write_bytes(b"From: carol@example.org\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n")
+        signed = carol.run("sign", str(message))
+        assert signed.code == 0, signed.err
+        carried = verify_message(signed.out.encode()).signed.certificates
+        assert new_ca in carried and old_ca not in carried
 
         dep.admin("revoke", "bob@example.org", "--reason", "keyCompromise")
         dep.admin("revoke", "carol@example.org", "--reason", "keyCompromise")

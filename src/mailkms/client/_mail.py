@@ -42,6 +42,7 @@ from mailkms.pki import (
     RevocationStatus,
     add_months,
     build_pkcs12,
+    ca_key_id,
     check_crl,
     crl_urls,
     decrypt_message,
@@ -194,6 +195,17 @@ def _has_key_usage(cert: x509.Certificate, attr: str) -> bool:
     return bool(getattr(ku, attr))
 
 
+def _own_issuing(
+    cert: x509.Certificate, chain: Sequence[x509.Certificate], root: x509.Certificate
+) -> list[x509.Certificate]:
+    """The issuing CA that signed `cert` (by its AKI), the one certificate a receiver needs besides
+    its own trust in the root: after `ca rekey` the client knows several, and a signed mail carries
+    only the signer's. Every one this client knows when none matches (a chain it has not learnt yet)."""
+    issuing = [c for c in chain if c != root]
+    own = [c for c in issuing if ca_key_id(c) == signer_key_id(cert)]
+    return own or issuing
+
+
 def check_recipient_certificate(
     cert: x509.Certificate,
     address: str,
@@ -323,9 +335,8 @@ class SecureMail:
             raise ClientStateError("your signing certificate has expired: renew or re-enrol before signing")
         key = self.store.read_key(signing_key_name(current.signing_serial), self._client.passphrase())
         cert = cert_from_pem(current.signing_pem)
-        issuing = [c for c in self.chain(state) if c != cert_from_pem(state.root_pem)]
         signer = sign_opaque_message if opaque else sign_detached
-        return signer(raw, cert, key, issuing)
+        return signer(raw, cert, key, _own_issuing(cert, self.chain(state), cert_from_pem(state.root_pem)))
 
     # verifying ---------------------------------------------------------------------------------
     def verify(self, raw: bytes) -> SignatureReport:
