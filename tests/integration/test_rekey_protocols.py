@@ -16,10 +16,11 @@ from fastapi.testclient import TestClient
 from mailkms.api import create_app
 from mailkms.pki import KeyType, generate_key, issued_by, same_public_key
 from mailkms.pki._cmp import parse_request as parse_cmp_request
+from mailkms.pki._cmp import verify_signature as verify_cmp_signature
 from mailkms.services import rekey_issuing_ca
 from tests.cmp_support import answer_of, issued_certificate
 from tests.conftest import CA_PASSPHRASE
-from tests.integration.test_cmp_service import ALICE, YEAR_LATER, enrolled, handle, kur
+from tests.integration.test_cmp_service import ALICE, YEAR_LATER, enrolled, handle, kur, signed
 
 
 def test_est_cmp_and_deliveries_know_both_issuing_cas_after_a_rekey(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -103,3 +104,20 @@ def test_a_replaced_issuing_ca_leaves_cacerts_and_deliveries_once_expired(servic
     got = TestClient(create_app(services)).get("/.well-known/est/cacerts")
     assert got.status_code == 200
     assert set(pkcs7.load_der_pkcs7_certificates(base64.b64decode(got.content))) == {new_ca, services.ca.root}
+
+
+def test_cmp_answers_are_signed_by_the_new_key_after_a_reload(services, clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every CMP answer, an error to garbage included, is signed (signature checked) by the issuing
+    key the server holds: the old one before the reload, the new one right after."""
+    services.ensure_server_identities()
+    old_ca = services.ca.issuing.certificate
+    cert, key = enrolled(services, clock, tmp_path, ALICE)  # the CMP service is built and has answered
+    assert verify_cmp_signature(parse_cmp_request(handle(services, b"not a PKIMessage"))) == old_ca
+
+    rekey_issuing_ca(services.ca.paths, CA_PASSPHRASE.encode(), "", services.ca.urls, clock.now())
+    services.reload_ca()
+    new_ca = services.ca.issuing.certificate
+    assert verify_cmp_signature(parse_cmp_request(handle(services, b"not a PKIMessage"))) == new_ca
+    genp = handle(services, signed(tmp_path, clock.now(), "genm", cert, key, "-infotype", "caCerts"))
+    assert answer_of(genp)[0] == "genp"  # asked with the old key's certificate
+    assert verify_cmp_signature(parse_cmp_request(genp)) == new_ca
